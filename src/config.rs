@@ -1,0 +1,373 @@
+//! Configuration: one typed struct per role, layered as embedded defaults (`config/dev.toml`)
+//! -> the `--config` file -> `SPICED_SECTION__KEY` environment overrides, then validated.
+//!
+//! Every error names the key it is about, and secrets never reach a log line or `config check`
+//! output.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// The embedded default: what `spiced dev` and every tool run with when no file is given.
+pub const DEV_TOML: &str = include_str!("../config/dev.toml");
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the event log lives.
+    pub log: LogConfig,
+    /// The PostgreSQL (or, embedded, SQLite) database holding sequence allocation and the
+    /// processed-events registry.
+    pub database: DatabaseConfig,
+    /// The HTTP API (`spiced serve`).
+    pub serve: ServeConfig,
+    /// The log writer's group commit.
+    pub writer: WriterConfig,
+    /// Kafka topic names, per kind of envelope.
+    pub topics: TopicsConfig,
+}
+
+/// The event log: `s3://bucket/prefix`, `file:///abs/path` or a plain directory path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Location of the log. Relative plain paths are taken from the working directory.
+    pub url: String,
+    /// S3 connection settings, used when `url` is `s3://`.
+    pub s3: S3Config,
+}
+
+/// How to reach an S3-compatible store. Credentials left empty are taken from the standard
+/// `AWS_*` environment variables.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint URL for S3-compatible servers (MinIO, ...); empty means AWS.
+    pub endpoint: String,
+    /// Region name.
+    pub region: String,
+    /// Access key id; empty means `AWS_ACCESS_KEY_ID`.
+    pub access_key_id: String,
+    /// Secret key; empty means `AWS_SECRET_ACCESS_KEY`.
+    pub secret_access_key: Secret,
+    /// Allow plain `http://` endpoints.
+    pub allow_http: bool,
+    /// Path-style requests (`endpoint/bucket/key`), needed by most self-hosted servers.
+    pub path_style: bool,
+}
+
+/// The registry database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://user:pass@host:port/db` or `sqlite://path/to/file.db`.
+    pub url: Secret,
+    /// Maximum pooled connections (PostgreSQL).
+    pub pool_size: usize,
+    /// Apply pending migrations when a role starts.
+    pub migrate_on_start: bool,
+}
+
+/// The command and query HTTP API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest accepted request body in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Most instances one bulk-create command may carry.
+    pub max_bulk_instances: usize,
+    /// Written into `metadata.service` of every command envelope.
+    pub service_name: String,
+    /// Seconds a 503 response asks the client to wait (`Retry-After`).
+    pub retry_after_secs: u64,
+}
+
+/// Group commit of the log writer: concurrent appends share one segment object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriterConfig {
+    /// Most envelopes in one segment.
+    pub max_batch_events: usize,
+    /// Most bytes of envelopes in one segment.
+    pub max_batch_bytes: usize,
+    /// Milliseconds to wait for more appends after the first of a batch arrives. 0 batches
+    /// only what queued up while the previous segment was being written.
+    pub linger_ms: u64,
+    /// Appends waiting for the writer before new ones are refused with 503.
+    pub queue_depth: usize,
+    /// Testing only: abort the process at this point of the commit protocol
+    /// (`before_put`, `after_put`, `after_commit`). Empty in production.
+    pub crash_at: String,
+}
+
+/// Kafka topic names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    pub database_commands: String,
+    pub ontology_commands: String,
+    pub instance_commands: String,
+    pub ontology_events: String,
+    pub instance_events: String,
+}
+
+/// A string that is never printed: `Debug` and `Serialize` show `<redacted>`, except for
+/// database URLs, where only the password is hidden.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The value with any URL password replaced, or `<redacted>` if it is not a URL.
+    pub fn redacted(&self) -> String {
+        if self.0.is_empty() {
+            return String::new();
+        }
+        match url::Url::parse(&self.0) {
+            Ok(mut u) if u.has_host() || u.scheme() == "sqlite" => {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("<redacted>"));
+                }
+                u.to_string()
+            }
+            _ => "<redacted>".to_string(),
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+/// A configuration problem, naming the key or source it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Parse { path: String, source: Box<toml::de::Error> },
+    #[error("environment variable {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_string(), reason: reason.into() }
+}
+
+impl Config {
+    /// Loads the layered configuration: embedded defaults, then `path` if given, then the
+    /// `SPICED_*` variables in `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut tree: toml::Table = DEV_TOML.parse().expect("config/dev.toml is valid TOML");
+        if let Some(path) = path {
+            let shown = path.display().to_string();
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+            let file: toml::Table = text.parse().map_err(|source| ConfigError::Parse {
+                path: shown,
+                source: Box::new(source),
+            })?;
+            merge(&mut tree, file);
+        }
+        for (var, value) in env {
+            apply_env(&mut tree, &var, &value)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree))
+            .map_err(|e| invalid(&e.path().to_string(), e.inner().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The embedded defaults alone.
+    pub fn dev() -> Config {
+        Config::load(None, std::iter::empty()).expect("embedded defaults are valid")
+    }
+
+    /// Checks values that types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::log::LogLocation::parse(&self.log.url).map_err(|e| invalid("log.url", e))?;
+        let db = self.database.url.expose();
+        if !(db.starts_with("postgres://")
+            || db.starts_with("postgresql://")
+            || db.starts_with("sqlite://"))
+        {
+            return Err(invalid(
+                "database.url",
+                "must start with postgres://, postgresql:// or sqlite://",
+            ));
+        }
+        if self.database.pool_size == 0 {
+            return Err(invalid("database.pool_size", "must be at least 1"));
+        }
+        if self.serve.max_body_bytes < 1024 {
+            return Err(invalid("serve.max_body_bytes", "must be at least 1024"));
+        }
+        if self.serve.max_bulk_instances == 0 {
+            return Err(invalid("serve.max_bulk_instances", "must be at least 1"));
+        }
+        if self.writer.max_batch_events == 0 {
+            return Err(invalid("writer.max_batch_events", "must be at least 1"));
+        }
+        if self.writer.max_batch_bytes < self.serve.max_body_bytes {
+            return Err(invalid(
+                "writer.max_batch_bytes",
+                "must be at least serve.max_body_bytes, or a large command could never be written",
+            ));
+        }
+        if self.writer.queue_depth == 0 {
+            return Err(invalid("writer.queue_depth", "must be at least 1"));
+        }
+        if !matches!(self.writer.crash_at.as_str(), "" | "before_put" | "after_put" | "after_commit")
+        {
+            return Err(invalid(
+                "writer.crash_at",
+                "must be empty, before_put, after_put or after_commit",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config always serialises")
+    }
+}
+
+/// Deep-merges `over` into `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Applies one `SPICED_SECTION__KEY=value` override. `SPICED_CONFIG` (the file path) and
+/// `SPICED_TEST_*` (test harness settings) are not config keys; any other `SPICED_` variable
+/// without the `__` separator is an error rather than silently ignored.
+fn apply_env(tree: &mut toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
+    let Some(rest) = var.strip_prefix("SPICED_") else { return Ok(()) };
+    if rest == "CONFIG" || rest.starts_with("TEST_") || rest == "LOG" {
+        return Ok(());
+    }
+    let env_err = |reason: &str| ConfigError::Env { var: var.to_string(), reason: reason.into() };
+    if !rest.contains("__") {
+        return Err(env_err("not a config override; use SPICED_SECTION__KEY, e.g. SPICED_LOG__URL"));
+    }
+    let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let (last, parents) = path.split_last().expect("split yields at least one part");
+    let mut table = tree;
+    for part in parents {
+        let entry = table
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| env_err("names a key inside a non-table"))?;
+    }
+    // A string-typed key keeps the raw text even when it happens to parse as a number.
+    let keep_string = matches!(table.get(last.as_str()), Some(toml::Value::String(_)));
+    let value = if keep_string { toml::Value::String(value.to_string()) } else { parsed };
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let c = Config::dev();
+        assert!(c.database.url.expose().starts_with("sqlite://"));
+        assert_eq!(c.serve.listen.port(), 8080);
+    }
+
+    #[test]
+    fn example_config_parses_and_equals_the_defaults() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/spiced.example.toml");
+        let c = Config::load(Some(&example), Vec::new()).unwrap();
+        let text: toml::Table = std::fs::read_to_string(&example).unwrap().parse().unwrap();
+        // Every section of the full config is documented in the example.
+        for section in ["log", "database", "serve", "writer", "topics"] {
+            assert!(text.contains_key(section), "example lacks [{section}]");
+        }
+        assert!(c.database.url.expose().starts_with("postgres://"));
+    }
+
+    #[test]
+    fn env_overrides_apply_by_path() {
+        let c = Config::load(
+            None,
+            env(&[("SPICED_SERVE__MAX_BODY_BYTES", "4096"), ("SPICED_SERVE__SERVICE_NAME", "123")]),
+        )
+        .unwrap();
+        assert_eq!(c.serve.max_body_bytes, 4096);
+        assert_eq!(c.serve.service_name, "123");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = Config::load(None, env(&[("SPICED_SERVE__MAX_BODY_BYTES", "\"big\"")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("serve.max_body_bytes"), "{err}");
+        let err = Config::load(None, env(&[("SPICED_SERVE__NOPE", "1")])).unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+        let err = Config::load(None, env(&[("SPICED_WRITER__MAX_BATCH_EVENTS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("writer.max_batch_events"), "{err}");
+        let err = Config::load(None, env(&[("SPICED_LOGURL", "x")])).unwrap_err().to_string();
+        assert!(err.contains("SPICED_LOGURL"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let mut c = Config::dev();
+        c.database.url = Secret::new("postgres://u:hunter2@db:5432/x");
+        c.log.s3.secret_access_key = Secret::new("hunter3");
+        let shown = format!("{}{:?}", c.to_redacted_toml(), c);
+        assert!(!shown.contains("hunter2") && !shown.contains("hunter3"), "{shown}");
+        assert!(shown.contains("postgres://u:%3Credacted%3E@db:5432/x") || shown.contains("<redacted>"));
+    }
+}

@@ -1,0 +1,124 @@
+//! The write-side database: sequence allocation, the log index and (for the workers) the
+//! processed-events registry. PostgreSQL in production, SQLite embedded; both behind the same
+//! traits and the same conformance tests.
+//!
+//! Nothing here is an event store: every row can be rebuilt from the log, which stays the truth.
+
+pub mod postgres;
+pub mod sqlite;
+
+use crate::config::DatabaseConfig;
+use crate::domain::AggregateKey;
+use crate::envelope::Kind;
+use crate::log::plan::IndexRow;
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// Database failures. All of them are infrastructure failures (retry or 503), except
+/// `Inconsistent`, which means the index disagrees with the log and needs an operator.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("postgres pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database setup: {0}")]
+    Setup(String),
+    #[error("index is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// The index of the log kept beside it: where each event is, each aggregate's current
+/// sequence, and the head position. Writers change it only inside an [`IndexTx`].
+#[async_trait]
+pub trait LogIndex: Send + Sync + 'static {
+    /// Starts a batch: takes the log-head lock (serialising every writer of every process) and
+    /// reads the next free position.
+    async fn begin(&self) -> Result<Box<dyn IndexTx>, DbError>;
+    /// The last position recorded in the index.
+    async fn head(&self) -> Result<u64, DbError>;
+    /// An aggregate's sequence: its count of accepted commands (0 if none).
+    async fn version(&self, key: &AggregateKey) -> Result<u64, DbError>;
+    /// `(seq, position)` of an aggregate's envelopes of one kind with seq in `from..=to`.
+    async fn positions(
+        &self,
+        key: &AggregateKey,
+        kind: Kind,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, u64)>, DbError>;
+    /// The index rows of a command (several for a bulk command), in (aggregate, seq) order.
+    async fn command(&self, command_id: Uuid) -> Result<Vec<IndexRow>, DbError>;
+    /// Reachability, for readiness probes.
+    async fn ping(&self) -> Result<(), DbError>;
+}
+
+/// A batch in progress, holding the log-head lock until commit or rollback. Dropping it
+/// without either rolls back.
+#[async_trait]
+pub trait IndexTx: Send {
+    /// The position this batch will write: one past the recorded head.
+    fn next_position(&self) -> u64;
+    /// The stored command rows for these command ids, and the versions of these aggregates.
+    async fn lookup(
+        &mut self,
+        command_ids: &[Uuid],
+        keys: &[AggregateKey],
+    ) -> Result<(Vec<IndexRow>, HashMap<AggregateKey, u64>), DbError>;
+    /// Records a written segment: head = `position`, index rows inserted, versions raised.
+    async fn record(&mut self, position: u64, rows: &[IndexRow]) -> Result<(), DbError>;
+    async fn commit(self: Box<Self>) -> Result<(), DbError>;
+    async fn rollback(self: Box<Self>) -> Result<(), DbError>;
+}
+
+/// An open database: the log index over PostgreSQL or SQLite.
+#[derive(Clone)]
+pub struct Database {
+    pub index: Arc<dyn LogIndex>,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Postgres(postgres::Pg),
+    Sqlite(sqlite::Lite),
+}
+
+impl Database {
+    /// Connects (creating the SQLite file if needed) without touching the schema.
+    pub async fn open(config: &DatabaseConfig) -> Result<Database, DbError> {
+        let url = config.url.expose();
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            let lite = sqlite::Lite::open(path)?;
+            Ok(Database { index: Arc::new(lite.clone()), backend: Backend::Sqlite(lite) })
+        } else {
+            let pg = postgres::Pg::connect(url, config.pool_size)?;
+            Ok(Database { index: Arc::new(pg.clone()), backend: Backend::Postgres(pg) })
+        }
+    }
+
+    /// Applies pending migrations; returns the names of those applied now.
+    pub async fn migrate(&self) -> Result<Vec<String>, DbError> {
+        match &self.backend {
+            Backend::Postgres(pg) => pg.migrate().await,
+            Backend::Sqlite(lite) => lite.migrate().await,
+        }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Postgres(_) => "postgres",
+            Backend::Sqlite(_) => "sqlite",
+        }
+    }
+}
+
+/// A migration: a name and its SQL, applied once, in order, recorded in `spiced_migrations`.
+pub struct Migration {
+    pub name: &'static str,
+    pub sql: &'static str,
+}

@@ -1,0 +1,315 @@
+//! The log index on PostgreSQL.
+//!
+//! A batch is one transaction on one pooled connection: `BEGIN` and the `FOR UPDATE` read of
+//! the head are pipelined (one round trip), the two look-ups are pipelined (one), and the three
+//! writes of `record` plus `COMMIT` take two. That is per segment, not per command.
+
+use super::{DbError, IndexTx, LogIndex, Migration};
+use crate::domain::{AggregateKey, AggregateType};
+use crate::envelope::Kind;
+use crate::log::plan::IndexRow;
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+use uuid::Uuid;
+
+/// Migrations, applied in order.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "0001_log_index",
+        sql: include_str!("../../migrations/postgres/0001_log_index.sql"),
+    },
+    Migration {
+        name: "0002_processed_events",
+        sql: include_str!("../../migrations/postgres/0002_processed_events.sql"),
+    },
+];
+
+const LOCK_HEAD: &str = "SELECT position FROM log_head WHERE id = 1 FOR UPDATE";
+const SELECT_HEAD: &str = "SELECT position FROM log_head WHERE id = 1";
+const SELECT_COMMAND_ROWS: &str = "SELECT event_id, command_id, fingerprint, aggregate_type, \
+     aggregate_id, kind, seq, position FROM log_index \
+     WHERE command_id = ANY($1) AND kind = 'command' ORDER BY aggregate_type, aggregate_id, seq";
+const SELECT_VERSIONS: &str = "SELECT v.aggregate_type, v.aggregate_id, v.last_seq \
+     FROM aggregate_versions v JOIN unnest($1::text[], $2::text[]) AS k(t, i) \
+     ON v.aggregate_type = k.t AND v.aggregate_id = k.i";
+const SELECT_VERSION: &str =
+    "SELECT last_seq FROM aggregate_versions WHERE aggregate_type = $1 AND aggregate_id = $2";
+const SELECT_POSITIONS: &str = "SELECT seq, position FROM log_index \
+     WHERE aggregate_type = $1 AND aggregate_id = $2 AND kind = $3 AND seq BETWEEN $4 AND $5 \
+     ORDER BY seq";
+const ADVANCE_HEAD: &str = "UPDATE log_head SET position = $1 WHERE id = 1 AND position = $1 - 1";
+const INSERT_ROWS: &str = "INSERT INTO log_index (event_id, command_id, fingerprint, \
+     aggregate_type, aggregate_id, kind, seq, position) \
+     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
+     $6::text[], $7::int8[], $8::int8[])";
+const RAISE_VERSIONS: &str = "INSERT INTO aggregate_versions (aggregate_type, aggregate_id, last_seq) \
+     SELECT t, i, max(s) FROM unnest($1::text[], $2::text[], $3::int8[]) AS u(t, i, s) \
+     GROUP BY t, i \
+     ON CONFLICT (aggregate_type, aggregate_id) \
+     DO UPDATE SET last_seq = GREATEST(aggregate_versions.last_seq, EXCLUDED.last_seq)";
+
+/// A pooled PostgreSQL connection set.
+#[derive(Clone)]
+pub struct Pg {
+    pool: Pool,
+}
+
+impl Pg {
+    pub fn connect(url: &str, pool_size: usize) -> Result<Pg, DbError> {
+        let mut config = tokio_postgres::Config::from_str(url)?;
+        config.connect_timeout(Duration::from_secs(5));
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| DbError::Setup(e.to_string()))?;
+        Ok(Pg { pool })
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Applies pending migrations under an advisory lock, so concurrent starts do not race.
+    pub async fn migrate(&self) -> Result<Vec<String>, DbError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.batch_execute(
+            "SELECT pg_advisory_xact_lock(7363697065640001);
+             CREATE TABLE IF NOT EXISTS spiced_migrations (
+                 name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+        let done: Vec<String> = tx
+            .query("SELECT name FROM spiced_migrations", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut applied = Vec::new();
+        for m in MIGRATIONS.iter().filter(|m| !done.iter().any(|d| d == m.name)) {
+            tx.batch_execute(m.sql).await?;
+            tx.execute("INSERT INTO spiced_migrations (name) VALUES ($1)", &[&m.name])
+                .await?;
+            applied.push(m.name.to_string());
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).expect("positions and sequences stay below 2^63")
+}
+
+fn row_to_index(row: &Row) -> Result<IndexRow, DbError> {
+    let ty: String = row.get(3);
+    let kind: String = row.get(5);
+    Ok(IndexRow {
+        event_id: row.get(0),
+        command_id: row.get(1),
+        fingerprint: row.get(2),
+        key: AggregateKey::new(
+            AggregateType::parse(&ty)
+                .ok_or_else(|| DbError::Inconsistent(format!("unknown aggregate type {ty}")))?,
+            row.get(4),
+        ),
+        kind: Kind::parse(&kind)
+            .ok_or_else(|| DbError::Inconsistent(format!("unknown kind {kind}")))?,
+        seq: row.get::<_, i64>(6) as u64,
+        position: row.get::<_, i64>(7) as u64,
+    })
+}
+
+#[async_trait]
+impl LogIndex for Pg {
+    async fn begin(&self) -> Result<Box<dyn IndexTx>, DbError> {
+        let client = self.pool.get().await?;
+        let mut tx = PgTx { client: Some(client), next: 0 };
+        let client = tx.client();
+        let lock = client.prepare_cached(LOCK_HEAD).await?;
+        let (_, row) = tokio::try_join!(client.batch_execute("BEGIN"), client.query_one(&lock, &[]))?;
+        tx.next = row.get::<_, i64>(0) as u64 + 1;
+        Ok(Box::new(tx))
+    }
+
+    async fn head(&self) -> Result<u64, DbError> {
+        let client = self.pool.get().await?;
+        let row = client.query_one(SELECT_HEAD, &[]).await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    async fn version(&self, key: &AggregateKey) -> Result<u64, DbError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(SELECT_VERSION).await?;
+        let row = client
+            .query_opt(&stmt, &[&key.aggregate_type.as_str(), &key.aggregate_id])
+            .await?;
+        Ok(row.map(|r| r.get::<_, i64>(0) as u64).unwrap_or(0))
+    }
+
+    async fn positions(
+        &self,
+        key: &AggregateKey,
+        kind: Kind,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, u64)>, DbError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(SELECT_POSITIONS).await?;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &key.aggregate_type.as_str(),
+                    &key.aggregate_id,
+                    &kind.as_str(),
+                    &to_i64(from),
+                    &to_i64(to.min(i64::MAX as u64)),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
+            .collect())
+    }
+
+    async fn command(&self, command_id: Uuid) -> Result<Vec<IndexRow>, DbError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(SELECT_COMMAND_ROWS).await?;
+        let rows = client.query(&stmt, &[&vec![command_id]]).await?;
+        rows.iter().map(row_to_index).collect()
+    }
+
+    async fn ping(&self) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+}
+
+/// A batch transaction. The connection is only returned to the pool after `COMMIT` or
+/// `ROLLBACK`; if the batch is dropped half-way, the connection is closed instead, which makes
+/// the server roll back and release the head lock.
+struct PgTx {
+    client: Option<Object>,
+    next: u64,
+}
+
+impl PgTx {
+    fn client(&self) -> &Object {
+        self.client.as_ref().expect("client is present until commit or rollback")
+    }
+
+    async fn finish(mut self: Box<Self>, sql: &str) -> Result<(), DbError> {
+        let result = self.client().batch_execute(sql).await;
+        if result.is_ok() {
+            // Back to the pool only in a clean state.
+            drop(self.client.take());
+        }
+        Ok(result?)
+    }
+}
+
+impl Drop for PgTx {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
+#[async_trait]
+impl IndexTx for PgTx {
+    fn next_position(&self) -> u64 {
+        self.next
+    }
+
+    async fn lookup(
+        &mut self,
+        command_ids: &[Uuid],
+        keys: &[AggregateKey],
+    ) -> Result<(Vec<IndexRow>, HashMap<AggregateKey, u64>), DbError> {
+        let client = self.client();
+        let (rows_stmt, versions_stmt) = tokio::try_join!(
+            client.prepare_cached(SELECT_COMMAND_ROWS),
+            client.prepare_cached(SELECT_VERSIONS)
+        )?;
+        let types: Vec<&str> = keys.iter().map(|k| k.aggregate_type.as_str()).collect();
+        let ids: Vec<&str> = keys.iter().map(|k| k.aggregate_id.as_str()).collect();
+        let rows_params: [&(dyn ToSql + Sync); 1] = [&command_ids];
+        let version_params: [&(dyn ToSql + Sync); 2] = [&types, &ids];
+        let (rows, versions) = tokio::try_join!(
+            client.query(&rows_stmt, &rows_params),
+            client.query(&versions_stmt, &version_params)
+        )?;
+        let rows = rows.iter().map(row_to_index).collect::<Result<Vec<_>, _>>()?;
+        let mut map = HashMap::new();
+        for row in &versions {
+            let ty: String = row.get(0);
+            if let Some(ty) = AggregateType::parse(&ty) {
+                map.insert(AggregateKey::new(ty, row.get(1)), row.get::<_, i64>(2) as u64);
+            }
+        }
+        Ok((rows, map))
+    }
+
+    async fn record(&mut self, position: u64, rows: &[IndexRow]) -> Result<(), DbError> {
+        let client = self.client();
+        let (head_stmt, rows_stmt, versions_stmt) = tokio::try_join!(
+            client.prepare_cached(ADVANCE_HEAD),
+            client.prepare_cached(INSERT_ROWS),
+            client.prepare_cached(RAISE_VERSIONS)
+        )?;
+        let event_ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
+        let command_ids: Vec<Uuid> = rows.iter().map(|r| r.command_id).collect();
+        let fingerprints: Vec<&str> = rows.iter().map(|r| r.fingerprint.as_str()).collect();
+        let types: Vec<&str> = rows.iter().map(|r| r.key.aggregate_type.as_str()).collect();
+        let ids: Vec<&str> = rows.iter().map(|r| r.key.aggregate_id.as_str()).collect();
+        let kinds: Vec<&str> = rows.iter().map(|r| r.kind.as_str()).collect();
+        let seqs: Vec<i64> = rows.iter().map(|r| to_i64(r.seq)).collect();
+        let positions: Vec<i64> = rows.iter().map(|r| to_i64(r.position)).collect();
+        let commands: Vec<&IndexRow> = rows.iter().filter(|r| r.kind == Kind::Command).collect();
+        let c_types: Vec<&str> = commands.iter().map(|r| r.key.aggregate_type.as_str()).collect();
+        let c_ids: Vec<&str> = commands.iter().map(|r| r.key.aggregate_id.as_str()).collect();
+        let c_seqs: Vec<i64> = commands.iter().map(|r| to_i64(r.seq)).collect();
+        let position = to_i64(position);
+        let head_params: [&(dyn ToSql + Sync); 1] = [&position];
+        let row_params: [&(dyn ToSql + Sync); 8] =
+            [&event_ids, &command_ids, &fingerprints, &types, &ids, &kinds, &seqs, &positions];
+        let version_params: [&(dyn ToSql + Sync); 3] = [&c_types, &c_ids, &c_seqs];
+        let (moved, _, _) = tokio::try_join!(
+            client.execute(&head_stmt, &head_params),
+            client.execute(&rows_stmt, &row_params),
+            client.execute(&versions_stmt, &version_params)
+        )?;
+        if moved != 1 {
+            return Err(DbError::Inconsistent(format!(
+                "log head is not at position {} - 1 inside its own lock",
+                position
+            )));
+        }
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), DbError> {
+        self.finish("COMMIT").await
+    }
+
+    async fn rollback(self: Box<Self>) -> Result<(), DbError> {
+        self.finish("ROLLBACK").await
+    }
+}

@@ -1,0 +1,18 @@
+//! spiced: an event-sourced command pipeline with S3 as the single source of truth.
+//!
+//! The modules follow the pipeline: commands arrive at [`serve`], become [`envelope`]s in the
+//! [`log`] (indexed in [`db`]), the [`relay`] publishes the log to Kafka, [`worker`]s carry the
+//! commands out, and [`project`] maintains read models.
+
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod dev;
+pub mod domain;
+pub mod envelope;
+pub mod log;
+pub mod project;
+pub mod relay;
+pub mod serve;
+pub mod shutdown;
+pub mod worker;

@@ -1,0 +1,312 @@
+//! Planning one group-commit batch: idempotency and optimistic concurrency, decided in memory
+//! against the index state read under the log-head lock.
+//!
+//! Pure functions, so every rule here is unit-tested without a database.
+
+use crate::domain::AggregateKey;
+use crate::envelope::{EventEnvelope, Kind};
+use std::collections::HashMap;
+use uuid::Uuid;
+
+/// One command to append: one envelope, or several for a bulk command, all or nothing.
+#[derive(Debug, Clone)]
+pub struct AppendCommand {
+    pub command_id: Uuid,
+    /// Hash of the request that produced the command; a repeat of the same command id must
+    /// carry the same fingerprint.
+    pub fingerprint: String,
+    pub events: Vec<PendingEvent>,
+}
+
+/// One envelope of a command, with the sequence its aggregate must be at.
+#[derive(Debug, Clone)]
+pub struct PendingEvent {
+    pub key: AggregateKey,
+    pub expected_seq: u64,
+    pub envelope: EventEnvelope,
+}
+
+/// One envelope's row in the log index: where it is, and what it answered for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexRow {
+    pub event_id: Uuid,
+    pub command_id: Uuid,
+    pub fingerprint: String,
+    pub key: AggregateKey,
+    pub kind: Kind,
+    pub seq: u64,
+    pub position: u64,
+}
+
+/// The sequence an accepted envelope received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub key: AggregateKey,
+    pub seq: u64,
+    pub event_id: Uuid,
+}
+
+/// What happened to one command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// In the log at `position`; `duplicate` when an earlier append of the same command id
+    /// already put it there.
+    Accepted { position: u64, events: Vec<Appended>, duplicate: bool },
+    /// `expected_seq` did not match: nothing appended.
+    Conflict { key: AggregateKey, expected: u64, actual: u64 },
+    /// The command id was used before for a different request: nothing appended.
+    KeyReused { command_id: Uuid },
+}
+
+/// The decisions for a batch, the envelopes to write, and their index rows.
+#[derive(Debug)]
+pub struct Plan {
+    pub outcomes: Vec<AppendOutcome>,
+    pub envelopes: Vec<EventEnvelope>,
+    pub rows: Vec<IndexRow>,
+}
+
+/// Decides each command of a batch that will be written at `position`, given the index rows
+/// already stored for the batch's command ids and the current version of each aggregate.
+pub fn plan(
+    position: u64,
+    commands: &[AppendCommand],
+    existing: &[IndexRow],
+    versions: &HashMap<AggregateKey, u64>,
+) -> Plan {
+    let mut known: HashMap<Uuid, (String, AppendOutcome)> = HashMap::new();
+    for (command_id, rows) in group_by_command(existing) {
+        let outcome = AppendOutcome::Accepted {
+            position: rows[0].position,
+            events: rows.iter().map(|r| appended(r)).collect(),
+            duplicate: true,
+        };
+        known.insert(command_id, (rows[0].fingerprint.clone(), outcome));
+    }
+    let mut versions = versions.clone();
+    let mut plan = Plan { outcomes: Vec::new(), envelopes: Vec::new(), rows: Vec::new() };
+    for command in commands {
+        if let Some((fingerprint, outcome)) = known.get(&command.command_id) {
+            plan.outcomes.push(if *fingerprint == command.fingerprint {
+                as_duplicate(outcome.clone())
+            } else {
+                AppendOutcome::KeyReused { command_id: command.command_id }
+            });
+            continue;
+        }
+        let outcome = match check_sequences(command, &versions) {
+            Err(conflict) => conflict,
+            Ok(()) => accept(position, command, &mut versions, &mut plan),
+        };
+        if matches!(outcome, AppendOutcome::Accepted { .. }) {
+            known.insert(command.command_id, (command.fingerprint.clone(), outcome.clone()));
+        }
+        plan.outcomes.push(outcome);
+    }
+    plan
+}
+
+fn group_by_command(rows: &[IndexRow]) -> HashMap<Uuid, Vec<&IndexRow>> {
+    let mut groups: HashMap<Uuid, Vec<&IndexRow>> = HashMap::new();
+    for row in rows.iter().filter(|r| r.kind == Kind::Command) {
+        groups.entry(row.command_id).or_default().push(row);
+    }
+    for rows in groups.values_mut() {
+        rows.sort_by(|a, b| (&a.key, a.seq).cmp(&(&b.key, b.seq)));
+    }
+    groups
+}
+
+fn appended(row: &IndexRow) -> Appended {
+    Appended { key: row.key.clone(), seq: row.seq, event_id: row.event_id }
+}
+
+fn as_duplicate(outcome: AppendOutcome) -> AppendOutcome {
+    match outcome {
+        AppendOutcome::Accepted { position, events, .. } => {
+            AppendOutcome::Accepted { position, events, duplicate: true }
+        }
+        other => other,
+    }
+}
+
+/// Every envelope's aggregate must be at its expected sequence; a bulk command naming one
+/// aggregate twice conflicts with itself on the second.
+fn check_sequences(
+    command: &AppendCommand,
+    versions: &HashMap<AggregateKey, u64>,
+) -> Result<(), AppendOutcome> {
+    let mut seen: HashMap<&AggregateKey, u64> = HashMap::new();
+    for event in &command.events {
+        let actual = *seen
+            .get(&event.key)
+            .unwrap_or(versions.get(&event.key).unwrap_or(&0));
+        if actual != event.expected_seq {
+            return Err(AppendOutcome::Conflict {
+                key: event.key.clone(),
+                expected: event.expected_seq,
+                actual,
+            });
+        }
+        seen.insert(&event.key, actual + 1);
+    }
+    Ok(())
+}
+
+fn accept(
+    position: u64,
+    command: &AppendCommand,
+    versions: &mut HashMap<AggregateKey, u64>,
+    plan: &mut Plan,
+) -> AppendOutcome {
+    let mut events = Vec::with_capacity(command.events.len());
+    for event in &command.events {
+        let seq = versions.get(&event.key).copied().unwrap_or(0) + 1;
+        versions.insert(event.key.clone(), seq);
+        let mut envelope = event.envelope.clone();
+        envelope.sequence_number = Some(seq);
+        plan.rows.push(IndexRow {
+            event_id: envelope.event_id,
+            command_id: command.command_id,
+            fingerprint: command.fingerprint.clone(),
+            key: event.key.clone(),
+            kind: Kind::Command,
+            seq,
+            position,
+        });
+        events.push(Appended { key: event.key.clone(), seq, event_id: envelope.event_id });
+        plan.envelopes.push(envelope);
+    }
+    AppendOutcome::Accepted { position, events, duplicate: false }
+}
+
+/// The index rows a stored segment implies: used to repair the index when the log is ahead of
+/// it (a writer died between its log write and its index commit).
+pub fn rows_of_segment(segment: &crate::log::Segment) -> Vec<IndexRow> {
+    segment
+        .events
+        .iter()
+        .filter_map(|env| {
+            let aggregate_type = crate::domain::AggregateType::parse(&env.aggregate_type)?;
+            Some(IndexRow {
+                event_id: env.event_id,
+                command_id: env.command_id().unwrap_or(env.event_id),
+                fingerprint: env
+                    .metadata
+                    .get(FINGERPRINT_KEY)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+                key: AggregateKey::new(aggregate_type, env.aggregate_id.clone()),
+                kind: env.kind().unwrap_or(Kind::Command),
+                seq: env.sequence_number.unwrap_or(0),
+                position: segment.position,
+            })
+        })
+        .collect()
+}
+
+/// `metadata` key under which each command envelope carries its request fingerprint, so the
+/// index (idempotency included) can be rebuilt from the log alone.
+pub const FINGERPRINT_KEY: &str = "request_fingerprint";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::commands::Routing;
+    use crate::domain::{Command, CommandType};
+    use chrono::Utc;
+
+    fn command(db: &str, expected: u64, fp: &str) -> AppendCommand {
+        command_with_id(Uuid::new_v4(), db, expected, fp)
+    }
+
+    fn command_with_id(id: Uuid, db: &str, expected: u64, fp: &str) -> AppendCommand {
+        let key = AggregateKey::database(db);
+        let cmd = Command {
+            command_type: CommandType::CreateDatabase,
+            aggregate: key.clone(),
+            expected_seq: expected,
+            payload: serde_json::json!({}),
+        };
+        let routing = Routing { kafka_topic: "t".into(), service: "s".into() };
+        AppendCommand {
+            command_id: id,
+            fingerprint: fp.into(),
+            events: vec![PendingEvent {
+                key,
+                expected_seq: expected,
+                envelope: cmd.to_envelope(id, id, None, Utc::now(), &routing),
+            }],
+        }
+    }
+
+    fn seq_of(outcome: &AppendOutcome) -> u64 {
+        match outcome {
+            AppendOutcome::Accepted { events, .. } => events[0].seq,
+            other => panic!("not accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn assigns_next_sequence_and_rejects_stale_expectations() {
+        let versions = HashMap::from([(AggregateKey::database("a"), 3)]);
+        let cmds = [command("a", 3, "x"), command("a", 3, "y"), command("a", 4, "z")];
+        let p = plan(9, &cmds, &[], &versions);
+        assert_eq!(seq_of(&p.outcomes[0]), 4);
+        assert_eq!(
+            p.outcomes[1],
+            AppendOutcome::Conflict { key: AggregateKey::database("a"), expected: 3, actual: 4 }
+        );
+        assert_eq!(seq_of(&p.outcomes[2]), 5);
+        assert_eq!(p.envelopes.len(), 2);
+        assert_eq!(p.envelopes[1].sequence_number, Some(5));
+        assert!(p.rows.iter().all(|r| r.position == 9));
+    }
+
+    #[test]
+    fn repeated_command_id_returns_the_original_or_reports_reuse() {
+        let id = Uuid::new_v4();
+        let stored = IndexRow {
+            event_id: id,
+            command_id: id,
+            fingerprint: "fp".into(),
+            key: AggregateKey::database("a"),
+            kind: Kind::Command,
+            seq: 1,
+            position: 2,
+        };
+        let cmds = [command_with_id(id, "a", 0, "fp"), command_with_id(id, "a", 0, "other")];
+        let p = plan(5, &cmds, &[stored], &HashMap::new());
+        assert!(matches!(&p.outcomes[0],
+            AppendOutcome::Accepted { position: 2, duplicate: true, events } if events[0].seq == 1));
+        assert_eq!(p.outcomes[1], AppendOutcome::KeyReused { command_id: id });
+        assert!(p.envelopes.is_empty());
+    }
+
+    #[test]
+    fn repeats_inside_one_batch_are_stored_once() {
+        let id = Uuid::new_v4();
+        let cmds = [
+            command_with_id(id, "a", 0, "fp"),
+            command_with_id(id, "a", 0, "fp"),
+            command_with_id(id, "a", 0, "changed"),
+        ];
+        let p = plan(1, &cmds, &[], &HashMap::new());
+        assert_eq!(p.envelopes.len(), 1);
+        assert!(matches!(p.outcomes[1], AppendOutcome::Accepted { duplicate: true, .. }));
+        assert_eq!(p.outcomes[2], AppendOutcome::KeyReused { command_id: id });
+    }
+
+    #[test]
+    fn bulk_is_all_or_nothing() {
+        let mut bulk = command("a", 0, "fp");
+        let mut second = command("b", 0, "fp").events.remove(0);
+        second.envelope.event_id = Uuid::new_v4();
+        bulk.events.push(second);
+        let versions = HashMap::from([(AggregateKey::database("b"), 1)]);
+        let p = plan(1, &[bulk], &[], &versions);
+        assert!(matches!(p.outcomes[0], AppendOutcome::Conflict { .. }));
+        assert!(p.envelopes.is_empty() && p.rows.is_empty());
+    }
+}

@@ -1,0 +1,284 @@
+//! The log writer: group commit of concurrent appends, and the commit protocol that keeps the
+//! log and its index in agreement across crashes.
+//!
+//! Protocol for one batch (see `docs/design.md` for each crash point):
+//! 1. `begin`: take the log-head lock in the index, read the next position `p`.
+//! 2. Look up the batch's command ids and aggregate versions; decide each command (duplicate,
+//!    key reused, conflict, accepted) and assign sequences.
+//! 3. Write segment `p` with put-if-absent. If it already exists, a writer died after its log
+//!    write and before its index commit: record that segment in the index, commit, and start
+//!    the batch again (its decisions may change).
+//! 4. Record `p` in the index and commit; answer every command.
+//!
+//! Sequences are only ever handed out inside the transaction that writes their segment, so a
+//! failed write leaves no hole, and the head lock makes log order equal sequence order.
+
+use super::plan::{plan, rows_of_segment, AppendCommand, AppendOutcome};
+use super::{EventLog, LogError, Segment};
+use crate::config::WriterConfig;
+use crate::db::{DbError, IndexTx, LogIndex};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
+
+/// Why an append could not be decided. Every variant means "nothing is known to be appended";
+/// a client retrying with the same command id gets the right answer either way.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AppendError {
+    #[error("the log writer queue is full")]
+    Overloaded,
+    #[error("the log writer has stopped")]
+    Stopped,
+    #[error("event log unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<LogError> for AppendError {
+    fn from(e: LogError) -> Self {
+        AppendError::Unavailable(e.to_string())
+    }
+}
+
+impl From<DbError> for AppendError {
+    fn from(e: DbError) -> Self {
+        AppendError::Unavailable(e.to_string())
+    }
+}
+
+/// Counters for metrics and benchmarks.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub segments: AtomicU64,
+    pub events: AtomicU64,
+    pub repairs: AtomicU64,
+}
+
+struct Job {
+    command: AppendCommand,
+    reply: oneshot::Sender<Result<AppendOutcome, AppendError>>,
+}
+
+/// Handle for appending commands; cheap to clone. The writer task stops when every handle is
+/// dropped and the queue is drained.
+#[derive(Clone)]
+pub struct LogWriter {
+    jobs: mpsc::Sender<Job>,
+    stats: Arc<WriterStats>,
+}
+
+impl LogWriter {
+    /// Repairs the index from any segments written after its head, then starts the writer task.
+    pub async fn start(
+        log: EventLog,
+        index: Arc<dyn LogIndex>,
+        config: WriterConfig,
+        tasks: &TaskTracker,
+    ) -> Result<LogWriter, AppendError> {
+        let stats = Arc::new(WriterStats::default());
+        let writer = Writer { log, index, config, stats: stats.clone() };
+        writer.recover().await?;
+        let (jobs, rx) = mpsc::channel(writer.config.queue_depth);
+        tasks.spawn(writer.run(rx));
+        Ok(LogWriter { jobs, stats })
+    }
+
+    /// Appends one command and waits until it is durably in the log (or decided otherwise).
+    pub async fn append(&self, command: AppendCommand) -> Result<AppendOutcome, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.try_send(Job { command, reply }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => AppendError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => AppendError::Stopped,
+        })?;
+        rx.await.map_err(|_| AppendError::Stopped)?
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+}
+
+struct Writer {
+    log: EventLog,
+    index: Arc<dyn LogIndex>,
+    config: WriterConfig,
+    stats: Arc<WriterStats>,
+}
+
+/// How often one batch may find its position taken before giving up; each time means another
+/// crashed writer's segment was repaired, so this only trips on a broken index.
+const MAX_REPAIRS_PER_BATCH: usize = 64;
+
+enum Step {
+    Done(Vec<AppendOutcome>),
+    Repaired,
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<Job>) {
+        let mut carried: Option<Job> = None;
+        loop {
+            let first = match carried.take() {
+                Some(job) => job,
+                None => match rx.recv().await {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
+            let (batch, overflow) = self.collect(first, &mut rx).await;
+            carried = overflow;
+            let commands: Vec<AppendCommand> = batch.iter().map(|j| j.command.clone()).collect();
+            let result = self.commit_batch(&commands).await;
+            for (i, job) in batch.into_iter().enumerate() {
+                let answer = match &result {
+                    Ok(outcomes) => Ok(outcomes[i].clone()),
+                    Err(e) => Err(e.clone()),
+                };
+                // The client may have gone away; its command's fate is in the log either way.
+                let _ = job.reply.send(answer);
+            }
+        }
+    }
+
+    /// Takes what is queued, up to the batch limits, waiting `linger_ms` for more if set. A job
+    /// that would overflow the limits is returned separately to open the next batch.
+    async fn collect(&self, first: Job, rx: &mut mpsc::Receiver<Job>) -> (Vec<Job>, Option<Job>) {
+        let mut bytes = command_bytes(&first.command);
+        let mut events = first.command.events.len();
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.linger_ms);
+        while events < self.config.max_batch_events && bytes < self.config.max_batch_bytes {
+            let next = match rx.try_recv() {
+                Ok(job) => job,
+                Err(_) if self.config.linger_ms == 0 => break,
+                Err(_) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(job)) => job,
+                    _ => break,
+                },
+            };
+            let size = command_bytes(&next.command);
+            let more = next.command.events.len();
+            if events + more > self.config.max_batch_events
+                || bytes + size > self.config.max_batch_bytes
+            {
+                return (batch, Some(next));
+            }
+            bytes += size;
+            events += more;
+            batch.push(next);
+        }
+        (batch, None)
+    }
+
+    async fn commit_batch(
+        &self,
+        commands: &[AppendCommand],
+    ) -> Result<Vec<AppendOutcome>, AppendError> {
+        for _ in 0..MAX_REPAIRS_PER_BATCH {
+            match self.try_commit(commands).await? {
+                Step::Done(outcomes) => return Ok(outcomes),
+                Step::Repaired => continue,
+            }
+        }
+        Err(AppendError::Unavailable(format!(
+            "log position still taken after {MAX_REPAIRS_PER_BATCH} repairs; run `spiced verify`"
+        )))
+    }
+
+    async fn try_commit(&self, commands: &[AppendCommand]) -> Result<Step, AppendError> {
+        let mut tx = self.index.begin().await?;
+        let position = tx.next_position();
+        let ids: Vec<_> = commands.iter().map(|c| c.command_id).collect::<BTreeSet<_>>().into_iter().collect();
+        let keys: Vec<_> = commands
+            .iter()
+            .flat_map(|c| c.events.iter().map(|e| e.key.clone()))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let (existing, versions) = tx.lookup(&ids, &keys).await?;
+        let plan = plan(position, commands, &existing, &versions);
+        if plan.envelopes.is_empty() {
+            tx.rollback().await?;
+            return Ok(Step::Done(plan.outcomes));
+        }
+        self.crash_point("before_put");
+        match self.log.put_segment(position, Segment::encode(&plan.envelopes)).await {
+            Ok(()) => {}
+            Err(LogError::AlreadyExists(_)) => {
+                self.repair(tx, position).await?;
+                return Ok(Step::Repaired);
+            }
+            Err(e) => {
+                // The write may or may not have landed; the next batch finds out through the
+                // put-if-absent fence and repairs. Nothing was acknowledged.
+                let _ = tx.rollback().await;
+                return Err(e.into());
+            }
+        }
+        self.crash_point("after_put");
+        self.stats.segments.fetch_add(1, Ordering::Relaxed);
+        self.stats.events.fetch_add(plan.envelopes.len() as u64, Ordering::Relaxed);
+        // The segment is durable: the commands are accepted whatever the index does next. If
+        // the commit fails, the next batch finds position `p` taken and repairs the index.
+        if let Err(e) = record_and_commit(tx, position, &plan.rows).await {
+            tracing::warn!(position, error = %e, "segment written but index commit failed; the next batch repairs it");
+        }
+        self.crash_point("after_commit");
+        Ok(Step::Done(plan.outcomes))
+    }
+
+    /// Records an already-written segment found at the batch's position.
+    async fn repair(&self, tx: Box<dyn IndexTx>, position: u64) -> Result<(), AppendError> {
+        let segment = self.log.get_segment(position).await?.ok_or_else(|| {
+            AppendError::Unavailable(format!(
+                "position {position} reported as written but cannot be read"
+            ))
+        })?;
+        record_and_commit(tx, position, &rows_of_segment(&segment)).await?;
+        self.stats.repairs.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(position, events = segment.len(), "repaired the log index from a segment written by a crashed writer");
+        Ok(())
+    }
+
+    /// At start: records every segment written past the index head (a writer crashed between
+    /// log write and index commit while nothing else was writing).
+    async fn recover(&self) -> Result<u64, AppendError> {
+        let mut repaired = 0;
+        loop {
+            let tx = self.index.begin().await?;
+            let position = tx.next_position();
+            if self.log.get_segment(position).await?.is_none() {
+                tx.rollback().await?;
+                return Ok(repaired);
+            }
+            self.repair(tx, position).await?;
+            repaired += 1;
+        }
+    }
+
+    fn crash_point(&self, name: &str) {
+        if self.config.crash_at == name {
+            eprintln!("spiced: writer.crash_at = {name}: aborting as configured (testing only)");
+            std::process::abort();
+        }
+    }
+}
+
+async fn record_and_commit(
+    mut tx: Box<dyn IndexTx>,
+    position: u64,
+    rows: &[super::plan::IndexRow],
+) -> Result<(), DbError> {
+    tx.record(position, rows).await?;
+    tx.commit().await
+}
+
+fn command_bytes(command: &AppendCommand) -> usize {
+    command
+        .events
+        .iter()
+        .map(|e| serde_json::to_vec(&e.envelope).map(|v| v.len() + 1).unwrap_or(0))
+        .sum()
+}

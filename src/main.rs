@@ -1,0 +1,52 @@
+use clap::Parser;
+use spiced::cli::{Cli, Command, ConfigAction, LogFormat};
+use spiced::config::Config;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("spiced: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(cli.config.as_deref(), std::env::vars())?;
+    let shutdown = CancellationToken::new();
+    spiced::shutdown::install(shutdown.clone())?;
+    match cli.command {
+        Command::Serve => spiced::serve::run(config, shutdown).await,
+        Command::Relay => spiced::relay::run(config, shutdown).await,
+        Command::Worker => spiced::worker::run(config, shutdown).await,
+        Command::Project => spiced::project::run(config, shutdown).await,
+        Command::Dev => spiced::dev::run(config, shutdown).await,
+        Command::Migrate => {
+            let db = spiced::db::Database::open(&config.database).await?;
+            let applied = db.migrate().await?;
+            println!("{}: {} migration(s) applied {:?}", db.backend_name(), applied.len(), applied);
+            Ok(())
+        }
+        Command::Config { action: ConfigAction::Check } => {
+            print!("{}", config.to_redacted_toml());
+            Ok(())
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPICED_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,125 @@
+//! `spiced serve`: the HTTP command API in front of the event log.
+
+pub mod commands;
+pub mod error;
+pub mod extract;
+pub mod reads;
+
+use crate::config::Config;
+use crate::db::{Database, LogIndex};
+use crate::domain::CommandType;
+use crate::log::writer::LogWriter;
+use crate::log::EventLog;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+use axum::Router;
+use error::ApiError;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Database,
+    pub log: EventLog,
+    pub writer: LogWriter,
+}
+
+impl AppState {
+    pub fn index(&self) -> &dyn LogIndex {
+        self.db.index.as_ref()
+    }
+
+    pub fn retry_after(&self) -> u64 {
+        self.config.serve.retry_after_secs
+    }
+
+    pub fn unavailable(&self, cause: &dyn std::fmt::Display) -> ApiError {
+        ApiError::unavailable(cause, self.retry_after())
+    }
+
+    /// `metadata.kafka_topic` of a command's envelope.
+    pub fn topic_for(&self, command_type: CommandType) -> &str {
+        let topics = &self.config.topics;
+        match command_type.aggregate_type() {
+            crate::domain::AggregateType::Database => &topics.database_commands,
+            crate::domain::AggregateType::OntologyClass => &topics.ontology_commands,
+            crate::domain::AggregateType::Instance => &topics.instance_commands,
+        }
+    }
+}
+
+/// The API routes, all under `/api/v1`, plus health endpoints.
+pub fn router(state: AppState) -> Router {
+    use commands::*;
+    let api = Router::new()
+        .route("/databases", post(create_database))
+        .route("/databases/{db}", axum::routing::delete(delete_database))
+        .route("/databases/{db}/classes", post(create_class))
+        .route("/databases/{db}/classes/{class_id}", put(update_class).delete(delete_class))
+        .route("/databases/{db}/classes/{class_id}/instances", post(create_instance))
+        .route("/databases/{db}/classes/{class_id}/instances/bulk", post(bulk_create_instances))
+        .route(
+            "/databases/{db}/classes/{class_id}/instances/{instance_id}",
+            put(update_instance).delete(delete_instance),
+        )
+        .route("/commands/{command_id}", get(reads::get_command))
+        .route("/aggregates/{aggregate_type}/{aggregate_id}", get(reads::get_aggregate))
+        .route("/aggregates/{aggregate_type}/{aggregate_id}/events", get(reads::get_events));
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(reads::healthz))
+        .route("/readyz", get(reads::readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.config.serve.max_body_bytes))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+}
+
+/// Opens the database (migrating if configured) and the log.
+pub async fn open_storage(config: &Config) -> anyhow::Result<(Database, EventLog)> {
+    let db = Database::open(&config.database).await?;
+    if config.database.migrate_on_start {
+        let applied = db.migrate().await?;
+        if !applied.is_empty() {
+            tracing::info!(?applied, "applied database migrations");
+        }
+    }
+    let log = EventLog::open(&config.log)?;
+    Ok((db, log))
+}
+
+/// Runs the API on `config.serve.listen` until `shutdown` fires.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.serve.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.serve.listen))?;
+    run_on(config, listener, shutdown).await
+}
+
+/// Runs the API on an already bound listener (tests bind port 0).
+pub async fn run_on(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (db, log) = open_storage(&config).await?;
+    let tasks = TaskTracker::new();
+    let writer = LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks).await?;
+    let state = AppState { config: Arc::new(config), db, log, writer };
+    tracing::info!(addr = %listener.local_addr()?, "spiced serve listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    // The router (and with it every writer handle) is gone: the writer drains its queue.
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
