@@ -42,7 +42,8 @@ const SELECT_VERSION: &str =
 const SELECT_POSITIONS: &str = "SELECT seq, position FROM log_index \
      WHERE aggregate_type = $1 AND aggregate_id = $2 AND kind = $3 AND seq BETWEEN $4 AND $5 \
      ORDER BY seq";
-const ADVANCE_HEAD: &str = "UPDATE log_head SET position = $1 WHERE id = 1 AND position = $1 - 1";
+const ADVANCE_HEAD: &str =
+    "UPDATE log_head SET position = $1::int8 WHERE id = 1 AND position = $1::int8 - 1";
 const INSERT_ROWS: &str = "INSERT INTO log_index (event_id, command_id, fingerprint, \
      aggregate_type, aggregate_id, kind, seq, position) \
      SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
