@@ -1,0 +1,129 @@
+//! One conformance suite for the log index, run against PostgreSQL and SQLite.
+
+mod common;
+
+use common::{isolated_config, Backend};
+use spiced::db::{Database, DbError};
+use spiced::domain::AggregateKey;
+use spiced::envelope::Kind;
+use spiced::log::plan::IndexRow;
+use std::time::Duration;
+use uuid::Uuid;
+
+backend_tests! {
+    positions_start_at_one_and_advance_only_on_commit,
+    writers_are_serialised_by_the_head_lock,
+    rows_are_unique_per_event_and_per_sequence,
+    lookup_returns_commands_and_versions,
+    recording_the_wrong_position_is_refused,
+}
+
+async fn open(backend: Backend) -> (Database, tempfile::TempDir) {
+    let (config, dir) = isolated_config(backend).await;
+    let db = Database::open(&config.database).await.unwrap();
+    db.migrate().await.unwrap();
+    assert!(db.migrate().await.unwrap().is_empty(), "migrations apply once");
+    (db, dir)
+}
+
+fn row(id: &str, seq: u64, position: u64) -> IndexRow {
+    let event_id = Uuid::new_v4();
+    IndexRow {
+        event_id,
+        command_id: event_id,
+        fingerprint: "fp".into(),
+        key: AggregateKey::database(id),
+        kind: Kind::Command,
+        seq,
+        position,
+    }
+}
+
+async fn positions_start_at_one_and_advance_only_on_commit(backend: Backend) {
+    let (db, _dir) = open(backend).await;
+    assert_eq!(db.index.head().await.unwrap(), 0);
+    let tx = db.index.begin().await.unwrap();
+    assert_eq!(tx.next_position(), 1);
+    tx.rollback().await.unwrap();
+    let mut tx = db.index.begin().await.unwrap();
+    tx.record(1, &[row("a", 1, 1)]).await.unwrap();
+    drop(tx); // dropped without commit: rolled back
+    assert_eq!(db.index.head().await.unwrap(), 0);
+    let mut tx = db.index.begin().await.unwrap();
+    assert_eq!(tx.next_position(), 1);
+    tx.record(1, &[row("a", 1, 1)]).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(db.index.head().await.unwrap(), 1);
+    assert_eq!(db.index.version(&AggregateKey::database("a")).await.unwrap(), 1);
+    assert_eq!(
+        db.index.positions(&AggregateKey::database("a"), Kind::Command, 1, 10).await.unwrap(),
+        vec![(1, 1)]
+    );
+}
+
+async fn writers_are_serialised_by_the_head_lock(backend: Backend) {
+    let (db, _dir) = open(backend).await;
+    let mut first = db.index.begin().await.unwrap();
+    let index = db.index.clone();
+    let second = tokio::spawn(async move {
+        let tx = index.begin().await.unwrap();
+        let p = tx.next_position();
+        tx.rollback().await.unwrap();
+        p
+    });
+    // Give the second writer time to reach the lock; it must then wait for the first commit.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!second.is_finished(), "a second batch began while the first held the head");
+    first.record(1, &[row("a", 1, 1)]).await.unwrap();
+    first.commit().await.unwrap();
+    assert_eq!(second.await.unwrap(), 2, "the second batch sees the first one's position");
+}
+
+async fn rows_are_unique_per_event_and_per_sequence(backend: Backend) {
+    let (db, _dir) = open(backend).await;
+    let r = row("a", 1, 1);
+    let mut tx = db.index.begin().await.unwrap();
+    tx.record(1, &[r.clone()]).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut same_seq = row("a", 1, 2);
+    same_seq.event_id = Uuid::new_v4();
+    let mut tx = db.index.begin().await.unwrap();
+    assert!(tx.record(2, &[same_seq]).await.is_err(), "(aggregate, kind, seq) taken twice");
+    drop(tx);
+    let mut same_id = row("b", 1, 2);
+    same_id.event_id = r.event_id;
+    let mut tx = db.index.begin().await.unwrap();
+    assert!(tx.record(2, &[same_id]).await.is_err(), "event_id stored twice");
+    drop(tx);
+    assert_eq!(db.index.head().await.unwrap(), 1);
+}
+
+async fn lookup_returns_commands_and_versions(backend: Backend) {
+    let (db, _dir) = open(backend).await;
+    let a1 = row("a", 1, 1);
+    let mut a2 = row("a", 2, 1);
+    a2.command_id = a1.command_id; // two envelopes of one (bulk-like) command
+    let b5 = row("b", 5, 1);
+    let mut tx = db.index.begin().await.unwrap();
+    tx.record(1, &[a1.clone(), a2.clone(), b5.clone()]).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = db.index.begin().await.unwrap();
+    let keys = [AggregateKey::database("a"), AggregateKey::database("b"), AggregateKey::database("c")];
+    let (rows, versions) = tx.lookup(&[a1.command_id, Uuid::new_v4()], &keys).await.unwrap();
+    assert_eq!(rows, vec![a1.clone(), a2]);
+    assert_eq!(versions.get(&keys[0]), Some(&2));
+    assert_eq!(versions.get(&keys[1]), Some(&5));
+    assert_eq!(versions.get(&keys[2]).copied().unwrap_or(0), 0);
+    // Versions only rise: recording an older sequence (a repair of an old segment) keeps 5.
+    tx.record(2, &[row("b", 3, 2)]).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(db.index.version(&keys[1]).await.unwrap(), 5);
+    assert_eq!(db.index.command(a1.command_id).await.unwrap().len(), 2);
+}
+
+async fn recording_the_wrong_position_is_refused(backend: Backend) {
+    let (db, _dir) = open(backend).await;
+    let mut tx = db.index.begin().await.unwrap();
+    let err = tx.record(5, &[row("a", 1, 5)]).await.unwrap_err();
+    assert!(matches!(err, DbError::Inconsistent(_)), "{err}");
+}
