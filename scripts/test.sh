@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs spiced's whole test suite against real services.
+#
+# Starts PostgreSQL, an S3-compatible server (moto) and a Kafka-protocol broker (tansu) on
+# 127.0.0.1 if they are not already running (scripts/services.sh), runs every test with
+# `cargo test`, and stops whatever it started, pass or fail. Extra arguments go to cargo test,
+# e.g. `scripts/test.sh --test write_path`.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if ! command -v cargo >/dev/null; then
+    echo "test: cargo is not on PATH; install Rust (rustup) first" >&2
+    exit 1
+fi
+
+echo "test: starting services" >&2
+eval "$(scripts/services.sh start)"
+trap 'echo "test: stopping services this run started" >&2; scripts/services.sh stop || true' EXIT
+
+echo "test: cargo test" >&2
+cargo test --locked "$@"
