@@ -35,8 +35,8 @@ PG_URL="postgres://$PG_ROLE:$PG_PASSWORD@$HOST:$PG_PORT/$PG_DB"
 
 S3_BUCKET=spiced-test
 S3_REGION=us-east-1
-S3_KEY=test
-S3_SECRET=test
+S3_KEY="test"
+S3_SECRET="test"
 
 MOTO_REQ=("moto[s3]==5.2.5" "flask<4" "flask-cors<7")
 MOTO_VERSION=5.2.5
@@ -72,6 +72,15 @@ port_open() {
     timeout 2 bash -c "exec 3<>/dev/tcp/$HOST/$1" 2>/dev/null
 }
 
+# True when process $1 exists and is not a zombie (kill -0 succeeds on zombies,
+# and PID 1 here may take a while to reap orphans).
+proc_alive() {
+    local state
+    kill -0 "$1" 2>/dev/null || return 1
+    state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)"
+    [[ -n "$state" && "$state" != Z ]]
+}
+
 # True when the process in PID file $1 is alive and its command line contains $2
 # (guards against a recycled PID).
 pidfile_alive() {
@@ -79,7 +88,7 @@ pidfile_alive() {
     [[ -f "$pidfile" ]] || return 1
     pid="$(cat "$pidfile" 2>/dev/null || true)"
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-    kill -0 "$pid" 2>/dev/null || return 1
+    proc_alive "$pid" || return 1
     tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$pattern"
 }
 
@@ -88,11 +97,11 @@ apt_install() {
     command -v apt-get >/dev/null || die "apt-get not found; install $* by hand"
     if [[ $APT_UPDATED -eq 0 ]]; then
         say "apt-get update"
-        apt-get update -qq >&2 || die "apt-get update failed"
+        apt-get update -qq >&2 9>&- || die "apt-get update failed"
         APT_UPDATED=1
     fi
     say "apt-get install -y $*"
-    apt-get install -y -qq "$@" >&2 || die "apt-get install $* failed"
+    apt-get install -y -qq "$@" >&2 9>&- || die "apt-get install $* failed"
 }
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -113,15 +122,19 @@ pg_start_cluster() {
     local line ver cluster
     line="$(pg_lsclusters --no-header 2>/dev/null | awk -v p="$PG_PORT" '$3 == p { print $1, $2; exit }')"
     if [[ -z "$line" ]]; then
+        # shellcheck disable=SC2012 # version directory names are plain numbers
         ver="$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)"
         [[ -n "$ver" ]] || die "no PostgreSQL server installed under /usr/lib/postgresql"
-        say "postgres: creating cluster $ver main on port $PG_PORT"
-        pg_createcluster --port "$PG_PORT" "$ver" main >&2
-        line="$ver main"
+        cluster=main
+        [[ -d "/etc/postgresql/$ver/main" ]] && cluster=spiced   # main exists on another port
+        say "postgres: creating cluster $ver $cluster on port $PG_PORT"
+        pg_createcluster --port "$PG_PORT" "$ver" "$cluster" >&2 9>&- \
+            || die "postgres: pg_createcluster $ver $cluster failed"
+        line="$ver $cluster"
     fi
     read -r ver cluster <<<"$line"
     say "postgres: pg_ctlcluster $ver $cluster start"
-    pg_ctlcluster "$ver" "$cluster" start >&2 || {
+    pg_ctlcluster "$ver" "$cluster" start >&2 9>&- || {
         log_tail "/var/log/postgresql/postgresql-$ver-$cluster.log"
         die "postgres: pg_ctlcluster $ver $cluster start failed"
     }
@@ -152,6 +165,7 @@ start_postgres() {
             sleep "$INTERVAL"
         done
         if ! pg_ready; then
+            # shellcheck disable=SC2012
             log_tail "$(ls -t /var/log/postgresql/*.log 2>/dev/null | head -n 1)"
             die "postgres: not ready on $HOST:$PG_PORT after $TRIES tries"
         fi
@@ -176,7 +190,7 @@ stop_postgres() {
         read -r ver cluster <"$PG_MARKER" || true
         if [[ -n "${ver:-}" && -n "${cluster:-}" ]]; then
             say "postgres: pg_ctlcluster $ver $cluster stop (started by this script)"
-            pg_ctlcluster "$ver" "$cluster" stop >&2 || say "postgres: stop failed (already down?)"
+            pg_ctlcluster "$ver" "$cluster" stop >&2 9>&- || say "postgres: stop failed (already down?)"
         fi
         rm -f "$PG_MARKER"
     else
@@ -236,7 +250,7 @@ wait_port() {
             say "$name: up on $HOST:$port (pid $pid)"
             return 0
         fi
-        if ! kill -0 "$pid" 2>/dev/null; then
+        if ! proc_alive "$pid"; then
             log_tail "$log"
             rm -f "$pidfile"
             die "$name: exited before listening on $HOST:$port"
@@ -263,10 +277,10 @@ stop_pidfile() {
     say "$name: stopping pid $pid"
     kill -TERM "$pid" 2>/dev/null || true
     for ((i = 0; i < 20; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
+        proc_alive "$pid" || break
         sleep "$INTERVAL"
     done
-    if kill -0 "$pid" 2>/dev/null; then
+    if proc_alive "$pid"; then
         say "$name: still running, sending SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
         sleep "$INTERVAL"
@@ -283,8 +297,9 @@ start_moto() {
         rm -f "$MOTO_PID"
         say "s3: starting moto_server on $HOST:$S3_PORT (log $MOTO_LOG)"
         # setsid: own session, so the server outlives the calling shell/job.
+        # 9>&-: the server must not inherit the lock fd (it would hold the lock).
         setsid "$VENV/bin/moto_server" -H "$HOST" -p "$S3_PORT" \
-            </dev/null >"$MOTO_LOG" 2>&1 &
+            </dev/null >"$MOTO_LOG" 2>&1 9>&- &
         echo $! >"$MOTO_PID"
         wait_port s3 "$S3_PORT" "$MOTO_PID" "$MOTO_LOG"
     fi
@@ -354,7 +369,7 @@ start_tansu() {
             --listener-url "tcp://$HOST:$KAFKA_PORT" \
             --advertised-listener-url "tcp://$HOST:$KAFKA_PORT" \
             --storage-engine memory://tansu/ \
-            </dev/null >"$TANSU_LOG" 2>&1
+            </dev/null >"$TANSU_LOG" 2>&1 9>&-
     ) &
     echo $! >"$TANSU_PID"
     wait_port kafka "$KAFKA_PORT" "$TANSU_PID" "$TANSU_LOG"
@@ -380,10 +395,13 @@ EOF
 
 # ---------------------------------------------------------------- commands
 
+# Serialises concurrent runs on fd 9. Every command that may leave a daemon behind
+# (apt-get, pg_ctlcluster, the servers) runs with 9>&- so the daemon does not
+# inherit the fd and hold the lock forever.
 lock() {
     mkdir -p "$SERVICES_DIR"
     exec 9>"$SERVICES_DIR/.lock"
-    flock -w 600 9 || die "another services.sh run holds $SERVICES_DIR/.lock"
+    flock -w 120 9 || die "another services.sh run has held $SERVICES_DIR/.lock for 120 s"
 }
 
 cmd_start() {
@@ -434,7 +452,7 @@ cmd_status() {
 
 usage() {
     sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-    exit 2
+    exit "${1:-2}"
 }
 
 case "${1:-}" in
@@ -442,6 +460,6 @@ case "${1:-}" in
     stop) cmd_stop ;;
     status) cmd_status ;;
     env) echo "$ENV_FILE" ;;
-    -h | --help | help) usage ;;
+    -h | --help | help) usage 0 ;;
     *) usage ;;
 esac
