@@ -27,7 +27,7 @@ pub enum Command {
     /// Serve the HTTP command API.
     Serve,
     /// Publish the event log to Kafka.
-    Relay,
+    Relay(RelayArgs),
     /// Run command workers.
     Worker,
     /// Run the projection worker.
@@ -47,4 +47,34 @@ pub enum Command {
 pub enum ConfigAction {
     /// Load and validate the configuration, then print it with secrets redacted.
     Check,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RelayArgs {
+    /// Start publishing at this log position (sets the checkpoint to N - 1), overriding the
+    /// stored checkpoint. Without it, a first start publishes from position 1.
+    #[arg(long, conflicts_with = "from_time")]
+    pub from_position: Option<u64>,
+    /// Start at the first segment written at or after this RFC 3339 time.
+    #[arg(long)]
+    pub from_time: Option<chrono::DateTime<chrono::Utc>>,
+    /// Re-publish --from-position ..= --to-position once (no lease, no checkpoint) and exit.
+    #[arg(long, requires_all = ["from_position", "to_position"])]
+    pub republish: bool,
+    /// Last position to re-publish.
+    #[arg(long, requires = "republish")]
+    pub to_position: Option<u64>,
+}
+
+impl RelayArgs {
+    pub fn options(&self) -> crate::relay::RelayOptions {
+        crate::relay::RelayOptions {
+            from_position: self.from_position,
+            from_time: self.from_time,
+            republish: match (self.republish, self.from_position, self.to_position) {
+                (true, Some(from), Some(to)) => Some((from, to)),
+                _ => None,
+            },
+        }
+    }
 }

@@ -27,6 +27,59 @@ pub struct Config {
     pub writer: WriterConfig,
     /// Kafka topic names, per kind of envelope.
     pub topics: TopicsConfig,
+    /// The Kafka cluster and the producer/consumer settings shared by every role.
+    pub kafka: KafkaConfig,
+    /// The relay (`spiced relay`): event log to Kafka.
+    pub relay: RelayConfig,
+}
+
+/// Kafka connection and client settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// `client.id` reported to the brokers.
+    pub client_id: String,
+    /// Producer compression: `none`, `gzip`, `snappy`, `lz4` or `zstd`.
+    pub compression: String,
+    /// Milliseconds the producer waits to fill a batch (`linger.ms`).
+    pub linger_ms: u64,
+    /// Milliseconds before an undelivered message fails (`message.timeout.ms`). Must be under
+    /// half of `relay.lease_ms`, so a relay's messages are settled before its lease can pass on.
+    pub message_timeout_ms: u64,
+    /// In-flight requests per broker connection (1 to 5; idempotence keeps order up to 5).
+    pub max_in_flight: u32,
+    /// Partitions of topics created at start.
+    pub partitions: i32,
+    /// Replication factor of topics created at start.
+    pub replication_factor: i32,
+    /// `retention.ms` of topics created at start; -1 keeps forever.
+    pub retention_ms: i64,
+    /// Extra librdkafka properties, applied last (e.g. security settings).
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+/// The relay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Name of the checkpoint and lease; relays sharing a name share one log cursor.
+    pub name: String,
+    /// Milliseconds between polls of the log when nothing is new.
+    pub poll_interval_ms: u64,
+    /// Most segments read and published per batch; the checkpoint moves once per batch, so a
+    /// crash re-publishes at most one batch.
+    pub batch_segments: usize,
+    /// Leader lease length in milliseconds; a standby takes over this long after the leader
+    /// dies or hangs.
+    pub lease_ms: u64,
+    /// Topic for envelopes that cannot be routed (no or unknown `metadata.kafka_topic`).
+    pub dead_letter_topic: String,
+    /// Create missing topics at start.
+    pub create_topics: bool,
+    /// Testing only: abort at `after_produce`, `after_delivery` or `during_checkpoint`.
+    pub crash_at: String,
 }
 
 /// The event log: `s3://bucket/prefix`, `file:///abs/path` or a plain directory path.
@@ -246,11 +299,48 @@ impl Config {
         if self.writer.queue_depth == 0 {
             return Err(invalid("writer.queue_depth", "must be at least 1"));
         }
+        self.validate_kafka()?;
         if !matches!(self.writer.crash_at.as_str(), "" | "before_put" | "after_put" | "after_commit")
         {
             return Err(invalid(
                 "writer.crash_at",
                 "must be empty, before_put, after_put or after_commit",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must name at least one broker"));
+        }
+        if !matches!(k.compression.as_str(), "none" | "gzip" | "snappy" | "lz4" | "zstd") {
+            return Err(invalid("kafka.compression", "must be none, gzip, snappy, lz4 or zstd"));
+        }
+        if !(1..=5).contains(&k.max_in_flight) {
+            return Err(invalid("kafka.max_in_flight", "must be 1 to 5"));
+        }
+        if k.partitions < 1 || k.replication_factor < 1 {
+            return Err(invalid("kafka.partitions", "partitions and replication_factor must be at least 1"));
+        }
+        let r = &self.relay;
+        if r.poll_interval_ms == 0 || r.batch_segments == 0 {
+            return Err(invalid("relay.poll_interval_ms", "poll interval and batch_segments must be at least 1"));
+        }
+        if k.message_timeout_ms == 0 || k.message_timeout_ms * 2 >= r.lease_ms {
+            return Err(invalid(
+                "kafka.message_timeout_ms",
+                format!("must be above 0 and under half of relay.lease_ms ({})", r.lease_ms),
+            ));
+        }
+        if r.dead_letter_topic.is_empty() || r.name.is_empty() {
+            return Err(invalid("relay.dead_letter_topic", "relay.name and relay.dead_letter_topic must not be empty"));
+        }
+        if !matches!(r.crash_at.as_str(), "" | "after_produce" | "after_delivery" | "during_checkpoint") {
+            return Err(invalid(
+                "relay.crash_at",
+                "must be empty, after_produce, after_delivery or during_checkpoint",
             ));
         }
         Ok(())
@@ -328,7 +418,7 @@ mod tests {
         let c = Config::load(Some(&example), Vec::new()).unwrap();
         let text: toml::Table = std::fs::read_to_string(&example).unwrap().parse().unwrap();
         // Every section of the full config is documented in the example.
-        for section in ["log", "database", "serve", "writer", "topics"] {
+        for section in ["log", "database", "serve", "writer", "topics", "kafka", "relay"] {
             assert!(text.contains_key(section), "example lacks [{section}]");
         }
         assert!(c.database.url.expose().starts_with("postgres://"));

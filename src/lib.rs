@@ -5,6 +5,7 @@
 //! commands out, and [`project`] maintains read models.
 
 pub mod cli;
+pub mod bus;
 pub mod config;
 pub mod db;
 pub mod dev;

@@ -24,7 +24,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     spiced::shutdown::install(shutdown.clone())?;
     match cli.command {
         Command::Serve => spiced::serve::run(config, shutdown).await,
-        Command::Relay => spiced::relay::run(config, shutdown).await,
+        Command::Relay(args) => {
+            spiced::relay::run_with(config, args.options(), shutdown, Default::default()).await
+        }
         Command::Worker => spiced::worker::run(config, shutdown).await,
         Command::Project => spiced::project::run(config, shutdown).await,
         Command::Dev => spiced::dev::run(config, shutdown).await,

@@ -109,6 +109,14 @@ impl Database {
         }
     }
 
+    /// The PostgreSQL pool, for roles that need PostgreSQL itself (the relay's lease).
+    pub fn postgres(&self) -> Option<&postgres::Pg> {
+        match &self.backend {
+            Backend::Postgres(pg) => Some(pg),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
             Backend::Postgres(_) => "postgres",

@@ -27,6 +27,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_processed_events",
         sql: include_str!("../../migrations/postgres/0002_processed_events.sql"),
     },
+    Migration {
+        name: "0003_relay",
+        sql: include_str!("../../migrations/postgres/0003_relay.sql"),
+    },
 ];
 
 const LOCK_HEAD: &str = "SELECT position FROM log_head WHERE id = 1 FOR UPDATE";

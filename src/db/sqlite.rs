@@ -26,6 +26,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_processed_events",
         sql: include_str!("../../migrations/sqlite/0002_processed_events.sql"),
     },
+    Migration {
+        name: "0003_relay",
+        sql: include_str!("../../migrations/sqlite/0003_relay.sql"),
+    },
 ];
 
 const SELECT_HEAD: &str = "SELECT position FROM log_head WHERE id = 1";

@@ -8,6 +8,7 @@
 
 pub mod plan;
 pub mod segment;
+pub mod tail;
 pub mod writer;
 
 pub use segment::Segment;
@@ -146,6 +147,12 @@ impl EventLog {
 
     pub fn counts(&self) -> &RequestCounts {
         &self.counts
+    }
+
+    /// Counts this handle's requests into `counts` (shared with whoever reports them).
+    pub fn with_counts(mut self, counts: Arc<RequestCounts>) -> Self {
+        self.counts = counts;
+        self
     }
 
     /// Writes a segment with put-if-absent. `AlreadyExists` means another writer (or an earlier

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use spiced::config::{Config, Secret};
 use spiced::db::Database;
 use spiced::log::EventLog;
@@ -109,7 +111,10 @@ pub async fn spawn_with(config: Config, dir: tempfile::TempDir) -> TestApp {
         handle,
         _dir: dir,
     };
-    app.wait_ready().await;
+    if !app.wait_ready().await {
+        let result = app.handle.await;
+        panic!("server exited before becoming ready: {result:?}");
+    }
     app
 }
 
@@ -118,17 +123,17 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
-    /// Polls `/readyz` until the server answers 200 (bounded).
-    pub async fn wait_ready(&self) {
+    /// Polls `/readyz` until the server answers 200 (bounded); `false` if the server exited.
+    pub async fn wait_ready(&self) -> bool {
         let ready = self.base.replace("/api/v1", "/readyz");
         for _ in 0..200 {
             if let Ok(r) = self.http.get(&ready).send().await {
                 if r.status() == 200 {
-                    return;
+                    return true;
                 }
             }
             if self.handle.is_finished() {
-                panic!("server exited before becoming ready");
+                return false;
             }
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }

@@ -1,0 +1,230 @@
+//! Write-path benchmark: accepted commands per second over HTTP with 32 concurrent clients,
+//! on distinct aggregates and on one hot aggregate, with p50/p99 latency and S3 requests per
+//! accepted command. Run through `scripts/bench.sh` (release build, real services).
+//!
+//! Backends: `local+postgres` (log on local disk), `s3+postgres` (the local S3-compatible
+//! server), `local+sqlite` (the embedded default).
+
+use serde_json::json;
+use spiced::config::{Config, Secret};
+use spiced::log::writer::LogWriter;
+use spiced::log::EventLog;
+use spiced::serve::{open_storage, router, AppState};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+const CLIENTS: usize = 32;
+
+struct Server {
+    base: String,
+    log: EventLog,
+}
+
+async fn start(config: Config) -> Server {
+    let (db, log) = open_storage(&config).await.expect("storage");
+    let tasks = TaskTracker::new();
+    let writer = LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks)
+        .await
+        .expect("writer");
+    let state = AppState { config: Arc::new(config), db, log: log.clone(), writer };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    Server { base, log }
+}
+
+async fn fresh_pg() -> String {
+    let admin = std::env::var("SPICED_TEST_PG_URL").expect("SPICED_TEST_PG_URL (run scripts/bench.sh)");
+    let name = format!("spiced_bench_{}", Uuid::new_v4().simple());
+    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    let mut url = url::Url::parse(&admin).unwrap();
+    url.set_path(&name);
+    url.to_string()
+}
+
+async fn config_for(backend: &str, dir: &std::path::Path) -> Config {
+    let mut c = Config::dev();
+    c.database.pool_size = 16;
+    match backend {
+        "local+postgres" => {
+            c.log.url = dir.join("log").display().to_string();
+            c.database.url = Secret::new(fresh_pg().await);
+        }
+        "s3+postgres" => {
+            c.log.url = format!(
+                "s3://{}/bench-{}",
+                std::env::var("SPICED_TEST_S3_BUCKET").unwrap(),
+                Uuid::new_v4().simple()
+            );
+            c.log.s3.endpoint = std::env::var("SPICED_TEST_S3_ENDPOINT").unwrap();
+            c.log.s3.allow_http = true;
+            c.log.s3.path_style = true;
+            c.database.url = Secret::new(fresh_pg().await);
+        }
+        "local+sqlite" => {
+            c.log.url = dir.join("log").display().to_string();
+            c.database.url = Secret::new(format!("sqlite://{}", dir.join("db.sqlite").display()));
+        }
+        other => panic!("unknown backend {other}"),
+    }
+    c
+}
+
+/// CPU seconds used so far by a process (utime + stime from /proc).
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+struct Run {
+    accepted: u64,
+    conflicts: u64,
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// 32 clients, each creating databases with fresh names, for `secs` seconds.
+async fn distinct(server: &Server, http: &reqwest::Client, secs: u64) -> Run {
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let http = http.clone();
+        let url = format!("{}/databases", server.base);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < stop {
+                let t = Instant::now();
+                let name = format!("d{}", Uuid::new_v4().simple());
+                let r = http.post(&url).json(&json!({"name": name})).send().await.unwrap();
+                assert_eq!(r.status(), 202, "{:?}", r.text().await);
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    Run { accepted: latencies.len() as u64, conflicts: 0, latencies, elapsed: start.elapsed() }
+}
+
+/// 32 clients updating one class: read the version, send it as expected_seq.
+async fn hot(server: &Server, http: &reqwest::Client, secs: u64) -> Run {
+    let db = format!("hot{}", Uuid::new_v4().simple());
+    http.post(format!("{}/databases", server.base)).json(&json!({"name": db})).send().await.unwrap();
+    let r = http
+        .post(format!("{}/databases/{db}/classes", server.base))
+        .json(&json!({"id": "C"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let http = http.clone();
+        let base = server.base.clone();
+        let db = db.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut conflicts) = (Vec::new(), 0u64);
+            let mut expected = 1u64;
+            while Instant::now() < stop {
+                let t = Instant::now();
+                let r = http
+                    .put(format!("{base}/databases/{db}/classes/C?expected_seq={expected}"))
+                    .json(&json!({"patch": {"label": "x"}}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let body: serde_json::Value = r.json().await.unwrap();
+                match status {
+                    202 => {
+                        lat.push(t.elapsed());
+                        expected = body["sequence_number"].as_u64().unwrap();
+                    }
+                    409 => {
+                        conflicts += 1;
+                        expected = body["actual_seq"].as_u64().unwrap();
+                    }
+                    s => panic!("unexpected {s}: {body}"),
+                }
+            }
+            (lat, conflicts)
+        }));
+    }
+    let (mut latencies, mut conflicts) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, c) = t.await.unwrap();
+        latencies.extend(l);
+        conflicts += c;
+    }
+    Run { accepted: latencies.len() as u64, conflicts, latencies, elapsed: start.elapsed() }
+}
+
+fn report(backend: &str, workload: &str, mut run: Run, puts: u64, gets: u64, s3_cpu: Option<f64>) {
+    run.latencies.sort();
+    let rate = run.accepted as f64 / run.elapsed.as_secs_f64();
+    let mut line = format!(
+        "{backend:<15} {workload:<9} accepted/s {rate:>8.0}  p50 {:>6.2} ms  p99 {:>6.2} ms  \
+         409s {:>6}  PUT/cmd {:.3}  GET/cmd {:.3}",
+        percentile(&run.latencies, 0.50),
+        percentile(&run.latencies, 0.99),
+        run.conflicts,
+        puts as f64 / run.accepted.max(1) as f64,
+        gets as f64 / run.accepted.max(1) as f64,
+    );
+    if let Some(cpu) = s3_cpu {
+        line.push_str(&format!("  s3-server CPU {:.0}%", 100.0 * cpu / run.elapsed.as_secs_f64()));
+    }
+    let own = cpu_seconds("self").unwrap_or(0.0);
+    line.push_str(&format!("  (bench process CPU so far {own:.1} s)"));
+    println!("{line}");
+}
+
+#[tokio::main]
+async fn main() {
+    let secs: u64 = std::env::var("SPICED_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let backends = std::env::var("SPICED_BENCH_BACKENDS")
+        .unwrap_or_else(|_| "local+postgres,s3+postgres,local+sqlite".into());
+    let s3_pid = std::env::var("SPICED_BENCH_S3_PID").ok();
+    println!("write path: {CLIENTS} concurrent HTTP clients, {secs} s per run");
+    for backend in backends.split(',') {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(config_for(backend, dir.path()).await).await;
+        let http = reqwest::Client::builder().pool_max_idle_per_host(CLIENTS).build().unwrap();
+        distinct(&server, &http, 1).await; // warm-up: connections, prepared statements
+        for workload in ["distinct", "hot"] {
+            let (p0, g0, _) = server.log.counts().snapshot();
+            let cpu0 = s3_pid.as_deref().and_then(cpu_seconds);
+            let run = match workload {
+                "distinct" => distinct(&server, &http, secs).await,
+                _ => hot(&server, &http, secs).await,
+            };
+            let (p1, g1, _) = server.log.counts().snapshot();
+            let s3_cpu = if backend.starts_with("s3") {
+                s3_pid.as_deref().and_then(cpu_seconds).zip(cpu0).map(|(a, b)| a - b)
+            } else {
+                None
+            };
+            report(backend, workload, run, p1 - p0, g1 - g0, s3_cpu);
+        }
+    }
+}

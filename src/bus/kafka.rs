@@ -1,0 +1,87 @@
+//! Kafka clients built from `[kafka]`: the idempotent producer, and topic bootstrap.
+
+use crate::config::{Config, KafkaConfig};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
+use std::time::Duration;
+
+/// Kafka client failures.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("kafka refused to create topic {topic}: {code}")]
+    TopicRefused { topic: String, code: String },
+}
+
+/// Settings every client shares: brokers and client id.
+pub fn base_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &kafka.brokers).set("client.id", &kafka.client_id);
+    c
+}
+
+/// Applies `kafka.properties` last, so an operator's setting wins over spiced's.
+pub fn with_properties(mut c: ClientConfig, kafka: &KafkaConfig) -> ClientConfig {
+    for (k, v) in &kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// The producer: idempotent, `acks=all`, bounded in-flight, so retries neither duplicate nor
+/// reorder within a partition.
+pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, BusError> {
+    let mut c = base_config(kafka);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("max.in.flight.requests.per.connection", kafka.max_in_flight.to_string())
+        .set("compression.type", &kafka.compression)
+        .set("linger.ms", kafka.linger_ms.to_string())
+        .set("message.timeout.ms", kafka.message_timeout_ms.to_string());
+    Ok(with_properties(c, kafka).create()?)
+}
+
+/// Every topic a role may produce to, from the config.
+pub fn all_topics(config: &Config) -> Vec<String> {
+    let t = &config.topics;
+    let mut topics = vec![
+        t.database_commands.clone(),
+        t.ontology_commands.clone(),
+        t.instance_commands.clone(),
+        t.ontology_events.clone(),
+        t.instance_events.clone(),
+        config.relay.dead_letter_topic.clone(),
+    ];
+    topics.sort();
+    topics.dedup();
+    topics
+}
+
+/// Creates the topics that do not exist yet; an existing topic is fine, any other refusal is
+/// an error naming the topic.
+pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(), BusError> {
+    let admin: AdminClient<DefaultClientContext> =
+        with_properties(base_config(kafka), kafka).create()?;
+    let retention = kafka.retention_ms.to_string();
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(t, kafka.partitions, TopicReplication::Fixed(kafka.replication_factor))
+                .set("retention.ms", &retention)
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(BusError::TopicRefused { topic, code: code.to_string() })
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! The message bus between the relay and the consumers: Kafka, through `rdkafka` with its
+//! bundled librdkafka.
+
+pub mod kafka;

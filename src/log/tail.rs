@@ -1,0 +1,66 @@
+//! Following the log in order: ask for the next position until it exists.
+//!
+//! With nothing new this costs one GET per call and never lists. When the next segment exists,
+//! the index head (positions up to it are known to be written) says how many more can be
+//! fetched at once, so catching up costs one GET per segment and nothing is fetched in vain.
+
+use super::{EventLog, LogError, Segment};
+use crate::db::LogIndex;
+use futures::{StreamExt, TryStreamExt};
+use std::sync::Arc;
+
+/// Segments fetched concurrently when catching up.
+const FETCH_CONCURRENCY: usize = 16;
+
+#[derive(Clone)]
+pub struct Tail {
+    log: EventLog,
+    index: Arc<dyn LogIndex>,
+}
+
+impl Tail {
+    pub fn new(log: EventLog, index: Arc<dyn LogIndex>) -> Self {
+        Tail { log, index }
+    }
+
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
+    /// The last position recorded in the index (every position up to it is written).
+    pub async fn head(&self) -> Result<u64, crate::db::DbError> {
+        self.index.head().await
+    }
+
+    /// Up to `max` consecutive segments starting at `from`; empty when `from` is not written.
+    pub async fn read(&self, from: u64, max: usize) -> Result<Vec<Segment>, LogError> {
+        let Some(first) = self.log.get_segment(from).await? else {
+            return Ok(Vec::new());
+        };
+        let mut segments = vec![first];
+        if max <= 1 {
+            return Ok(segments);
+        }
+        // The index is only a hint here: if it is unreachable, go on one segment at a time.
+        let head = match self.index.head().await {
+            Ok(head) => head,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the log head hint; reading one segment");
+                return Ok(segments);
+            }
+        };
+        let last = head.min(from + max as u64 - 1);
+        if last <= from {
+            return Ok(segments);
+        }
+        let rest: Vec<Option<Segment>> = futures::stream::iter(from + 1..=last)
+            .map(|p| self.log.get_segment(p))
+            .buffered(FETCH_CONCURRENCY)
+            .try_collect()
+            .await?;
+        // Positions up to the index head are written; stop at the first that is not (possible
+        // only if the index is ahead of the log, which `spiced verify` reports).
+        segments.extend(rest.into_iter().map_while(|s| s));
+        Ok(segments)
+    }
+}
