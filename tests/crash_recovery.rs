@@ -6,7 +6,7 @@ mod common;
 use common::{isolated_config, read_whole_log, Backend};
 use serde_json::json;
 use spiced::config::Config;
-use std::process::{Child, Command, Stdio};
+use common::process::{free_port, Spiced};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -29,35 +29,21 @@ async fn crash_after_commit(backend: Backend) {
     crash_at(backend, "after_commit").await
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A `spiced serve` process on `config`, with extra environment.
+/// A `spiced serve` process.
 struct Server {
-    child: Child,
+    process: Spiced,
     base: String,
 }
 
 impl Server {
     async fn start(config: &Config, dir: &std::path::Path, env: &[(&str, &str)]) -> Server {
         let port = free_port();
-        let file = dir.join(format!("spiced-{port}.toml"));
-        std::fs::write(&file, toml::to_string(config).unwrap()).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_spiced"));
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&file)
-            // The serialised config redacts secrets; pass the real URL through the environment.
-            .env("SPICED_DATABASE__URL", config.database.url.expose())
-            .env("SPICED_SERVE__LISTEN", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn spiced");
-        let mut server = Server { child, base: format!("http://127.0.0.1:{port}") };
+        let mut env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        env.push(("SPICED_SERVE__LISTEN", format!("127.0.0.1:{port}")));
+        let mut server = Server {
+            process: Spiced::spawn(&["serve"], config, dir, &env),
+            base: format!("http://127.0.0.1:{port}"),
+        };
         server.wait_ready().await;
         server
     }
@@ -70,9 +56,7 @@ impl Server {
                     return;
                 }
             }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("spiced exited before ready: {status}");
-            }
+            assert!(self.process.is_running(), "spiced exited before ready");
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("spiced not ready after 10 s");
@@ -86,24 +70,6 @@ impl Server {
             .send()
             .await
     }
-
-    /// Waits (bounded) for the process to die and returns its exit status.
-    async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        for _ in 0..400 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("spiced did not exit");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn crash_at(backend: Backend, point: &str) {
@@ -112,7 +78,7 @@ async fn crash_at(backend: Backend, point: &str) {
     let mut doomed = Server::start(&config, dir.path(), &[("SPICED_WRITER__CRASH_AT", point)]).await;
     let answer = doomed.create_database(key, "crashy").await;
     assert!(answer.is_err(), "the writer should have died before answering: {answer:?}");
-    let status = doomed.wait_exit().await;
+    let status = doomed.process.wait_exit(Duration::from_secs(10)).await;
     assert!(!status.success(), "aborted writer exit status: {status}");
 
     let server = Server::start(&config, dir.path(), &[]).await;

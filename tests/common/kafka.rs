@@ -53,6 +53,28 @@ pub async fn consume_until(
     timeout: Duration,
     done: impl Fn(&[Received]) -> bool,
 ) -> Vec<Received> {
+    consume(config, topics, timeout, done, Duration::ZERO).await
+}
+
+/// Like [`consume_until`], then goes on reading until nothing arrives for `quiet`: for counting
+/// duplicates once the producer is known to be finished.
+pub async fn consume_all(
+    config: &Config,
+    topics: &[&str],
+    timeout: Duration,
+    done: impl Fn(&[Received]) -> bool,
+    quiet: Duration,
+) -> Vec<Received> {
+    consume(config, topics, timeout, done, quiet).await
+}
+
+async fn consume(
+    config: &Config,
+    topics: &[&str],
+    timeout: Duration,
+    done: impl Fn(&[Received]) -> bool,
+    quiet: Duration,
+) -> Vec<Received> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &config.kafka.brokers)
         .set("group.id", format!("test-{}", Uuid::new_v4().simple()))
@@ -64,10 +86,18 @@ pub async fn consume_until(
     consumer.subscribe(topics).expect("subscribe");
     let deadline = Instant::now() + timeout;
     let mut received = Vec::new();
-    while !done(&received) {
+    let mut satisfied = false;
+    loop {
+        if !satisfied && done(&received) {
+            if quiet.is_zero() {
+                return received;
+            }
+            satisfied = true;
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(!left.is_zero(), "timed out after {timeout:?} with {} messages", received.len());
-        match tokio::time::timeout(left, consumer.recv()).await {
+        let wait = if satisfied { quiet.min(left) } else { left };
+        match tokio::time::timeout(wait, consumer.recv()).await {
             Ok(Ok(m)) => {
                 use rdkafka::message::Headers;
                 let headers = m
@@ -89,8 +119,8 @@ pub async fn consume_until(
                 });
             }
             Ok(Err(e)) => panic!("consumer error: {e}"),
+            Err(_) if satisfied => return received,
             Err(_) => continue,
         }
     }
-    received
 }

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod process;
 
 use spiced::config::{Config, Secret};
 use spiced::db::Database;
