@@ -109,6 +109,13 @@ pub struct S3Config {
     pub allow_http: bool,
     /// Path-style requests (`endpoint/bucket/key`), needed by most self-hosted servers.
     pub path_style: bool,
+    /// Retries of one failed S3 request before the caller sees the error (a command then
+    /// gets 503).
+    pub max_retries: usize,
+    /// Milliseconds after which a request is not retried any more.
+    pub retry_timeout_ms: u64,
+    /// Milliseconds one S3 request may take.
+    pub request_timeout_ms: u64,
 }
 
 /// The registry database.

@@ -215,6 +215,7 @@ async fn unroutable_envelopes_go_to_the_dead_letter_topic() {
     let (s, _) = app.post("/databases", json!({"name": "ok2"})).await; // repairs head + 1 first
     assert_eq!(s, 202);
     let relay = start_relay(&app.config);
+    relay.wait_published(head + 2, Duration::from_secs(30)).await;
     let dlq = app.config.relay.dead_letter_topic.clone();
     let dbs = app.config.topics.database_commands.clone();
     let received = consume_until(&app.config, &[&dlq, &dbs], Duration::from_secs(30), |r| r.len() >= 4).await;
@@ -227,7 +228,6 @@ async fn unroutable_envelopes_go_to_the_dead_letter_topic() {
     assert!(reasons.iter().any(|r| r.contains("missing")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("nobody_configured_this")), "{reasons:?}");
     assert_eq!(received.iter().filter(|r| r.topic == dbs).count(), 2);
-    relay.wait_published(head + 2, Duration::from_secs(10)).await;
     assert_eq!(relay.stats.dead_lettered.load(Ordering::Relaxed), 2);
     relay.stop().await;
 }
@@ -266,7 +266,12 @@ async fn idle_polls_cost_one_get_and_no_list() {
             let envelope = command.to_envelope(id, id, None, chrono::Utc::now(), &routing);
             let pending = spiced::log::plan::PendingEvent { key, expected_seq: 0, envelope };
             writer
-                .append(spiced::log::plan::AppendCommand { command_id: id, fingerprint: String::new(), events: vec![pending] })
+                .append(spiced::log::plan::AppendCommand {
+                    command_id: id,
+                    id_from_client: false,
+                    fingerprint: String::new(),
+                    events: vec![pending],
+                })
                 .await
                 .unwrap()
         }

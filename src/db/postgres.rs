@@ -38,9 +38,12 @@ const SELECT_HEAD: &str = "SELECT position FROM log_head WHERE id = 1";
 const SELECT_COMMAND_ROWS: &str = "SELECT event_id, command_id, fingerprint, aggregate_type, \
      aggregate_id, kind, seq, position FROM log_index \
      WHERE command_id = ANY($1) AND kind = 'command' ORDER BY aggregate_type, aggregate_id, seq";
-const SELECT_VERSIONS: &str = "SELECT v.aggregate_type, v.aggregate_id, v.last_seq \
-     FROM aggregate_versions v JOIN unnest($1::text[], $2::text[]) AS k(t, i) \
-     ON v.aggregate_type = k.t AND v.aggregate_id = k.i";
+// A lateral primary-key lookup per key: a join against the unnest would let a generic plan
+// pick a sequential scan of the whole table.
+const SELECT_VERSIONS: &str = "SELECT k.t, k.i, v.last_seq \
+     FROM unnest($1::text[], $2::text[]) AS k(t, i) \
+     CROSS JOIN LATERAL (SELECT last_seq FROM aggregate_versions \
+         WHERE aggregate_type = k.t AND aggregate_id = k.i) v";
 const SELECT_VERSION: &str =
     "SELECT last_seq FROM aggregate_versions WHERE aggregate_type = $1 AND aggregate_id = $2";
 const SELECT_POSITIONS: &str = "SELECT seq, position FROM log_index \

@@ -18,7 +18,8 @@ use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use object_store::{ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
+use std::time::Duration;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -101,7 +102,17 @@ impl EventLog {
         match LogLocation::parse(&config.url).map_err(LogError::Setup)? {
             LogLocation::S3 { bucket, prefix } => {
                 let s3 = &config.s3;
+                let retry = RetryConfig {
+                    max_retries: s3.max_retries,
+                    retry_timeout: Duration::from_millis(s3.retry_timeout_ms),
+                    ..Default::default()
+                };
+                let client = ClientOptions::new()
+                    .with_timeout(Duration::from_millis(s3.request_timeout_ms))
+                    .with_connect_timeout(Duration::from_secs(5));
                 let mut builder = AmazonS3Builder::from_env()
+                    .with_retry(retry)
+                    .with_client_options(client)
                     .with_bucket_name(bucket)
                     .with_region(&s3.region)
                     .with_allow_http(s3.allow_http)

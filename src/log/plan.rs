@@ -12,6 +12,9 @@ use uuid::Uuid;
 #[derive(Debug, Clone)]
 pub struct AppendCommand {
     pub command_id: Uuid,
+    /// Whether the id came from the client (`Idempotency-Key`) and may have been used before.
+    /// A server-generated random id is new by construction and needs no look-up.
+    pub id_from_client: bool,
     /// Hash of the request that produced the command; a repeat of the same command id must
     /// carry the same fingerprint.
     pub fingerprint: String,
@@ -232,6 +235,7 @@ mod tests {
         let routing = Routing { kafka_topic: "t".into(), service: "s".into() };
         AppendCommand {
             command_id: id,
+            id_from_client: true,
             fingerprint: fp.into(),
             events: vec![PendingEvent {
                 key,

@@ -176,10 +176,13 @@ impl Writer {
         &self,
         commands: &[AppendCommand],
     ) -> Result<Vec<AppendOutcome>, AppendError> {
+        // After a repair, the repaired segment may hold this very batch (a PUT that succeeded
+        // but whose answer was lost, then retried into `AlreadyExists`): look every id up.
+        let mut check_all_ids = false;
         for _ in 0..MAX_REPAIRS_PER_BATCH {
-            match self.try_commit(commands).await? {
+            match self.try_commit(commands, check_all_ids).await? {
                 Step::Done(outcomes) => return Ok(outcomes),
-                Step::Repaired => continue,
+                Step::Repaired => check_all_ids = true,
             }
         }
         Err(AppendError::Unavailable(format!(
@@ -187,10 +190,16 @@ impl Writer {
         )))
     }
 
-    async fn try_commit(&self, commands: &[AppendCommand]) -> Result<Step, AppendError> {
+    async fn try_commit(&self, commands: &[AppendCommand], check_all_ids: bool) -> Result<Step, AppendError> {
         let mut tx = self.index.begin().await?;
         let position = tx.next_position();
-        let ids: Vec<_> = commands.iter().map(|c| c.command_id).collect::<BTreeSet<_>>().into_iter().collect();
+        let ids: Vec<_> = commands
+            .iter()
+            .filter(|c| c.id_from_client || check_all_ids)
+            .map(|c| c.command_id)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let keys: Vec<_> = commands
             .iter()
             .flat_map(|c| c.events.iter().map(|e| e.key.clone()))

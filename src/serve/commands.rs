@@ -373,9 +373,9 @@ pub async fn create_instance(
     validate_name("class_id", &class_id)?;
     let branch = q.branch()?;
     q.expected_for_create()?;
-    let command_id = idempotency_key(&headers)?.unwrap_or_else(Uuid::new_v4);
+    let command_id = CommandId::from_headers(&headers)?;
     let command = create_instance_command(
-        &db, &branch, &class_id, &body, command_id, 0, CommandType::CreateInstance,
+        &db, &branch, &class_id, &body, command_id.id, 0, CommandType::CreateInstance,
     )?;
     submit_with_id(&state, command_id, Request::single(command)).await
 }
@@ -451,14 +451,14 @@ pub async fn bulk_create_instances(
             format!("instances must hold 1 to {max} items, got {}", body.instances.len()),
         ));
     }
-    let command_id = idempotency_key(&headers)?.unwrap_or_else(Uuid::new_v4);
+    let command_id = CommandId::from_headers(&headers)?;
     let commands = body
         .instances
         .iter()
         .enumerate()
         .map(|(i, inst)| {
             create_instance_command(
-                &db, &branch, &class_id, inst, command_id, i, CommandType::BulkCreateInstances,
+                &db, &branch, &class_id, inst, command_id.id, i, CommandType::BulkCreateInstances,
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -467,16 +467,33 @@ pub async fn bulk_create_instances(
 }
 
 async fn submit(state: &AppState, headers: &HeaderMap, request: Request) -> Result<Response, ApiError> {
-    let command_id = idempotency_key(headers)?.unwrap_or_else(Uuid::new_v4);
+    let command_id = CommandId::from_headers(headers)?;
     submit_with_id(state, command_id, request).await
+}
+
+/// The command id: the client's `Idempotency-Key`, or a fresh random one.
+#[derive(Clone, Copy)]
+struct CommandId {
+    id: Uuid,
+    from_client: bool,
+}
+
+impl CommandId {
+    fn from_headers(headers: &HeaderMap) -> Result<CommandId, ApiError> {
+        Ok(match idempotency_key(headers)? {
+            Some(id) => CommandId { id, from_client: true },
+            None => CommandId { id: Uuid::new_v4(), from_client: false },
+        })
+    }
 }
 
 /// Appends the request's envelopes as one command and maps the outcome to the response.
 async fn submit_with_id(
     state: &AppState,
-    command_id: Uuid,
+    command_id: CommandId,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let CommandId { id: command_id, from_client } = command_id;
     let fingerprint = fingerprint(&request);
     let routing = Routing {
         kafka_topic: state.topic_for(request.command_type).to_string(),
@@ -498,7 +515,7 @@ async fn submit_with_id(
             PendingEvent { key: command.aggregate.clone(), expected_seq: command.expected_seq, envelope }
         })
         .collect();
-    let append = AppendCommand { command_id, fingerprint, events };
+    let append = AppendCommand { command_id, id_from_client: from_client, fingerprint, events };
     let outcome = state.writer.append(append).await.map_err(|e| match e {
         AppendError::Overloaded => {
             ApiError::unavailable(&"log writer queue full (writer.queue_depth)", state.retry_after())

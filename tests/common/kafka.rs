@@ -118,6 +118,10 @@ async fn consume(
                     headers,
                 });
             }
+            // The topic may not exist yet when the consumer subscribes before the relay made it.
+            Ok(Err(rdkafka::error::KafkaError::MessageConsumption(
+                rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+            ))) => continue,
             Ok(Err(e)) => panic!("consumer error: {e}"),
             Err(_) if satisfied => return received,
             Err(_) => continue,

@@ -8,6 +8,7 @@
 
 pub mod kafka;
 pub mod process;
+pub mod proxy;
 
 use spiced::config::{Config, Secret};
 use spiced::db::Database;
