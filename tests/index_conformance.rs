@@ -3,7 +3,7 @@
 mod common;
 
 use common::{isolated_config, Backend};
-use spiced::db::{Database, DbError};
+use spiced::db::{Database, DbError, LookupRequest};
 use spiced::domain::AggregateKey;
 use spiced::envelope::Kind;
 use spiced::log::plan::IndexRow;
@@ -109,16 +109,42 @@ async fn lookup_returns_commands_and_versions(backend: Backend) {
     tx.commit().await.unwrap();
     let mut tx = db.index.begin().await.unwrap();
     let keys = [AggregateKey::database("a"), AggregateKey::database("b"), AggregateKey::database("c")];
-    let (rows, versions) = tx.lookup(&[a1.command_id, Uuid::new_v4()], &keys).await.unwrap();
-    assert_eq!(rows, vec![a1.clone(), a2]);
-    assert_eq!(versions.get(&keys[0]), Some(&2));
-    assert_eq!(versions.get(&keys[1]), Some(&5));
-    assert_eq!(versions.get(&keys[2]).copied().unwrap_or(0), 0);
+    let request = LookupRequest {
+        command_ids: vec![a1.command_id, Uuid::new_v4()],
+        event_ids: vec![b5.event_id],
+        command_keys: keys.to_vec(),
+        outcome_keys: keys.to_vec(),
+    };
+    let found = tx.lookup(&request).await.unwrap();
+    assert_eq!(found.rows, vec![a1.clone(), a2, b5.clone()]);
+    assert_eq!(found.versions.get(&keys[0]), Some(&2));
+    assert_eq!(found.versions.get(&keys[1]), Some(&5));
+    assert_eq!(found.versions.get(&keys[2]).copied().unwrap_or(0), 0);
+    assert!(found.outcomes.is_empty(), "no domain rows yet");
     // Versions only rise: recording an older sequence (a repair of an old segment) keeps 5.
     tx.record(2, &[row("b", 3, 2)]).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(db.index.version(&keys[1]).await.unwrap(), 5);
     assert_eq!(db.index.command(a1.command_id).await.unwrap().len(), 2);
+    // Outcomes: kind domain, separate from the command sequence.
+    let mut outcome = row("b", 6, 3);
+    outcome.kind = Kind::Domain;
+    outcome.command_id = b5.command_id;
+    let mut tx = db.index.begin().await.unwrap();
+    tx.record(3, &[outcome.clone()]).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(db.index.version(&keys[1]).await.unwrap(), 5, "outcomes do not move the version");
+    assert_eq!(db.index.last(&keys[1], Kind::Domain).await.unwrap(), Some((6, 3)));
+    assert_eq!(db.index.outcomes(b5.command_id).await.unwrap(), vec![outcome]);
+    let mut tx = db.index.begin().await.unwrap();
+    let found = tx
+        .lookup(&LookupRequest { outcome_keys: keys.to_vec(), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(found.outcomes.get(&keys[1]), Some(&6));
+    drop(tx);
+    let prefixed = db.index.aggregates_with_prefix(spiced::domain::AggregateType::Database, "a").await.unwrap();
+    assert_eq!(prefixed, vec!["a".to_string()]);
 }
 
 async fn recording_the_wrong_position_is_refused(backend: Backend) {

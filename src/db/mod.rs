@@ -53,6 +53,16 @@ pub trait LogIndex: Send + Sync + 'static {
     ) -> Result<Vec<(u64, u64)>, DbError>;
     /// The index rows of a command (several for a bulk command), in (aggregate, seq) order.
     async fn command(&self, command_id: Uuid) -> Result<Vec<IndexRow>, DbError>;
+    /// The outcome (domain) rows answering a command.
+    async fn outcomes(&self, command_id: Uuid) -> Result<Vec<IndexRow>, DbError>;
+    /// `(seq, position)` of an aggregate's last envelope of `kind`.
+    async fn last(&self, key: &AggregateKey, kind: Kind) -> Result<Option<(u64, u64)>, DbError>;
+    /// Aggregates of a type whose id starts with `prefix`, with at least one envelope.
+    async fn aggregates_with_prefix(
+        &self,
+        aggregate_type: crate::domain::AggregateType,
+        prefix: &str,
+    ) -> Result<Vec<String>, DbError>;
     /// Reachability, for readiness probes.
     async fn ping(&self) -> Result<(), DbError>;
 }
@@ -63,16 +73,36 @@ pub trait LogIndex: Send + Sync + 'static {
 pub trait IndexTx: Send {
     /// The position this batch will write: one past the recorded head.
     fn next_position(&self) -> u64;
-    /// The stored command rows for these command ids, and the versions of these aggregates.
-    async fn lookup(
-        &mut self,
-        command_ids: &[Uuid],
-        keys: &[AggregateKey],
-    ) -> Result<(Vec<IndexRow>, HashMap<AggregateKey, u64>), DbError>;
+    /// What a batch needs to know before it is planned, read under the head lock.
+    async fn lookup(&mut self, request: &LookupRequest) -> Result<Lookup, DbError>;
     /// Records a written segment: head = `position`, index rows inserted, versions raised.
     async fn record(&mut self, position: u64, rows: &[IndexRow]) -> Result<(), DbError>;
     async fn commit(self: Box<Self>) -> Result<(), DbError>;
     async fn rollback(self: Box<Self>) -> Result<(), DbError>;
+}
+
+/// The ids and aggregates a batch asks about.
+#[derive(Debug, Default)]
+pub struct LookupRequest {
+    /// Command ids that may have been appended before (client-chosen ids).
+    pub command_ids: Vec<Uuid>,
+    /// Event ids of outcome envelopes, stored at most once.
+    pub event_ids: Vec<Uuid>,
+    /// Aggregates whose command version is needed.
+    pub command_keys: Vec<AggregateKey>,
+    /// Aggregates whose last outcome sequence is needed.
+    pub outcome_keys: Vec<AggregateKey>,
+}
+
+/// The answer to a [`LookupRequest`].
+#[derive(Debug, Default)]
+pub struct Lookup {
+    /// Command rows of `command_ids` and rows of any kind for `event_ids`.
+    pub rows: Vec<IndexRow>,
+    /// Command version per aggregate (absent = 0).
+    pub versions: HashMap<AggregateKey, u64>,
+    /// Sequence of the last outcome per aggregate (absent = none yet).
+    pub outcomes: HashMap<AggregateKey, u64>,
 }
 
 /// An open database: the log index over PostgreSQL or SQLite.

@@ -4,7 +4,7 @@
 //! the head are pipelined (one round trip), the two look-ups are pipelined (one), and the three
 //! writes of `record` plus `COMMIT` take two. That is per segment, not per command.
 
-use super::{DbError, IndexTx, LogIndex, Migration};
+use super::{DbError, IndexTx, LogIndex, Lookup, LookupRequest, Migration};
 use crate::domain::{AggregateKey, AggregateType};
 use crate::envelope::Kind;
 use crate::log::plan::IndexRow;
@@ -38,6 +38,21 @@ const SELECT_HEAD: &str = "SELECT position FROM log_head WHERE id = 1";
 const SELECT_COMMAND_ROWS: &str = "SELECT event_id, command_id, fingerprint, aggregate_type, \
      aggregate_id, kind, seq, position FROM log_index \
      WHERE command_id = ANY($1) AND kind = 'command' ORDER BY aggregate_type, aggregate_id, seq";
+const SELECT_OUTCOME_ROWS: &str = "SELECT event_id, command_id, fingerprint, aggregate_type, \
+     aggregate_id, kind, seq, position FROM log_index \
+     WHERE command_id = $1 AND kind = 'domain' ORDER BY aggregate_type, aggregate_id, seq";
+const SELECT_EVENT_ROWS: &str = "SELECT event_id, command_id, fingerprint, aggregate_type, \
+     aggregate_id, kind, seq, position FROM log_index WHERE event_id = ANY($1)";
+const SELECT_OUTCOME_HEADS: &str = "SELECT k.t, k.i, v.seq \
+     FROM unnest($1::text[], $2::text[]) AS k(t, i) \
+     CROSS JOIN LATERAL (SELECT max(seq) AS seq FROM log_index \
+         WHERE aggregate_type = k.t AND aggregate_id = k.i AND kind = 'domain') v \
+     WHERE v.seq IS NOT NULL";
+const SELECT_LAST: &str = "SELECT seq, position FROM log_index \
+     WHERE aggregate_type = $1 AND aggregate_id = $2 AND kind = $3 ORDER BY seq DESC LIMIT 1";
+// A range on the primary-key order instead of LIKE, so '_' and '%' in names mean themselves.
+const SELECT_PREFIXED: &str = "SELECT aggregate_id FROM aggregate_versions \
+     WHERE aggregate_type = $1 AND aggregate_id >= $2 AND aggregate_id < $3 ORDER BY aggregate_id";
 // A lateral primary-key lookup per key: a join against the unnest would let a generic plan
 // pick a sequential scan of the whole table.
 const SELECT_VERSIONS: &str = "SELECT k.t, k.i, v.last_seq \
@@ -116,6 +131,32 @@ impl Pg {
         tx.commit().await?;
         Ok(applied)
     }
+}
+
+fn key_arrays(keys: &[AggregateKey]) -> (Vec<&str>, Vec<&str>) {
+    keys.iter().map(|k| (k.aggregate_type.as_str(), k.aggregate_id.as_str())).unzip()
+}
+
+/// Rows of (aggregate_type, aggregate_id, number) as a map.
+fn key_map(rows: &[Row]) -> HashMap<AggregateKey, u64> {
+    rows.iter()
+        .filter_map(|r| {
+            let ty = AggregateType::parse(r.get::<_, &str>(0))?;
+            Some((AggregateKey::new(ty, r.get(1)), r.get::<_, i64>(2) as u64))
+        })
+        .collect()
+}
+
+/// `[prefix, prefix + 1)` in byte order: every string starting with `prefix`.
+pub fn prefix_range(prefix: &str) -> (String, String) {
+    let mut high = prefix.as_bytes().to_vec();
+    while let Some(last) = high.pop() {
+        if last < 0xff {
+            high.push(last + 1);
+            break;
+        }
+    }
+    (prefix.to_string(), String::from_utf8_lossy(&high).into_owned())
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -202,6 +243,35 @@ impl LogIndex for Pg {
         rows.iter().map(row_to_index).collect()
     }
 
+    async fn outcomes(&self, command_id: Uuid) -> Result<Vec<IndexRow>, DbError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(SELECT_OUTCOME_ROWS).await?;
+        let rows = client.query(&stmt, &[&command_id]).await?;
+        rows.iter().map(row_to_index).collect()
+    }
+
+    async fn last(&self, key: &AggregateKey, kind: Kind) -> Result<Option<(u64, u64)>, DbError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(SELECT_LAST).await?;
+        let row = client
+            .query_opt(&stmt, &[&key.aggregate_type.as_str(), &key.aggregate_id, &kind.as_str()])
+            .await?;
+        Ok(row.map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64)))
+    }
+
+    async fn aggregates_with_prefix(
+        &self,
+        aggregate_type: AggregateType,
+        prefix: &str,
+    ) -> Result<Vec<String>, DbError> {
+        let client = self.pool.get().await?;
+        let (low, high) = prefix_range(prefix);
+        let rows = client
+            .query(SELECT_PREFIXED, &[&aggregate_type.as_str(), &low, &high])
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     async fn ping(&self) -> Result<(), DbError> {
         let client = self.pool.get().await?;
         client.simple_query("SELECT 1").await?;
@@ -246,33 +316,33 @@ impl IndexTx for PgTx {
         self.next
     }
 
-    async fn lookup(
-        &mut self,
-        command_ids: &[Uuid],
-        keys: &[AggregateKey],
-    ) -> Result<(Vec<IndexRow>, HashMap<AggregateKey, u64>), DbError> {
+    async fn lookup(&mut self, request: &LookupRequest) -> Result<Lookup, DbError> {
         let client = self.client();
-        let (rows_stmt, versions_stmt) = tokio::try_join!(
+        let (commands_stmt, events_stmt, versions_stmt, outcomes_stmt) = tokio::try_join!(
             client.prepare_cached(SELECT_COMMAND_ROWS),
-            client.prepare_cached(SELECT_VERSIONS)
+            client.prepare_cached(SELECT_EVENT_ROWS),
+            client.prepare_cached(SELECT_VERSIONS),
+            client.prepare_cached(SELECT_OUTCOME_HEADS),
         )?;
-        let types: Vec<&str> = keys.iter().map(|k| k.aggregate_type.as_str()).collect();
-        let ids: Vec<&str> = keys.iter().map(|k| k.aggregate_id.as_str()).collect();
-        let rows_params: [&(dyn ToSql + Sync); 1] = [&command_ids];
-        let version_params: [&(dyn ToSql + Sync); 2] = [&types, &ids];
-        let (rows, versions) = tokio::try_join!(
-            client.query(&rows_stmt, &rows_params),
-            client.query(&versions_stmt, &version_params)
+        let (v_types, v_ids) = key_arrays(&request.command_keys);
+        let (o_types, o_ids) = key_arrays(&request.outcome_keys);
+        let command_params: [&(dyn ToSql + Sync); 1] = [&request.command_ids];
+        let event_params: [&(dyn ToSql + Sync); 1] = [&request.event_ids];
+        let version_params: [&(dyn ToSql + Sync); 2] = [&v_types, &v_ids];
+        let outcome_params: [&(dyn ToSql + Sync); 2] = [&o_types, &o_ids];
+        // Only the statements with something to ask are sent, all in one pipelined round trip.
+        let ask = |stmt, params, needed: bool| async move {
+            if needed { client.query(stmt, params).await } else { Ok(Vec::new()) }
+        };
+        let (commands, events, versions, outcomes) = tokio::try_join!(
+            ask(&commands_stmt, &command_params[..], !request.command_ids.is_empty()),
+            ask(&events_stmt, &event_params[..], !request.event_ids.is_empty()),
+            ask(&versions_stmt, &version_params[..], !request.command_keys.is_empty()),
+            ask(&outcomes_stmt, &outcome_params[..], !request.outcome_keys.is_empty()),
         )?;
-        let rows = rows.iter().map(row_to_index).collect::<Result<Vec<_>, _>>()?;
-        let mut map = HashMap::new();
-        for row in &versions {
-            let ty: String = row.get(0);
-            if let Some(ty) = AggregateType::parse(&ty) {
-                map.insert(AggregateKey::new(ty, row.get(1)), row.get::<_, i64>(2) as u64);
-            }
-        }
-        Ok((rows, map))
+        let mut rows = commands.iter().chain(&events).map(row_to_index).collect::<Result<Vec<_>, _>>()?;
+        rows.dedup_by_key(|r| r.event_id);
+        Ok(Lookup { rows, versions: key_map(&versions), outcomes: key_map(&outcomes) })
     }
 
     async fn record(&mut self, position: u64, rows: &[IndexRow]) -> Result<(), DbError> {

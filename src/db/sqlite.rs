@@ -5,13 +5,12 @@
 //! for the length of one segment write, mirroring the PostgreSQL head lock. Calls are made on
 //! the async thread: they are local and sub-millisecond in WAL mode.
 
-use super::{DbError, IndexTx, LogIndex, Migration};
+use super::{DbError, IndexTx, LogIndex, Lookup, LookupRequest, Migration};
 use crate::domain::{AggregateKey, AggregateType};
 use crate::envelope::Kind;
 use crate::log::plan::IndexRow;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -36,6 +35,15 @@ const SELECT_HEAD: &str = "SELECT position FROM log_head WHERE id = 1";
 const SELECT_COMMAND_ROWS: &str = "SELECT event_id, command_id, fingerprint, aggregate_type, \
      aggregate_id, kind, seq, position FROM log_index WHERE command_id = ?1 AND kind = 'command' \
      ORDER BY aggregate_type, aggregate_id, seq";
+const SELECT_OUTCOME_ROWS: &str = "SELECT event_id, command_id, fingerprint, aggregate_type, \
+     aggregate_id, kind, seq, position FROM log_index WHERE command_id = ?1 AND kind = 'domain' \
+     ORDER BY aggregate_type, aggregate_id, seq";
+const SELECT_EVENT_ROW: &str = "SELECT event_id, command_id, fingerprint, aggregate_type, \
+     aggregate_id, kind, seq, position FROM log_index WHERE event_id = ?1";
+const SELECT_LAST: &str = "SELECT seq, position FROM log_index \
+     WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND kind = ?3 ORDER BY seq DESC LIMIT 1";
+const SELECT_PREFIXED: &str = "SELECT aggregate_id FROM aggregate_versions \
+     WHERE aggregate_type = ?1 AND aggregate_id >= ?2 AND aggregate_id < ?3 ORDER BY aggregate_id";
 const SELECT_VERSION: &str =
     "SELECT last_seq FROM aggregate_versions WHERE aggregate_type = ?1 AND aggregate_id = ?2";
 const SELECT_POSITIONS: &str = "SELECT seq, position FROM log_index \
@@ -104,9 +112,14 @@ fn parse_uuid(s: String) -> Result<Uuid, DbError> {
 }
 
 fn command_rows(conn: &Connection, command_id: Uuid) -> Result<Vec<IndexRow>, DbError> {
-    let mut stmt = conn.prepare_cached(SELECT_COMMAND_ROWS)?;
+    index_rows(conn, SELECT_COMMAND_ROWS, command_id)
+}
+
+/// Rows of `sql`, a query of the index's columns taking one UUID.
+fn index_rows(conn: &Connection, sql: &str, id: Uuid) -> Result<Vec<IndexRow>, DbError> {
+    let mut stmt = conn.prepare_cached(sql)?;
     let raw = stmt
-        .query_map([command_id.to_string()], |r| {
+        .query_map([id.to_string()], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
@@ -137,6 +150,15 @@ fn command_rows(conn: &Connection, command_id: Uuid) -> Result<Vec<IndexRow>, Db
             })
         })
         .collect()
+}
+
+fn last_of(conn: &Connection, key: &AggregateKey, kind: Kind) -> Result<Option<(u64, u64)>, DbError> {
+    let mut stmt = conn.prepare_cached(SELECT_LAST)?;
+    Ok(stmt
+        .query_row(params![key.aggregate_type.as_str(), key.aggregate_id, kind.as_str()], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })
+        .optional()?)
 }
 
 fn version_of(conn: &Connection, key: &AggregateKey) -> Result<u64, DbError> {
@@ -191,6 +213,28 @@ impl LogIndex for Lite {
         command_rows(&*self.conn.lock().await, command_id)
     }
 
+    async fn outcomes(&self, command_id: Uuid) -> Result<Vec<IndexRow>, DbError> {
+        index_rows(&*self.conn.lock().await, SELECT_OUTCOME_ROWS, command_id)
+    }
+
+    async fn last(&self, key: &AggregateKey, kind: Kind) -> Result<Option<(u64, u64)>, DbError> {
+        last_of(&*self.conn.lock().await, key, kind)
+    }
+
+    async fn aggregates_with_prefix(
+        &self,
+        aggregate_type: AggregateType,
+        prefix: &str,
+    ) -> Result<Vec<String>, DbError> {
+        let conn = self.conn.lock().await;
+        let (low, high) = super::postgres::prefix_range(prefix);
+        let mut stmt = conn.prepare_cached(SELECT_PREFIXED)?;
+        let ids = stmt
+            .query_map(params![aggregate_type.as_str(), low, high], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(ids)
+    }
+
     async fn ping(&self) -> Result<(), DbError> {
         let conn = self.conn.lock().await;
         conn.query_row("SELECT 1", [], |_| Ok(()))?;
@@ -235,24 +279,28 @@ impl IndexTx for LiteTx {
         self.next
     }
 
-    async fn lookup(
-        &mut self,
-        command_ids: &[Uuid],
-        keys: &[AggregateKey],
-    ) -> Result<(Vec<IndexRow>, HashMap<AggregateKey, u64>), DbError> {
+    async fn lookup(&mut self, request: &LookupRequest) -> Result<Lookup, DbError> {
         let conn = self.conn();
-        let mut rows = Vec::new();
-        for id in command_ids {
-            rows.extend(command_rows(conn, *id)?);
+        let mut lookup = Lookup::default();
+        for id in &request.command_ids {
+            lookup.rows.extend(command_rows(conn, *id)?);
         }
-        let mut versions = HashMap::new();
-        for key in keys {
+        for id in &request.event_ids {
+            lookup.rows.extend(index_rows(conn, SELECT_EVENT_ROW, *id)?);
+        }
+        lookup.rows.dedup_by_key(|r| r.event_id);
+        for key in &request.command_keys {
             let v = version_of(conn, key)?;
             if v > 0 {
-                versions.insert(key.clone(), v);
+                lookup.versions.insert(key.clone(), v);
             }
         }
-        Ok((rows, versions))
+        for key in &request.outcome_keys {
+            if let Some((seq, _)) = last_of(conn, key, Kind::Domain)? {
+                lookup.outcomes.insert(key.clone(), seq);
+            }
+        }
+        Ok(lookup)
     }
 
     async fn record(&mut self, position: u64, rows: &[IndexRow]) -> Result<(), DbError> {

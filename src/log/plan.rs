@@ -22,11 +22,63 @@ pub struct AppendCommand {
 }
 
 /// One envelope of a command, with the sequence its aggregate must be at.
+///
+/// An outcome (`metadata.kind = "domain"`) carries its command's `sequence_number` already and
+/// ignores `expected_seq`: it is stored once per `event_id`, and only after the aggregate's
+/// previous outcome.
 #[derive(Debug, Clone)]
 pub struct PendingEvent {
     pub key: AggregateKey,
     pub expected_seq: u64,
     pub envelope: EventEnvelope,
+}
+
+impl AppendCommand {
+    /// An outcome envelope answering a command, as its own append.
+    pub fn outcome(envelope: EventEnvelope) -> Result<AppendCommand, String> {
+        let aggregate_type = crate::domain::AggregateType::parse(&envelope.aggregate_type)
+            .ok_or_else(|| format!("unknown aggregate type {}", envelope.aggregate_type))?;
+        if envelope.kind() != Some(Kind::Domain) || envelope.sequence_number.is_none() {
+            return Err("an outcome is a domain envelope with a sequence number".into());
+        }
+        let command_id = envelope.command_id().ok_or("an outcome names its command_id")?;
+        let key = AggregateKey::new(aggregate_type, envelope.aggregate_id.clone());
+        Ok(AppendCommand {
+            command_id,
+            id_from_client: true,
+            fingerprint: String::new(),
+            events: vec![PendingEvent { key, expected_seq: 0, envelope }],
+        })
+    }
+
+    fn is_outcome(&self) -> bool {
+        self.events.iter().all(|e| e.envelope.kind() == Some(Kind::Domain))
+    }
+}
+
+/// What to read from the index before planning `commands`. Server-generated command ids are
+/// new by construction and skipped unless `check_all_ids` (after a repair).
+pub fn lookup_request(commands: &[AppendCommand], check_all_ids: bool) -> crate::db::LookupRequest {
+    use std::collections::BTreeSet;
+    let (mut command_ids, mut event_ids) = (BTreeSet::new(), BTreeSet::new());
+    let (mut command_keys, mut outcome_keys) = (BTreeSet::new(), BTreeSet::new());
+    for c in commands {
+        if c.is_outcome() {
+            event_ids.extend(c.events.iter().map(|e| e.envelope.event_id));
+            outcome_keys.extend(c.events.iter().map(|e| e.key.clone()));
+        } else {
+            if c.id_from_client || check_all_ids {
+                command_ids.insert(c.command_id);
+            }
+            command_keys.extend(c.events.iter().map(|e| e.key.clone()));
+        }
+    }
+    crate::db::LookupRequest {
+        command_ids: command_ids.into_iter().collect(),
+        event_ids: event_ids.into_iter().collect(),
+        command_keys: command_keys.into_iter().collect(),
+        outcome_keys: outcome_keys.into_iter().collect(),
+    }
 }
 
 /// One envelope's row in the log index: where it is, and what it answered for.
@@ -69,16 +121,11 @@ pub struct Plan {
     pub rows: Vec<IndexRow>,
 }
 
-/// Decides each command of a batch that will be written at `position`, given the index rows
-/// already stored for the batch's command ids and the current version of each aggregate.
-pub fn plan(
-    position: u64,
-    commands: &[AppendCommand],
-    existing: &[IndexRow],
-    versions: &HashMap<AggregateKey, u64>,
-) -> Plan {
+/// Decides each command of a batch that will be written at `position`, given what the index
+/// already holds ([`crate::db::Lookup`]).
+pub fn plan(position: u64, commands: &[AppendCommand], state: &crate::db::Lookup) -> Plan {
     let mut known: HashMap<Uuid, (String, AppendOutcome)> = HashMap::new();
-    for (command_id, rows) in group_by_command(existing) {
+    for (command_id, rows) in group_by_command(&state.rows) {
         let outcome = AppendOutcome::Accepted {
             position: rows[0].position,
             events: rows.iter().map(|r| appended(r)).collect(),
@@ -86,9 +133,21 @@ pub fn plan(
         };
         known.insert(command_id, (rows[0].fingerprint.clone(), outcome));
     }
-    let mut versions = versions.clone();
+    let mut versions = state.versions.clone();
+    let mut outcome_heads = state.outcomes.clone();
+    let mut stored: HashMap<Uuid, AppendOutcome> = state
+        .rows
+        .iter()
+        .filter(|r| r.kind == Kind::Domain)
+        .map(|r| (r.event_id, accepted_duplicate(r)))
+        .collect();
     let mut plan = Plan { outcomes: Vec::new(), envelopes: Vec::new(), rows: Vec::new() };
     for command in commands {
+        if command.is_outcome() {
+            let outcome = plan_outcome(position, command, &mut stored, &mut outcome_heads, &mut plan);
+            plan.outcomes.push(outcome);
+            continue;
+        }
         if let Some((fingerprint, outcome)) = known.get(&command.command_id) {
             plan.outcomes.push(if *fingerprint == command.fingerprint {
                 as_duplicate(outcome.clone())
@@ -107,6 +166,50 @@ pub fn plan(
         plan.outcomes.push(outcome);
     }
     plan
+}
+
+fn accepted_duplicate(row: &IndexRow) -> AppendOutcome {
+    AppendOutcome::Accepted { position: row.position, events: vec![appended(row)], duplicate: true }
+}
+
+/// An outcome is stored once per event id, and only past the aggregate's last outcome: a
+/// second, different outcome for the same command sequence is refused, never stored.
+fn plan_outcome(
+    position: u64,
+    command: &AppendCommand,
+    stored: &mut HashMap<Uuid, AppendOutcome>,
+    heads: &mut HashMap<AggregateKey, u64>,
+    plan: &mut Plan,
+) -> AppendOutcome {
+    let event = &command.events[0];
+    let envelope = &event.envelope;
+    if let Some(existing) = stored.get(&envelope.event_id) {
+        return existing.clone();
+    }
+    let seq = envelope.sequence_number.unwrap_or(0);
+    let head = heads.get(&event.key).copied().unwrap_or(0);
+    if seq <= head {
+        return AppendOutcome::Conflict { key: event.key.clone(), expected: seq - 1, actual: head };
+    }
+    heads.insert(event.key.clone(), seq);
+    let row = IndexRow {
+        event_id: envelope.event_id,
+        command_id: command.command_id,
+        fingerprint: String::new(),
+        key: event.key.clone(),
+        kind: Kind::Domain,
+        seq,
+        position,
+    };
+    let outcome = AppendOutcome::Accepted { position, events: vec![appended(&row)], duplicate: false };
+    stored.insert(envelope.event_id, AppendOutcome::Accepted {
+        position,
+        events: vec![appended(&row)],
+        duplicate: true,
+    });
+    plan.rows.push(row);
+    plan.envelopes.push(envelope.clone());
+    outcome
 }
 
 fn group_by_command(rows: &[IndexRow]) -> HashMap<Uuid, Vec<&IndexRow>> {
@@ -245,6 +348,41 @@ mod tests {
         }
     }
 
+    fn lookup(rows: Vec<IndexRow>, versions: HashMap<AggregateKey, u64>) -> crate::db::Lookup {
+        crate::db::Lookup { rows, versions, outcomes: HashMap::new() }
+    }
+
+    fn outcome_of(command: &AppendCommand, seq: u64) -> AppendCommand {
+        let mut env = command.events[0].envelope.clone();
+        env.event_id = crate::envelope::domain_event_id(command.command_id, "DATABASE_CREATED", &env.aggregate_id);
+        env.event_type = "DATABASE_CREATED".into();
+        env.metadata.insert("kind".into(), serde_json::json!("domain"));
+        env.sequence_number = Some(seq);
+        AppendCommand::outcome(env).unwrap()
+    }
+
+    #[test]
+    fn outcomes_are_stored_once_and_in_order() {
+        let c = command("a", 0, "fp");
+        let first = outcome_of(&c, 1);
+        let p = plan(4, &[first.clone(), first.clone()], &lookup(vec![], HashMap::new()));
+        assert!(matches!(p.outcomes[0], AppendOutcome::Accepted { duplicate: false, .. }));
+        assert!(matches!(p.outcomes[1], AppendOutcome::Accepted { duplicate: true, .. }));
+        assert_eq!(p.envelopes.len(), 1);
+        assert_eq!(p.rows[0].kind, Kind::Domain);
+        // Already stored: the stored one is the answer, nothing new is written.
+        let stored = p.rows[0].clone();
+        let p = plan(5, &[first], &lookup(vec![stored], HashMap::new()));
+        assert!(matches!(p.outcomes[0], AppendOutcome::Accepted { position: 4, duplicate: true, .. }));
+        assert!(p.envelopes.is_empty());
+        // A different outcome at a sequence that already has one is refused.
+        let other = outcome_of(&command("a", 0, "fp"), 1);
+        let mut state = lookup(vec![], HashMap::new());
+        state.outcomes.insert(AggregateKey::database("a"), 1);
+        let p = plan(6, &[other], &state);
+        assert!(matches!(p.outcomes[0], AppendOutcome::Conflict { actual: 1, .. }));
+    }
+
     fn seq_of(outcome: &AppendOutcome) -> u64 {
         match outcome {
             AppendOutcome::Accepted { events, .. } => events[0].seq,
@@ -256,7 +394,7 @@ mod tests {
     fn assigns_next_sequence_and_rejects_stale_expectations() {
         let versions = HashMap::from([(AggregateKey::database("a"), 3)]);
         let cmds = [command("a", 3, "x"), command("a", 3, "y"), command("a", 4, "z")];
-        let p = plan(9, &cmds, &[], &versions);
+        let p = plan(9, &cmds, &lookup(vec![], versions));
         assert_eq!(seq_of(&p.outcomes[0]), 4);
         assert_eq!(
             p.outcomes[1],
@@ -281,7 +419,7 @@ mod tests {
             position: 2,
         };
         let cmds = [command_with_id(id, "a", 0, "fp"), command_with_id(id, "a", 0, "other")];
-        let p = plan(5, &cmds, &[stored], &HashMap::new());
+        let p = plan(5, &cmds, &lookup(vec![stored], HashMap::new()));
         assert!(matches!(&p.outcomes[0],
             AppendOutcome::Accepted { position: 2, duplicate: true, events } if events[0].seq == 1));
         assert_eq!(p.outcomes[1], AppendOutcome::KeyReused { command_id: id });
@@ -296,7 +434,7 @@ mod tests {
             command_with_id(id, "a", 0, "fp"),
             command_with_id(id, "a", 0, "changed"),
         ];
-        let p = plan(1, &cmds, &[], &HashMap::new());
+        let p = plan(1, &cmds, &lookup(vec![], HashMap::new()));
         assert_eq!(p.envelopes.len(), 1);
         assert!(matches!(p.outcomes[1], AppendOutcome::Accepted { duplicate: true, .. }));
         assert_eq!(p.outcomes[2], AppendOutcome::KeyReused { command_id: id });
@@ -309,7 +447,7 @@ mod tests {
         second.envelope.event_id = Uuid::new_v4();
         bulk.events.push(second);
         let versions = HashMap::from([(AggregateKey::database("b"), 1)]);
-        let p = plan(1, &[bulk], &[], &versions);
+        let p = plan(1, &[bulk], &lookup(vec![], versions));
         assert!(matches!(p.outcomes[0], AppendOutcome::Conflict { .. }));
         assert!(p.envelopes.is_empty() && p.rows.is_empty());
     }

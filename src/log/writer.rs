@@ -13,11 +13,10 @@
 //! Sequences are only ever handed out inside the transaction that writes their segment, so a
 //! failed write leaves no hole, and the head lock makes log order equal sequence order.
 
-use super::plan::{plan, rows_of_segment, AppendCommand, AppendOutcome};
+use super::plan::{lookup_request, plan, rows_of_segment, AppendCommand, AppendOutcome};
 use super::{EventLog, LogError, Segment};
 use crate::config::WriterConfig;
 use crate::db::{DbError, IndexTx, LogIndex};
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -193,21 +192,8 @@ impl Writer {
     async fn try_commit(&self, commands: &[AppendCommand], check_all_ids: bool) -> Result<Step, AppendError> {
         let mut tx = self.index.begin().await?;
         let position = tx.next_position();
-        let ids: Vec<_> = commands
-            .iter()
-            .filter(|c| c.id_from_client || check_all_ids)
-            .map(|c| c.command_id)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let keys: Vec<_> = commands
-            .iter()
-            .flat_map(|c| c.events.iter().map(|e| e.key.clone()))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let (existing, versions) = tx.lookup(&ids, &keys).await?;
-        let plan = plan(position, commands, &existing, &versions);
+        let state = tx.lookup(&lookup_request(commands, check_all_ids)).await?;
+        let plan = plan(position, commands, &state);
         if plan.envelopes.is_empty() {
             tx.rollback().await?;
             return Ok(Step::Done(plan.outcomes));
