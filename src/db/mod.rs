@@ -5,6 +5,7 @@
 //! Nothing here is an event store: every row can be rebuilt from the log, which stays the truth.
 
 pub mod postgres;
+pub mod registry;
 pub mod sqlite;
 
 use crate::config::DatabaseConfig;
@@ -109,6 +110,7 @@ pub struct Lookup {
 #[derive(Clone)]
 pub struct Database {
     pub index: Arc<dyn LogIndex>,
+    pub registry: Arc<dyn registry::Registry>,
     backend: Backend,
 }
 
@@ -124,10 +126,12 @@ impl Database {
         let url = config.url.expose();
         if let Some(path) = url.strip_prefix("sqlite://") {
             let lite = sqlite::Lite::open(path)?;
-            Ok(Database { index: Arc::new(lite.clone()), backend: Backend::Sqlite(lite) })
+            let registry = Arc::new(registry::lite::LiteRegistry { conn: lite.connection() });
+            Ok(Database { index: Arc::new(lite.clone()), registry, backend: Backend::Sqlite(lite) })
         } else {
             let pg = postgres::Pg::connect(url, config.pool_size)?;
-            Ok(Database { index: Arc::new(pg.clone()), backend: Backend::Postgres(pg) })
+            let registry = Arc::new(registry::pg::PgRegistry { pool: pg.pool().clone() });
+            Ok(Database { index: Arc::new(pg.clone()), registry, backend: Backend::Postgres(pg) })
         }
     }
 
