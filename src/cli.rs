@@ -29,7 +29,11 @@ pub enum Command {
     /// Publish the event log to Kafka.
     Relay(RelayArgs),
     /// Run command workers.
-    Worker,
+    Worker {
+        /// Role to run (`ontology`, `instance`); repeat for several. Default: `worker.roles`.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+    },
     /// Run the projection worker.
     Project,
     /// Run the whole pipeline in one process on embedded defaults.

@@ -31,6 +31,39 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// The relay (`spiced relay`): event log to Kafka.
     pub relay: RelayConfig,
+    /// The command workers (`spiced worker`).
+    pub worker: WorkerConfig,
+}
+
+/// Command workers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Roles a `spiced worker` runs when `--role` is not given: `ontology`, `instance`.
+    pub roles: Vec<String>,
+    /// Consumer groups are named `{group_prefix}-{role}-worker`.
+    pub group_prefix: String,
+    /// Aggregates processed concurrently per process (one aggregate stays in order).
+    pub lanes: usize,
+    /// Lease on a claimed command, in ms; another worker may take it over after this.
+    pub lease_ms: u64,
+    /// Heartbeat interval in ms; under half of `lease_ms`.
+    pub heartbeat_ms: u64,
+    /// Attempts before a command is marked failed and dead-lettered.
+    pub max_attempts: u32,
+    /// Retry backoff: first delay and cap, in ms (exponential, with jitter).
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    /// How long a command waits for its predecessor's outcome before it counts as a failed
+    /// attempt, in ms.
+    pub gap_wait_ms: u64,
+    /// Dead-letter topics per role.
+    pub ontology_dead_letter_topic: String,
+    pub instance_dead_letter_topic: String,
+    /// Kafka `session.timeout.ms` of the worker consumers.
+    pub session_timeout_ms: u64,
+    /// Testing only: abort at `after_claim`, `after_effect`, `after_outcome` or `before_commit`.
+    pub crash_at: String,
 }
 
 /// Kafka connection and client settings.
@@ -344,6 +377,19 @@ impl Config {
         if r.dead_letter_topic.is_empty() || r.name.is_empty() {
             return Err(invalid("relay.dead_letter_topic", "relay.name and relay.dead_letter_topic must not be empty"));
         }
+        let w = &self.worker;
+        if w.heartbeat_ms == 0 || w.heartbeat_ms * 2 >= w.lease_ms {
+            return Err(invalid("worker.heartbeat_ms", format!("must be above 0 and under half of worker.lease_ms ({})", w.lease_ms)));
+        }
+        if w.lanes == 0 || w.max_attempts == 0 {
+            return Err(invalid("worker.lanes", "worker.lanes and worker.max_attempts must be at least 1"));
+        }
+        if let Some(role) = w.roles.iter().find(|r| !matches!(r.as_str(), "ontology" | "instance")) {
+            return Err(invalid("worker.roles", format!("unknown role {role:?}; roles are ontology and instance")));
+        }
+        if !matches!(w.crash_at.as_str(), "" | "after_claim" | "after_effect" | "after_outcome" | "before_commit") {
+            return Err(invalid("worker.crash_at", "must be empty, after_claim, after_effect, after_outcome or before_commit"));
+        }
         if !matches!(r.crash_at.as_str(), "" | "after_produce" | "after_delivery" | "during_checkpoint") {
             return Err(invalid(
                 "relay.crash_at",
@@ -425,7 +471,7 @@ mod tests {
         let c = Config::load(Some(&example), Vec::new()).unwrap();
         let text: toml::Table = std::fs::read_to_string(&example).unwrap().parse().unwrap();
         // Every section of the full config is documented in the example.
-        for section in ["log", "database", "serve", "writer", "topics", "kafka", "relay"] {
+        for section in ["log", "database", "serve", "writer", "topics", "kafka", "relay", "worker"] {
             assert!(text.contains_key(section), "example lacks [{section}]");
         }
         assert!(c.database.url.expose().starts_with("postgres://"));

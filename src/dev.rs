@@ -1,17 +1,43 @@
 //! `spiced dev`: the whole pipeline in one process on embedded defaults (local disk log,
-//! SQLite), for a first run with nothing else installed.
-//!
-//! Today it runs the command API; the relay, workers and projections join it as they land.
+//! SQLite), for a first run with nothing else installed: the command API, and the command
+//! workers fed straight from the log (no Kafka, no relay needed).
 
 use crate::config::Config;
+use crate::serve::{serve_state, AppState};
+use crate::worker::{embedded, Shared};
+use std::sync::Arc;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.serve.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.serve.listen))?;
+    run_on(config, listener, shutdown).await
+}
+
+/// Runs the pipeline with the API on `listener` (tests bind port 0).
+pub async fn run_on(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     tracing::info!(
         log = %config.log.url,
         database = %config.database.url.redacted(),
-        listen = %config.serve.listen,
-        "spiced dev: embedded single-process pipeline"
+        "spiced dev: API and command workers in one process"
     );
-    crate::serve::run(config, shutdown).await
+    let tasks = TaskTracker::new();
+    let shared = Shared::open(&config, &tasks).await?;
+    let state = AppState {
+        config: Arc::new(config),
+        db: shared.db.clone(),
+        log: shared.log.clone(),
+        writer: shared.writer.clone(),
+    };
+    let (api, workers) = tokio::join!(
+        serve_state(state, listener, shutdown.clone()),
+        embedded::run(&shared, &shutdown)
+    );
+    drop(shared);
+    tasks.close();
+    tasks.wait().await;
+    api.and(workers)
 }

@@ -27,7 +27,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay(args) => {
             spiced::relay::run_with(config, args.options(), shutdown, Default::default()).await
         }
-        Command::Worker => spiced::worker::run(config, shutdown).await,
+        Command::Worker { roles } => spiced::worker::run_roles(config, &roles, shutdown).await,
         Command::Project => spiced::project::run(config, shutdown).await,
         Command::Dev => spiced::dev::run(config, shutdown).await,
         Command::Migrate => {

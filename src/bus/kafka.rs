@@ -55,6 +55,8 @@ pub fn all_topics(config: &Config) -> Vec<String> {
         t.ontology_events.clone(),
         t.instance_events.clone(),
         config.relay.dead_letter_topic.clone(),
+        config.worker.ontology_dead_letter_topic.clone(),
+        config.worker.instance_dead_letter_topic.clone(),
     ];
     topics.sort();
     topics.dedup();

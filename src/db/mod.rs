@@ -143,6 +143,54 @@ impl Database {
         }
     }
 
+    /// A named cursor over the log (embedded workers and projections), 0 if never set.
+    pub async fn checkpoint(&self, name: &str) -> Result<u64, DbError> {
+        match &self.backend {
+            Backend::Postgres(pg) => {
+                let client = pg.pool().get().await?;
+                let row = client
+                    .query_opt("SELECT position FROM relay_state WHERE name = $1", &[&name])
+                    .await?;
+                Ok(row.map(|r| r.get::<_, i64>(0) as u64).unwrap_or(0))
+            }
+            Backend::Sqlite(lite) => {
+                use rusqlite::OptionalExtension;
+                let conn = lite.connection();
+                let conn = conn.lock().await;
+                let p: Option<i64> = conn
+                    .query_row("SELECT position FROM relay_state WHERE name = ?1", [name], |r| r.get(0))
+                    .optional()?;
+                Ok(p.unwrap_or(0) as u64)
+            }
+        }
+    }
+
+    /// Moves a named cursor forward (never back).
+    pub async fn set_checkpoint(&self, name: &str, position: u64) -> Result<(), DbError> {
+        match &self.backend {
+            Backend::Postgres(pg) => {
+                let client = pg.pool().get().await?;
+                client
+                    .execute(
+                        "INSERT INTO relay_state (name, position) VALUES ($1, $2) \
+                         ON CONFLICT (name) DO UPDATE SET position = GREATEST(relay_state.position, EXCLUDED.position), updated_at = now()",
+                        &[&name, &(position as i64)],
+                    )
+                    .await?;
+            }
+            Backend::Sqlite(lite) => {
+                let conn = lite.connection();
+                let conn = conn.lock().await;
+                conn.execute(
+                    "INSERT INTO relay_state (name, position) VALUES (?1, ?2) \
+                     ON CONFLICT (name) DO UPDATE SET position = max(position, excluded.position)",
+                    rusqlite::params![name, position as i64],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// The PostgreSQL pool, for roles that need PostgreSQL itself (the relay's lease).
     pub fn postgres(&self) -> Option<&postgres::Pg> {
         match &self.backend {

@@ -37,6 +37,10 @@ impl CommandType {
         }
     }
 
+    pub fn parse(s: &str) -> Option<CommandType> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+
     /// The aggregate type the command acts on.
     pub fn aggregate_type(self) -> AggregateType {
         match self {

@@ -102,8 +102,15 @@ impl Relay {
             Duration::from_millis(config.relay.lease_ms),
             Duration::from_millis(config.kafka.message_timeout_ms),
         );
-        let mut topics: HashSet<String> = all_topics(config).into_iter().collect();
-        topics.remove(&config.relay.dead_letter_topic);
+        // Envelopes may be routed to command and event topics, never to a dead-letter topic.
+        let t = &config.topics;
+        let topics: HashSet<String> = [
+            &t.database_commands, &t.ontology_commands, &t.instance_commands,
+            &t.ontology_events, &t.instance_events,
+        ]
+        .into_iter()
+        .cloned()
+        .collect();
         Ok(Relay {
             config: config.clone(),
             tail: Tail::new(log, db.index.clone()),
@@ -397,7 +404,7 @@ struct Backoff {
 impl Backoff {
     async fn wait(&mut self, shutdown: &CancellationToken) {
         let base = 100u64.saturating_mul(1 << self.attempt.min(6)).min(5_000);
-        let jitter = rand_jitter(base / 2);
+        let jitter = jitter(base / 2);
         self.attempt += 1;
         tokio::select! {
             _ = shutdown.cancelled() => {}
@@ -411,7 +418,7 @@ impl Backoff {
 }
 
 /// A cheap jitter in `0..=max` from the clock's nanoseconds; no RNG dependency needed.
-fn rand_jitter(max: u64) -> u64 {
+pub fn jitter(max: u64) -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos() as u64)

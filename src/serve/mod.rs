@@ -114,12 +114,18 @@ pub async fn run_on(config: Config, listener: TcpListener, shutdown: Cancellatio
     let tasks = TaskTracker::new();
     let writer = LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks).await?;
     let state = AppState { config: Arc::new(config), db, log, writer };
+    serve_state(state, listener, shutdown).await?;
+    // The router (and with it every writer handle) is gone: the writer drains its queue.
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+/// Serves the API over ready-made state until `shutdown`.
+pub async fn serve_state(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "spiced serve listening");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
-    // The router (and with it every writer handle) is gone: the writer drains its queue.
-    tasks.close();
-    tasks.wait().await;
     Ok(())
 }

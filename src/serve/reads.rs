@@ -39,8 +39,97 @@ pub async fn get_command(
         .map(|r| Appended { key: r.key.clone(), seq: r.seq, event_id: r.event_id })
         .collect();
     let mut body = accepted_body(id, bulk, &events);
-    body["error"] = Value::Null;
+    let statuses = command_statuses(&state, id, &rows).await?;
+    let (status, error) = overall(&statuses);
+    body["status"] = json!(status);
+    body["error"] = error;
+    if let Some(instances) = body.get_mut("instances").and_then(Value::as_array_mut) {
+        for instance in instances {
+            let s = statuses.iter().find(|s| instance["aggregate_id"] == s.aggregate_id.as_str());
+            if let Some(s) = s {
+                instance["status"] = json!(s.status);
+                instance["error"] = s.error.clone();
+            }
+        }
+    }
     Ok(Json(body))
+}
+
+/// One envelope's progress: from its outcome in the log if there is one, else the registry.
+struct EventStatus {
+    aggregate_id: String,
+    status: &'static str,
+    error: Value,
+}
+
+async fn command_statuses(
+    state: &AppState,
+    command_id: Uuid,
+    rows: &[crate::log::plan::IndexRow],
+) -> Result<Vec<EventStatus>, ApiError> {
+    let outcomes = state.index().outcomes(command_id).await.map_err(|e| state.unavailable(&e))?;
+    let mut statuses = Vec::with_capacity(rows.len());
+    for row in rows {
+        let status = match outcomes.iter().find(|o| o.key == row.key && o.seq == row.seq) {
+            Some(outcome) => outcome_status(state, outcome).await?,
+            None => {
+                let processed = state.db.registry.rows(row.event_id).await.map_err(|e| state.unavailable(&e))?;
+                registry_status(&processed)
+            }
+        };
+        statuses.push(EventStatus { aggregate_id: row.key.aggregate_id.clone(), ..status });
+    }
+    Ok(statuses)
+}
+
+async fn outcome_status(state: &AppState, outcome: &crate::log::plan::IndexRow) -> Result<EventStatus, ApiError> {
+    let events = read_events(state, &outcome.key, Kind::Domain, &[(outcome.seq, outcome.position)]).await?;
+    let envelope = events.first().ok_or_else(|| ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR, "internal", "log index and log disagree; run `spiced verify`",
+    ))?;
+    let failed = envelope.event_type == "COMMAND_FAILED";
+    Ok(EventStatus {
+        aggregate_id: String::new(),
+        status: if failed { "FAILED" } else { "COMPLETED" },
+        error: if failed { envelope.data.get("error").cloned().unwrap_or(Value::Null) } else { Value::Null },
+    })
+}
+
+fn registry_status(rows: &[crate::db::registry::Processed]) -> EventStatus {
+    let error = |r: &crate::db::registry::Processed| {
+        r.last_error.as_ref().map(|m| json!({"code": "processing_error", "message": m})).unwrap_or(Value::Null)
+    };
+    let status = rows
+        .iter()
+        .map(|r| match r.status.as_str() {
+            "failed" => ("FAILED", error(r)),
+            "retrying" => ("RETRYING", error(r)),
+            "processing" => ("PROCESSING", Value::Null),
+            // done without an outcome cannot happen; report it as processing until it shows.
+            _ => ("PROCESSING", Value::Null),
+        })
+        .max_by_key(|(s, _)| rank(s))
+        .unwrap_or(("PENDING", Value::Null));
+    EventStatus { aggregate_id: String::new(), status: status.0, error: status.1 }
+}
+
+/// Which status speaks for a bulk command: any failure, else any retry, else ...
+fn rank(status: &str) -> u8 {
+    match status {
+        "FAILED" => 5,
+        "RETRYING" => 4,
+        "PROCESSING" => 3,
+        "PENDING" => 2,
+        _ => 1,
+    }
+}
+
+fn overall(statuses: &[EventStatus]) -> (&'static str, Value) {
+    statuses
+        .iter()
+        .max_by_key(|s| rank(s.status))
+        .map(|s| (s.status, s.error.clone()))
+        .unwrap_or(("PENDING", Value::Null))
 }
 
 pub async fn get_aggregate(

@@ -19,6 +19,8 @@ pub fn isolate_topics(config: &mut Config) {
         &mut t.ontology_events,
         &mut t.instance_events,
         &mut config.relay.dead_letter_topic,
+        &mut config.worker.ontology_dead_letter_topic,
+        &mut config.worker.instance_dead_letter_topic,
     ] {
         *topic = format!("{p}_{topic}");
     }
@@ -27,6 +29,8 @@ pub fn isolate_topics(config: &mut Config) {
     config.relay.poll_interval_ms = 50;
     config.relay.lease_ms = 3000;
     config.kafka.message_timeout_ms = 1000;
+    config.worker.group_prefix = p.clone();
+    config.worker.session_timeout_ms = 6000;
 }
 
 /// One consumed message.

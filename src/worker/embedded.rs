@@ -1,0 +1,88 @@
+//! Workers without Kafka, for `spiced dev`: the command envelopes are read straight from the
+//! log, segment by segment, from a durable checkpoint, and run through the same handlers and
+//! registry as in production. Within a segment, aggregates run concurrently and each one in
+//! order; the checkpoint moves once the whole segment is done.
+//!
+//! There is no dead-letter topic here: a dead letter is logged, and its registry row (status
+//! `failed`, with the error) is what `GET /commands/{id}` reports.
+
+use super::handler::{Disposition, Interrupted};
+use super::{Role, Shared};
+use crate::domain::CommandType;
+use crate::envelope::Kind;
+use crate::log::tail::Tail;
+use crate::log::Segment;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The checkpoint's name in `relay_state`.
+pub const CHECKPOINT: &str = "embedded-workers";
+
+pub async fn run(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let tail = Tail::new(shared.log.clone(), shared.state.index().clone());
+    let handlers = [shared.handler(Role::Ontology), shared.handler(Role::Instance)];
+    let mut next = shared.db.checkpoint(CHECKPOINT).await? + 1;
+    tracing::info!(from = next, "embedded workers following the log");
+    while !shutdown.is_cancelled() {
+        let segments = match tail.read(next, 16).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the log; retrying");
+                pause(shutdown, 1000).await;
+                continue;
+            }
+        };
+        if segments.is_empty() {
+            pause(shutdown, shared.config.relay.poll_interval_ms).await;
+            continue;
+        }
+        for segment in &segments {
+            if process(segment, &handlers, shutdown).await.is_err() {
+                return Ok(());
+            }
+            shared.db.set_checkpoint(CHECKPOINT, segment.position).await?;
+            next = segment.position + 1;
+        }
+    }
+    Ok(())
+}
+
+async fn pause(shutdown: &CancellationToken, ms: u64) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+    }
+}
+
+/// Runs a segment's commands: one task per aggregate, each in sequence order.
+async fn process(
+    segment: &Segment,
+    handlers: &[super::handler::CommandHandler; 2],
+    shutdown: &CancellationToken,
+) -> Result<(), Interrupted> {
+    let mut by_aggregate: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, e) in segment.events.iter().enumerate() {
+        if e.kind() == Some(Kind::Command) {
+            by_aggregate.entry(&e.aggregate_id).or_default().push(i);
+        }
+    }
+    let runs = by_aggregate.into_values().map(|indexes| async move {
+        for i in indexes {
+            let envelope = &segment.events[i];
+            let role = envelope
+                .data
+                .get("command_type")
+                .and_then(|v| v.as_str())
+                .and_then(CommandType::parse)
+                .map(Role::for_command)
+                .unwrap_or(Role::Ontology);
+            let handler = &handlers[(role == Role::Instance) as usize];
+            if let Disposition::DeadLetter { reason, attempts } = handler.handle(&segment.raw_event(i), shutdown).await? {
+                tracing::error!(event_id = %envelope.event_id, attempts, reason, "command dead-lettered (embedded: no dead-letter topic)");
+            }
+        }
+        Ok::<(), Interrupted>(())
+    });
+    futures::future::join_all(runs).await.into_iter().collect()
+}

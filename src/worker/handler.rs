@@ -1,0 +1,311 @@
+//! Carrying out one command message, exactly once in effect.
+//!
+//! The effect of a command is its outcome envelope in the log, whose `event_id` is derived
+//! from the command, so it is stored at most once however often the command runs. The
+//! registry makes sure it normally runs once: claim (with a lease kept alive by heartbeats),
+//! decide from the state in the log, append the outcome, mark done. A worker whose lease is
+//! lost stops before appending; if it was already appending, its outcome has the same id as
+//! its successor's and the log keeps one.
+
+use super::facts::{FactsError, LogState};
+use super::Role;
+use crate::config::Config;
+use crate::db::registry::{Claim, Registry, Work};
+use crate::domain::apply::{decide, Decision};
+use crate::domain::{AggregateKey, AggregateType, CommandType};
+use crate::envelope::{domain_event_id, EventEnvelope, Kind, SCHEMA_VERSION};
+use crate::log::plan::{AppendCommand, AppendOutcome};
+use crate::log::writer::LogWriter;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// What became of a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    /// Done now, done before, or someone else's to finish: move past it.
+    Done,
+    /// Could not be processed: publish it to the dead-letter topic, then move past it.
+    DeadLetter { reason: String, attempts: u32 },
+}
+
+/// The handler was asked to stop before the message was finished; it must not be committed.
+#[derive(Debug)]
+pub struct Interrupted;
+
+enum Failure {
+    Retryable(String),
+    LeaseLost,
+}
+
+impl From<FactsError> for Failure {
+    fn from(e: FactsError) -> Self {
+        Failure::Retryable(e.to_string())
+    }
+}
+
+impl From<crate::db::DbError> for Failure {
+    fn from(e: crate::db::DbError) -> Self {
+        Failure::Retryable(e.to_string())
+    }
+}
+
+/// A command message, checked.
+struct Parsed {
+    envelope: EventEnvelope,
+    command_type: CommandType,
+    key: AggregateKey,
+    seq: u64,
+}
+
+pub struct CommandHandler {
+    pub role: Role,
+    pub owner: String,
+    config: Arc<Config>,
+    registry: Arc<dyn Registry>,
+    state: LogState,
+    writer: LogWriter,
+}
+
+impl CommandHandler {
+    pub fn new(
+        role: Role,
+        owner: String,
+        config: Arc<Config>,
+        registry: Arc<dyn Registry>,
+        state: LogState,
+        writer: LogWriter,
+    ) -> Self {
+        CommandHandler { role, owner, config, registry, state, writer }
+    }
+
+    /// Processes one message until it is done or dead-lettered; `Interrupted` on shutdown.
+    pub async fn handle(&self, raw: &[u8], shutdown: &CancellationToken) -> Result<Disposition, Interrupted> {
+        let parsed = match self.parse(raw) {
+            Ok(p) => p,
+            Err(reason) => return Ok(Disposition::DeadLetter { reason, attempts: 0 }),
+        };
+        let span = tracing::info_span!("command",
+            handler = self.role.handler(), event_id = %parsed.envelope.event_id,
+            aggregate_id = %parsed.key.aggregate_id, sequence_number = parsed.seq);
+        let _enter = span.enter();
+        let work = Work {
+            handler: self.role.handler(),
+            event_id: parsed.envelope.event_id,
+            aggregate_id: &parsed.key.aggregate_id,
+            seq: parsed.seq,
+            owner: &self.owner,
+        };
+        let lease = Duration::from_millis(self.config.worker.lease_ms);
+        let mut waits = 0u32;
+        loop {
+            if shutdown.is_cancelled() {
+                return Err(Interrupted);
+            }
+            let attempt = match self.registry.claim(&work, lease).await {
+                Ok(Claim::Claimed { attempt }) => attempt,
+                Ok(Claim::DuplicateDone | Claim::Stale | Claim::Failed) => return Ok(Disposition::Done),
+                Ok(Claim::InProgress) => {
+                    // Another worker holds it; wait for it to finish or for its lease to lapse.
+                    waits += 1;
+                    self.pause(waits, shutdown).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claim failed; retrying");
+                    waits += 1;
+                    self.pause(waits, shutdown).await;
+                    continue;
+                }
+            };
+            self.crash_point("after_claim");
+            match self.run_leased(&parsed, &work).await {
+                Ok(()) => return Ok(Disposition::Done),
+                Err(Failure::LeaseLost) => {
+                    tracing::warn!("lease lost; the new owner finishes the command");
+                    return Ok(Disposition::Done);
+                }
+                Err(Failure::Retryable(error)) if attempt >= self.config.worker.max_attempts => {
+                    tracing::error!(attempt, error, "command failed after its last attempt");
+                    if let Err(e) = self.registry.mark_failed(&work, &error).await {
+                        tracing::warn!(error = %e, "could not mark the command failed");
+                    }
+                    return Ok(Disposition::DeadLetter { reason: error, attempts: attempt });
+                }
+                Err(Failure::Retryable(error)) => {
+                    tracing::warn!(attempt, error, "attempt failed; will retry");
+                    if let Err(e) = self.registry.mark_retrying(&work, &error).await {
+                        tracing::warn!(error = %e, "could not mark the command retrying");
+                    }
+                    self.pause(attempt, shutdown).await;
+                }
+            }
+        }
+    }
+
+    fn parse(&self, raw: &[u8]) -> Result<Parsed, String> {
+        let envelope: EventEnvelope =
+            serde_json::from_slice(raw).map_err(|e| format!("not an EventEnvelope: {e}"))?;
+        if envelope.kind() != Some(Kind::Command) {
+            return Err(format!("metadata.kind is {:?}, not \"command\"", envelope.metadata.get("kind")));
+        }
+        let command_type = envelope
+            .data
+            .get("command_type")
+            .and_then(Value::as_str)
+            .and_then(CommandType::parse)
+            .ok_or("data.command_type is missing or unknown")?;
+        if !self.role.handles(command_type) {
+            return Err(format!("{} is not a {} command", command_type.as_str(), self.role.name()));
+        }
+        let aggregate_type = AggregateType::parse(&envelope.aggregate_type)
+            .filter(|t| *t == command_type.aggregate_type())
+            .ok_or_else(|| format!("aggregate_type {} does not fit {}", envelope.aggregate_type, command_type.as_str()))?;
+        let seq = envelope.sequence_number.filter(|s| *s >= 1).ok_or("sequence_number is missing")?;
+        if envelope.command_id().is_none() {
+            return Err("data.command_id is missing".into());
+        }
+        let key = AggregateKey::new(aggregate_type, envelope.aggregate_id.clone());
+        Ok(Parsed { envelope, command_type, key, seq })
+    }
+
+    /// Runs the command while heartbeats keep the lease; stops if the lease is lost.
+    async fn run_leased(&self, parsed: &Parsed, work: &Work<'_>) -> Result<(), Failure> {
+        let lost = CancellationToken::new();
+        let heartbeat = async {
+            let every = Duration::from_millis(self.config.worker.heartbeat_ms);
+            loop {
+                tokio::time::sleep(every).await;
+                match self.registry.heartbeat(work).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        lost.cancel();
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                }
+            }
+        };
+        tokio::select! {
+            result = self.execute(parsed, work, &lost) => result,
+            _ = async { heartbeat.await; std::future::pending::<()>().await } => unreachable!(),
+        }
+    }
+
+    async fn execute(&self, p: &Parsed, work: &Work<'_>, lost: &CancellationToken) -> Result<(), Failure> {
+        let Some(current) = self.wait_for_predecessor(p).await? else {
+            // The outcome is already in the log (an earlier run appended it): just record it.
+            return self.finish(work).await;
+        };
+        let payload = p.envelope.data.get("payload").cloned().unwrap_or(Value::Null);
+        let facts = self.state.facts(p.command_type, &payload, current.clone()).await?;
+        let decision = decide(p.command_type, &payload, &facts);
+        self.crash_point("after_effect");
+        if lost.is_cancelled() {
+            return Err(Failure::LeaseLost);
+        }
+        let outcome = self.outcome_envelope(p, decision, current);
+        let append = AppendCommand::outcome(outcome).map_err(Failure::Retryable)?;
+        match self.writer.append(append).await {
+            Ok(AppendOutcome::Accepted { .. }) => {}
+            Ok(other) => {
+                // Another outcome holds this sequence: the command is answered already.
+                tracing::warn!(?other, "an outcome for this sequence already exists");
+            }
+            Err(e) => return Err(Failure::Retryable(e.to_string())),
+        }
+        self.crash_point("after_outcome");
+        self.finish(work).await
+    }
+
+    async fn finish(&self, work: &Work<'_>) -> Result<(), Failure> {
+        if self.registry.mark_done(work).await? {
+            Ok(())
+        } else {
+            Err(Failure::LeaseLost)
+        }
+    }
+
+    /// Waits (bounded) until the aggregate's previous command has its outcome. Returns the
+    /// aggregate's state, or `None` when this command's outcome is already there.
+    async fn wait_for_predecessor(&self, p: &Parsed) -> Result<Option<Option<Value>>, Failure> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.worker.gap_wait_ms);
+        let mut logged = false;
+        loop {
+            let (last, state) = self.state.state(&p.key).await?;
+            if last >= p.seq {
+                return Ok(None);
+            }
+            if last + 1 == p.seq {
+                return Ok(Some(state));
+            }
+            if !logged {
+                tracing::info!(last_outcome = last, "waiting for the outcome of sequence {}", p.seq - 1);
+                logged = true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Failure::Retryable(format!(
+                    "sequence {} has no outcome yet (last outcome {last}); not applying {} out of order",
+                    p.seq - 1,
+                    p.seq
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn outcome_envelope(&self, p: &Parsed, decision: Decision, current: Option<Value>) -> EventEnvelope {
+        let command_id = p.envelope.command_id().expect("checked in parse");
+        let mut data = Map::new();
+        data.insert("command_id".into(), json!(command_id));
+        data.insert("command_type".into(), json!(p.command_type.as_str()));
+        data.insert("command_event_id".into(), json!(p.envelope.event_id));
+        let event_type = match decision {
+            Decision::Event { event_type, state } => {
+                data.insert("state".into(), state);
+                event_type
+            }
+            Decision::Failed { code, message } => {
+                data.insert("error".into(), json!({"code": code, "message": message}));
+                data.insert("state".into(), current.unwrap_or(Value::Null));
+                "COMMAND_FAILED"
+            }
+        };
+        let mut metadata = Map::new();
+        metadata.insert("kind".into(), json!("domain"));
+        metadata.insert("kafka_topic".into(), json!(self.role.events_topic(&self.config)));
+        metadata.insert("service".into(), json!(self.role.handler()));
+        EventEnvelope {
+            event_id: domain_event_id(command_id, event_type, &p.envelope.aggregate_id),
+            event_type: event_type.to_string(),
+            aggregate_type: p.envelope.aggregate_type.clone(),
+            aggregate_id: p.envelope.aggregate_id.clone(),
+            occurred_at: chrono::Utc::now(),
+            actor: p.envelope.actor.clone(),
+            data,
+            metadata,
+            schema_version: SCHEMA_VERSION.to_string(),
+            sequence_number: Some(p.seq),
+        }
+    }
+
+    /// Exponential backoff with jitter, or until shutdown.
+    async fn pause(&self, attempt: u32, shutdown: &CancellationToken) {
+        let w = &self.config.worker;
+        let exp = w.backoff_base_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(16));
+        let capped = exp.min(w.backoff_cap_ms);
+        let jitter = crate::relay::jitter(capped / 2);
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_millis(capped / 2 + jitter)) => {}
+        }
+    }
+
+    pub fn crash_point(&self, name: &str) {
+        if self.config.worker.crash_at == name {
+            eprintln!("spiced: worker.crash_at = {name}: aborting as configured (testing only)");
+            std::process::abort();
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! `spiced worker`: command workers. Each role consumes its command topics in a consumer
+//! group with auto-commit off, runs each command through the [`handler`] (claim, decide from
+//! the log, append the outcome, mark done), and commits an offset only when every message up
+//! to it is done or dead-lettered.
+//!
+//! Messages are spread over `worker.lanes` lanes by Kafka key (the aggregate), so different
+//! aggregates run concurrently and one aggregate runs in order.
+
+pub mod embedded;
+pub mod facts;
+pub mod handler;
+pub mod offsets;
+
+use crate::bus::kafka::{base_config, ensure_topics, producer, with_properties};
+use crate::config::Config;
+use crate::domain::{AggregateType, CommandType};
+use facts::LogState;
+use handler::{CommandHandler, Disposition};
+use offsets::Offsets;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::json;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A worker role: which commands it carries out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Databases and ontology classes.
+    Ontology,
+    /// Instances.
+    Instance,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "ontology" => Some(Role::Ontology),
+            "instance" => Some(Role::Instance),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Ontology => "ontology",
+            Role::Instance => "instance",
+        }
+    }
+
+    /// The registry's handler name.
+    pub fn handler(self) -> &'static str {
+        match self {
+            Role::Ontology => "ontology-worker",
+            Role::Instance => "instance-worker",
+        }
+    }
+
+    pub fn handles(self, command_type: CommandType) -> bool {
+        let instance = command_type.aggregate_type() == AggregateType::Instance;
+        instance == (self == Role::Instance)
+    }
+
+    pub fn for_command(command_type: CommandType) -> Role {
+        if Role::Instance.handles(command_type) { Role::Instance } else { Role::Ontology }
+    }
+
+    pub fn command_topics(self, config: &Config) -> Vec<String> {
+        let t = &config.topics;
+        match self {
+            Role::Ontology => vec![t.database_commands.clone(), t.ontology_commands.clone()],
+            Role::Instance => vec![t.instance_commands.clone()],
+        }
+    }
+
+    pub fn events_topic(self, config: &Config) -> &str {
+        match self {
+            Role::Ontology => &config.topics.ontology_events,
+            Role::Instance => &config.topics.instance_events,
+        }
+    }
+
+    pub fn dead_letter_topic(self, config: &Config) -> &str {
+        match self {
+            Role::Ontology => &config.worker.ontology_dead_letter_topic,
+            Role::Instance => &config.worker.instance_dead_letter_topic,
+        }
+    }
+}
+
+/// Roles from `--role` arguments, else from `worker.roles`.
+pub fn roles(config: &Config, requested: &[String]) -> anyhow::Result<Vec<Role>> {
+    let names = if requested.is_empty() { &config.worker.roles } else { requested };
+    let mut roles = Vec::new();
+    for name in names {
+        let role = Role::parse(name).ok_or_else(|| anyhow::anyhow!("unknown worker role {name:?} (ontology, instance)"))?;
+        if !roles.contains(&role) {
+            roles.push(role);
+        }
+    }
+    anyhow::ensure!(!roles.is_empty(), "no worker role to run");
+    Ok(roles)
+}
+
+/// The pieces every role shares in one process.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub db: crate::db::Database,
+    pub log: crate::log::EventLog,
+    pub state: LogState,
+    pub writer: crate::log::writer::LogWriter,
+    pub owner: String,
+}
+
+impl Shared {
+    pub async fn open(config: &Config, tasks: &TaskTracker) -> anyhow::Result<Shared> {
+        let (db, log) = crate::serve::open_storage(config).await?;
+        let writer = crate::log::writer::LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), tasks).await?;
+        Ok(Shared {
+            config: Arc::new(config.clone()),
+            state: LogState::new(log.clone(), db.index.clone()),
+            log,
+            db,
+            writer,
+            owner: format!("{}-{}-{}", hostname(), std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        })
+    }
+
+    pub fn handler(&self, role: Role) -> CommandHandler {
+        CommandHandler::new(
+            role,
+            self.owner.clone(),
+            self.config.clone(),
+            self.db.registry.clone(),
+            self.state.clone(),
+            self.writer.clone(),
+        )
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into())
+}
+
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_roles(config, &[], shutdown).await
+}
+
+/// Runs the given roles (or `worker.roles`) against Kafka until `shutdown`.
+pub async fn run_roles(config: Config, requested: &[String], shutdown: CancellationToken) -> anyhow::Result<()> {
+    let roles = roles(&config, requested)?;
+    let tasks = TaskTracker::new();
+    let shared = Shared::open(&config, &tasks).await?;
+    let mut topics = crate::bus::kafka::all_topics(&config);
+    topics.extend(roles.iter().map(|r| r.dead_letter_topic(&config).to_string()));
+    ensure_topics(&config.kafka, &topics).await?;
+    let dead_letters = producer(&config.kafka)?;
+    tracing::info!(roles = ?roles.iter().map(|r| r.name()).collect::<Vec<_>>(), owner = %shared.owner, "spiced worker starting");
+    let results = futures::future::join_all(
+        roles.iter().map(|role| consume_role(&shared, *role, &dead_letters, &shutdown)),
+    )
+    .await;
+    drop(shared);
+    tasks.close();
+    tasks.wait().await;
+    results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    Ok(())
+}
+
+struct Job {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+fn consumer(config: &Config, role: Role) -> anyhow::Result<StreamConsumer> {
+    let mut c = base_config(&config.kafka);
+    c.set("group.id", format!("{}-{}-worker", config.worker.group_prefix, role.name()))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", config.worker.session_timeout_ms.to_string());
+    Ok(with_properties(c, &config.kafka).create()?)
+}
+
+async fn consume_role(
+    shared: &Shared,
+    role: Role,
+    dead_letters: &FutureProducer,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let consumer = Arc::new(consumer(&shared.config, role)?);
+    let topics = role.command_topics(&shared.config);
+    consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let handler = Arc::new(shared.handler(role));
+    let offsets = Arc::new(Mutex::new(Offsets::default()));
+    let lanes_n = shared.config.worker.lanes;
+    let lane_tasks = TaskTracker::new();
+    let mut lanes = Vec::with_capacity(lanes_n);
+    for _ in 0..lanes_n {
+        let (tx, rx) = mpsc::channel::<Job>(64);
+        lanes.push(tx);
+        lane_tasks.spawn(run_lane(
+            rx,
+            handler.clone(),
+            consumer.clone(),
+            offsets.clone(),
+            dead_letters.clone(),
+            shared.config.clone(),
+            shutdown.clone(),
+        ));
+    }
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = consumer.recv() => m,
+        };
+        let m = match message {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, role = role.name(), "consumer error");
+                continue;
+            }
+        };
+        let job = Job {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().unwrap_or_default().to_vec(),
+            payload: m.payload().unwrap_or_default().to_vec(),
+        };
+        offsets.lock().expect("offsets mutex").received(&job.topic, job.partition, job.offset);
+        let lane = lane_of(&job.key, lanes_n);
+        if lanes[lane].send(job).await.is_err() {
+            break;
+        }
+    }
+    drop(lanes);
+    lane_tasks.close();
+    lane_tasks.wait().await;
+    Ok(())
+}
+
+fn lane_of(key: &[u8], lanes: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % lanes as u64) as usize
+}
+
+async fn run_lane(
+    mut jobs: mpsc::Receiver<Job>,
+    handler: Arc<CommandHandler>,
+    consumer: Arc<StreamConsumer>,
+    offsets: Arc<Mutex<Offsets>>,
+    dead_letters: FutureProducer,
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+) {
+    while let Some(job) = jobs.recv().await {
+        let disposition = match handler.handle(&job.payload, &shutdown).await {
+            Ok(d) => d,
+            // Not finished: its offset is not committed, so it is delivered again.
+            Err(handler::Interrupted) => return,
+        };
+        if let Disposition::DeadLetter { reason, attempts } = &disposition {
+            if !publish_dead_letter(&dead_letters, &config, &handler, &job, reason, *attempts, &shutdown).await {
+                return;
+            }
+        }
+        handler.crash_point("before_commit");
+        let next = offsets.lock().expect("offsets mutex").finished(&job.topic, job.partition, job.offset);
+        if let Some(next) = next {
+            let mut tpl = TopicPartitionList::new();
+            if tpl.add_partition_offset(&job.topic, job.partition, Offset::Offset(next)).is_ok() {
+                if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                    tracing::warn!(error = %e, "offset commit failed; the next commit covers it");
+                }
+            }
+        }
+    }
+}
+
+/// Publishes a dead letter, retrying until delivered: moving past the message without it
+/// would lose it. `false` on shutdown.
+async fn publish_dead_letter(
+    producer: &FutureProducer,
+    config: &Config,
+    handler: &CommandHandler,
+    job: &Job,
+    reason: &str,
+    attempts: u32,
+    shutdown: &CancellationToken,
+) -> bool {
+    let envelope = serde_json::from_slice::<serde_json::Value>(&job.payload)
+        .unwrap_or_else(|_| json!(String::from_utf8_lossy(&job.payload)));
+    let letter = json!({
+        "original_topic": job.topic, "partition": job.partition, "offset": job.offset,
+        "envelope": envelope, "error": reason, "attempt_count": attempts,
+        "worker": handler.owner, "at": chrono::Utc::now(),
+    })
+    .to_string();
+    let topic = handler.role.dead_letter_topic(config);
+    tracing::warn!(topic, reason, "message dead-lettered");
+    loop {
+        let record = FutureRecord::to(topic).key(&job.key[..]).payload(letter.as_bytes());
+        match producer.send(record, Duration::from_secs(10)).await {
+            Ok(_) => return true,
+            Err((e, _)) => tracing::warn!(error = %e, "dead-letter publish failed; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
