@@ -38,6 +38,7 @@ pub async fn isolated_config(backend: Backend) -> (Config, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = Config::dev();
     config.serve.listen = "127.0.0.1:0".parse().unwrap();
+    config.relay.poll_interval_ms = 20;
     match backend {
         Backend::LocalSqlite => {
             config.log.url = dir.path().join("log").display().to_string();
@@ -100,11 +101,25 @@ pub fn init_tracing() {
 }
 
 pub async fn spawn_with(config: Config, dir: tempfile::TempDir) -> TestApp {
+    spawn_role(config, dir, false).await
+}
+
+/// `spiced dev` in this process: the API plus embedded workers.
+pub async fn spawn_dev(backend: Backend) -> TestApp {
+    let (config, dir) = isolated_config(backend).await;
+    spawn_role(config, dir, true).await
+}
+
+async fn spawn_role(config: Config, dir: tempfile::TempDir, dev: bool) -> TestApp {
     init_tracing();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(spiced::serve::run_on(config.clone(), listener, shutdown.clone()));
+    let handle = if dev {
+        tokio::spawn(spiced::dev::run_on(config.clone(), listener, shutdown.clone()))
+    } else {
+        tokio::spawn(spiced::serve::run_on(config.clone(), listener, shutdown.clone()))
+    };
     let app = TestApp {
         base: format!("http://{addr}/api/v1"),
         http: reqwest::Client::new(),
@@ -145,6 +160,28 @@ impl TestApp {
     pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
         let r = self.http.post(self.url(path)).json(&body).send().await.unwrap();
         status_json(r).await
+    }
+
+    pub async fn put(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        status_json(self.http.put(self.url(path)).json(&body).send().await.unwrap()).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, serde_json::Value) {
+        status_json(self.http.delete(self.url(path)).send().await.unwrap()).await
+    }
+
+    /// Polls a command until it is COMPLETED or FAILED (bounded) and returns its status body.
+    pub async fn wait_command(&self, command_id: &str, timeout: std::time::Duration) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let (s, b) = self.get(&format!("/commands/{command_id}")).await;
+            assert_eq!(s, 200, "{b}");
+            if b["status"] == "COMPLETED" || b["status"] == "FAILED" {
+                return b;
+            }
+            assert!(std::time::Instant::now() < deadline, "command {command_id} still {b}");
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
     }
 
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
