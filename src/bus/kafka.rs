@@ -64,10 +64,45 @@ pub fn all_topics(config: &Config) -> Vec<String> {
 }
 
 /// Creates the topics that do not exist yet; an existing topic is fine, any other refusal is
-/// an error naming the topic.
+/// an error naming the topic. Another process may be creating the same topics at the same
+/// moment, so a failed attempt is checked against the broker's metadata and retried.
 pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(), BusError> {
     let admin: AdminClient<DefaultClientContext> =
         with_properties(base_config(kafka), kafka).create()?;
+    let mut last_error = None;
+    for attempt in 0..5u64 {
+        let missing = missing_topics(&admin, topics)?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        match create(&admin, kafka, &missing).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "topic creation failed; checking again");
+                last_error = Some(e);
+                tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+            }
+        }
+    }
+    Err(last_error.expect("an attempt failed"))
+}
+
+fn missing_topics(admin: &AdminClient<DefaultClientContext>, topics: &[String]) -> Result<Vec<String>, BusError> {
+    let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
+    let existing: std::collections::HashSet<&str> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.name())
+        .collect();
+    Ok(topics.iter().filter(|t| !existing.contains(t.as_str())).cloned().collect())
+}
+
+async fn create(
+    admin: &AdminClient<DefaultClientContext>,
+    kafka: &KafkaConfig,
+    topics: &[String],
+) -> Result<(), BusError> {
     let retention = kafka.retention_ms.to_string();
     let new: Vec<NewTopic> = topics
         .iter()

@@ -1,0 +1,121 @@
+//! The production pipeline in one test process: API -> log -> relay -> Kafka -> workers,
+//! against the real broker, S3-compatible server and PostgreSQL.
+
+mod common;
+
+use common::kafka::{consume_until, isolate_topics};
+use common::{isolated_config, spawn_with, Backend, TestApp};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde_json::json;
+use spiced::relay::{run_with, RelayOptions};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Pipeline {
+    app: TestApp,
+    stop: CancellationToken,
+}
+
+async fn pipeline() -> Pipeline {
+    let (mut config, dir) = isolated_config(Backend::S3Postgres).await;
+    isolate_topics(&mut config);
+    config.worker.max_attempts = 2;
+    config.worker.backoff_base_ms = 20;
+    config.worker.gap_wait_ms = 500;
+    let app = spawn_with(config.clone(), dir).await;
+    let stop = CancellationToken::new();
+    tokio::spawn(run_with(config.clone(), RelayOptions::default(), stop.clone(), Default::default()));
+    let workers = stop.clone();
+    tokio::spawn(async move {
+        if let Err(e) = spiced::worker::run_roles(config, &[], workers).await {
+            panic!("workers stopped: {e:#}");
+        }
+    });
+    Pipeline { app, stop }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn producer(app: &TestApp) -> FutureProducer {
+    ClientConfig::new().set("bootstrap.servers", &app.config.kafka.brokers).create().unwrap()
+}
+
+async fn completed(app: &TestApp, (s, b): (u16, serde_json::Value)) -> String {
+    assert_eq!(s, 202, "{b}");
+    let id = b["command_id"].as_str().unwrap().to_string();
+    let status = app.wait_command(&id, WAIT).await;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+    id
+}
+
+/// The same command delivered 5 more times on its topic: one outcome, one effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicate_deliveries_have_one_effect() {
+    let p = pipeline().await;
+    let app = &p.app;
+    completed(app, app.post("/databases", json!({"name": "dup"})).await).await;
+    completed(app, app.post("/databases/dup/classes", json!({"id": "C", "properties": [{"name": "n", "type": "integer"}]})).await).await;
+    let id = completed(app, app.post("/databases/dup/classes/C/instances", json!({"id": "i", "data": {"n": 1}})).await).await;
+    let (_, events) = app.get("/aggregates/Instance/dup:main:C:i/events").await;
+    let command = serde_json::to_vec(&events["events"][0]).unwrap();
+    let kafka = producer(app);
+    for _ in 0..5 {
+        kafka
+            .send(FutureRecord::to(&app.config.topics.instance_commands).key("dup:main:C:i").payload(&command), Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+    // A later command on the same aggregate completes, so the duplicates ahead of it in the
+    // partition have been handled.
+    let later = completed(app, app.put("/databases/dup/classes/C/instances/i?expected_seq=1", json!({"data": {"n": 2}})).await).await;
+    let (_, outcomes) = app.get("/aggregates/Instance/dup:main:C:i/events?kind=domain").await;
+    let outcomes = outcomes["events"].as_array().unwrap();
+    let answering: Vec<&serde_json::Value> = outcomes.iter().filter(|e| e["data"]["command_id"] == id.as_str()).collect();
+    assert_eq!(answering.len(), 1, "one outcome for the duplicated command: {outcomes:?}");
+    assert_eq!(outcomes.len(), 2);
+    assert_eq!(outcomes[1]["data"]["command_id"], later.as_str());
+    assert_eq!(outcomes[1]["data"]["state"]["data"]["n"], 2);
+}
+
+/// Malformed messages go to the dead-letter topic with the reason, and the partition flows on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_messages_are_dead_lettered_and_the_partition_flows() {
+    let p = pipeline().await;
+    let app = &p.app;
+    completed(app, app.post("/databases", json!({"name": "poison"})).await).await;
+    completed(app, app.post("/databases/poison/classes", json!({"id": "C"})).await).await;
+    let kafka = producer(app);
+    let topic = &app.config.topics.instance_commands;
+    let not_json = b"this is not json".to_vec();
+    let mut wrong_kind: serde_json::Value =
+        app.get("/aggregates/OntologyClass/poison:main:C/events").await.1["events"][0].clone();
+    wrong_kind["metadata"]["kind"] = json!("domain");
+    let wrong_kind = serde_json::to_vec(&wrong_kind).unwrap();
+    for (key, payload) in [("k1", &not_json), ("k2", &wrong_kind)] {
+        for partition in 0..3 {
+            kafka
+                .send(FutureRecord::to(topic).key(key).payload(payload).partition(partition), Duration::from_secs(5))
+                .await
+                .unwrap();
+        }
+    }
+    // Commands after the poison still complete.
+    for i in 0..6 {
+        completed(app, app.post("/databases/poison/classes/C/instances", json!({"id": format!("i{i}"), "data": {}})).await).await;
+    }
+    let dlq = app.config.worker.instance_dead_letter_topic.clone();
+    let letters = consume_until(&app.config, &[&dlq], WAIT, |r| r.len() >= 6).await;
+    let bodies: Vec<serde_json::Value> = letters.iter().map(|l| serde_json::from_slice(&l.payload).unwrap()).collect();
+    assert!(bodies.iter().all(|b| b["original_topic"] == topic.as_str() && b["offset"].is_i64() && b["worker"].is_string()));
+    assert_eq!(bodies.iter().filter(|b| b["error"].as_str().unwrap().contains("not an EventEnvelope")).count(), 3);
+    assert_eq!(bodies.iter().filter(|b| b["error"].as_str().unwrap().contains("metadata.kind")).count(), 3);
+    let _ = Uuid::nil();
+}
