@@ -9,6 +9,7 @@ use std::time::Duration;
 
 backend_tests! {
     commands_complete_or_fail_with_the_right_reason,
+    a_later_sequence_waits_for_the_earlier_one,
 }
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -83,4 +84,65 @@ async fn commands_complete_or_fail_with_the_right_reason(backend: Backend) {
     let state = &events["events"].as_array().unwrap().last().unwrap()["data"]["state"];
     assert_eq!(state["label"], "Products");
     assert_eq!(state["properties"].as_array().unwrap().len(), 3, "no field lost on update: {state}");
+}
+
+/// The envelopes of an aggregate's commands, as stored in the log.
+async fn command_bytes(app: &TestApp, aggregate: &str) -> Vec<Vec<u8>> {
+    let (_, page) = app.get(&format!("/aggregates/{aggregate}/events")).await;
+    page["events"].as_array().unwrap().iter().map(|e| serde_json::to_vec(e).unwrap()).collect()
+}
+
+/// n+2 delivered before n+1: it is not applied first, n+1 is not dropped, and a command that
+/// waited too long fails without being applied, to be re-driven later.
+async fn a_later_sequence_waits_for_the_earlier_one(backend: Backend) {
+    use spiced::worker::handler::Disposition;
+    use spiced::worker::{Role, Shared};
+    let (mut config, dir) = common::isolated_config(backend).await;
+    config.worker.max_attempts = 1;
+    config.worker.gap_wait_ms = 300;
+    let app = common::spawn_with(config.clone(), dir).await;
+    app.post("/databases", json!({"name": "g"})).await;
+    app.post("/databases/g/classes", json!({"id": "C"})).await;
+    for v in 1..=3 {
+        let (s, b) = app.put(&format!("/databases/g/classes/C?expected_seq={v}"), json!({"patch": {"label": format!("v{}", v + 1)}})).await;
+        assert_eq!(s, 202, "{b}");
+    }
+    let tasks = tokio_util::task::TaskTracker::new();
+    let shared = Shared::open(&config, &tasks).await.unwrap();
+    let handler = shared.handler(Role::Ontology);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let db = command_bytes(&app, "Database/g").await;
+    let class = command_bytes(&app, "OntologyClass/g:main:C").await;
+    assert_eq!(handler.handle(&db[0], &stop).await.unwrap(), Disposition::Done);
+    assert_eq!(handler.handle(&class[0], &stop).await.unwrap(), Disposition::Done);
+    // Sequence 3 before 2: it waits, then fails this attempt without applying anything.
+    match handler.handle(&class[2], &stop).await.unwrap() {
+        Disposition::DeadLetter { reason, .. } => assert!(reason.contains("out of order"), "{reason}"),
+        other => panic!("sequence 3 ran before 2: {other:?}"),
+    }
+    let key = spiced::domain::AggregateKey::class("g", "main", "C");
+    assert_eq!(shared.state.state(&key).await.unwrap().0, 1, "nothing applied past sequence 1");
+    // Sequence 4 arrives while 2 is not done: it waits for it, and 2 is not dropped.
+    let waiting = {
+        let handler = shared.handler(Role::Ontology);
+        let (bytes, stop) = (class[3].clone(), stop.clone());
+        tokio::spawn(async move { handler.handle(&bytes, &stop).await.unwrap() })
+    };
+    assert_eq!(handler.handle(&class[1], &stop).await.unwrap(), Disposition::Done);
+    // 3 failed terminally: the operator re-drives it, then 4 can finish.
+    let event_id: uuid::Uuid = serde_json::from_slice::<Value>(&class[2]).unwrap()["event_id"].as_str().unwrap().parse().unwrap();
+    assert!(shared.db.registry.redrive("ontology-worker", event_id).await.unwrap());
+    assert_eq!(handler.handle(&class[2], &stop).await.unwrap(), Disposition::Done);
+    let fourth = waiting.await.unwrap();
+    let (_, outcomes) = app.get("/aggregates/OntologyClass/g:main:C/events?kind=domain").await;
+    let labels: Vec<(u64, String)> = outcomes["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["sequence_number"].as_u64().unwrap(), e["data"]["state"]["label"].as_str().unwrap_or("").to_string()))
+        .collect();
+    assert_eq!(labels[..3], [(1, String::new()), (2, "v2".into()), (3, "v3".into())], "{labels:?}");
+    if fourth == Disposition::Done {
+        assert_eq!(labels.get(3), Some(&(4, "v4".to_string())));
+    }
 }

@@ -110,7 +110,8 @@ impl Pg {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         tx.batch_execute(
-            "SELECT pg_advisory_xact_lock(7363697065640001);
+            "SET LOCAL client_min_messages = warning;
+             SELECT pg_advisory_xact_lock(7363697065640001);
              CREATE TABLE IF NOT EXISTS spiced_migrations (
                  name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
         )

@@ -1,0 +1,114 @@
+//! Command workers as separate processes: killed at each step of a command, and two workers
+//! with one killed and replaced under load. Exactly one effect each time.
+
+mod common;
+
+use common::kafka::isolate_topics;
+use common::process::Spiced;
+use common::{isolated_config, spawn_with, Backend, TestApp};
+use serde_json::json;
+use spiced::relay::{run_with, RelayOptions};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+struct Setup {
+    app: TestApp,
+    relay: CancellationToken,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.relay.cancel();
+    }
+}
+
+async fn setup() -> Setup {
+    let (mut config, dir) = isolated_config(Backend::S3Postgres).await;
+    isolate_topics(&mut config);
+    config.worker.lease_ms = 3000;
+    config.worker.heartbeat_ms = 1000;
+    config.worker.backoff_base_ms = 50;
+    let app = spawn_with(config.clone(), dir).await;
+    let relay = CancellationToken::new();
+    tokio::spawn(run_with(config, RelayOptions::default(), relay.clone(), Default::default()));
+    Setup { app, relay, dir: tempfile::tempdir().unwrap() }
+}
+
+fn worker(s: &Setup, env: &[(&str, String)]) -> Spiced {
+    Spiced::spawn(&["worker"], &s.app.config, s.dir.path(), env)
+}
+
+async fn create_db(app: &TestApp, name: &str) -> String {
+    let (s, b) = app.post("/databases", json!({"name": name})).await;
+    assert_eq!(s, 202, "{b}");
+    b["command_id"].as_str().unwrap().to_string()
+}
+
+/// One outcome in the log for the database, and the command COMPLETED.
+async fn exactly_one_effect(app: &TestApp, name: &str, command_id: &str) {
+    let status = app.wait_command(command_id, WAIT).await;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+    let (_, events) = app.get(&format!("/aggregates/Database/{name}/events?kind=domain")).await;
+    let outcomes = events["events"].as_array().unwrap();
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    assert_eq!(outcomes[0]["event_type"], "DATABASE_CREATED");
+}
+
+async fn killed_at(point: &str) {
+    let s = setup().await;
+    let id = create_db(&s.app, "victim").await;
+    let mut doomed = worker(&s, &[("SPICED_WORKER__CRASH_AT", point.to_string())]);
+    let status = doomed.wait_exit(WAIT).await;
+    assert!(!status.success(), "the worker should have aborted at {point}: {status}");
+    let _worker = worker(&s, &[]);
+    exactly_one_effect(&s.app, "victim", &id).await;
+    // And the pipeline goes on.
+    let next = create_db(&s.app, "after").await;
+    exactly_one_effect(&s.app, "after", &next).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_killed_after_claim() {
+    killed_at("after_claim").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_killed_after_effect() {
+    killed_at("after_effect").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_killed_after_outcome_append() {
+    killed_at("after_outcome").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_killed_before_offset_commit() {
+    killed_at("before_commit").await
+}
+
+/// Two workers share the partitions; one is killed under load and replaced (a rebalance each
+/// way). Every command completes with exactly one outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_and_replacing_a_worker_under_load_loses_and_duplicates_nothing() {
+    let s = setup().await;
+    let mut a = worker(&s, &[]);
+    let _b = worker(&s, &[]);
+    let mut ids = Vec::new();
+    for i in 0..120 {
+        ids.push((format!("db{i}"), create_db(&s.app, &format!("db{i}")).await));
+        if i == 40 {
+            a.signal("KILL");
+            a.wait_exit(WAIT).await;
+        }
+        if i == 60 {
+            a = worker(&s, &[]);
+        }
+    }
+    for (name, id) in &ids {
+        exactly_one_effect(&s.app, name, id).await;
+    }
+}
