@@ -422,7 +422,7 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 /// without the `__` separator is an error rather than silently ignored.
 fn apply_env(tree: &mut toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
     let Some(rest) = var.strip_prefix("SPICED_") else { return Ok(()) };
-    if rest == "CONFIG" || rest.starts_with("TEST_") || rest == "LOG" {
+    if rest == "CONFIG" || rest == "LOG" || rest.starts_with("TEST_") || rest.starts_with("BENCH_") {
         return Ok(());
     }
     let env_err = |reason: &str| ConfigError::Env { var: var.to_string(), reason: reason.into() };

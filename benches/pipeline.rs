@@ -1,0 +1,254 @@
+//! End-to-end benchmark: API -> log -> relay -> Kafka -> 2 worker processes -> outcome in the
+//! log. Prints commands completed per second, and 202-to-outcome latency at 500 commands/s,
+//! with each process's CPU share. Run through `scripts/bench.sh`.
+
+use serde_json::json;
+use spiced::config::{Config, Secret};
+use spiced::log::writer::LogWriter;
+use spiced::relay::{run_with, RelayOptions};
+use spiced::serve::{open_storage, router, AppState};
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+async fn config() -> Config {
+    let admin = std::env::var("SPICED_TEST_PG_URL").expect("run scripts/bench.sh");
+    let name = format!("spiced_bench_{}", Uuid::new_v4().simple());
+    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    let mut url = url::Url::parse(&admin).unwrap();
+    url.set_path(&name);
+    let mut c = Config::dev();
+    c.database.url = Secret::new(url.to_string());
+    c.database.pool_size = 16;
+    c.log.url = format!("s3://{}/bench-{}", std::env::var("SPICED_TEST_S3_BUCKET").unwrap(), Uuid::new_v4().simple());
+    c.log.s3.endpoint = std::env::var("SPICED_TEST_S3_ENDPOINT").unwrap();
+    c.log.s3.allow_http = true;
+    c.log.s3.path_style = true;
+    c.kafka.brokers = std::env::var("SPICED_TEST_KAFKA_BROKERS").unwrap();
+    let p = format!("b{}", Uuid::new_v4().simple());
+    for t in [
+        &mut c.topics.database_commands, &mut c.topics.ontology_commands, &mut c.topics.instance_commands,
+        &mut c.topics.ontology_events, &mut c.topics.instance_events, &mut c.relay.dead_letter_topic,
+        &mut c.worker.ontology_dead_letter_topic, &mut c.worker.instance_dead_letter_topic,
+    ] {
+        *t = format!("{p}_{t}");
+    }
+    c.worker.group_prefix = p;
+    c.worker.session_timeout_ms = 6000;
+    c.relay.poll_interval_ms = 20;
+    c
+}
+
+/// Concurrent HTTP clients for the throughput run.
+const CLIENTS: usize = 128;
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn pids_named(name: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains(name))
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+struct Pipeline {
+    base: String,
+    config: Config,
+    workers: Vec<Child>,
+    stop: CancellationToken,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
+
+async fn start() -> Pipeline {
+    let config = config().await;
+    let (db, log) = open_storage(&config).await.unwrap();
+    let tasks = TaskTracker::new();
+    let writer = LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks).await.unwrap();
+    let state = AppState { config: Arc::new(config.clone()), db, log, writer };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let stop = CancellationToken::new();
+    tokio::spawn(run_with(config.clone(), RelayOptions::default(), stop.clone(), Arc::default()));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("spiced.toml");
+    std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
+    let workers = (0..2)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_spiced"))
+                .args(["worker", "--config"])
+                .arg(&file)
+                .env("SPICED_DATABASE__URL", config.database.url.expose())
+                .env("SPICED_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    Pipeline { base, config, workers, stop, dir }
+}
+
+/// Outcomes in the log per command id, with the outcome's time.
+async fn outcomes(config: &Config) -> HashMap<Uuid, chrono::DateTime<chrono::Utc>> {
+    let (db, log) = open_storage(config).await.unwrap();
+    let head = db.index.head().await.unwrap();
+    let mut out = HashMap::new();
+    for p in 1..=head {
+        if let Some(seg) = log.get_segment(p).await.unwrap() {
+            for e in seg.events.iter().filter(|e| e.kind() == Some(spiced::envelope::Kind::Domain)) {
+                out.insert(e.command_id().unwrap(), e.occurred_at);
+            }
+        }
+    }
+    out
+}
+
+async fn count_outcomes(config: &Config) -> i64 {
+    let (client, conn) = tokio_postgres::connect(config.database.url.expose(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.query_one("SELECT count(*) FROM log_index WHERE kind = 'domain'", &[]).await.unwrap().get(0)
+}
+
+async fn send(http: &reqwest::Client, base: &str, name: String) -> (Uuid, chrono::DateTime<chrono::Utc>) {
+    let r = http.post(format!("{base}/databases")).json(&json!({"name": name})).send().await.unwrap();
+    let at = chrono::Utc::now();
+    let body: serde_json::Value = r.json().await.unwrap();
+    (body["command_id"].as_str().unwrap().parse().unwrap(), at)
+}
+
+async fn wait_outcomes(config: &Config, n: i64, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    while count_outcomes(config).await < n {
+        assert!(start.elapsed() < timeout, "only {} of {n} outcomes after {timeout:?}", count_outcomes(config).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start.elapsed()
+}
+
+async fn throughput(p: &Pipeline, n: usize) {
+    let http = reqwest::Client::new();
+    // Warm-up: the workers join their group and the first command completes.
+    send(&http, &p.base, "warmup".into()).await;
+    wait_outcomes(&p.config, 1, Duration::from_secs(60)).await;
+    let procs = processes(p);
+    let cpu0: Vec<f64> = procs.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    let started = Instant::now();
+    let sends = futures::stream::iter(0..n)
+        .map(|i| send(&http, &p.base, format!("t{i}")));
+    use futures::StreamExt;
+    sends.buffer_unordered(CLIENTS).collect::<Vec<_>>().await;
+    let accepted = started.elapsed();
+    wait_outcomes(&p.config, n as i64 + 1, Duration::from_secs(300)).await;
+    let elapsed = started.elapsed();
+    println!(
+        "end to end: {n} commands accepted in {:.2} s, all completed in {:.2} s = {:.0} commands/s completed",
+        accepted.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        n as f64 / elapsed.as_secs_f64()
+    );
+    let mut shares: Vec<(String, f64)> = Vec::new();
+    for ((name, pid), before) in procs.iter().zip(cpu0) {
+        let share = 100.0 * (cpu_seconds(*pid) - before) / elapsed.as_secs_f64();
+        match shares.iter_mut().find(|(n, _)| n == name) {
+            Some((_, total)) => *total += share,
+            None => shares.push((name.clone(), share)),
+        }
+    }
+    for (name, share) in shares {
+        println!("  CPU {name:<22} {share:>5.0}% of one core");
+    }
+}
+
+fn processes(p: &Pipeline) -> Vec<(String, u32)> {
+    let mut v = vec![("bench (api+relay)".to_string(), std::process::id())];
+    v.extend(p.workers.iter().enumerate().map(|(i, w)| (format!("worker {i}"), w.id())));
+    for (name, pattern) in [("postgres", "postgres:"), ("moto (S3)", "moto_server"), ("tansu (Kafka)", "tansu")] {
+        for pid in pids_named(pattern) {
+            v.push((name.to_string(), pid));
+        }
+    }
+    v
+}
+
+async fn latency(p: &Pipeline, rate: u64, secs: u64) {
+    let http = reqwest::Client::new();
+    let sent: Arc<Mutex<HashMap<Uuid, chrono::DateTime<chrono::Utc>>>> = Arc::default();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    let mut tasks = Vec::new();
+    for i in 0..rate * secs {
+        tick.tick().await;
+        let (http, base, sent) = (http.clone(), p.base.clone(), sent.clone());
+        tasks.push(tokio::spawn(async move {
+            let (id, at) = send(&http, &base, format!("l{i}")).await;
+            sent.lock().unwrap().insert(id, at);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let before = count_outcomes(&p.config).await;
+    let _ = before;
+    let total = (rate * secs) as i64;
+    let already = count_outcomes(&p.config).await;
+    wait_outcomes(&p.config, already.max(total), Duration::from_secs(120)).await;
+    let done = outcomes(&p.config).await;
+    let sent = sent.lock().unwrap().clone();
+    let mut lat: Vec<Duration> = sent
+        .iter()
+        .filter_map(|(id, at)| done.get(id).map(|d| (*d - *at).to_std().unwrap_or_default()))
+        .collect();
+    lat.sort();
+    println!(
+        "202 -> COMPLETED at {rate} commands/s for {secs} s: {} of {} completed; p50 {:.0} ms, p99 {:.0} ms",
+        lat.len(),
+        sent.len(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::var("SPICED_BENCH_COMMANDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5000);
+    let secs = std::env::var("SPICED_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let p = start().await;
+    throughput(&p, n).await;
+    drop(p);
+    let p = start().await;
+    let http = reqwest::Client::new();
+    send(&http, &p.base, "warmup".into()).await;
+    wait_outcomes(&p.config, 1, Duration::from_secs(60)).await;
+    latency(&p, 500, secs).await;
+    let _ = &p.dir;
+}
