@@ -16,4 +16,5 @@ pub mod project;
 pub mod relay;
 pub mod serve;
 pub mod shutdown;
+pub mod systemd;
 pub mod worker;

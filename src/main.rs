@@ -22,6 +22,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref(), std::env::vars())?;
     let shutdown = CancellationToken::new();
     spiced::shutdown::install(shutdown.clone())?;
+    spiced::systemd::spawn_watchdog(shutdown.clone());
     match cli.command {
         Command::Serve => spiced::serve::run(config, shutdown).await,
         Command::Relay(args) => {

@@ -11,6 +11,7 @@ pub fn install(token: CancellationToken) -> std::io::Result<()> {
     tokio::spawn(async move {
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         tracing::info!("shutdown requested; finishing in-flight work (signal again to exit now)");
+        crate::systemd::stopping();
         token.cancel();
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         tracing::warn!("second signal: exiting immediately");

@@ -69,6 +69,7 @@ pub async fn run_with(
     if config.relay.create_topics {
         ensure_topics(&config.kafka, &all_topics(&config)).await?;
     }
+    crate::systemd::ready();
     match options.republish {
         Some((from, to)) => relay.republish(from, to).await,
         None => relay.lead_or_wait(&options, &shutdown).await,

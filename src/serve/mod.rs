@@ -124,6 +124,7 @@ pub async fn run_on(config: Config, listener: TcpListener, shutdown: Cancellatio
 /// Serves the API over ready-made state until `shutdown`.
 pub async fn serve_state(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "spiced serve listening");
+    crate::systemd::ready();
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;

@@ -161,6 +161,7 @@ pub async fn run_roles(config: Config, requested: &[String], shutdown: Cancellat
     ensure_topics(&config.kafka, &topics).await?;
     let dead_letters = producer(&config.kafka)?;
     tracing::info!(roles = ?roles.iter().map(|r| r.name()).collect::<Vec<_>>(), owner = %shared.owner, "spiced worker starting");
+    crate::systemd::ready();
     let results = futures::future::join_all(
         roles.iter().map(|role| consume_role(&shared, *role, &dead_letters, &shutdown)),
     )

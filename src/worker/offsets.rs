@@ -20,6 +20,8 @@ impl Offsets {
         let p = self.partitions.entry((topic.to_string(), partition)).or_default();
         p.in_flight.insert(offset);
         p.highest = Some(p.highest.map_or(offset, |h| h.max(offset)));
+        // Nothing before the first message seen here is ours to commit.
+        p.committed.get_or_insert(offset);
     }
 
     /// Marks a message finished; returns the offset to commit (the next one to read) if it

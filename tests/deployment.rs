@@ -1,0 +1,97 @@
+//! The deployment files: systemd units verify, the install script stages a working tree, and
+//! `spiced` tells systemd when it is ready.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn systemd_units_verify() {
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        println!("SKIPPED: systemd-analyze is not installed on this machine");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut units = Vec::new();
+    for entry in std::fs::read_dir(repo().join("systemd")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Point ExecStart at the binary under test so the check can find it.
+        let text = text.replace("/usr/local/bin/spiced", env!("CARGO_BIN_EXE_spiced"));
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        std::fs::write(dir.path().join(&name), text).unwrap();
+        units.push(name.replace("@.service", "@instance.service"));
+    }
+    assert_eq!(units.len(), 4, "serve, relay, worker@, project: {units:?}");
+    let out = Command::new("systemd-analyze").arg("verify").args(&units).current_dir(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {stderr}");
+}
+
+#[test]
+fn install_script_stages_everything_and_is_idempotent() {
+    let root = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let out = Command::new("bash")
+            .arg(repo().join("scripts/install.sh"))
+            .env("SPICED_INSTALL_ROOT", root.path())
+            .env("SPICED_BINARY", env!("CARGO_BIN_EXE_spiced"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for file in [
+        "usr/local/bin/spiced",
+        "etc/spiced/spiced.toml",
+        "etc/spiced/spiced.env",
+        "etc/systemd/system/spiced-serve.service",
+        "etc/systemd/system/spiced-worker@.service",
+    ] {
+        assert!(root.path().join(file).exists(), "{file} not installed");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(root.path().join("etc/spiced/spiced.env")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "the secrets file is private");
+    // The installed example config is valid.
+    let out = Command::new(root.path().join("usr/local/bin/spiced"))
+        .args(["config", "check", "--config"])
+        .arg(root.path().join("etc/spiced/spiced.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn serve_tells_systemd_it_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("notify.sock");
+    let listener = UnixDatagram::bind(&socket).unwrap();
+    listener.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let port = common::process::free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spiced"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("NOTIFY_SOCKET", &socket)
+        .env("SPICED_SERVE__LISTEN", format!("127.0.0.1:{port}"))
+        .env("SPICED_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = listener.recv(&mut buf).expect("a readiness notification");
+    assert_eq!(&buf[..n], b"READY=1");
+    // By then the API answers.
+    let r = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let n = listener.recv(&mut buf).expect("a stopping notification");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM exits 0: {status}");
+}
