@@ -40,10 +40,36 @@ pub enum Command {
     Dev,
     /// Apply database migrations.
     Migrate,
+    /// Inspect and re-drive dead letters of the command workers.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
         action: ConfigAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List the dead letters of a role.
+    List {
+        #[arg(long, default_value = "instance")]
+        role: String,
+    },
+    /// Print one dead letter in full.
+    Show {
+        event_id: uuid::Uuid,
+        #[arg(long, default_value = "instance")]
+        role: String,
+    },
+    /// Make a failed command runnable again and publish it to its topic.
+    Redrive {
+        event_id: uuid::Uuid,
+        #[arg(long, default_value = "instance")]
+        role: String,
     },
 }
 

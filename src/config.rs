@@ -62,7 +62,8 @@ pub struct WorkerConfig {
     pub instance_dead_letter_topic: String,
     /// Kafka `session.timeout.ms` of the worker consumers.
     pub session_timeout_ms: u64,
-    /// Testing only: abort at `after_claim`, `after_effect`, `after_outcome` or `before_commit`.
+    /// Testing only: abort at `after_claim`, `after_effect`, `after_outcome` or `before_commit`,
+    /// or freeze with SIGSTOP after the claim (`stop_after_claim`).
     pub crash_at: String,
 }
 
@@ -387,8 +388,8 @@ impl Config {
         if let Some(role) = w.roles.iter().find(|r| !matches!(r.as_str(), "ontology" | "instance")) {
             return Err(invalid("worker.roles", format!("unknown role {role:?}; roles are ontology and instance")));
         }
-        if !matches!(w.crash_at.as_str(), "" | "after_claim" | "after_effect" | "after_outcome" | "before_commit") {
-            return Err(invalid("worker.crash_at", "must be empty, after_claim, after_effect, after_outcome or before_commit"));
+        if !matches!(w.crash_at.as_str(), "" | "after_claim" | "after_effect" | "after_outcome" | "before_commit" | "stop_after_claim") {
+            return Err(invalid("worker.crash_at", "must be empty, after_claim, after_effect, after_outcome, before_commit or stop_after_claim"));
         }
         if !matches!(r.crash_at.as_str(), "" | "after_produce" | "after_delivery" | "during_checkpoint") {
             return Err(invalid(

@@ -12,6 +12,7 @@ pub mod dev;
 pub mod domain;
 pub mod envelope;
 pub mod log;
+pub mod ops;
 pub mod project;
 pub mod relay;
 pub mod serve;

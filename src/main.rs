@@ -37,6 +37,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: {} migration(s) applied {:?}", db.backend_name(), applied.len(), applied);
             Ok(())
         }
+        Command::Dlq { action } => {
+            use spiced::cli::DlqAction;
+            use spiced::ops::dlq;
+            let role = |name: &str| {
+                spiced::worker::Role::parse(name).ok_or_else(|| anyhow::anyhow!("unknown role {name:?} (ontology, instance)"))
+            };
+            match action {
+                DlqAction::List { role: r } => dlq::list(&config, role(&r)?).await,
+                DlqAction::Show { event_id, role: r } => dlq::show(&config, role(&r)?, event_id).await,
+                DlqAction::Redrive { event_id, role: r } => dlq::redrive(&config, role(&r)?, event_id).await,
+            }
+        }
         Command::Config { action: ConfigAction::Check } => {
             print!("{}", config.to_redacted_toml());
             Ok(())

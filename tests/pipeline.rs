@@ -119,3 +119,56 @@ async fn poison_messages_are_dead_lettered_and_the_partition_flows() {
     assert_eq!(bodies.iter().filter(|b| b["error"].as_str().unwrap().contains("metadata.kind")).count(), 3);
     let _ = Uuid::nil();
 }
+
+/// A command that fails its last attempt is dead-lettered and stays FAILED when redelivered;
+/// `spiced dlq redrive` makes it run again and it completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_commands_stay_failed_until_redriven() {
+    let (mut config, dir) = isolated_config(Backend::S3Postgres).await;
+    isolate_topics(&mut config);
+    config.worker.max_attempts = 1;
+    config.worker.gap_wait_ms = 300;
+    let app = spawn_with(config.clone(), dir).await;
+    let stop = CancellationToken::new();
+    let _stop_on_drop = stop.clone().drop_guard();
+    let workers = stop.clone();
+    let worker_config = config.clone();
+    tokio::spawn(async move { spiced::worker::run_roles(worker_config, &[], workers).await.unwrap() });
+    let (_, created) = app.post("/databases", json!({"name": "r"})).await;
+    let (s, deleted) = app.delete("/databases/r?expected_seq=1").await;
+    assert_eq!(s, 202, "{deleted}");
+    // Deliver the delete (sequence 2) before the relay has published the create (sequence 1).
+    let (_, page) = app.get("/aggregates/Database/r/events?from_seq=2").await;
+    let delete = serde_json::to_vec(&page["events"][0]).unwrap();
+    producer(&app)
+        .send(FutureRecord::to(&config.topics.database_commands).key("r").payload(&delete), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let dlq = config.worker.ontology_dead_letter_topic.clone();
+    let letters = consume_until(&app.config, &[&dlq], WAIT, |r| !r.is_empty()).await;
+    let letter: serde_json::Value = serde_json::from_slice(&letters[0].payload).unwrap();
+    assert!(letter["error"].as_str().unwrap().contains("out of order"), "{letter}");
+    assert_eq!(letter["attempt_count"], 1);
+
+    tokio::spawn(run_with(config.clone(), RelayOptions::default(), stop.clone(), Default::default()));
+    let create_status = app.wait_command(created["command_id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(create_status["status"], "COMPLETED");
+    let delete_id = deleted["command_id"].as_str().unwrap();
+    let failed = app.wait_command(delete_id, WAIT).await;
+    assert_eq!(failed["status"], "FAILED", "the redelivered command does not run again: {failed}");
+    assert_eq!(failed["error"]["code"], "processing_error");
+
+    spiced::ops::dlq::redrive(&config, spiced::worker::Role::Ontology, delete_id.parse().unwrap()).await.unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, status) = app.get(&format!("/commands/{delete_id}")).await;
+        if status["status"] == "COMPLETED" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "re-driven command still {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, outcomes) = app.get("/aggregates/Database/r/events?kind=domain").await;
+    let types: Vec<&str> = outcomes["events"].as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["DATABASE_CREATED", "DATABASE_DELETED"]);
+}

@@ -112,3 +112,35 @@ async fn killing_and_replacing_a_worker_under_load_loses_and_duplicates_nothing(
         exactly_one_effect(&s.app, name, id).await;
     }
 }
+
+/// A worker frozen (SIGSTOP) while holding a claim, past its lease: another worker completes
+/// the command; resumed, the first commits nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_worker_loses_its_claim_and_commits_nothing() {
+    let s = setup().await;
+    let id = create_db(&s.app, "frozen").await;
+    let mut frozen = worker(&s, &[("SPICED_WORKER__CRASH_AT", "stop_after_claim".to_string())]);
+    // Wait until it holds the claim (its registry row says processing).
+    let event: uuid::Uuid = id.parse().unwrap();
+    let (db, _) = s.app.storage().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while db.registry.rows(event).await.unwrap().first().map(|r| r.status.as_str()) != Some("processing") {
+        assert!(std::time::Instant::now() < deadline, "the worker never claimed the command");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _other = worker(&s, &[]);
+    let status = s.app.wait_command(&id, WAIT).await;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+    frozen.signal("CONT");
+    // The resumed worker finds its lease gone; give it the time to try, then check the log.
+    let (_, events) = s.app.get("/aggregates/Database/frozen/events?kind=domain").await;
+    let outcome = &events["events"][0];
+    let frozen_pid = format!("-{}-", frozen.pid());
+    assert!(!outcome["metadata"]["worker"].as_str().unwrap().contains(&frozen_pid), "{outcome}");
+    let after = create_db(&s.app, "after-freeze").await;
+    exactly_one_effect(&s.app, "after-freeze", &after).await;
+    exactly_one_effect(&s.app, "frozen", &id).await;
+    let rows = db.registry.rows(event).await.unwrap();
+    assert_eq!((rows.len(), rows[0].status.as_str()), (1, "done"));
+    assert!(frozen.is_running(), "the resumed worker carries on");
+}

@@ -202,7 +202,9 @@ impl CommandHandler {
         let facts = self.state.facts(p.command_type, &payload, current.clone()).await?;
         let decision = decide(p.command_type, &payload, &facts);
         self.crash_point("after_effect");
-        if lost.is_cancelled() {
+        // Fencing: confirm the lease right before the effect, so a worker that was frozen past
+        // its lease (and has not heard from its heartbeat yet) commits nothing.
+        if lost.is_cancelled() || !self.registry.heartbeat(work).await? {
             return Err(Failure::LeaseLost);
         }
         let outcome = self.outcome_envelope(p, decision, current);
@@ -276,6 +278,7 @@ impl CommandHandler {
         metadata.insert("kind".into(), json!("domain"));
         metadata.insert("kafka_topic".into(), json!(self.role.events_topic(&self.config)));
         metadata.insert("service".into(), json!(self.role.handler()));
+        metadata.insert("worker".into(), json!(self.owner));
         EventEnvelope {
             event_id: domain_event_id(command_id, event_type, &p.envelope.aggregate_id),
             event_type: event_type.to_string(),
@@ -303,6 +306,12 @@ impl CommandHandler {
     }
 
     pub fn crash_point(&self, name: &str) {
+        if name == "after_claim" && self.config.worker.crash_at == "stop_after_claim" {
+            // Testing only: freeze this process (SIGSTOP) while it holds a claim.
+            eprintln!("spiced: worker.crash_at = stop_after_claim: stopping as configured (testing only)");
+            let _ = std::process::Command::new("kill").args(["-STOP", &std::process::id().to_string()]).status();
+            return;
+        }
         if self.config.worker.crash_at == name {
             eprintln!("spiced: worker.crash_at = {name}: aborting as configured (testing only)");
             std::process::abort();

@@ -1,0 +1,3 @@
+//! Operator tools: subcommands that inspect and repair, beside the pipeline roles.
+
+pub mod dlq;
