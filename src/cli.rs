@@ -40,6 +40,12 @@ pub enum Command {
     Dev,
     /// Apply database migrations.
     Migrate,
+    /// Check the log against its guarantees and the index against the log.
+    Verify {
+        /// Check segments from this position on (versions need the whole log).
+        #[arg(long, default_value_t = 1)]
+        from_position: u64,
+    },
     /// Inspect and re-drive dead letters of the command workers.
     Dlq {
         #[command(subcommand)]

@@ -37,6 +37,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: {} migration(s) applied {:?}", db.backend_name(), applied.len(), applied);
             Ok(())
         }
+        Command::Verify { from_position } => {
+            let report = spiced::ops::verify::run(&config, from_position).await?;
+            report.print();
+            anyhow::ensure!(report.violations() == 0, "{} violation(s) found", report.violations());
+            println!("verify: the log and its index hold every guarantee");
+            Ok(())
+        }
         Command::Dlq { action } => {
             use spiced::cli::DlqAction;
             use spiced::ops::dlq;

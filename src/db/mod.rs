@@ -66,6 +66,10 @@ pub trait LogIndex: Send + Sync + 'static {
     ) -> Result<Vec<String>, DbError>;
     /// Reachability, for readiness probes.
     async fn ping(&self) -> Result<(), DbError>;
+    /// Every index row, in position order (for `spiced verify`).
+    async fn all_rows(&self) -> Result<Vec<IndexRow>, DbError>;
+    /// Every aggregate's version (for `spiced verify`).
+    async fn all_versions(&self) -> Result<HashMap<AggregateKey, u64>, DbError>;
 }
 
 /// A batch in progress, holding the log-head lock until commit or rollback. Dropping it

@@ -278,6 +278,26 @@ impl LogIndex for Pg {
         client.simple_query("SELECT 1").await?;
         Ok(())
     }
+
+    async fn all_rows(&self) -> Result<Vec<IndexRow>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT event_id, command_id, fingerprint, aggregate_type, aggregate_id, kind, seq, position \
+                 FROM log_index ORDER BY position, aggregate_type, aggregate_id, kind, seq",
+                &[],
+            )
+            .await?;
+        rows.iter().map(row_to_index).collect()
+    }
+
+    async fn all_versions(&self) -> Result<HashMap<AggregateKey, u64>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query("SELECT aggregate_type, aggregate_id, last_seq FROM aggregate_versions", &[])
+            .await?;
+        Ok(key_map(&rows))
+    }
 }
 
 /// A batch transaction. The connection is only returned to the pool after `COMMIT` or

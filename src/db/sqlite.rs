@@ -11,6 +11,7 @@ use crate::envelope::Kind;
 use crate::log::plan::IndexRow;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -38,6 +39,8 @@ const SELECT_COMMAND_ROWS: &str = "SELECT event_id, command_id, fingerprint, agg
 const SELECT_OUTCOME_ROWS: &str = "SELECT event_id, command_id, fingerprint, aggregate_type, \
      aggregate_id, kind, seq, position FROM log_index WHERE command_id = ?1 AND kind = 'domain' \
      ORDER BY aggregate_type, aggregate_id, seq";
+const SELECT_ALL_OF_COMMAND: &str = "SELECT event_id, command_id, fingerprint, aggregate_type, \
+     aggregate_id, kind, seq, position FROM log_index WHERE command_id = ?1";
 const SELECT_EVENT_ROW: &str = "SELECT event_id, command_id, fingerprint, aggregate_type, \
      aggregate_id, kind, seq, position FROM log_index WHERE event_id = ?1";
 const SELECT_LAST: &str = "SELECT seq, position FROM log_index \
@@ -239,6 +242,33 @@ impl LogIndex for Lite {
         let conn = self.conn.lock().await;
         conn.query_row("SELECT 1", [], |_| Ok(()))?;
         Ok(())
+    }
+
+    async fn all_rows(&self) -> Result<Vec<IndexRow>, DbError> {
+        let conn = self.conn.lock().await;
+        let ids: Vec<String> = conn
+            .prepare("SELECT DISTINCT command_id FROM log_index")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut rows = Vec::new();
+        for id in ids {
+            let id = parse_uuid(id)?;
+            rows.extend(index_rows(&conn, SELECT_ALL_OF_COMMAND, id)?);
+        }
+        rows.sort_by(|a, b| (a.position, &a.key, a.kind.as_str(), a.seq).cmp(&(b.position, &b.key, b.kind.as_str(), b.seq)));
+        Ok(rows)
+    }
+
+    async fn all_versions(&self) -> Result<HashMap<AggregateKey, u64>, DbError> {
+        let conn = self.conn.lock().await;
+        let mut stmt = conn.prepare("SELECT aggregate_type, aggregate_id, last_seq FROM aggregate_versions")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(t, i, v)| Some((AggregateKey::new(AggregateType::parse(&t)?, i), v as u64)))
+            .collect())
     }
 }
 

@@ -197,6 +197,25 @@ impl EventLog {
         Ok(Some(Segment::decode(position, raw)?))
     }
 
+    /// Every written position, by listing the log (for `spiced verify` only: the write and
+    /// read paths never list).
+    pub async fn list_positions(&self) -> Result<Vec<u64>, LogError> {
+        use futures::TryStreamExt;
+        self.counts.lists.fetch_add(1, Ordering::Relaxed);
+        let prefix = if self.prefix.as_ref().is_empty() {
+            ObjectPath::from("log")
+        } else {
+            ObjectPath::from(format!("{}/log", self.prefix))
+        };
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        let mut positions: Vec<u64> = metas
+            .iter()
+            .filter_map(|m| m.location.filename()?.strip_suffix(".ndjson")?.parse().ok())
+            .collect();
+        positions.sort_unstable();
+        Ok(positions)
+    }
+
     /// Cheap reachability check for readiness probes: a HEAD of position 1 (absent is fine).
     pub async fn ping(&self) -> Result<(), LogError> {
         self.counts.gets.fetch_add(1, Ordering::Relaxed);

@@ -1,3 +1,4 @@
 //! Operator tools: subcommands that inspect and repair, beside the pipeline roles.
 
 pub mod dlq;
+pub mod verify;

@@ -1,0 +1,114 @@
+//! `spiced verify` passes on a healthy log and finds each kind of corruption planted in it.
+
+mod common;
+
+use common::{spawn_dev, Backend};
+use serde_json::json;
+use spiced::envelope::EventEnvelope;
+use spiced::ops::verify::{self, Report};
+use spiced::log::Segment;
+use std::time::Duration;
+
+backend_tests! {
+    a_healthy_log_verifies,
+    finds_every_planted_corruption,
+}
+
+/// A log with a few completed commands, written by `spiced dev`, which is then stopped so
+/// nothing else touches the storage while corruption is planted.
+async fn populated(backend: Backend) -> Stopped {
+    let app = spawn_dev(backend).await;
+    let (_, b) = app.post("/databases", json!({"name": "v"})).await;
+    app.wait_command(b["command_id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    let (_, b) = app.post("/databases/v/classes", json!({"id": "C"})).await;
+    app.wait_command(b["command_id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    for i in 0..5 {
+        let (_, b) = app.post("/databases/v/classes/C/instances", json!({"id": format!("i{i}"), "data": {}})).await;
+        app.wait_command(b["command_id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    }
+    let config = app.config.clone();
+    let dir = app.stop().await;
+    Stopped { config, _dir: dir }
+}
+
+struct Stopped {
+    config: spiced::config::Config,
+    _dir: tempfile::TempDir,
+}
+
+async fn report(app: &Stopped) -> Report {
+    verify::run(&app.config, 1).await.unwrap()
+}
+
+async fn a_healthy_log_verifies(backend: Backend) {
+    let app = populated(backend).await;
+    let r = report(&app).await;
+    assert_eq!(r.violations(), 0, "{r:?}");
+    assert_eq!(r.checks.len(), 8);
+}
+
+async fn sql(app: &Stopped, statement: &str) {
+    let url = app.config.database.url.expose();
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        rusqlite::Connection::open(path).unwrap().execute_batch(statement).unwrap();
+    } else {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client.batch_execute(statement).await.unwrap();
+    }
+}
+
+async fn storage(app: &Stopped) -> (spiced::db::Database, spiced::log::EventLog) {
+    (
+        spiced::db::Database::open(&app.config.database).await.unwrap(),
+        spiced::log::EventLog::open(&app.config.log).unwrap(),
+    )
+}
+
+async fn first_event(app: &Stopped) -> (u64, EventEnvelope) {
+    let (db, log) = storage(app).await;
+    let head = db.index.head().await.unwrap();
+    (head, log.get_segment(1).await.unwrap().unwrap().events[0].clone())
+}
+
+async fn finds_every_planted_corruption(backend: Backend) {
+    // Each corruption goes into a fresh log, so each check is seen failing on its own.
+    let plant: Vec<(&str, Box<dyn Fn(u64, EventEnvelope) -> (u64, Vec<EventEnvelope>)>)> = vec![
+        (verify::GAPLESS, Box::new(|head, e| (head + 2, vec![e]))),
+        (verify::UNIQUE_SEQ, Box::new(|head, mut e| {
+            e.event_id = uuid::Uuid::new_v4();
+            (head + 1, vec![e])
+        })),
+        (verify::UNIQUE_ID, Box::new(|head, mut e| {
+            e.aggregate_id = "other".into();
+            (head + 1, vec![e])
+        })),
+        (verify::AGG_GAPLESS, Box::new(|head, mut e| {
+            e.event_id = uuid::Uuid::new_v4();
+            e.sequence_number = Some(3);
+            (head + 1, vec![e])
+        })),
+    ];
+    for (check, corrupt) in plant {
+        let app = populated(backend).await;
+        let (head, event) = first_event(&app).await;
+        let (position, events) = corrupt(head, event);
+        let (_, log) = storage(&app).await;
+        log.put_segment(position, Segment::encode(&events)).await.unwrap();
+        let r = report(&app).await;
+        assert!(r.failed(check), "{check} not found: {r:?}");
+    }
+    let app = populated(backend).await;
+    sql(&app, "UPDATE aggregate_versions SET last_seq = 7 WHERE aggregate_id = 'v'").await;
+    assert!(report(&app).await.failed(verify::VERSIONS));
+    let app = populated(backend).await;
+    sql(&app, "DELETE FROM log_index WHERE aggregate_id = 'v:main:C:i3'").await;
+    assert!(report(&app).await.failed(verify::INDEX));
+    let app = populated(backend).await;
+    sql(&app, "UPDATE log_head SET position = position + 5").await;
+    assert!(report(&app).await.failed(verify::HEAD));
+    let app = populated(backend).await;
+    let (db, _) = storage(&app).await;
+    db.set_checkpoint(&app.config.relay.name, 10_000).await.unwrap();
+    assert!(report(&app).await.failed(verify::RELAY));
+}
