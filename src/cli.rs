@@ -46,6 +46,11 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         from_position: u64,
     },
+    /// Read the event log as NDJSON.
+    Log {
+        #[command(subcommand)]
+        action: LogAction,
+    },
     /// Inspect and re-drive dead letters of the command workers.
     Dlq {
         #[command(subcommand)]
@@ -55,6 +60,29 @@ pub enum Command {
     Config {
         #[command(subcommand)]
         action: ConfigAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LogAction {
+    /// Print the envelopes of one log position.
+    Get { position: u64 },
+    /// Print a range of the log (by position and/or RFC 3339 time, `to` exclusive for times).
+    Export {
+        #[arg(long)]
+        from_position: Option<u64>,
+        #[arg(long)]
+        to_position: Option<u64>,
+        #[arg(long)]
+        from_time: Option<chrono::DateTime<chrono::Utc>>,
+        #[arg(long)]
+        to_time: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Follow the log, printing envelopes as they are committed.
+    Tail {
+        /// Start here instead of at the next new position.
+        #[arg(long)]
+        from_position: Option<u64>,
     },
 }
 

@@ -44,6 +44,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("verify: the log and its index hold every guarantee");
             Ok(())
         }
+        Command::Log { action } => {
+            use spiced::cli::LogAction;
+            use spiced::ops::log;
+            match action {
+                LogAction::Get { position } => log::get(&config, position).await,
+                LogAction::Export { from_position, to_position, from_time, to_time } => {
+                    log::export(&config, log::Range { from_position, to_position, from_time, to_time }).await
+                }
+                LogAction::Tail { from_position } => log::tail(&config, from_position, shutdown).await,
+            }
+        }
         Command::Dlq { action } => {
             use spiced::cli::DlqAction;
             use spiced::ops::dlq;

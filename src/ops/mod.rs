@@ -1,4 +1,5 @@
 //! Operator tools: subcommands that inspect and repair, beside the pipeline roles.
 
 pub mod dlq;
+pub mod log;
 pub mod verify;

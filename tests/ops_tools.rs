@@ -1,0 +1,77 @@
+//! The operator tools on a `spiced dev` data directory, as a user runs them: `spiced log`,
+//! `spiced verify`, `spiced config check`, with no --config (the embedded defaults).
+
+mod common;
+
+use serde_json::json;
+use std::process::Command;
+use std::time::Duration;
+
+fn spiced(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_spiced"))
+        .args(args)
+        .current_dir(dir)
+        .env("SPICED_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tools_work_on_a_dev_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::process::free_port();
+    let mut dev = Command::new(env!("CARGO_BIN_EXE_spiced"))
+        .arg("dev")
+        .current_dir(dir.path())
+        .env("SPICED_SERVE__LISTEN", format!("127.0.0.1:{port}"))
+        .env("SPICED_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}/api/v1");
+    let mut ready = false;
+    for _ in 0..200 {
+        if http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready, "spiced dev did not become ready");
+    let mut last = String::new();
+    for name in ["a", "b", "c"] {
+        let r: serde_json::Value = http.post(format!("{base}/databases")).json(&json!({"name": name})).send().await.unwrap().json().await.unwrap();
+        last = r["command_id"].as_str().unwrap().to_string();
+    }
+    for _ in 0..400 {
+        let s: serde_json::Value = http.get(format!("{base}/commands/{last}")).send().await.unwrap().json().await.unwrap();
+        if s["status"] == "COMPLETED" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Command::new("kill").args(["-TERM", &dev.id().to_string()]).status().unwrap();
+    assert!(dev.wait().unwrap().success(), "spiced dev exits 0 on SIGTERM");
+
+    let out = spiced(dir.path(), &["log", "export"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|e| e["metadata"]["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "command").count(), 3);
+    assert_eq!(kinds.iter().filter(|k| **k == "domain").count(), 3, "each command has its outcome");
+    let out = spiced(dir.path(), &["log", "get", "1"]);
+    let first: serde_json::Value = serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(first, lines[0]);
+    let out = spiced(dir.path(), &["log", "export", "--from-position", "2", "--to-position", "2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("positions 2..=2"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = spiced(dir.path(), &["verify"]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = spiced(dir.path(), &["config", "check"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("[writer]"));
+    let out = spiced(dir.path(), &["log", "get", "999"]);
+    assert!(!out.status.success(), "a missing position is an error");
+}
