@@ -37,6 +37,8 @@ async fn config() -> Config {
     c.log.s3.allow_http = true;
     c.log.s3.path_style = true;
     c.kafka.brokers = std::env::var("SPICED_TEST_KAFKA_BROKERS").unwrap();
+    c.metrics.relay_listen = "127.0.0.1:0".into();
+    c.metrics.worker_listen = "127.0.0.1:0".into();
     let p = format!("b{}", Uuid::new_v4().simple());
     c.topics.database_commands = format!("{p}_database_commands");
     c.relay.dead_letter_topic = format!("{p}_dead_letters");

@@ -33,6 +33,19 @@ pub struct Config {
     pub relay: RelayConfig,
     /// The command workers (`spiced worker`).
     pub worker: WorkerConfig,
+    /// The operations listener of roles without an API.
+    pub metrics: MetricsConfig,
+}
+
+/// `/metrics`, `/healthz` and `/readyz` for `spiced relay` and `spiced worker` (the API roles
+/// serve them on their own port).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the relay's operations listener; empty disables it.
+    pub relay_listen: String,
+    /// Address of the worker's operations listener; empty disables it.
+    pub worker_listen: String,
 }
 
 /// Command workers.
@@ -472,7 +485,7 @@ mod tests {
         let c = Config::load(Some(&example), Vec::new()).unwrap();
         let text: toml::Table = std::fs::read_to_string(&example).unwrap().parse().unwrap();
         // Every section of the full config is documented in the example.
-        for section in ["log", "database", "serve", "writer", "topics", "kafka", "relay", "worker"] {
+        for section in ["log", "database", "serve", "writer", "topics", "kafka", "relay", "worker", "metrics"] {
             assert!(text.contains_key(section), "example lacks [{section}]");
         }
         assert!(c.database.url.expose().starts_with("postgres://"));

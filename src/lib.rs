@@ -18,4 +18,5 @@ pub mod relay;
 pub mod serve;
 pub mod shutdown;
 pub mod systemd;
+pub mod telemetry;
 pub mod worker;

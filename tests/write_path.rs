@@ -14,6 +14,7 @@ backend_tests! {
     bad_input_is_rejected_and_appends_nothing,
     accepted_commands_are_in_the_log_as_envelopes,
     bulk_create_is_atomic,
+    metrics_are_exported,
 }
 
 async fn create_class(app: &TestApp, db: &str, class: &str) {
@@ -300,4 +301,23 @@ async fn bulk_create_is_atomic(backend: Backend) {
     };
     assert_eq!(strip(&status["instances"]), strip(&b["instances"]));
     assert!(status["instances"].as_array().unwrap().iter().all(|i| i["status"] == "PENDING"), "no workers here");
+}
+
+/// `/metrics` is Prometheus text with the write path's counters.
+async fn metrics_are_exported(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (s, _) = app.post("/databases", json!({"name": "m"})).await;
+    assert_eq!(s, 202);
+    let text = app.http.get(app.base.replace("/api/v1", "/metrics")).send().await.unwrap().text().await.unwrap();
+    for name in [
+        "spiced_http_requests_total",
+        "spiced_http_request_duration_seconds_bucket",
+        "spiced_log_appends_total",
+        "spiced_group_commit_batch_size",
+        "spiced_s3_requests_total",
+        "spiced_log_head_position",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+    assert!(text.contains("route=\"/api/v1/databases\""), "{text}");
 }

@@ -160,6 +160,16 @@ impl EventLog {
         &self.counts
     }
 
+    fn count(&self, kind: &'static str) {
+        let counter = match kind {
+            "put" => &self.counts.puts,
+            "get" => &self.counts.gets,
+            _ => &self.counts.lists,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("spiced_s3_requests_total", "kind" => kind).increment(1);
+    }
+
     /// Counts this handle's requests into `counts` (shared with whoever reports them).
     pub fn with_counts(mut self, counts: Arc<RequestCounts>) -> Self {
         self.counts = counts;
@@ -170,7 +180,7 @@ impl EventLog {
     /// crashed attempt) owns this position; the caller must repair, never overwrite.
     pub async fn put_segment(&self, position: u64, body: Bytes) -> Result<(), LogError> {
         let path = self.segment_path(position);
-        self.counts.puts.fetch_add(1, Ordering::Relaxed);
+        self.count("put");
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         match self.store.put_opts(&path, PutPayload::from(body), opts).await {
             Ok(_) => {}
@@ -188,7 +198,7 @@ impl EventLog {
     /// Reads the segment at `position`, or `None` if that position is not written yet.
     pub async fn get_segment(&self, position: u64) -> Result<Option<Segment>, LogError> {
         let path = self.segment_path(position);
-        self.counts.gets.fetch_add(1, Ordering::Relaxed);
+        self.count("get");
         let raw = match self.store.get(&path).await {
             Ok(result) => result.bytes().await?,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -201,7 +211,7 @@ impl EventLog {
     /// read paths never list).
     pub async fn list_positions(&self) -> Result<Vec<u64>, LogError> {
         use futures::TryStreamExt;
-        self.counts.lists.fetch_add(1, Ordering::Relaxed);
+        self.count("list");
         let prefix = if self.prefix.as_ref().is_empty() {
             ObjectPath::from("log")
         } else {
@@ -218,7 +228,7 @@ impl EventLog {
 
     /// Cheap reachability check for readiness probes: a HEAD of position 1 (absent is fine).
     pub async fn ping(&self) -> Result<(), LogError> {
-        self.counts.gets.fetch_add(1, Ordering::Relaxed);
+        self.count("get");
         match self.store.head(&self.segment_path(1)).await {
             Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),

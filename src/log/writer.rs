@@ -215,6 +215,10 @@ impl Writer {
         self.crash_point("after_put");
         self.stats.segments.fetch_add(1, Ordering::Relaxed);
         self.stats.events.fetch_add(plan.envelopes.len() as u64, Ordering::Relaxed);
+        metrics::counter!("spiced_log_segments_total").increment(1);
+        metrics::counter!("spiced_log_appends_total").increment(plan.envelopes.len() as u64);
+        metrics::histogram!("spiced_group_commit_batch_size").record(plan.envelopes.len() as f64);
+        metrics::gauge!("spiced_log_head_position").set(position as f64);
         // The segment is durable: the commands are accepted whatever the index does next. If
         // the commit fails, the next batch finds position `p` taken and repairs the index.
         if let Err(e) = record_and_commit(tx, position, &plan.rows).await {
@@ -233,6 +237,7 @@ impl Writer {
         })?;
         record_and_commit(tx, position, &rows_of_segment(&segment)).await?;
         self.stats.repairs.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("spiced_log_repairs_total").increment(1);
         tracing::info!(position, events = segment.len(), "repaired the log index from a segment written by a crashed writer");
         Ok(())
     }

@@ -65,6 +65,11 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     let (db, log) = crate::serve::open_storage(&config).await?;
     let log = log.with_counts(stats.log_requests.clone());
+    let _ops = if options.republish.is_none() {
+        Some(crate::telemetry::start_ops(&config.metrics.relay_listen, crate::telemetry::storage_readiness(db.clone(), log.clone())).await?)
+    } else {
+        None
+    };
     let relay = Relay::new(&config, &db, log, stats)?;
     if config.relay.create_topics {
         ensure_topics(&config.kafka, &all_topics(&config)).await?;
@@ -268,7 +273,21 @@ impl Relay {
             }
             next = last + 1;
             self.stats.published_position.store(last, Ordering::Relaxed);
+            self.export_metrics();
         }
+    }
+
+    fn export_metrics(&self) {
+        let s = &self.stats;
+        let published = s.published_position.load(Ordering::Relaxed);
+        let head = s.head_position.load(Ordering::Relaxed).max(published);
+        metrics::gauge!("spiced_relay_published_position").set(published as f64);
+        metrics::gauge!("spiced_relay_log_head_position").set(head as f64);
+        metrics::gauge!("spiced_relay_lag_positions").set((head - published) as f64);
+        metrics::gauge!("spiced_relay_lag_seconds").set(s.lag_seconds.load(Ordering::Relaxed) as f64);
+        metrics::counter!("spiced_relay_events_published_total").absolute(s.events_published.load(Ordering::Relaxed));
+        metrics::counter!("spiced_relay_dead_letters_total").absolute(s.dead_lettered.load(Ordering::Relaxed));
+        metrics::counter!("spiced_relay_produce_errors_total").absolute(s.produce_errors.load(Ordering::Relaxed));
     }
 
     fn note_lag(&self, segments: &[Segment]) {

@@ -72,10 +72,12 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/api/v1", api)
         .route("/healthz", get(reads::healthz))
+        .route("/metrics", get(crate::telemetry::render))
         .route("/readyz", get(reads::readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.serve.max_body_bytes))
+        .layer(axum::middleware::from_fn(crate::telemetry::track_http))
         .with_state(state)
 }
 
@@ -123,6 +125,7 @@ pub async fn run_on(config: Config, listener: TcpListener, shutdown: Cancellatio
 
 /// Serves the API over ready-made state until `shutdown`.
 pub async fn serve_state(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    crate::telemetry::metrics();
     tracing::info!(addr = %listener.local_addr()?, "spiced serve listening");
     crate::systemd::ready();
     axum::serve(listener, router(state))

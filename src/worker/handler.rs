@@ -51,6 +51,16 @@ impl From<crate::db::DbError> for Failure {
     }
 }
 
+fn claim_name(claim: &Claim) -> &'static str {
+    match claim {
+        Claim::Claimed { .. } => "claimed",
+        Claim::DuplicateDone => "duplicate",
+        Claim::InProgress => "in_progress",
+        Claim::Stale => "stale",
+        Claim::Failed => "failed",
+    }
+}
+
 /// A command message, checked.
 struct Parsed {
     envelope: EventEnvelope,
@@ -103,7 +113,11 @@ impl CommandHandler {
             if shutdown.is_cancelled() {
                 return Err(Interrupted);
             }
-            let attempt = match self.registry.claim(&work, lease).await {
+            let claim = self.registry.claim(&work, lease).await;
+            if let Ok(c) = &claim {
+                metrics::counter!("spiced_worker_claims_total", "handler" => self.role.handler(), "outcome" => claim_name(c)).increment(1);
+            }
+            let attempt = match claim {
                 Ok(Claim::Claimed { attempt }) => attempt,
                 Ok(Claim::DuplicateDone | Claim::Stale | Claim::Failed) => return Ok(Disposition::Done),
                 Ok(Claim::InProgress) => {
@@ -123,10 +137,12 @@ impl CommandHandler {
             match self.run_leased(&parsed, &work).await {
                 Ok(()) => return Ok(Disposition::Done),
                 Err(Failure::LeaseLost) => {
+                    metrics::counter!("spiced_worker_leases_lost_total", "handler" => self.role.handler()).increment(1);
                     tracing::warn!("lease lost; the new owner finishes the command");
                     return Ok(Disposition::Done);
                 }
                 Err(Failure::Retryable(error)) if attempt >= self.config.worker.max_attempts => {
+                    metrics::counter!("spiced_worker_dead_letters_total", "handler" => self.role.handler()).increment(1);
                     tracing::error!(attempt, error, "command failed after its last attempt");
                     if let Err(e) = self.registry.mark_failed(&work, &error).await {
                         tracing::warn!(error = %e, "could not mark the command failed");
@@ -134,6 +150,7 @@ impl CommandHandler {
                     return Ok(Disposition::DeadLetter { reason: error, attempts: attempt });
                 }
                 Err(Failure::Retryable(error)) => {
+                    metrics::counter!("spiced_worker_retries_total", "handler" => self.role.handler()).increment(1);
                     tracing::warn!(attempt, error, "attempt failed; will retry");
                     if let Err(e) = self.registry.mark_retrying(&work, &error).await {
                         tracing::warn!(error = %e, "could not mark the command retrying");
@@ -243,6 +260,7 @@ impl CommandHandler {
                 return Ok(Some(state));
             }
             if !logged {
+                metrics::counter!("spiced_worker_gap_waits_total", "handler" => self.role.handler()).increment(1);
                 tracing::info!(last_outcome = last, "waiting for the outcome of sequence {}", p.seq - 1);
                 logged = true;
             }

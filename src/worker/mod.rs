@@ -160,6 +160,11 @@ pub async fn run_roles(config: Config, requested: &[String], shutdown: Cancellat
     topics.extend(roles.iter().map(|r| r.dead_letter_topic(&config).to_string()));
     ensure_topics(&config.kafka, &topics).await?;
     let dead_letters = producer(&config.kafka)?;
+    let _ops = crate::telemetry::start_ops(
+        &config.metrics.worker_listen,
+        crate::telemetry::storage_readiness(shared.db.clone(), shared.log.clone()),
+    )
+    .await?;
     tracing::info!(roles = ?roles.iter().map(|r| r.name()).collect::<Vec<_>>(), owner = %shared.owner, "spiced worker starting");
     crate::systemd::ready();
     let results = futures::future::join_all(

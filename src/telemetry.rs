@@ -1,0 +1,119 @@
+//! Metrics (Prometheus text format) and the operations listener that every role can expose:
+//! `/metrics`, `/healthz`, `/readyz`.
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process's metrics recorder, installed on first use.
+pub fn metrics() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        PrometheusBuilder::new()
+            .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+            .expect("bucket list is not empty")
+            .install_recorder()
+            .expect("spiced installs the only metrics recorder")
+    })
+}
+
+/// `GET /metrics`.
+pub async fn render() -> impl IntoResponse {
+    ([("content-type", "text/plain; version=0.0.4")], metrics().render())
+}
+
+/// Counts requests and their latency by route, method and status.
+pub async fn track_http(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = request.method().to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("spiced_http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
+        .increment(1);
+    metrics::histogram!("spiced_http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// A readiness check: `Ok` when the role's dependencies answer.
+pub type Readiness = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+async fn ready(State(check): State<Readiness>) -> Response {
+    match check().await {
+        Ok(()) => (StatusCode::OK, axum::Json(serde_json::json!({"status": "ready"}))).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "unavailable", "error": e})),
+        )
+            .into_response(),
+    }
+}
+
+/// The operations listener of a role without an API (relay, worker): bound at start so a
+/// taken port fails the role at once; serves until the returned guard is dropped.
+pub async fn start_ops(listen: &str, readiness: Readiness) -> anyhow::Result<OpsGuard> {
+    let stop = CancellationToken::new();
+    if listen.is_empty() {
+        return Ok(OpsGuard { stop, task: None });
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on the metrics address {listen}: {e}"))?;
+    let task = tokio::spawn(serve_ops(listener, readiness, stop.clone()));
+    Ok(OpsGuard { stop, task: Some(task) })
+}
+
+/// Stops the operations listener when dropped.
+pub struct OpsGuard {
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Drop for OpsGuard {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            drop(task);
+        }
+    }
+}
+
+async fn serve_ops(listener: tokio::net::TcpListener, readiness: Readiness, shutdown: CancellationToken) -> anyhow::Result<()> {
+    metrics();
+    let app = Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .with_state(readiness);
+    tracing::info!(addr = %listener.local_addr()?, "operations endpoints listening");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    Ok(())
+}
+
+/// Readiness of the storage every role uses: the log store and the database.
+pub fn storage_readiness(db: crate::db::Database, log: crate::log::EventLog) -> Readiness {
+    Arc::new(move || {
+        let (db, log) = (db.clone(), log.clone());
+        Box::pin(async move {
+            let (l, d) = tokio::join!(log.ping(), db.index.ping());
+            l.map_err(|e| format!("log: {e}"))?;
+            d.map_err(|e| format!("database: {e}"))?;
+            Ok(())
+        })
+    })
+}
