@@ -104,7 +104,7 @@ async fn latency(rate: u64, secs: u64) {
     let (db, log) = open_storage(&config).await.unwrap();
     let tasks = TaskTracker::new();
     let writer = LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks).await.unwrap();
-    let state = AppState { config: Arc::new(config.clone()), db, log, writer };
+    let state = AppState::new(config.clone(), db, log, writer).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router(state)).await });

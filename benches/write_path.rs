@@ -10,7 +10,6 @@ use spiced::config::{Config, Secret};
 use spiced::log::writer::LogWriter;
 use spiced::log::EventLog;
 use spiced::serve::{open_storage, router, AppState};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -28,7 +27,7 @@ async fn start(config: Config) -> Server {
     let writer = LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks)
         .await
         .expect("writer");
-    let state = AppState { config: Arc::new(config), db, log: log.clone(), writer };
+    let state = AppState::new(config, db, log.clone(), writer).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router(state)).await });

@@ -50,6 +50,12 @@ if [[ ! -e "${ROOT}/etc/spiced/spiced.env" ]]; then
 ENV
 fi
 
+if [[ ! -e "${ROOT}/etc/spiced/tokens" ]]; then
+    say "writing ${ROOT}/etc/spiced/tokens (API bearer tokens, mode 0600)"
+    install -m 0600 /dev/null "${ROOT}/etc/spiced/tokens"
+    echo "# name scope token   (scope: read, write or admin; one token per line)" > "${ROOT}/etc/spiced/tokens"
+fi
+
 for unit in systemd/*.service; do
     say "installing unit $(basename "$unit")"
     install -D -m 0644 "$unit" "${ROOT}/etc/systemd/system/$(basename "$unit")"
@@ -57,6 +63,7 @@ done
 
 if [[ -z "$ROOT" ]]; then
     chown -R root:spiced /etc/spiced
+    chmod 0640 /etc/spiced/tokens /etc/spiced/spiced.env
     chown spiced:spiced /var/lib/spiced
     if [[ -d /run/systemd/system ]]; then
         systemctl daemon-reload

@@ -9,6 +9,9 @@ pub struct Cli {
     /// Configuration file (TOML). Without it, the embedded defaults of `spiced dev` apply.
     #[arg(long, global = true, env = "SPICED_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Allow `serve`/`dev` to listen on a non-loopback address with no auth tokens.
+    #[arg(long, global = true)]
+    pub insecure_no_auth: bool,
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -35,6 +35,34 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// The operations listener of roles without an API.
     pub metrics: MetricsConfig,
+    /// API access control.
+    pub auth: AuthConfig,
+}
+
+/// Bearer tokens for the API. With none, the API is open, which is only allowed on a loopback
+/// address or with `--insecure-no-auth`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Tokens given inline.
+    pub tokens: Vec<TokenConfig>,
+    /// A file of `name scope token` lines (readable only by spiced), read at start.
+    pub token_file: String,
+    /// Set by `--insecure-no-auth` only: allow an open API on a non-loopback address.
+    #[serde(skip)]
+    pub insecure_no_auth: bool,
+}
+
+/// One bearer token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Shown as the `actor` of the commands it sends; never the secret.
+    pub name: String,
+    /// `read`, `write` or `admin`.
+    pub scope: String,
+    /// The secret itself.
+    pub token: Secret,
 }
 
 /// `/metrics`, `/healthz` and `/readyz` for `spiced relay` and `spiced worker` (the API roles
@@ -354,6 +382,14 @@ impl Config {
             return Err(invalid("writer.queue_depth", "must be at least 1"));
         }
         self.validate_kafka()?;
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            if !matches!(t.scope.as_str(), "read" | "write" | "admin") {
+                return Err(invalid(&format!("auth.tokens[{i}].scope"), "must be read, write or admin"));
+            }
+            if t.token.expose().len() < 16 || t.name.is_empty() {
+                return Err(invalid(&format!("auth.tokens[{i}]"), "needs a name and a token of at least 16 characters"));
+            }
+        }
         if !matches!(self.writer.crash_at.as_str(), "" | "before_put" | "after_put" | "after_commit")
         {
             return Err(invalid(
@@ -485,7 +521,7 @@ mod tests {
         let c = Config::load(Some(&example), Vec::new()).unwrap();
         let text: toml::Table = std::fs::read_to_string(&example).unwrap().parse().unwrap();
         // Every section of the full config is documented in the example.
-        for section in ["log", "database", "serve", "writer", "topics", "kafka", "relay", "worker", "metrics"] {
+        for section in ["log", "database", "serve", "writer", "topics", "kafka", "relay", "worker", "metrics", "auth"] {
             assert!(text.contains_key(section), "example lacks [{section}]");
         }
         assert!(c.database.url.expose().starts_with("postgres://"));

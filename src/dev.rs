@@ -5,7 +5,6 @@
 use crate::config::Config;
 use crate::serve::{serve_state, AppState};
 use crate::worker::{embedded, Shared};
-use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,12 +25,7 @@ pub async fn run_on(config: Config, listener: TcpListener, shutdown: Cancellatio
     );
     let tasks = TaskTracker::new();
     let shared = Shared::open(&config, &tasks).await?;
-    let state = AppState {
-        config: Arc::new(config),
-        db: shared.db.clone(),
-        log: shared.log.clone(),
-        writer: shared.writer.clone(),
-    };
+    let state = AppState::new(config, shared.db.clone(), shared.log.clone(), shared.writer.clone())?;
     let (api, workers) = tokio::join!(
         serve_state(state, listener, shutdown.clone()),
         embedded::run(&shared, &shutdown)

@@ -19,7 +19,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::load(cli.config.as_deref(), std::env::vars())?;
+    let mut config = Config::load(cli.config.as_deref(), std::env::vars())?;
+    config.auth.insecure_no_auth = cli.insecure_no_auth;
     let shutdown = CancellationToken::new();
     spiced::shutdown::install(shutdown.clone())?;
     spiced::systemd::spawn_watchdog(shutdown.clone());

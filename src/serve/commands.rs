@@ -3,6 +3,7 @@
 
 use super::error::ApiError;
 use super::extract::{idempotency_key, json_body, path, query};
+use super::auth::Caller;
 use super::AppState;
 use crate::domain::ids::validate_name;
 use crate::domain::commands::{bulk_member_event_id, Routing};
@@ -11,7 +12,7 @@ use crate::log::plan::{AppendCommand, AppendOutcome, Appended, PendingEvent, FIN
 use crate::log::writer::AppendError;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -204,6 +205,7 @@ impl Request {
 
 pub async fn create_database(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     q: QueryR<CommandQuery>,
     headers: HeaderMap,
     body: BodyR,
@@ -217,11 +219,12 @@ pub async fn create_database(
         expected_seq: q.expected_for_create()?,
         payload: json!({"db": body.name, "name": body.name, "description": body.description}),
     };
-    submit(&state, &headers, Request::single(command)).await
+    submit(&state, &headers, caller, Request::single(command)).await
 }
 
 pub async fn delete_database(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     p: PathR<String>,
     q: QueryR<CommandQuery>,
     headers: HeaderMap,
@@ -235,11 +238,12 @@ pub async fn delete_database(
         expected_seq: q.expected_for_update()?,
         payload: json!({"db": db}),
     };
-    submit(&state, &headers, Request::single(command)).await
+    submit(&state, &headers, caller, Request::single(command)).await
 }
 
 pub async fn create_class(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     p: PathR<String>,
     q: QueryR<CommandQuery>,
     headers: HeaderMap,
@@ -265,11 +269,12 @@ pub async fn create_class(
             "parent_class": body.parent_class, "abstract": body.is_abstract,
         }),
     };
-    submit(&state, &headers, Request::single(command)).await
+    submit(&state, &headers, caller, Request::single(command)).await
 }
 
 pub async fn update_class(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     p: PathR<(String, String)>,
     q: QueryR<CommandQuery>,
     headers: HeaderMap,
@@ -297,11 +302,12 @@ pub async fn update_class(
         expected_seq: q.expected_for_update()?,
         payload: json!({"db": db, "branch": branch, "class_id": class_id, "patch": patch}),
     };
-    submit(&state, &headers, Request::single(command)).await
+    submit(&state, &headers, caller, Request::single(command)).await
 }
 
 pub async fn delete_class(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     p: PathR<(String, String)>,
     q: QueryR<CommandQuery>,
     headers: HeaderMap,
@@ -317,7 +323,7 @@ pub async fn delete_class(
         expected_seq: q.expected_for_update()?,
         payload: json!({"db": db, "branch": branch, "class_id": class_id}),
     };
-    submit(&state, &headers, Request::single(command)).await
+    submit(&state, &headers, caller, Request::single(command)).await
 }
 
 /// The instance id: the body's `id`, else `data.<class_id lowercased>_id` when it is a string,
@@ -361,6 +367,7 @@ fn create_instance_command(
 
 pub async fn create_instance(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     p: PathR<(String, String)>,
     q: QueryR<CommandQuery>,
     headers: HeaderMap,
@@ -377,11 +384,12 @@ pub async fn create_instance(
     let command = create_instance_command(
         &db, &branch, &class_id, &body, command_id.id, 0, CommandType::CreateInstance,
     )?;
-    submit_with_id(&state, command_id, Request::single(command)).await
+    submit_with_id(&state, command_id, caller, Request::single(command)).await
 }
 
 pub async fn update_instance(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     p: PathR<(String, String, String)>,
     q: QueryR<CommandQuery>,
     headers: HeaderMap,
@@ -404,11 +412,12 @@ pub async fn update_instance(
             "instance_id": instance_id, "data": body.data,
         }),
     };
-    submit(&state, &headers, Request::single(command)).await
+    submit(&state, &headers, caller, Request::single(command)).await
 }
 
 pub async fn delete_instance(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     p: PathR<(String, String, String)>,
     q: QueryR<CommandQuery>,
     headers: HeaderMap,
@@ -427,11 +436,12 @@ pub async fn delete_instance(
             "db": db, "branch": branch, "class_id": class_id, "instance_id": instance_id,
         }),
     };
-    submit(&state, &headers, Request::single(command)).await
+    submit(&state, &headers, caller, Request::single(command)).await
 }
 
 pub async fn bulk_create_instances(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     p: PathR<(String, String)>,
     q: QueryR<CommandQuery>,
     headers: HeaderMap,
@@ -463,12 +473,12 @@ pub async fn bulk_create_instances(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let request = Request { command_type: CommandType::BulkCreateInstances, commands };
-    submit_with_id(&state, command_id, request).await
+    submit_with_id(&state, command_id, caller, request).await
 }
 
-async fn submit(state: &AppState, headers: &HeaderMap, request: Request) -> Result<Response, ApiError> {
+async fn submit(state: &AppState, headers: &HeaderMap, caller: Caller, request: Request) -> Result<Response, ApiError> {
     let command_id = CommandId::from_headers(headers)?;
-    submit_with_id(state, command_id, request).await
+    submit_with_id(state, command_id, caller, request).await
 }
 
 /// The command id: the client's `Idempotency-Key`, or a fresh random one.
@@ -491,6 +501,7 @@ impl CommandId {
 async fn submit_with_id(
     state: &AppState,
     command_id: CommandId,
+    caller: Caller,
     request: Request,
 ) -> Result<Response, ApiError> {
     let CommandId { id: command_id, from_client } = command_id;
@@ -510,7 +521,7 @@ async fn submit_with_id(
             } else {
                 command_id
             };
-            let mut envelope = command.to_envelope(event_id, command_id, None, now, &routing);
+            let mut envelope = command.to_envelope(event_id, command_id, caller.0.clone(), now, &routing);
             envelope.metadata.insert(FINGERPRINT_KEY.into(), json!(fingerprint));
             PendingEvent { key: command.aggregate.clone(), expected_seq: command.expected_seq, envelope }
         })

@@ -1,5 +1,6 @@
 //! `spiced serve`: the HTTP command API in front of the event log.
 
+pub mod auth;
 pub mod commands;
 pub mod error;
 pub mod extract;
@@ -23,12 +24,20 @@ use tokio_util::task::TaskTracker;
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
+    pub auth: auth::Auth,
     pub db: Database,
     pub log: EventLog,
     pub writer: LogWriter,
 }
 
 impl AppState {
+    /// Builds the state, loading the tokens, and refuses an open API on a public address.
+    pub fn new(config: Config, db: Database, log: EventLog, writer: LogWriter) -> anyhow::Result<AppState> {
+        let auth = auth::Auth::from_config(&config.auth)?;
+        auth::check_exposure(&auth, config.serve.listen, config.auth.insecure_no_auth)?;
+        Ok(AppState { config: Arc::new(config), auth, db, log, writer })
+    }
+
     pub fn index(&self) -> &dyn LogIndex {
         self.db.index.as_ref()
     }
@@ -77,6 +86,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.serve.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(state.auth.clone(), auth::check))
         .layer(axum::middleware::from_fn(crate::telemetry::track_http))
         .with_state(state)
 }
@@ -115,7 +125,7 @@ pub async fn run_on(config: Config, listener: TcpListener, shutdown: Cancellatio
     let (db, log) = open_storage(&config).await?;
     let tasks = TaskTracker::new();
     let writer = LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks).await?;
-    let state = AppState { config: Arc::new(config), db, log, writer };
+    let state = AppState::new(config, db, log, writer)?;
     serve_state(state, listener, shutdown).await?;
     // The router (and with it every writer handle) is gone: the writer drains its queue.
     tasks.close();
