@@ -49,6 +49,8 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         from_position: u64,
     },
+    /// Print every stage's position and lag.
+    Status,
     /// Read the event log as NDJSON.
     Log {
         #[command(subcommand)]

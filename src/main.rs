@@ -45,6 +45,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("verify: the log and its index hold every guarantee");
             Ok(())
         }
+        Command::Status => {
+            spiced::ops::status::print(&spiced::ops::status::read(&config).await?);
+            Ok(())
+        }
         Command::Log { action } => {
             use spiced::cli::LogAction;
             use spiced::ops::log;

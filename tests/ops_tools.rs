@@ -70,6 +70,15 @@ async fn tools_work_on_a_dev_data_directory() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("positions 2..=2"), "{}", String::from_utf8_lossy(&out.stderr));
     let out = spiced(dir.path(), &["verify"]);
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = spiced(dir.path(), &["status"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{table}");
+    let row = |name: &str| -> Vec<String> {
+        table.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {table}"))
+            .split_whitespace().rev().take(2).map(str::to_string).collect()
+    };
+    assert_eq!(row("commands with an outcome"), ["0", "3"], "{table}");
+    assert_eq!(row("allocated (index head)")[0], "0", "{table}");
     let out = spiced(dir.path(), &["config", "check"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("[writer]"));
     let out = spiced(dir.path(), &["log", "get", "999"]);

@@ -2,4 +2,5 @@
 
 pub mod dlq;
 pub mod log;
+pub mod status;
 pub mod verify;
