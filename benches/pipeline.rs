@@ -2,8 +2,11 @@
 //! log. Prints commands completed per second, and 202-to-outcome latency at 500 commands/s,
 //! with each process's CPU share. Run through `scripts/bench.sh`.
 
+mod common;
+
+use common::percentile;
 use serde_json::json;
-use spiced::config::{Config, Secret};
+use spiced::config::Config;
 use spiced::log::writer::LogWriter;
 use spiced::relay::{run_with, RelayOptions};
 use spiced::serve::{open_storage, router, AppState};
@@ -14,38 +17,6 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
-
-async fn config() -> Config {
-    let admin = std::env::var("SPICED_TEST_PG_URL").expect("run scripts/bench.sh");
-    let name = format!("spiced_bench_{}", Uuid::new_v4().simple());
-    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    let mut url = url::Url::parse(&admin).unwrap();
-    url.set_path(&name);
-    let mut c = Config::dev();
-    c.database.url = Secret::new(url.to_string());
-    c.database.pool_size = 16;
-    c.log.url = format!("s3://{}/bench-{}", std::env::var("SPICED_TEST_S3_BUCKET").unwrap(), Uuid::new_v4().simple());
-    c.log.s3.endpoint = std::env::var("SPICED_TEST_S3_ENDPOINT").unwrap();
-    c.log.s3.allow_http = true;
-    c.log.s3.path_style = true;
-    c.kafka.brokers = std::env::var("SPICED_TEST_KAFKA_BROKERS").unwrap();
-    c.metrics.relay_listen = "127.0.0.1:0".into();
-    c.metrics.worker_listen = "127.0.0.1:0".into();
-    let p = format!("b{}", Uuid::new_v4().simple());
-    for t in [
-        &mut c.topics.database_commands, &mut c.topics.ontology_commands, &mut c.topics.instance_commands,
-        &mut c.topics.ontology_events, &mut c.topics.instance_events, &mut c.relay.dead_letter_topic,
-        &mut c.worker.ontology_dead_letter_topic, &mut c.worker.instance_dead_letter_topic,
-    ] {
-        *t = format!("{p}_{t}");
-    }
-    c.worker.group_prefix = p;
-    c.worker.session_timeout_ms = 6000;
-    c.relay.poll_interval_ms = 20;
-    c
-}
 
 /// Concurrent HTTP clients for the throughput run.
 const CLIENTS: usize = 128;
@@ -69,11 +40,6 @@ fn pids_named(name: &str) -> Vec<u32> {
         .collect()
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
-}
-
 struct Pipeline {
     base: String,
     config: Config,
@@ -93,7 +59,7 @@ impl Drop for Pipeline {
 }
 
 async fn start() -> Pipeline {
-    let config = config().await;
+    let config = common::production_config().await;
     let (db, log) = open_storage(&config).await.unwrap();
     let tasks = TaskTracker::new();
     let writer = LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks).await.unwrap();

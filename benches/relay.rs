@@ -2,10 +2,12 @@
 //! broker, S3 GETs per published event, and end-to-end latency (202 to Kafka delivery to a
 //! consumer) under 500 commands/s. Run through `scripts/bench.sh`.
 
+mod common;
+
+use common::percentile;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message};
 use serde_json::json;
-use spiced::config::{Config, Secret};
 use spiced::domain::commands::Routing;
 use spiced::domain::{AggregateKey, Command, CommandType};
 use spiced::log::plan::{AppendCommand, PendingEvent};
@@ -21,37 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-async fn config() -> Config {
-    let admin = std::env::var("SPICED_TEST_PG_URL").expect("run scripts/bench.sh");
-    let name = format!("spiced_bench_{}", Uuid::new_v4().simple());
-    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    let mut url = url::Url::parse(&admin).unwrap();
-    url.set_path(&name);
-    let mut c = Config::dev();
-    c.database.url = Secret::new(url.to_string());
-    c.database.pool_size = 16;
-    c.log.url = format!("s3://{}/bench-{}", std::env::var("SPICED_TEST_S3_BUCKET").unwrap(), Uuid::new_v4().simple());
-    c.log.s3.endpoint = std::env::var("SPICED_TEST_S3_ENDPOINT").unwrap();
-    c.log.s3.allow_http = true;
-    c.log.s3.path_style = true;
-    c.kafka.brokers = std::env::var("SPICED_TEST_KAFKA_BROKERS").unwrap();
-    c.metrics.relay_listen = "127.0.0.1:0".into();
-    c.metrics.worker_listen = "127.0.0.1:0".into();
-    let p = format!("b{}", Uuid::new_v4().simple());
-    c.topics.database_commands = format!("{p}_database_commands");
-    c.relay.dead_letter_topic = format!("{p}_dead_letters");
-    c
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
-}
-
 async fn throughput() {
-    let config = config().await;
+    let config = common::production_config().await;
     let (db, log) = open_storage(&config).await.unwrap();
     let tasks = TaskTracker::new();
     let writer = LogWriter::start(log, db.index.clone(), config.writer.clone(), &tasks).await.unwrap();
@@ -100,7 +73,7 @@ async fn throughput() {
 }
 
 async fn latency(rate: u64, secs: u64) {
-    let config = config().await;
+    let config = common::production_config().await;
     let (db, log) = open_storage(&config).await.unwrap();
     let tasks = TaskTracker::new();
     let writer = LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks).await.unwrap();

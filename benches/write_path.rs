@@ -5,6 +5,9 @@
 //! Backends: `local+postgres` (log on local disk), `s3+postgres` (the local S3-compatible
 //! server), `local+sqlite` (the embedded default).
 
+mod common;
+
+use common::{fresh_pg, percentile};
 use serde_json::json;
 use spiced::config::{Config, Secret};
 use spiced::log::writer::LogWriter;
@@ -34,17 +37,6 @@ async fn start(config: Config) -> Server {
     Server { base, log }
 }
 
-async fn fresh_pg() -> String {
-    let admin = std::env::var("SPICED_TEST_PG_URL").expect("SPICED_TEST_PG_URL (run scripts/bench.sh)");
-    let name = format!("spiced_bench_{}", Uuid::new_v4().simple());
-    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    let mut url = url::Url::parse(&admin).unwrap();
-    url.set_path(&name);
-    url.to_string()
-}
-
 async fn config_for(backend: &str, dir: &std::path::Path) -> Config {
     let mut c = Config::dev();
     c.database.pool_size = 16;
@@ -54,14 +46,7 @@ async fn config_for(backend: &str, dir: &std::path::Path) -> Config {
             c.database.url = Secret::new(fresh_pg().await);
         }
         "s3+postgres" => {
-            c.log.url = format!(
-                "s3://{}/bench-{}",
-                std::env::var("SPICED_TEST_S3_BUCKET").unwrap(),
-                Uuid::new_v4().simple()
-            );
-            c.log.s3.endpoint = std::env::var("SPICED_TEST_S3_ENDPOINT").unwrap();
-            c.log.s3.allow_http = true;
-            c.log.s3.path_style = true;
+            common::use_s3(&mut c);
             c.database.url = Secret::new(fresh_pg().await);
         }
         "local+sqlite" => {
@@ -86,14 +71,6 @@ struct Run {
     conflicts: u64,
     latencies: Vec<Duration>,
     elapsed: Duration,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
 }
 
 /// 32 clients, each creating databases with fresh names, for `secs` seconds.

@@ -114,10 +114,15 @@ pub async fn open_storage(config: &Config) -> anyhow::Result<(Database, EventLog
 
 /// Runs the API on `config.serve.listen` until `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.serve.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.serve.listen))?;
+    let listener = bind(&config).await?;
     run_on(config, listener, shutdown).await
+}
+
+/// Binds `serve.listen`, with an error that names it.
+pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(config.serve.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on serve.listen {}: {e}", config.serve.listen))
 }
 
 /// Runs the API on an already bound listener (tests bind port 0).

@@ -1,0 +1,57 @@
+//! What the benchmarks share: storage nobody else uses, on the services `scripts/bench.sh`
+//! started.
+
+#![allow(dead_code)]
+
+use spiced::config::{Config, Secret};
+use uuid::Uuid;
+
+/// A fresh PostgreSQL database's URL.
+pub async fn fresh_pg() -> String {
+    let admin = std::env::var("SPICED_TEST_PG_URL").expect("SPICED_TEST_PG_URL (run scripts/bench.sh)");
+    let name = format!("spiced_bench_{}", Uuid::new_v4().simple());
+    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    let mut url = url::Url::parse(&admin).unwrap();
+    url.set_path(&name);
+    url.to_string()
+}
+
+/// S3 (fresh prefix) + PostgreSQL (fresh database) + the local broker with fresh topic names.
+pub async fn production_config() -> Config {
+    let mut c = Config::dev();
+    c.database.url = Secret::new(fresh_pg().await);
+    c.database.pool_size = 16;
+    use_s3(&mut c);
+    c.kafka.brokers = std::env::var("SPICED_TEST_KAFKA_BROKERS").unwrap();
+    c.metrics.relay_listen = "127.0.0.1:0".into();
+    c.metrics.worker_listen = "127.0.0.1:0".into();
+    let p = format!("b{}", Uuid::new_v4().simple());
+    for t in [
+        &mut c.topics.database_commands, &mut c.topics.ontology_commands, &mut c.topics.instance_commands,
+        &mut c.topics.ontology_events, &mut c.topics.instance_events, &mut c.relay.dead_letter_topic,
+        &mut c.worker.ontology_dead_letter_topic, &mut c.worker.instance_dead_letter_topic,
+    ] {
+        *t = format!("{p}_{t}");
+    }
+    c.worker.group_prefix = p;
+    c.worker.session_timeout_ms = 6000;
+    c
+}
+
+/// Points the log at a fresh prefix of the test bucket.
+pub fn use_s3(c: &mut Config) {
+    c.log.url = format!("s3://{}/bench-{}", std::env::var("SPICED_TEST_S3_BUCKET").unwrap(), Uuid::new_v4().simple());
+    c.log.s3.endpoint = std::env::var("SPICED_TEST_S3_ENDPOINT").unwrap();
+    c.log.s3.allow_http = true;
+    c.log.s3.path_style = true;
+}
+
+pub fn percentile(sorted: &[std::time::Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
