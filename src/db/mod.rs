@@ -56,6 +56,10 @@ pub trait LogIndex: Send + Sync + 'static {
     async fn command(&self, command_id: Uuid) -> Result<Vec<IndexRow>, DbError>;
     /// The outcome (domain) rows answering a command.
     async fn outcomes(&self, command_id: Uuid) -> Result<Vec<IndexRow>, DbError>;
+    /// The log position of an event.
+    async fn position_of(&self, event_id: Uuid) -> Result<Option<u64>, DbError>;
+    /// The highest command sequence of an aggregate written before `position`.
+    async fn command_seq_before(&self, key: &AggregateKey, position: u64) -> Result<u64, DbError>;
     /// `(seq, position)` of an aggregate's last envelope of `kind`.
     async fn last(&self, key: &AggregateKey, kind: Kind) -> Result<Option<(u64, u64)>, DbError>;
     /// Aggregates of a type whose id starts with `prefix`, with at least one envelope.

@@ -251,6 +251,27 @@ impl LogIndex for Pg {
         rows.iter().map(row_to_index).collect()
     }
 
+    async fn position_of(&self, event_id: Uuid) -> Result<Option<u64>, DbError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached("SELECT position FROM log_index WHERE event_id = $1").await?;
+        let row = client.query_opt(&stmt, &[&event_id]).await?;
+        Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn command_seq_before(&self, key: &AggregateKey, position: u64) -> Result<u64, DbError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT coalesce(max(seq), 0) FROM log_index \
+                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND kind = 'command' AND position < $3",
+            )
+            .await?;
+        let row = client
+            .query_one(&stmt, &[&key.aggregate_type.as_str(), &key.aggregate_id, &to_i64(position)])
+            .await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
     async fn last(&self, key: &AggregateKey, kind: Kind) -> Result<Option<(u64, u64)>, DbError> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(SELECT_LAST).await?;

@@ -220,6 +220,25 @@ impl LogIndex for Lite {
         index_rows(&*self.conn.lock().await, SELECT_OUTCOME_ROWS, command_id)
     }
 
+    async fn position_of(&self, event_id: Uuid) -> Result<Option<u64>, DbError> {
+        let conn = self.conn.lock().await;
+        let p: Option<i64> = conn
+            .query_row("SELECT position FROM log_index WHERE event_id = ?1", [event_id.to_string()], |r| r.get(0))
+            .optional()?;
+        Ok(p.map(|p| p as u64))
+    }
+
+    async fn command_seq_before(&self, key: &AggregateKey, position: u64) -> Result<u64, DbError> {
+        let conn = self.conn.lock().await;
+        let seq: i64 = conn.query_row(
+            "SELECT coalesce(max(seq), 0) FROM log_index \
+             WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND kind = 'command' AND position < ?3",
+            params![key.aggregate_type.as_str(), key.aggregate_id, position as i64],
+            |r| r.get(0),
+        )?;
+        Ok(seq as u64)
+    }
+
     async fn last(&self, key: &AggregateKey, kind: Kind) -> Result<Option<(u64, u64)>, DbError> {
         last_of(&*self.conn.lock().await, key, kind)
     }

@@ -75,6 +75,47 @@ impl LogState {
         Ok((seq, (!state.is_null()).then_some(state)))
     }
 
+    /// The other aggregates whose state `command_type` reads: commands on them that were
+    /// accepted before this one must have their outcomes first (causal order across
+    /// aggregates: an instance created right after its class sees the class).
+    pub async fn dependencies(&self, command_type: CommandType, payload: &Value) -> Result<Vec<AggregateKey>, FactsError> {
+        let text = |k: &str| payload[k].as_str().unwrap_or_default().to_string();
+        let (db, branch) = (text("db"), text("branch"));
+        Ok(match command_type {
+            CommandType::CreateDatabase | CommandType::DeleteOntologyClass | CommandType::DeleteInstance => Vec::new(),
+            CommandType::DeleteDatabase => self
+                .index
+                .aggregates_with_prefix(AggregateType::OntologyClass, &format!("{db}:"))
+                .await?
+                .into_iter()
+                .map(|id| AggregateKey::new(AggregateType::OntologyClass, id))
+                .collect(),
+            CommandType::CreateOntologyClass | CommandType::UpdateOntologyClass => {
+                let mut deps = vec![AggregateKey::database(&db)];
+                let parent = payload
+                    .get("parent_class")
+                    .or_else(|| payload["patch"].get("parent_class"))
+                    .and_then(Value::as_str);
+                deps.extend(parent.map(|p| AggregateKey::class(&db, &branch, p)));
+                deps
+            }
+            CommandType::CreateInstance | CommandType::BulkCreateInstances | CommandType::UpdateInstance => {
+                vec![AggregateKey::class(&db, &branch, &text("class_id"))]
+            }
+        })
+    }
+
+    /// Whether every command on `dependency` accepted before log position `position` has its
+    /// outcome.
+    pub async fn caught_up(&self, dependency: &AggregateKey, position: u64) -> Result<bool, FactsError> {
+        let needed = self.index.command_seq_before(dependency, position).await?;
+        if needed == 0 {
+            return Ok(true);
+        }
+        let done = self.index.last(dependency, Kind::Domain).await?.map(|(s, _)| s).unwrap_or(0);
+        Ok(done >= needed)
+    }
+
     /// Everything `command_type` needs besides the aggregate's own state.
     pub async fn facts(
         &self,

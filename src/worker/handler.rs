@@ -216,6 +216,7 @@ impl CommandHandler {
             return self.finish(work).await;
         };
         let payload = p.envelope.data.get("payload").cloned().unwrap_or(Value::Null);
+        self.wait_for_dependencies(p, &payload).await?;
         let facts = self.state.facts(p.command_type, &payload, current.clone()).await?;
         let decision = decide(p.command_type, &payload, &facts);
         self.crash_point("after_effect");
@@ -273,6 +274,33 @@ impl CommandHandler {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Waits (bounded) until the commands on other aggregates that this one reads, accepted
+    /// before it, have their outcomes.
+    async fn wait_for_dependencies(&self, p: &Parsed, payload: &Value) -> Result<(), Failure> {
+        let deps = self.state.dependencies(p.command_type, payload).await?;
+        if deps.is_empty() {
+            return Ok(());
+        }
+        let Some(position) = self.state.index().position_of(p.envelope.event_id).await? else {
+            return Err(Failure::Retryable("the command is not in the log index yet".into()));
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.worker.gap_wait_ms);
+        for dep in &deps {
+            let mut logged = false;
+            while !self.state.caught_up(dep, position).await? {
+                if !logged {
+                    tracing::info!(dependency = %dep, "waiting for earlier commands on a dependency");
+                    logged = true;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Failure::Retryable(format!("earlier commands on {dep} have no outcome yet")));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
     }
 
     fn outcome_envelope(&self, p: &Parsed, decision: Decision, current: Option<Value>) -> EventEnvelope {
