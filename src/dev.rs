@@ -1,6 +1,6 @@
 //! `spiced dev`: the whole pipeline in one process on embedded defaults (local disk log,
-//! SQLite), for a first run with nothing else installed: the command API, and the command
-//! workers fed straight from the log (no Kafka, no relay needed).
+//! SQLite), for a first run with nothing else installed: the command and query API, the
+//! command workers and the projection, all fed straight from the log (no Kafka, no relay).
 
 use crate::config::Config;
 use crate::serve::{serve_state, AppState};
@@ -24,12 +24,13 @@ pub async fn run_on(config: Config, listener: TcpListener, shutdown: Cancellatio
     let tasks = TaskTracker::new();
     let shared = Shared::open(&config, &tasks).await?;
     let state = AppState::new(config, shared.db.clone(), shared.log.clone(), shared.writer.clone())?;
-    let (api, workers) = tokio::join!(
+    let (api, workers, projection) = tokio::join!(
         serve_state(state, listener, shutdown.clone()),
-        embedded::run(&shared, &shutdown)
+        embedded::run(&shared, &shutdown),
+        crate::project::follow(&shared.db, &shared.log, &shared.config, &shutdown)
     );
     drop(shared);
     tasks.close();
     tasks.wait().await;
-    api.and(workers)
+    api.and(workers).and(projection)
 }

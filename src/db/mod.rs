@@ -5,6 +5,7 @@
 //! Nothing here is an event store: every row can be rebuilt from the log, which stays the truth.
 
 pub mod postgres;
+pub mod read;
 pub mod registry;
 pub mod sqlite;
 
@@ -119,11 +120,11 @@ pub struct Lookup {
 pub struct Database {
     pub index: Arc<dyn LogIndex>,
     pub registry: Arc<dyn registry::Registry>,
-    backend: Backend,
+    pub(crate) backend: Backend,
 }
 
 #[derive(Clone)]
-enum Backend {
+pub(crate) enum Backend {
     Postgres(postgres::Pg),
     Sqlite(sqlite::Lite),
 }

@@ -31,6 +31,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_relay",
         sql: include_str!("../../migrations/postgres/0003_relay.sql"),
     },
+    Migration {
+        name: "0004_read_models",
+        sql: include_str!("../../migrations/postgres/0004_read_models.sql"),
+    },
 ];
 
 const LOCK_HEAD: &str = "SELECT position FROM log_head WHERE id = 1 FOR UPDATE";

@@ -30,6 +30,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_relay",
         sql: include_str!("../../migrations/sqlite/0003_relay.sql"),
     },
+    Migration {
+        name: "0004_read_models",
+        sql: include_str!("../../migrations/sqlite/0004_read_models.sql"),
+    },
 ];
 
 const SELECT_HEAD: &str = "SELECT position FROM log_head WHERE id = 1";

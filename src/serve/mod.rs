@@ -4,6 +4,7 @@ pub mod auth;
 pub mod commands;
 pub mod error;
 pub mod extract;
+pub mod queries;
 pub mod reads;
 
 use crate::config::Config;
@@ -12,7 +13,7 @@ use crate::domain::CommandType;
 use crate::log::writer::LogWriter;
 use crate::log::EventLog;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put};
+use axum::routing::{get, post};
 use axum::Router;
 use error::ApiError;
 use std::sync::Arc;
@@ -65,15 +66,21 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     use commands::*;
     let api = Router::new()
-        .route("/databases", post(create_database))
-        .route("/databases/{db}", axum::routing::delete(delete_database))
-        .route("/databases/{db}/classes", post(create_class))
-        .route("/databases/{db}/classes/{class_id}", put(update_class).delete(delete_class))
-        .route("/databases/{db}/classes/{class_id}/instances", post(create_instance))
+        .route("/databases", post(create_database).get(queries::list_databases))
+        .route("/databases/{db}", get(queries::get_database).delete(delete_database))
+        .route("/databases/{db}/classes", post(create_class).get(queries::list_classes))
+        .route(
+            "/databases/{db}/classes/{class_id}",
+            get(queries::get_class).put(update_class).delete(delete_class),
+        )
+        .route(
+            "/databases/{db}/classes/{class_id}/instances",
+            post(create_instance).get(queries::list_instances),
+        )
         .route("/databases/{db}/classes/{class_id}/instances/bulk", post(bulk_create_instances))
         .route(
             "/databases/{db}/classes/{class_id}/instances/{instance_id}",
-            put(update_instance).delete(delete_instance),
+            get(queries::get_instance).put(update_instance).delete(delete_instance),
         )
         .route("/commands/{command_id}", get(reads::get_command))
         .route("/aggregates/{aggregate_type}/{aggregate_id}", get(reads::get_aggregate))

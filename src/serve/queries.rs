@@ -1,0 +1,134 @@
+//! The query API over the read models. Every response carries each row's `version` and the
+//! header `X-Spiced-Projection-Position` (the last log position the read models reflect).
+//! Pages are keyset pages on the id: stable under concurrent writes, same cost at any depth.
+
+use super::error::ApiError;
+use super::extract::{path, query};
+use super::AppState;
+use crate::db::read::{ReadKind, ReadRow};
+use crate::domain::ids::validate_name;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// The largest page.
+pub const MAX_LIMIT: usize = 1000;
+const DEFAULT_LIMIT: usize = 100;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    branch: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OneQuery {
+    branch: Option<String>,
+}
+
+fn branch_of(branch: &Option<String>) -> Result<String, ApiError> {
+    let b = branch.clone().unwrap_or_else(|| "main".into());
+    validate_name("branch", &b)?;
+    Ok(b)
+}
+
+fn item(row: &ReadRow) -> Value {
+    let mut v = row.state.clone().unwrap_or(json!({}));
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("version".into(), json!(row.version));
+        obj.insert("created_at".into(), json!(row.created_at));
+        obj.insert("updated_at".into(), json!(row.updated_at));
+    }
+    v
+}
+
+async fn respond(state: &AppState, body: Value) -> Result<Response, ApiError> {
+    let position = state.db.checkpoint(crate::project::CHECKPOINT).await.map_err(|e| state.unavailable(&e))?;
+    Ok(([("x-spiced-projection-position", position.to_string())], Json(body)).into_response())
+}
+
+async fn page(state: &AppState, kind: ReadKind, parent: &str, q: &PageQuery) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::bad_request("invalid_query", format!("limit must be 1 to {MAX_LIMIT}")));
+    }
+    let rows = state
+        .db
+        .read_page(kind, parent, q.cursor.as_deref(), limit)
+        .await
+        .map_err(|e| state.unavailable(&e))?;
+    let next = (rows.len() == limit).then(|| rows.last().map(|r| r.key.clone())).flatten();
+    let items: Vec<Value> = rows.iter().map(item).collect();
+    respond(state, json!({"items": items, "next_cursor": next})).await
+}
+
+async fn one(state: &AppState, kind: ReadKind, key: &str) -> Result<Response, ApiError> {
+    let row = state.db.read_one(kind, key).await.map_err(|e| state.unavailable(&e))?;
+    let row = row.ok_or_else(|| ApiError::not_found(format!("no {} {key} (or not projected yet)", kind.as_str())))?;
+    respond(state, item(&row)).await
+}
+
+pub async fn list_databases(State(state): State<AppState>, q: Result<Query<PageQuery>, QueryRejection>) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    page(&state, ReadKind::Database, "", &q).await
+}
+
+pub async fn get_database(State(state): State<AppState>, p: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+    let db = path(p)?;
+    validate_name("db", &db)?;
+    one(&state, ReadKind::Database, &db).await
+}
+
+pub async fn list_classes(
+    State(state): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    q: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (db, q) = (path(p)?, query(q)?);
+    validate_name("db", &db)?;
+    let parent = format!("{db}:{}", branch_of(&q.branch)?);
+    page(&state, ReadKind::Class, &parent, &q).await
+}
+
+pub async fn get_class(
+    State(state): State<AppState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    q: Result<Query<OneQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let ((db, class_id), q) = (path(p)?, query(q)?);
+    validate_name("db", &db)?;
+    validate_name("class_id", &class_id)?;
+    let key = format!("{db}:{}:{class_id}", branch_of(&q.branch)?);
+    one(&state, ReadKind::Class, &key).await
+}
+
+pub async fn list_instances(
+    State(state): State<AppState>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    q: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let ((db, class_id), q) = (path(p)?, query(q)?);
+    validate_name("db", &db)?;
+    validate_name("class_id", &class_id)?;
+    let parent = format!("{db}:{}:{class_id}", branch_of(&q.branch)?);
+    page(&state, ReadKind::Instance, &parent, &q).await
+}
+
+pub async fn get_instance(
+    State(state): State<AppState>,
+    p: Result<Path<(String, String, String)>, PathRejection>,
+    q: Result<Query<OneQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let ((db, class_id, instance_id), q) = (path(p)?, query(q)?);
+    for (field, value) in [("db", &db), ("class_id", &class_id), ("instance_id", &instance_id)] {
+        validate_name(field, value)?;
+    }
+    let key = format!("{db}:{}:{class_id}:{instance_id}", branch_of(&q.branch)?);
+    one(&state, ReadKind::Instance, &key).await
+}
