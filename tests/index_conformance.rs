@@ -145,6 +145,13 @@ async fn lookup_returns_commands_and_versions(backend: Backend) {
     drop(tx);
     let prefixed = db.index.aggregates_with_prefix(spiced::domain::AggregateType::Database, "a").await.unwrap();
     assert_eq!(prefixed, vec!["a".to_string()]);
+    // Classes of one database: ':' ends the prefix, '_' is an ordinary character.
+    let class = |id: &str, position| IndexRow { key: AggregateKey::new(spiced::domain::AggregateType::OntologyClass, id.into()), ..row("unused", 1, position) };
+    let mut tx = db.index.begin().await.unwrap();
+    tx.record(4, &[class("x:main:A", 4), class("x:dev:B", 4), class("xy:main:C", 4), class("x_:main:D", 4), class("x;:main:E", 4)]).await.unwrap();
+    tx.commit().await.unwrap();
+    let of_x = db.index.aggregates_with_prefix(spiced::domain::AggregateType::OntologyClass, "x:").await.unwrap();
+    assert_eq!(of_x, vec!["x:dev:B".to_string(), "x:main:A".to_string()]);
 }
 
 async fn recording_the_wrong_position_is_refused(backend: Backend) {

@@ -54,9 +54,11 @@ const SELECT_OUTCOME_HEADS: &str = "SELECT k.t, k.i, v.seq \
      WHERE v.seq IS NOT NULL";
 const SELECT_LAST: &str = "SELECT seq, position FROM log_index \
      WHERE aggregate_type = $1 AND aggregate_id = $2 AND kind = $3 ORDER BY seq DESC LIMIT 1";
-// A range on the primary-key order instead of LIKE, so '_' and '%' in names mean themselves.
+// A byte-order range instead of LIKE, so '_' and '%' in names mean themselves; COLLATE "C"
+// because the range is computed in byte order, whatever the database's collation.
 const SELECT_PREFIXED: &str = "SELECT aggregate_id FROM aggregate_versions \
-     WHERE aggregate_type = $1 AND aggregate_id >= $2 AND aggregate_id < $3 ORDER BY aggregate_id";
+     WHERE aggregate_type = $1 AND aggregate_id COLLATE \"C\" >= $2 AND aggregate_id COLLATE \"C\" < $3 \
+     ORDER BY aggregate_id";
 // A lateral primary-key lookup per key: a join against the unnest would let a generic plan
 // pick a sequential scan of the whole table.
 const SELECT_VERSIONS: &str = "SELECT k.t, k.i, v.last_seq \

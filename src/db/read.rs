@@ -56,7 +56,7 @@ const PG_UPSERT: &str = "INSERT INTO read_models AS r (kind, key, parent, state,
          version = EXCLUDED.version, deleted = EXCLUDED.deleted, updated_at = EXCLUDED.updated_at \
      WHERE r.version < EXCLUDED.version";
 const PG_CASCADE: &str = "UPDATE read_models SET deleted = true, updated_at = $3 \
-     WHERE kind IN ('class', 'instance') AND key >= $1 AND key < $2 AND NOT deleted";
+     WHERE kind IN ('class', 'instance') AND key COLLATE \"C\" >= $1 AND key COLLATE \"C\" < $2 AND NOT deleted";
 const PG_CHECKPOINT: &str = "INSERT INTO relay_state (name, position) VALUES ($1, $2) \
      ON CONFLICT (name) DO UPDATE SET position = GREATEST(relay_state.position, EXCLUDED.position), updated_at = now()";
 const LITE_UPSERT: &str = "INSERT INTO read_models (kind, key, parent, state, version, deleted, created_at, updated_at) \

@@ -77,7 +77,7 @@ impl LogWriter {
         tasks: &TaskTracker,
     ) -> Result<LogWriter, AppendError> {
         let stats = Arc::new(WriterStats::default());
-        let writer = Writer { log, index, config, stats: stats.clone() };
+        let writer = Writer { log, index, config, stats: stats.clone(), behind: Default::default() };
         writer.recover().await?;
         let (jobs, rx) = mpsc::channel(writer.config.queue_depth);
         tasks.spawn(writer.run(rx));
@@ -104,6 +104,9 @@ struct Writer {
     index: Arc<dyn LogIndex>,
     config: WriterConfig,
     stats: Arc<WriterStats>,
+    /// Set when a segment was written but its index commit failed: the index must catch up
+    /// before readers that rely on it (workers, the relay's hint) see the segment's commands.
+    behind: std::sync::atomic::AtomicBool,
 }
 
 /// How often one batch may find its position taken before giving up; each time means another
@@ -137,6 +140,22 @@ impl Writer {
                 };
                 // The client may have gone away; its command's fate is in the log either way.
                 let _ = job.reply.send(answer);
+            }
+            self.catch_up().await;
+        }
+    }
+
+    /// Records, without waiting for the next append, segments whose index commit failed.
+    async fn catch_up(&self) {
+        let mut pause = Duration::from_millis(100);
+        while self.behind.load(Ordering::Relaxed) {
+            match self.recover().await {
+                Ok(_) => self.behind.store(false, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot bring the index up to the log yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
             }
         }
     }
@@ -222,7 +241,8 @@ impl Writer {
         // The segment is durable: the commands are accepted whatever the index does next. If
         // the commit fails, the next batch finds position `p` taken and repairs the index.
         if let Err(e) = record_and_commit(tx, position, &plan.rows).await {
-            tracing::warn!(position, error = %e, "segment written but index commit failed; the next batch repairs it");
+            tracing::warn!(position, error = %e, "segment written but index commit failed; repairing from the log");
+            self.behind.store(true, Ordering::Relaxed);
         }
         self.crash_point("after_commit");
         Ok(Step::Done(plan.outcomes))

@@ -255,6 +255,10 @@ impl Relay {
                 continue;
             };
             self.note_lag(&segments);
+            // Reading may have taken a while: the lease must still hold when producing starts.
+            if !lease.valid() {
+                return Ok(Stop::LeaseLost);
+            }
             if let Err(e) = self.publish_batch(&segments).await {
                 self.stats.produce_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, from = next, "delivery failed; re-publishing the batch from the checkpoint");

@@ -523,6 +523,14 @@ async fn submit_with_id(
             };
             let mut envelope = command.to_envelope(event_id, command_id, caller.0.clone(), now, &routing);
             envelope.metadata.insert(FINGERPRINT_KEY.into(), json!(fingerprint));
+            // A database's own commands and its classes' share one Kafka key: one partition
+            // and one worker lane, in log order, so a class command never waits on a database
+            // command queued behind it.
+            if command.aggregate.aggregate_type != crate::domain::AggregateType::Instance {
+                if let Some(db) = command.payload.get("db").and_then(Value::as_str) {
+                    envelope.metadata.insert("ordering_key".into(), json!(db));
+                }
+            }
             PendingEvent { key: command.aggregate.clone(), expected_seq: command.expected_seq, envelope }
         })
         .collect();

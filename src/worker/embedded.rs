@@ -22,7 +22,18 @@ pub const CHECKPOINT: &str = "embedded-workers";
 pub async fn run(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let tail = Tail::new(shared.log.clone(), shared.state.index().clone());
     let handlers = [shared.handler(Role::Ontology), shared.handler(Role::Instance)];
-    let mut next = shared.db.checkpoint(CHECKPOINT).await? + 1;
+    let mut next = loop {
+        match shared.db.checkpoint(CHECKPOINT).await {
+            Ok(p) => break p + 1,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the workers' checkpoint; retrying");
+                pause(shutdown, 1000).await;
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+            }
+        }
+    };
     tracing::info!(from = next, "embedded workers following the log");
     while !shutdown.is_cancelled() {
         let segments = match tail.read(next, 16).await {
@@ -41,7 +52,11 @@ pub async fn run(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Resul
             if process(segment, &handlers, shutdown).await.is_err() {
                 return Ok(());
             }
-            shared.db.set_checkpoint(CHECKPOINT, segment.position).await?;
+            // The segment's commands are done; a checkpoint that cannot be written now is
+            // written later (or the segment is re-run: the registry makes that harmless).
+            if let Err(e) = shared.db.set_checkpoint(CHECKPOINT, segment.position).await {
+                tracing::warn!(error = %e, position = segment.position, "cannot record the workers' checkpoint");
+            }
             next = segment.position + 1;
         }
     }

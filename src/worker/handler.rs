@@ -137,9 +137,12 @@ impl CommandHandler {
             match self.run_leased(&parsed, &work).await {
                 Ok(()) => return Ok(Disposition::Done),
                 Err(Failure::LeaseLost) => {
+                    // Not done until the registry says so: claim again, which waits while the
+                    // new owner works, reports it done, or hands it back if that owner died.
                     metrics::counter!("spiced_worker_leases_lost_total", "handler" => self.role.handler()).increment(1);
-                    tracing::warn!("lease lost; the new owner finishes the command");
-                    return Ok(Disposition::Done);
+                    tracing::warn!("lease lost; waiting for the new owner to finish the command");
+                    waits += 1;
+                    self.pause(waits, shutdown).await;
                 }
                 Err(Failure::Retryable(error)) if attempt >= self.config.worker.max_attempts => {
                     metrics::counter!("spiced_worker_dead_letters_total", "handler" => self.role.handler()).increment(1);
