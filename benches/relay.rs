@@ -28,7 +28,7 @@ async fn throughput() {
     let (db, log) = open_storage(&config).await.unwrap();
     let tasks = TaskTracker::new();
     let writer = LogWriter::start(log, db.index.clone(), config.writer.clone(), &tasks).await.unwrap();
-    let routing = Routing { kafka_topic: config.topics.database_commands.clone(), service: "bench".into() };
+    let routing = Routing { kafka_topic: config.topics.ontology_commands.clone(), service: "bench".into() };
     let appends = (0..100_000).map(|i| {
         let (writer, routing) = (writer.clone(), routing.clone());
         async move {
@@ -97,7 +97,7 @@ async fn latency(rate: u64, secs: u64) {
         .unwrap();
     // Wait for the relay to create the topic, then for the consumer to join.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    consumer.subscribe(&[&config.topics.database_commands]).unwrap();
+    consumer.subscribe(&[&config.topics.ontology_commands]).unwrap();
     let consumed = delivered.clone();
     let reader = tokio::spawn(async move {
         while let Ok(m) = consumer.recv().await {

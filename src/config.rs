@@ -243,7 +243,8 @@ pub struct WriterConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicsConfig {
-    pub database_commands: String,
+    /// Database and class commands: one topic, keyed by database, so a database's commands
+    /// and its classes' stay in one partition in log order.
     pub ontology_commands: String,
     pub instance_commands: String,
     pub ontology_events: String,
@@ -516,7 +517,7 @@ mod tests {
     }
 
     #[test]
-    fn example_config_parses_and_equals_the_defaults() {
+    fn example_config_parses_and_documents_every_section() {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/spiced.example.toml");
         let c = Config::load(Some(&example), Vec::new()).unwrap();
         let text: toml::Table = std::fs::read_to_string(&example).unwrap().parse().unwrap();

@@ -141,7 +141,7 @@ async fn failed_commands_stay_failed_until_redriven() {
     let (_, page) = app.get("/aggregates/Database/r/events?from_seq=2").await;
     let delete = serde_json::to_vec(&page["events"][0]).unwrap();
     producer(&app)
-        .send(FutureRecord::to(&config.topics.database_commands).key("r").payload(&delete), Duration::from_secs(5))
+        .send(FutureRecord::to(&config.topics.ontology_commands).key("r").payload(&delete), Duration::from_secs(5))
         .await
         .unwrap();
     let dlq = config.worker.ontology_dead_letter_topic.clone();

@@ -53,7 +53,6 @@ async fn app_with_topics() -> TestApp {
 fn all_topics(config: &Config) -> Vec<String> {
     let t = &config.topics;
     vec![
-        t.database_commands.clone(),
         t.ontology_commands.clone(),
         t.instance_commands.clone(),
         config.relay.dead_letter_topic.clone(),
@@ -157,7 +156,7 @@ async fn a_late_write_is_still_published_in_order() {
         payload: json!({"db": "late", "name": "late"}),
     };
     let routing = spiced::domain::commands::Routing {
-        kafka_topic: app.config.topics.database_commands.clone(),
+        kafka_topic: app.config.topics.ontology_commands.clone(),
         service: "test".into(),
     };
     let mut envelope = command.to_envelope(late_id, late_id, None, chrono::Utc::now(), &routing);
@@ -178,7 +177,7 @@ async fn a_late_write_is_still_published_in_order() {
     tx.commit().await.unwrap();
     let (s, b) = behind.await.unwrap();
     assert_eq!((s, b["sequence_number"].as_u64()), (202, Some(2)), "{b}");
-    let topic = app.config.topics.database_commands.clone();
+    let topic = app.config.topics.ontology_commands.clone();
     let received = consume_until(&app.config, &[&topic], Duration::from_secs(30), |r| {
         r.iter().filter(|m| m.key == "late").count() >= 2
     })
@@ -215,7 +214,7 @@ async fn unroutable_envelopes_go_to_the_dead_letter_topic() {
     let relay = start_relay(&app.config);
     relay.wait_published(head + 2, Duration::from_secs(30)).await;
     let dlq = app.config.relay.dead_letter_topic.clone();
-    let dbs = app.config.topics.database_commands.clone();
+    let dbs = app.config.topics.ontology_commands.clone();
     let received = consume_until(&app.config, &[&dlq, &dbs], Duration::from_secs(30), |r| r.len() >= 4).await;
     let dead: Vec<&Received> = received.iter().filter(|r| r.topic == dlq).collect();
     assert_eq!(dead.len(), 2, "{received:?}");
@@ -246,7 +245,7 @@ async fn idle_polls_cost_one_get_and_no_list() {
     .await
     .unwrap();
     let routing = spiced::domain::commands::Routing {
-        kafka_topic: app.config.topics.database_commands.clone(),
+        kafka_topic: app.config.topics.ontology_commands.clone(),
         service: "test".into(),
     };
     let appends = (0..100_000).map(|i| {

@@ -65,7 +65,7 @@ async fn killed_at(point: &str) {
     assert!(!status.success(), "relay should have aborted at {point}: {status}");
     let _relay = Spiced::spawn(&["relay"], &app.config, dir.path(), &[]);
     wait_checkpoint(&app, 10, Duration::from_secs(60)).await;
-    let topic = app.config.topics.database_commands.clone();
+    let topic = app.config.topics.ontology_commands.clone();
     let want: HashSet<Uuid> = expected.iter().copied().collect();
     let received = consume_all(
         &app.config,
@@ -125,7 +125,7 @@ async fn standby_takes_over_when_the_leader_dies() {
     let (_, new_leader) = relay_state(&app).await;
     let standby = 1 - leader_index;
     assert!(new_leader.starts_with(&format!("{}-", relays[standby].pid())), "{new_leader}");
-    let topic = app.config.topics.database_commands.clone();
+    let topic = app.config.topics.ontology_commands.clone();
     let want: HashSet<Uuid> = expected.iter().copied().collect();
     let received = consume_until(&app.config, &[&topic], Duration::from_secs(60), |r| {
         want.is_subset(&ids(r).into_iter().collect())

@@ -29,7 +29,7 @@ pub async fn production_config() -> Config {
     c.metrics.worker_listen = "127.0.0.1:0".into();
     let p = format!("b{}", Uuid::new_v4().simple());
     for t in [
-        &mut c.topics.database_commands, &mut c.topics.ontology_commands, &mut c.topics.instance_commands,
+        &mut c.topics.ontology_commands, &mut c.topics.instance_commands,
         &mut c.topics.ontology_events, &mut c.topics.instance_events, &mut c.relay.dead_letter_topic,
         &mut c.worker.ontology_dead_letter_topic, &mut c.worker.instance_dead_letter_topic,
     ] {

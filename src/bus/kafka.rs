@@ -49,7 +49,6 @@ pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, BusError> {
 pub fn all_topics(config: &Config) -> Vec<String> {
     let t = &config.topics;
     let mut topics = vec![
-        t.database_commands.clone(),
         t.ontology_commands.clone(),
         t.instance_commands.clone(),
         t.ontology_events.clone(),

@@ -111,7 +111,7 @@ impl Relay {
         // Envelopes may be routed to command and event topics, never to a dead-letter topic.
         let t = &config.topics;
         let topics: HashSet<String> = [
-            &t.database_commands, &t.ontology_commands, &t.instance_commands,
+            &t.ontology_commands, &t.instance_commands,
             &t.ontology_events, &t.instance_events,
         ]
         .into_iter()

@@ -55,8 +55,9 @@ impl AppState {
     pub fn topic_for(&self, command_type: CommandType) -> &str {
         let topics = &self.config.topics;
         match command_type.aggregate_type() {
-            crate::domain::AggregateType::Database => &topics.database_commands,
-            crate::domain::AggregateType::OntologyClass => &topics.ontology_commands,
+            crate::domain::AggregateType::Database | crate::domain::AggregateType::OntologyClass => {
+                &topics.ontology_commands
+            }
             crate::domain::AggregateType::Instance => &topics.instance_commands,
         }
     }

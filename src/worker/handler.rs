@@ -20,6 +20,7 @@ use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// What became of a message.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,7 +100,10 @@ impl CommandHandler {
         let span = tracing::info_span!("command",
             handler = self.role.handler(), event_id = %parsed.envelope.event_id,
             aggregate_id = %parsed.key.aggregate_id, sequence_number = parsed.seq);
-        let _enter = span.enter();
+        self.handle_parsed(&parsed, shutdown).instrument(span).await
+    }
+
+    async fn handle_parsed(&self, parsed: &Parsed, shutdown: &CancellationToken) -> Result<Disposition, Interrupted> {
         let work = Work {
             handler: self.role.handler(),
             event_id: parsed.envelope.event_id,
@@ -134,7 +138,7 @@ impl CommandHandler {
                 }
             };
             self.crash_point("after_claim");
-            match self.run_leased(&parsed, &work).await {
+            match self.run_leased(parsed, &work).await {
                 Ok(()) => return Ok(Disposition::Done),
                 Err(Failure::LeaseLost) => {
                     // Not done until the registry says so: claim again, which waits while the

@@ -73,7 +73,7 @@ impl Role {
     pub fn command_topics(self, config: &Config) -> Vec<String> {
         let t = &config.topics;
         match self {
-            Role::Ontology => vec![t.database_commands.clone(), t.ontology_commands.clone()],
+            Role::Ontology => vec![t.ontology_commands.clone()],
             Role::Instance => vec![t.instance_commands.clone()],
         }
     }

@@ -13,7 +13,6 @@ pub fn isolate_topics(config: &mut Config) {
     let p = format!("t{}", Uuid::new_v4().simple());
     let t = &mut config.topics;
     for topic in [
-        &mut t.database_commands,
         &mut t.ontology_commands,
         &mut t.instance_commands,
         &mut t.ontology_events,
