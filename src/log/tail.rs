@@ -8,6 +8,8 @@ use super::{EventLog, LogError, Segment};
 use crate::db::LogIndex;
 use futures::{StreamExt, TryStreamExt};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Segments fetched concurrently when catching up.
 const FETCH_CONCURRENCY: usize = 16;
@@ -62,5 +64,51 @@ impl Tail {
         // only if the index is ahead of the log, which `spiced verify` reports).
         segments.extend(rest.into_iter().map_while(|s| s));
         Ok(segments)
+    }
+}
+
+/// Follows the log from a position for a consumer that keeps its own checkpoint (embedded
+/// workers, the projection): waits one poll interval when nothing is new, backs off on read
+/// errors, and hands out segments in order.
+pub struct Follower {
+    tail: Tail,
+    next: u64,
+    batch: usize,
+    poll: Duration,
+}
+
+impl Follower {
+    pub fn new(tail: Tail, from: u64, batch: usize, poll: Duration) -> Self {
+        Follower { tail, next: from.max(1), batch, poll }
+    }
+
+    /// The next segments after the last one marked done, or `None` once `shutdown` fires.
+    pub async fn next(&mut self, shutdown: &CancellationToken) -> Option<Vec<Segment>> {
+        loop {
+            if shutdown.is_cancelled() {
+                return None;
+            }
+            match self.tail.read(self.next, self.batch).await {
+                Ok(segments) if !segments.is_empty() => return Some(segments),
+                Ok(_) => pause(shutdown, self.poll).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, position = self.next, "cannot read the log; retrying");
+                    pause(shutdown, Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// `position` is handled: the next read starts after it.
+    pub fn done(&mut self, position: u64) {
+        self.next = position + 1;
+    }
+}
+
+/// Sleeps for `duration`, or until `shutdown`.
+pub async fn pause(shutdown: &CancellationToken, duration: Duration) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(duration) => {}
     }
 }

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::db::read::{ReadBatch, ReadKind, ReadRow};
 use crate::db::Database;
 use crate::envelope::{EventEnvelope, Kind};
-use crate::log::tail::Tail;
+use crate::log::tail::{pause, Follower, Tail};
 use crate::log::{EventLog, Segment};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -29,39 +29,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// Applies the log to the read models until `shutdown`.
 pub async fn follow(db: &Database, log: &EventLog, config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let tail = Tail::new(log.clone(), db.index.clone());
-    let mut next = db.checkpoint(CHECKPOINT).await? + 1;
-    tracing::info!(from = next, "projection following the log");
-    while !shutdown.is_cancelled() {
-        let segments = match tail.read(next, 64).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the log; retrying");
-                pause(shutdown, 1000).await;
-                continue;
-            }
-        };
-        if segments.is_empty() {
-            pause(shutdown, config.relay.poll_interval_ms).await;
-            continue;
-        }
+    let from = db.checkpoint(CHECKPOINT).await? + 1;
+    tracing::info!(from, "projection following the log");
+    let poll = Duration::from_millis(config.relay.poll_interval_ms);
+    let mut follower = Follower::new(tail, from, 64, poll);
+    while let Some(segments) = follower.next(shutdown).await {
         for segment in &segments {
             if let Err(e) = db.apply_read_batch(&batch_of(segment), CHECKPOINT, segment.position).await {
+                // Not applied: the follower reads this segment again after the pause.
                 tracing::warn!(error = %e, position = segment.position, "cannot apply to the read models; retrying");
-                pause(shutdown, 1000).await;
+                pause(shutdown, Duration::from_secs(1)).await;
                 break;
             }
-            next = segment.position + 1;
+            follower.done(segment.position);
             metrics::gauge!("spiced_projection_position").set(segment.position as f64);
         }
     }
     Ok(())
-}
-
-async fn pause(shutdown: &CancellationToken, ms: u64) {
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
-    }
 }
 
 /// The read-model changes of one segment: one row per outcome event; a deleted database also

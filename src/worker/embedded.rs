@@ -10,7 +10,7 @@ use super::handler::{Disposition, Interrupted};
 use super::{Role, Shared};
 use crate::domain::CommandType;
 use crate::envelope::Kind;
-use crate::log::tail::Tail;
+use crate::log::tail::{pause, Follower, Tail};
 use crate::log::Segment;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -22,32 +22,22 @@ pub const CHECKPOINT: &str = "embedded-workers";
 pub async fn run(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let tail = Tail::new(shared.log.clone(), shared.state.index().clone());
     let handlers = [shared.handler(Role::Ontology), shared.handler(Role::Instance)];
-    let mut next = loop {
+    let from = loop {
         match shared.db.checkpoint(CHECKPOINT).await {
             Ok(p) => break p + 1,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the workers' checkpoint; retrying");
-                pause(shutdown, 1000).await;
+                pause(shutdown, Duration::from_secs(1)).await;
                 if shutdown.is_cancelled() {
                     return Ok(());
                 }
             }
         }
     };
-    tracing::info!(from = next, "embedded workers following the log");
-    while !shutdown.is_cancelled() {
-        let segments = match tail.read(next, 16).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the log; retrying");
-                pause(shutdown, 1000).await;
-                continue;
-            }
-        };
-        if segments.is_empty() {
-            pause(shutdown, shared.config.relay.poll_interval_ms).await;
-            continue;
-        }
+    tracing::info!(from, "embedded workers following the log");
+    let poll = Duration::from_millis(shared.config.relay.poll_interval_ms);
+    let mut follower = Follower::new(tail, from, 16, poll);
+    while let Some(segments) = follower.next(shutdown).await {
         for segment in &segments {
             if process(segment, &handlers, shutdown).await.is_err() {
                 return Ok(());
@@ -57,17 +47,10 @@ pub async fn run(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Resul
             if let Err(e) = shared.db.set_checkpoint(CHECKPOINT, segment.position).await {
                 tracing::warn!(error = %e, position = segment.position, "cannot record the workers' checkpoint");
             }
-            next = segment.position + 1;
+            follower.done(segment.position);
         }
     }
     Ok(())
-}
-
-async fn pause(shutdown: &CancellationToken, ms: u64) {
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
-    }
 }
 
 /// Runs a segment's commands: one task per aggregate, each in sequence order.
