@@ -7,15 +7,13 @@ mod common;
 use common::percentile;
 use serde_json::json;
 use spiced::config::Config;
-use spiced::log::writer::LogWriter;
 use spiced::relay::{run_with, RelayOptions};
-use spiced::serve::{open_storage, router, AppState};
+use spiced::serve::open_storage;
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 /// Concurrent HTTP clients for the throughput run.
@@ -60,13 +58,7 @@ impl Drop for Pipeline {
 
 async fn start() -> Pipeline {
     let config = common::production_config().await;
-    let (db, log) = open_storage(&config).await.unwrap();
-    let tasks = TaskTracker::new();
-    let writer = LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks).await.unwrap();
-    let state = AppState::new(config.clone(), db, log, writer).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let (base, _) = common::start_api(&config).await;
     let stop = CancellationToken::new();
     tokio::spawn(run_with(config.clone(), RelayOptions::default(), stop.clone(), Arc::default()));
     let dir = tempfile::tempdir().unwrap();

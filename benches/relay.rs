@@ -13,7 +13,7 @@ use spiced::domain::{AggregateKey, Command, CommandType};
 use spiced::log::plan::{AppendCommand, PendingEvent};
 use spiced::log::writer::LogWriter;
 use spiced::relay::{run_with, RelayOptions, RelayStats};
-use spiced::serve::{open_storage, router, AppState};
+use spiced::serve::open_storage;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -74,13 +74,7 @@ async fn throughput() {
 
 async fn latency(rate: u64, secs: u64) {
     let config = common::production_config().await;
-    let (db, log) = open_storage(&config).await.unwrap();
-    let tasks = TaskTracker::new();
-    let writer = LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks).await.unwrap();
-    let state = AppState::new(config.clone(), db, log, writer).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let (base, _) = common::start_api(&config).await;
     let stop = CancellationToken::new();
     let relay = tokio::spawn(run_with(config.clone(), RelayOptions::default(), stop.clone(), Arc::default()));
 

@@ -10,11 +10,8 @@ mod common;
 use common::{fresh_pg, percentile};
 use serde_json::json;
 use spiced::config::{Config, Secret};
-use spiced::log::writer::LogWriter;
 use spiced::log::EventLog;
-use spiced::serve::{open_storage, router, AppState};
 use std::time::{Duration, Instant};
-use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 const CLIENTS: usize = 32;
@@ -25,15 +22,7 @@ struct Server {
 }
 
 async fn start(config: Config) -> Server {
-    let (db, log) = open_storage(&config).await.expect("storage");
-    let tasks = TaskTracker::new();
-    let writer = LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks)
-        .await
-        .expect("writer");
-    let state = AppState::new(config, db, log.clone(), writer).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let (base, log) = common::start_api(&config).await;
     Server { base, log }
 }
 

@@ -48,6 +48,21 @@ pub fn use_s3(c: &mut Config) {
     c.log.s3.path_style = true;
 }
 
+/// The command and query API in this process on port 0; returns its `/api/v1` base URL and
+/// the log handle it writes through (for request counts).
+pub async fn start_api(config: &Config) -> (String, spiced::log::EventLog) {
+    let (db, log) = spiced::serve::open_storage(config).await.expect("storage");
+    let tasks = tokio_util::task::TaskTracker::new();
+    let writer = spiced::log::writer::LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks)
+        .await
+        .expect("writer");
+    let state = spiced::serve::AppState::new(config.clone(), db, log.clone(), writer).expect("state");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, spiced::serve::router(state)).await });
+    (base, log)
+}
+
 pub fn percentile(sorted: &[std::time::Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
