@@ -24,12 +24,17 @@ pub struct PageQuery {
     branch: Option<String>,
     limit: Option<usize>,
     cursor: Option<String>,
+    /// A filter on the instances' properties (see `filter`), e.g. `age>=30,name=bob`.
+    #[serde(rename = "where")]
+    filter: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OneQuery {
     branch: Option<String>,
+    /// Wait (bounded) until the row has reached this version.
+    min_version: Option<u64>,
 }
 
 fn branch_of(branch: &Option<String>) -> Result<String, ApiError> {
