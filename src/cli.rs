@@ -37,8 +37,8 @@ pub enum Command {
         #[arg(long = "role")]
         roles: Vec<String>,
     },
-    /// Run the projection worker.
-    Project,
+    /// Run the projection worker, or rebuild the read models from the log.
+    Project(ProjectArgs),
     /// Run the whole pipeline in one process on embedded defaults.
     Dev,
     /// Apply database migrations.
@@ -66,6 +66,24 @@ pub enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProjectArgs {
+    /// Rebuild the read models from the log (no Kafka) into a fresh schema, then swap it in.
+    #[arg(long)]
+    pub rebuild: bool,
+    /// Stop at this log position or RFC 3339 time and keep the result beside the live schema
+    /// (a point-in-time copy; never swapped in).
+    #[arg(long, requires = "rebuild")]
+    pub until: Option<String>,
+    /// Name of the schema to build (default `spiced_read_rebuild_<UTC timestamp>`); after a
+    /// swap it holds the previous live read models.
+    #[arg(long, requires = "rebuild")]
+    pub target_schema: Option<String>,
+    /// Build the schema but do not swap it in.
+    #[arg(long, requires = "rebuild")]
+    pub no_swap: bool,
 }
 
 #[derive(Debug, Subcommand)]

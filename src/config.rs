@@ -33,6 +33,8 @@ pub struct Config {
     pub relay: RelayConfig,
     /// The command workers (`spiced worker`).
     pub worker: WorkerConfig,
+    /// The projection (`spiced project`).
+    pub project: ProjectConfig,
     /// The operations listener of roles without an API.
     pub metrics: MetricsConfig,
     /// API access control.
@@ -74,6 +76,29 @@ pub struct MetricsConfig {
     pub relay_listen: String,
     /// Address of the worker's operations listener; empty disables it.
     pub worker_listen: String,
+    /// Address of the projection's operations listener; empty disables it.
+    pub project_listen: String,
+}
+
+/// The projection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectConfig {
+    /// `kafka` (the event topics) or `log` (follow the event log directly).
+    pub source: ProjectSource,
+    /// Kafka consumer group of the projection.
+    pub group: String,
+    /// Most events applied in one transaction.
+    pub batch_events: usize,
+    /// How long a batch waits for more events once it has one, in ms.
+    pub batch_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProjectSource {
+    Kafka,
+    Log,
 }
 
 /// Command workers.
@@ -219,6 +244,8 @@ pub struct ServeConfig {
     pub service_name: String,
     /// Seconds a 503 response asks the client to wait (`Retry-After`).
     pub retry_after_secs: u64,
+    /// Longest a read with `?min_version=N` waits for the projection, in ms (then 425).
+    pub min_version_wait_ms: u64,
 }
 
 /// Group commit of the log writer: concurrent appends share one segment object.
@@ -383,6 +410,9 @@ impl Config {
             return Err(invalid("writer.queue_depth", "must be at least 1"));
         }
         self.validate_kafka()?;
+        if self.project.batch_events == 0 {
+            return Err(invalid("project.batch_events", "must be at least 1"));
+        }
         for (i, t) in self.auth.tokens.iter().enumerate() {
             if !matches!(t.scope.as_str(), "read" | "write" | "admin") {
                 return Err(invalid(&format!("auth.tokens[{i}].scope"), "must be read, write or admin"));

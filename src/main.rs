@@ -30,7 +30,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             spiced::relay::run_with(config, args.options(), shutdown, Default::default()).await
         }
         Command::Worker { roles } => spiced::worker::run_roles(config, &roles, shutdown).await,
-        Command::Project => spiced::project::run(config, shutdown).await,
+        Command::Project(args) if args.rebuild => rebuild(&config, args).await,
+        Command::Project(_) => spiced::project::run(config, shutdown).await,
         Command::Dev => spiced::dev::run(config, shutdown).await,
         Command::Migrate => {
             let db = spiced::db::Database::open(&config.database).await?;
@@ -87,4 +88,25 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+async fn rebuild(config: &Config, args: spiced::cli::ProjectArgs) -> anyhow::Result<()> {
+    use spiced::project::rebuild::{run, Options, Until};
+    let until = match args.until.as_deref() {
+        Some(s) => Until::parse(s).map_err(anyhow::Error::msg)?,
+        None => Until::Head,
+    };
+    let report = run(config, Options { until, target: args.target_schema, no_swap: args.no_swap }).await?;
+    println!(
+        "rebuild: {} events to log position {} in {:.1}s ({:.0} events/s) into schema {}",
+        report.events,
+        report.position,
+        report.elapsed.as_secs_f64(),
+        report.events_per_second(),
+        report.target
+    );
+    if report.swapped {
+        println!("rebuild: swapped in as the live read models; the previous ones are now in schema {}", report.target);
+    }
+    Ok(())
 }

@@ -4,10 +4,11 @@ mod common;
 
 use common::{isolated_config, spawn_dev, Backend, TestApp};
 use serde_json::{json, Value};
-use spiced::db::read::{ReadBatch, ReadKind, ReadRow};
+use spiced::db::read::{Change, Page, Progress, ReadBatch, ReadKind, ReadRow, ReadSchema};
 use spiced::db::Database;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 backend_tests! {
     read_models_follow_the_log,
@@ -83,39 +84,63 @@ async fn read_models_follow_the_log(backend: Backend) {
     assert_eq!((s, e["error"].as_str()), (400, Some("invalid_query")));
 }
 
-fn row(key: &str, version: u64, n: i64, deleted: bool) -> ReadRow {
-    ReadRow {
-        kind: ReadKind::Instance,
-        key: key.into(),
-        parent: key.rsplit_once(':').unwrap().0.into(),
-        state: (!deleted).then(|| json!({"data": {"n": n}})),
-        version,
-        deleted,
-        created_at: chrono::Utc::now(),
-        updated_at: chrono::Utc::now(),
+fn change(key: &str, version: u64, position: u64, n: i64, deleted: bool) -> Change {
+    let kind = if key.contains(':') { ReadKind::Instance } else { ReadKind::Database };
+    Change {
+        event_id: Uuid::new_v4(),
+        cascade: kind == ReadKind::Database && deleted,
+        row: ReadRow {
+            kind,
+            key: key.into(),
+            parent: key.rsplit_once(':').map(|(p, _)| p.to_string()).unwrap_or_default(),
+            db: key.split(':').next().unwrap().into(),
+            state: (!deleted).then(|| json!({"data": {"n": n}})),
+            version,
+            position,
+            deleted,
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        },
     }
 }
 
+/// Batches as Kafka delivers them: any order across partitions, duplicates included.
 async fn versioned_rows_converge_whatever_the_order(backend: Backend) {
     let (config, _dir) = isolated_config(backend).await;
     let db = Database::open(&config.database).await.unwrap();
     db.migrate().await.unwrap();
-    let key = "d:main:C:x";
-    let apply = |rows: Vec<ReadRow>, position: u64| {
+    let live = ReadSchema::live();
+    let apply = |changes: Vec<Change>, partition: i32, position: u64| {
         let db = db.clone();
-        async move { db.apply_read_batch(&ReadBatch { rows, cascades: vec![] }, "projection", position).await.unwrap() }
+        let live = live.clone();
+        async move {
+            let progress = Progress::Kafka(vec![("t".into(), partition, position)]);
+            db.apply_read_batch(&live, &ReadBatch { changes, progress }).await.unwrap()
+        }
     };
-    apply(vec![row(key, 2, 20, false)], 2).await;
-    apply(vec![row(key, 1, 10, false)], 1).await; // older, delivered late: ignored
-    apply(vec![row(key, 2, 99, false)], 2).await; // duplicate sequence: ignored
+    let key = "d:main:C:x";
+    let second = change(key, 2, 20, 20, false);
+    apply(vec![change("d", 1, 1, 0, false)], 0, 1).await;
+    apply(vec![second.clone()], 1, 20).await;
+    apply(vec![change(key, 1, 10, 10, false)], 1, 10).await; // older, delivered late: ignored
+    apply(vec![second.clone()], 1, 20).await; // the same event again: claimed already
     let r = db.read_one(ReadKind::Instance, key).await.unwrap().unwrap();
     assert_eq!((r.version, r.state.unwrap()["data"]["n"].as_i64()), (2, Some(20)));
-    assert_eq!(db.checkpoint("projection").await.unwrap(), 2, "the checkpoint never moves back");
-    apply(vec![row(key, 3, 0, true)], 3).await;
-    assert!(db.read_one(ReadKind::Instance, key).await.unwrap().is_none());
-    // A database delete cascades to what is under it.
-    apply(vec![row("d:main:C:y", 1, 1, false)], 4).await;
-    let cascade = ReadBatch { rows: vec![], cascades: vec![("d:".into(), 2, chrono::Utc::now())] };
-    db.apply_read_batch(&cascade, "projection", 5).await.unwrap();
-    assert!(db.read_page(ReadKind::Instance, "d:main:C", None, 10).await.unwrap().is_empty());
+    assert_eq!(db.projection_position().await.unwrap(), 1, "the lowest partition position");
+    apply(vec![change(key, 3, 30, 0, true)], 1, 30).await;
+    assert!(db.read_one(ReadKind::Instance, key).await.unwrap().unwrap().deleted);
+
+    // The database is deleted at position 50: what was written under it before goes, and
+    // an older event arriving afterwards on another partition does not bring it back.
+    apply(vec![change("d:main:C:y", 1, 40, 1, false)], 1, 40).await;
+    apply(vec![change("d", 2, 50, 0, true)], 0, 50).await;
+    apply(vec![change("d:main:C:z", 1, 45, 1, false)], 2, 45).await;
+    let page = Page { kind: ReadKind::Instance, parent: "d:main:C", after: None, limit: 10, filter: &[] };
+    assert!(db.read_page(&page).await.unwrap().is_empty());
+    assert!(db.read_one(ReadKind::Instance, "d:main:C:y").await.unwrap().is_none());
+    // Written after the deletion: kept.
+    apply(vec![change("d", 3, 60, 0, false), change("d:main:C:w", 1, 61, 1, false)], 0, 61).await;
+    let keys: Vec<String> = db.read_page(&page).await.unwrap().into_iter().map(|r| r.key).collect();
+    assert_eq!(keys, ["d:main:C:w"]);
+    assert_eq!(db.projection_position().await.unwrap(), 40, "partition 1 is the lowest");
 }

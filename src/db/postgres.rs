@@ -35,6 +35,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_read_models",
         sql: include_str!("../../migrations/postgres/0004_read_models.sql"),
     },
+    Migration {
+        name: "0005_read_schema",
+        sql: include_str!("../../migrations/postgres/0005_read_schema.sql"),
+    },
 ];
 
 const LOCK_HEAD: &str = "SELECT position FROM log_head WHERE id = 1 FOR UPDATE";
@@ -135,6 +139,9 @@ impl Pg {
                 .await?;
             applied.push(m.name.to_string());
         }
+        // The live read models are not a numbered migration: a rebuild creates the same tables
+        // under another name.
+        tx.batch_execute(&crate::db::read::ReadSchema::live().pg_ddl()).await?;
         tx.commit().await?;
         Ok(applied)
     }

@@ -34,6 +34,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_read_models",
         sql: include_str!("../../migrations/sqlite/0004_read_models.sql"),
     },
+    Migration {
+        name: "0005_read_schema",
+        sql: include_str!("../../migrations/sqlite/0005_read_schema.sql"),
+    },
 ];
 
 const SELECT_HEAD: &str = "SELECT position FROM log_head WHERE id = 1";
@@ -104,6 +108,9 @@ impl Lite {
                 applied.push(m.name.to_string());
             }
         }
+        // The live read models are not a numbered migration: a rebuild creates the same tables
+        // under another name.
+        tx.execute_batch(&crate::db::read::ReadSchema::live().lite_ddl())?;
         tx.commit()?;
         Ok(applied)
     }

@@ -1,15 +1,17 @@
 //! `spiced project`: keeps the read models (databases, classes, instances) in step with the
-//! outcome events in the log.
+//! outcome events.
 //!
-//! This first version follows the log itself, like the embedded workers: segment by segment
-//! from a durable checkpoint, each segment's changes and the new checkpoint in one
-//! transaction, so the projection position is exact (the `X-Spiced-Projection-Position`
-//! header). Rows are versioned by the aggregate's sequence and only ever replaced by a higher
-//! one, so replays converge. Consuming the event topics through Kafka, filters, `min_version`,
-//! the OpenAPI document and rebuilds are the rest of issue #5.
+//! Live, it consumes the two event topics in its own consumer group ([`kafka`]), or follows
+//! the log directly ([`follow`], what `spiced dev` does). Either way each batch and the
+//! projection's progress commit in one transaction, and rows are versioned by the aggregate's
+//! sequence, so replays, duplicates and reordering converge on the state the log describes.
+//! [`rebuild`] builds a fresh schema from the log alone and swaps it in.
 
-use crate::config::Config;
-use crate::db::read::{ReadBatch, ReadKind, ReadRow};
+pub mod kafka;
+pub mod rebuild;
+
+use crate::config::{Config, ProjectSource};
+use crate::db::read::{Change, Progress, ReadBatch, ReadKind, ReadRow, ReadSchema};
 use crate::db::Database;
 use crate::envelope::{EventEnvelope, Kind};
 use crate::log::tail::{pause, Follower, Tail};
@@ -17,73 +19,89 @@ use crate::log::{EventLog, Segment};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// The projection's checkpoint in `relay_state`: the last log position applied.
-pub const CHECKPOINT: &str = "projection";
-
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (db, log) = crate::serve::open_storage(&config).await?;
-    crate::systemd::ready();
-    follow(&db, &log, &config, &shutdown).await
+    let _ops = crate::telemetry::start_ops(
+        &config.metrics.project_listen,
+        crate::telemetry::storage_readiness(db.clone(), log.clone()),
+    )
+    .await?;
+    match config.project.source {
+        ProjectSource::Kafka => kafka::consume(&db, &config, &shutdown).await,
+        ProjectSource::Log => {
+            crate::systemd::ready();
+            follow(&db, &log, &config, &shutdown).await
+        }
+    }
 }
 
-/// Applies the log to the read models until `shutdown`.
+/// Applies the log to the live read models until `shutdown`.
 pub async fn follow(db: &Database, log: &EventLog, config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let schema = ReadSchema::live();
     let tail = Tail::new(log.clone(), db.index.clone());
-    let from = db.checkpoint(CHECKPOINT).await? + 1;
+    let from = db.schema_position(&schema).await? + 1;
     tracing::info!(from, "projection following the log");
     let poll = Duration::from_millis(config.relay.poll_interval_ms);
     let mut follower = Follower::new(tail, from, 64, poll);
     while let Some(segments) = follower.next(shutdown).await {
-        for segment in &segments {
-            if let Err(e) = db.apply_read_batch(&batch_of(segment), CHECKPOINT, segment.position).await {
-                // Not applied: the follower reads this segment again after the pause.
-                tracing::warn!(error = %e, position = segment.position, "cannot apply to the read models; retrying");
-                pause(shutdown, Duration::from_secs(1)).await;
-                break;
+        match db.apply_read_batch(&schema, &batch_of(&segments)).await {
+            // The schema's position, which a swapped-in rebuild may have moved past this batch.
+            Ok(position) => {
+                follower.done(position);
+                metrics::gauge!("spiced_projection_position").set(position as f64);
             }
-            follower.done(segment.position);
-            metrics::gauge!("spiced_projection_position").set(segment.position as f64);
+            Err(e) => {
+                // Not applied: the follower reads these segments again after the pause.
+                tracing::warn!(error = %e, "cannot apply to the read models; retrying");
+                pause(shutdown, Duration::from_secs(1)).await;
+            }
         }
     }
     Ok(())
 }
 
-/// The read-model changes of one segment: one row per outcome event; a deleted database also
-/// deletes its classes and instances.
-pub fn batch_of(segment: &Segment) -> ReadBatch {
-    let mut batch = ReadBatch::default();
-    for e in segment.events.iter().filter(|e| e.kind() == Some(Kind::Domain)) {
-        let Some(row) = row_of(e) else { continue };
-        if e.event_type == "DATABASE_DELETED" {
-            batch.cascades.push((format!("{}:", e.aggregate_id), row.version, e.occurred_at));
-        }
-        batch.rows.push(row);
-    }
-    batch
+/// The read-model changes of consecutive segments.
+pub fn batch_of(segments: &[Segment]) -> ReadBatch {
+    let changes = segments
+        .iter()
+        .flat_map(|s| s.events.iter().filter_map(|e| change_of(e, s.position)))
+        .collect();
+    let to = segments.last().map(|s| s.position).unwrap_or(0);
+    ReadBatch { changes, progress: Progress::Log { to } }
 }
 
-/// An outcome event as a row. `COMMAND_FAILED` carries the unchanged state, so it still moves
-/// the version (a client waiting for its command's sequence sees it answered).
-pub fn row_of(e: &EventEnvelope) -> Option<ReadRow> {
+/// An outcome event at a log position as a row change; `None` for anything else.
+/// `COMMAND_FAILED` carries the unchanged state, so it still moves the version (a client
+/// waiting for its command's sequence sees it answered).
+pub fn change_of(e: &EventEnvelope, position: u64) -> Option<Change> {
+    if e.kind() != Some(Kind::Domain) {
+        return None;
+    }
     let kind = match e.aggregate_type.as_str() {
         "Database" => ReadKind::Database,
         "OntologyClass" => ReadKind::Class,
         "Instance" => ReadKind::Instance,
         _ => return None,
     };
-    let parent = match kind {
-        ReadKind::Database => String::new(),
-        _ => e.aggregate_id.rsplit_once(':')?.0.to_string(),
+    let (db, parent) = match kind {
+        ReadKind::Database => (e.aggregate_id.clone(), String::new()),
+        _ => {
+            let parent = e.aggregate_id.rsplit_once(':')?.0.to_string();
+            (e.aggregate_id.split(':').next()?.to_string(), parent)
+        }
     };
     let state = e.data.get("state").filter(|s| !s.is_null()).cloned();
-    Some(ReadRow {
+    let row = ReadRow {
         kind,
         key: e.aggregate_id.clone(),
         parent,
+        db,
         deleted: state.is_none(),
         state,
         version: e.sequence_number?,
+        position,
         created_at: e.occurred_at,
         updated_at: e.occurred_at,
-    })
+    };
+    Some(Change { event_id: e.event_id, cascade: e.event_type == "DATABASE_DELETED", row })
 }

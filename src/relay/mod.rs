@@ -17,6 +17,7 @@ use crate::log::{EventLog, Segment};
 use chrono::{DateTime, Utc};
 use lease::{Lease, LeaseStore};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use crate::project::kafka::POSITION_HEADER;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use std::collections::{HashSet, VecDeque};
@@ -309,22 +310,21 @@ impl Relay {
         let mut pending: VecDeque<DeliveryFuture> = VecDeque::new();
         let mut dead = 0;
         for segment in segments {
+            let position = segment.position.to_string();
             for (i, envelope) in segment.events.iter().enumerate() {
                 let payload = segment.raw_event(i);
                 let route = self.route(envelope);
-                let mut record = FutureRecord::to(route.topic())
-                    .key(envelope.ordering_key())
-                    .payload(&payload[..]);
+                // The log position lets consumers (the projection) say how far they are.
+                let mut headers = OwnedHeaders::new().insert(Header { key: POSITION_HEADER, value: Some(position.as_str()) });
                 if let Route::DeadLetter { reason, .. } = &route {
                     dead += 1;
                     tracing::warn!(position = segment.position, event_id = %envelope.event_id, reason, "envelope sent to the dead-letter topic");
-                    let position = segment.position.to_string();
-                    record = record.headers(
-                        OwnedHeaders::new()
-                            .insert(Header { key: "spiced-dead-letter-reason", value: Some(reason.as_str()) })
-                            .insert(Header { key: "spiced-log-position", value: Some(position.as_str()) }),
-                    );
+                    headers = headers.insert(Header { key: "spiced-dead-letter-reason", value: Some(reason.as_str()) });
                 }
+                let record = FutureRecord::to(route.topic())
+                    .key(envelope.ordering_key())
+                    .payload(&payload[..])
+                    .headers(headers);
                 let delivery = self.send(record, &mut pending).await?;
                 pending.push_back(delivery);
             }

@@ -51,6 +51,12 @@ impl ApiError {
         self
     }
 
+    /// Asks the client to come back after `secs` (`Retry-After`).
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
     pub fn status(&self) -> StatusCode {
         self.status
     }

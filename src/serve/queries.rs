@@ -1,11 +1,17 @@
 //! The query API over the read models. Every response carries each row's `version` and the
 //! header `X-Spiced-Projection-Position` (the last log position the read models reflect).
 //! Pages are keyset pages on the id: stable under concurrent writes, same cost at any depth.
+//!
+//! Read-your-write: `?min_version=N` on a single read waits (up to `serve.min_version_wait_ms`)
+//! for the row to reach version N, then answers `425 Too Early` with `Retry-After`: the write
+//! is accepted, the read model has not caught up yet, and the same request will succeed later.
+//! (409 would say the request conflicts with the state, which it does not.)
 
 use super::error::ApiError;
 use super::extract::{path, query};
 use super::AppState;
-use crate::db::read::{ReadKind, ReadRow};
+use crate::db::read::filter::{self, Condition};
+use crate::db::read::{Page, ReadKind, ReadRow};
 use crate::domain::ids::validate_name;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -13,6 +19,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 /// The largest page.
 pub const MAX_LIMIT: usize = 1000;
@@ -54,40 +62,104 @@ fn item(row: &ReadRow) -> Value {
 }
 
 async fn respond(state: &AppState, body: Value) -> Result<Response, ApiError> {
-    let position = state.db.checkpoint(crate::project::CHECKPOINT).await.map_err(|e| state.unavailable(&e))?;
+    let position = state.db.projection_position().await.map_err(|e| state.unavailable(&e))?;
     Ok(([("x-spiced-projection-position", position.to_string())], Json(body)).into_response())
 }
 
-async fn page(state: &AppState, kind: ReadKind, parent: &str, q: &PageQuery) -> Result<Response, ApiError> {
+async fn page(state: &AppState, kind: ReadKind, parent: &str, q: &PageQuery, filter: &[Condition]) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::bad_request("invalid_query", format!("limit must be 1 to {MAX_LIMIT}")));
     }
-    let rows = state
-        .db
-        .read_page(kind, parent, q.cursor.as_deref(), limit)
-        .await
-        .map_err(|e| state.unavailable(&e))?;
+    let page = Page { kind, parent, after: q.cursor.as_deref(), limit, filter };
+    let rows = state.db.read_page(&page).await.map_err(|e| state.unavailable(&e))?;
     let next = (rows.len() == limit).then(|| rows.last().map(|r| r.key.clone())).flatten();
     let items: Vec<Value> = rows.iter().map(item).collect();
     respond(state, json!({"items": items, "next_cursor": next})).await
 }
 
-async fn one(state: &AppState, kind: ReadKind, key: &str) -> Result<Response, ApiError> {
-    let row = state.db.read_one(kind, key).await.map_err(|e| state.unavailable(&e))?;
-    let row = row.ok_or_else(|| ApiError::not_found(format!("no {} {key} (or not projected yet)", kind.as_str())))?;
+fn no_filter(q: &PageQuery) -> Result<(), ApiError> {
+    match q.filter {
+        Some(_) => Err(ApiError::bad_request("invalid_filter", "where= applies to instance lists only")),
+        None => Ok(()),
+    }
+}
+
+async fn one(state: &AppState, kind: ReadKind, key: &str, min_version: Option<u64>) -> Result<Response, ApiError> {
+    let row = match min_version {
+        Some(wanted) => wait_for_version(state, kind, key, wanted).await?,
+        None => state.db.read_one(kind, key).await.map_err(|e| state.unavailable(&e))?,
+    };
+    let row = row
+        .filter(|r| !r.deleted)
+        .ok_or_else(|| ApiError::not_found(format!("no {} {key} (or not projected yet)", kind.as_str())))?;
     respond(state, item(&row)).await
+}
+
+/// The row once it has reached `wanted`, polling the read model until
+/// `serve.min_version_wait_ms` has passed; then 425.
+async fn wait_for_version(state: &AppState, kind: ReadKind, key: &str, wanted: u64) -> Result<Option<ReadRow>, ApiError> {
+    let deadline = Instant::now() + Duration::from_millis(state.config.serve.min_version_wait_ms);
+    loop {
+        let row = state.db.read_one(kind, key).await.map_err(|e| state.unavailable(&e))?;
+        let version = row.as_ref().map(|r| r.version).unwrap_or(0);
+        if version >= wanted {
+            return Ok(row);
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_EARLY,
+                "not_yet_projected",
+                format!("the read model has {} at version {version}, not yet {wanted}; retry", kind.as_str()),
+            )
+            .with("version", json!(version))
+            .retry_after(1));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The properties of a class and its ancestors, name -> declared type, from the read model.
+async fn class_properties(state: &AppState, class_key_prefix: &str, class_id: &str) -> Result<HashMap<String, String>, ApiError> {
+    let mut properties = HashMap::new();
+    let mut next = Some(class_id.to_string());
+    let mut seen = 0;
+    while let Some(id) = next.take() {
+        seen += 1;
+        let key = format!("{class_key_prefix}:{id}");
+        let row = state.db.read_one(ReadKind::Class, &key).await.map_err(|e| state.unavailable(&e))?;
+        let Some(class) = row.filter(|r| !r.deleted).and_then(|r| r.state) else {
+            return Err(ApiError::not_found(format!("no class {id} (or not projected yet)")));
+        };
+        for p in class["properties"].as_array().into_iter().flatten() {
+            if let Some(name) = p["name"].as_str() {
+                let ty = p["type"].as_str().unwrap_or("json");
+                properties.entry(name.to_string()).or_insert_with(|| ty.to_string());
+            }
+        }
+        // Ancestry is checked when classes are written; the bound guards against a cycle.
+        next = class["parent_class"].as_str().filter(|_| seen < 64).map(str::to_string);
+    }
+    Ok(properties)
 }
 
 pub async fn list_databases(State(state): State<AppState>, q: Result<Query<PageQuery>, QueryRejection>) -> Result<Response, ApiError> {
     let q = query(q)?;
-    page(&state, ReadKind::Database, "", &q).await
+    no_filter(&q)?;
+    page(&state, ReadKind::Database, "", &q, &[]).await
 }
 
-pub async fn get_database(State(state): State<AppState>, p: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
-    let db = path(p)?;
+pub async fn get_database(
+    State(state): State<AppState>,
+    p: Result<Path<String>, PathRejection>,
+    q: Result<Query<OneQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (db, q) = (path(p)?, query(q)?);
     validate_name("db", &db)?;
-    one(&state, ReadKind::Database, &db).await
+    if q.branch.is_some() {
+        return Err(ApiError::bad_request("invalid_query", "databases have no branch"));
+    }
+    one(&state, ReadKind::Database, &db, q.min_version).await
 }
 
 pub async fn list_classes(
@@ -97,8 +169,9 @@ pub async fn list_classes(
 ) -> Result<Response, ApiError> {
     let (db, q) = (path(p)?, query(q)?);
     validate_name("db", &db)?;
+    no_filter(&q)?;
     let parent = format!("{db}:{}", branch_of(&q.branch)?);
-    page(&state, ReadKind::Class, &parent, &q).await
+    page(&state, ReadKind::Class, &parent, &q, &[]).await
 }
 
 pub async fn get_class(
@@ -110,7 +183,7 @@ pub async fn get_class(
     validate_name("db", &db)?;
     validate_name("class_id", &class_id)?;
     let key = format!("{db}:{}:{class_id}", branch_of(&q.branch)?);
-    one(&state, ReadKind::Class, &key).await
+    one(&state, ReadKind::Class, &key, q.min_version).await
 }
 
 pub async fn list_instances(
@@ -121,8 +194,16 @@ pub async fn list_instances(
     let ((db, class_id), q) = (path(p)?, query(q)?);
     validate_name("db", &db)?;
     validate_name("class_id", &class_id)?;
-    let parent = format!("{db}:{}:{class_id}", branch_of(&q.branch)?);
-    page(&state, ReadKind::Instance, &parent, &q).await
+    let classes = format!("{db}:{}", branch_of(&q.branch)?);
+    let conditions = match &q.filter {
+        Some(text) => {
+            let properties = class_properties(&state, &classes, &class_id).await?;
+            filter::parse(text, &properties).map_err(|e| ApiError::bad_request("invalid_filter", e))?
+        }
+        None => Vec::new(),
+    };
+    let parent = format!("{classes}:{class_id}");
+    page(&state, ReadKind::Instance, &parent, &q, &conditions).await
 }
 
 pub async fn get_instance(
@@ -135,5 +216,5 @@ pub async fn get_instance(
         validate_name(field, value)?;
     }
     let key = format!("{db}:{}:{class_id}:{instance_id}", branch_of(&q.branch)?);
-    one(&state, ReadKind::Instance, &key).await
+    one(&state, ReadKind::Instance, &key, q.min_version).await
 }

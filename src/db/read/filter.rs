@@ -1,0 +1,336 @@
+//! The `where=` filter on instance pages: comma-separated conditions on properties of the
+//! instance's data, typed by its class.
+//!
+//! ```text
+//! age>=30,name=bob,tags=exists:true,status=in:(open|closed),score!=0
+//! ```
+//!
+//! Operators: `=`, `!=`, `>`, `>=`, `<`, `<=`, `=in:(a|b|…)`, `=exists:true|false`. Numbers
+//! (`integer`, `number`) compare as numbers; `string`, `datetime` and `ref:*` properties compare
+//! as strings in byte order (write datetimes in one offset, e.g. UTC `Z`, to compare them);
+//! `boolean` takes `=`, `!=` and `exists`; `json` properties only `exists`. A comparison matches
+//! only values of the property's type, so a missing property matches nothing but
+//! `exists:false`. Values cannot contain `,` or `|`.
+
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// Most conditions in one filter, and most values in one `in`.
+pub const MAX_CONDITIONS: usize = 16;
+pub const MAX_IN_VALUES: usize = 100;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueType {
+    Number,
+    Text,
+    Bool,
+    Json,
+}
+
+impl ValueType {
+    /// The filter type of a class property type.
+    pub fn of_property(ty: &str) -> ValueType {
+        match ty {
+            "integer" | "number" => ValueType::Number,
+            "string" | "datetime" => ValueType::Text,
+            t if t.starts_with("ref:") => ValueType::Text,
+            "boolean" => ValueType::Bool,
+            _ => ValueType::Json,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ValueType::Number => "a number",
+            ValueType::Text => "a string",
+            ValueType::Bool => "a boolean",
+            ValueType::Json => "json",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Gt,
+    Ge,
+    Lt,
+    Le,
+}
+
+impl CmpOp {
+    fn sql(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "=",
+            CmpOp::Ne => "<>",
+            CmpOp::Gt => ">",
+            CmpOp::Ge => ">=",
+            CmpOp::Lt => "<",
+            CmpOp::Le => "<=",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Test {
+    Cmp(CmpOp, Value),
+    In(Vec<Value>),
+    Exists(bool),
+}
+
+/// One condition on one property.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    pub property: String,
+    pub ty: ValueType,
+    pub test: Test,
+}
+
+/// Parses a filter against the class's properties (name -> declared type). The error says
+/// what is wrong, for a 400.
+pub fn parse(input: &str, properties: &HashMap<String, String>) -> Result<Vec<Condition>, String> {
+    let parts: Vec<&str> = input.split(',').collect();
+    if parts.len() > MAX_CONDITIONS {
+        return Err(format!("at most {MAX_CONDITIONS} conditions"));
+    }
+    parts.into_iter().map(|p| condition(p, properties)).collect()
+}
+
+fn condition(text: &str, properties: &HashMap<String, String>) -> Result<Condition, String> {
+    let (property, op, raw) = split(text)?;
+    let declared = properties
+        .get(property)
+        .ok_or_else(|| format!("{property:?} is not a property of this class"))?;
+    if property.contains('"') || property.chars().any(char::is_control) {
+        return Err(format!("property {property:?} cannot be filtered on"));
+    }
+    let ty = ValueType::of_property(declared);
+    let test = test_of(op, raw, ty).map_err(|e| format!("{text:?}: {e}"))?;
+    Ok(Condition { property: property.to_string(), ty, test })
+}
+
+/// `name op value`, at the first operator character.
+fn split(text: &str) -> Result<(&str, &str, &str), String> {
+    let at = text
+        .find(['=', '!', '<', '>'])
+        .ok_or_else(|| format!("{text:?}: expected property, operator and value, e.g. age>=30"))?;
+    let (property, rest) = text.split_at(at);
+    let op_len = if rest.starts_with("!=") || rest.starts_with(">=") || rest.starts_with("<=") { 2 } else { 1 };
+    let (op, value) = rest.split_at(op_len);
+    if property.is_empty() || op == "!" {
+        return Err(format!("{text:?}: expected property, operator and value, e.g. age>=30"));
+    }
+    Ok((property, op, value))
+}
+
+fn test_of(op: &str, raw: &str, ty: ValueType) -> Result<Test, String> {
+    if op == "=" {
+        if let Some(flag) = raw.strip_prefix("exists:") {
+            return match flag {
+                "true" => Ok(Test::Exists(true)),
+                "false" => Ok(Test::Exists(false)),
+                _ => Err("exists takes true or false".into()),
+            };
+        }
+        if let Some(list) = raw.strip_prefix("in:(").and_then(|r| r.strip_suffix(')')) {
+            return in_list(list, ty);
+        }
+    }
+    let cmp = match op {
+        "=" => CmpOp::Eq,
+        "!=" => CmpOp::Ne,
+        ">" => CmpOp::Gt,
+        ">=" => CmpOp::Ge,
+        "<" => CmpOp::Lt,
+        "<=" => CmpOp::Le,
+        _ => return Err(format!("unknown operator {op:?}")),
+    };
+    match ty {
+        ValueType::Json => Err("json properties can only be tested with exists".into()),
+        ValueType::Bool if !matches!(cmp, CmpOp::Eq | CmpOp::Ne) => Err("booleans take = and != only".into()),
+        _ => Ok(Test::Cmp(cmp, value_of(raw, ty)?)),
+    }
+}
+
+fn in_list(list: &str, ty: ValueType) -> Result<Test, String> {
+    if !matches!(ty, ValueType::Number | ValueType::Text) {
+        return Err(format!("in takes numbers or strings, the property is {}", ty.name()));
+    }
+    let values: Vec<Value> = list.split('|').map(|v| value_of(v, ty)).collect::<Result<_, _>>()?;
+    if values.len() > MAX_IN_VALUES {
+        return Err(format!("at most {MAX_IN_VALUES} values in in:(...)"));
+    }
+    Ok(Test::In(values))
+}
+
+fn value_of(raw: &str, ty: ValueType) -> Result<Value, String> {
+    match ty {
+        ValueType::Text => Ok(json!(raw)),
+        ValueType::Number => {
+            let n: serde_json::Number = raw.parse().map_err(|_| format!("{raw:?} is not a number"))?;
+            Ok(Value::Number(n))
+        }
+        ValueType::Bool => match raw {
+            "true" => Ok(json!(true)),
+            "false" => Ok(json!(false)),
+            _ => Err(format!("{raw:?} is not true or false")),
+        },
+        ValueType::Json => Err("json properties can only be tested with exists".into()),
+    }
+}
+
+/// A bound parameter of a rendered filter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Param {
+    Text(String),
+    Json(Value),
+    JsonArray(Vec<Value>),
+    Number(f64),
+}
+
+/// The filter as SQL over the `state` column, its parameters numbered from `first`.
+pub fn render(conditions: &[Condition], pg: bool, first: usize) -> (String, Vec<Param>) {
+    let mut sql = String::new();
+    let mut params = Vec::new();
+    for c in conditions {
+        let clause = if pg { pg_clause(c, first, &mut params) } else { lite_clause(c, first, &mut params) };
+        sql.push_str(" AND ");
+        sql.push_str(&clause);
+    }
+    (sql, params)
+}
+
+/// Adds a parameter and returns its placeholder.
+fn bind(params: &mut Vec<Param>, first: usize, p: Param, pg: bool) -> String {
+    params.push(p);
+    let n = first + params.len() - 1;
+    if pg {
+        format!("${n}")
+    } else {
+        format!("?{n}")
+    }
+}
+
+fn pg_type(ty: ValueType) -> &'static str {
+    match ty {
+        ValueType::Number => "number",
+        ValueType::Text => "string",
+        ValueType::Bool => "boolean",
+        ValueType::Json => "object",
+    }
+}
+
+fn pg_clause(c: &Condition, first: usize, params: &mut Vec<Param>) -> String {
+    let name = bind(params, first, Param::Text(c.property.clone()), true);
+    let x = format!("(state -> 'data' -> {name}::text)");
+    let typed = format!("jsonb_typeof({x}) = '{}'", pg_type(c.ty));
+    match &c.test {
+        Test::Exists(present) => {
+            let op = if *present { "<>" } else { "=" };
+            format!("coalesce(jsonb_typeof({x}), 'null') {op} 'null'")
+        }
+        // Containment, so the GIN index on the data serves equality.
+        Test::Cmp(CmpOp::Eq, v) => {
+            let doc = bind(params, first, Param::Json(json!({ c.property.clone(): v })), true);
+            format!("(state -> 'data') @> {doc}::jsonb")
+        }
+        Test::Cmp(op, v) if c.ty == ValueType::Text => {
+            let v = bind(params, first, Param::Text(v.as_str().unwrap_or_default().to_string()), true);
+            format!("{typed} AND ({x} #>> '{{}}') COLLATE \"C\" {} {v}::text", op.sql())
+        }
+        Test::Cmp(op, v) => {
+            let v = bind(params, first, Param::Json(v.clone()), true);
+            format!("{typed} AND {x} {} {v}::jsonb", op.sql())
+        }
+        Test::In(values) => {
+            let v = bind(params, first, Param::JsonArray(values.clone()), true);
+            format!("{x} = ANY({v}::jsonb[])")
+        }
+    }
+}
+
+fn lite_types(ty: ValueType) -> &'static str {
+    match ty {
+        ValueType::Number => "('integer', 'real')",
+        ValueType::Text => "('text')",
+        ValueType::Bool => "('true', 'false')",
+        ValueType::Json => "('object', 'array')",
+    }
+}
+
+fn lite_clause(c: &Condition, first: usize, params: &mut Vec<Param>) -> String {
+    let path = bind(params, first, Param::Text(format!("$.data.\"{}\"", c.property)), false);
+    let typed = format!("json_type(state, {path}) IN {}", lite_types(c.ty));
+    let x = format!("json_extract(state, {path})");
+    let mut value = |v: &Value| match v {
+        Value::Number(n) => bind(params, first, Param::Number(n.as_f64().unwrap_or(f64::NAN)), false),
+        // Booleans compare as SQLite's 0/1.
+        Value::Bool(b) => bind(params, first, Param::Number(if *b { 1.0 } else { 0.0 }), false),
+        other => bind(params, first, Param::Text(other.as_str().unwrap_or_default().to_string()), false),
+    };
+    match &c.test {
+        Test::Exists(present) => {
+            let op = if *present { "<>" } else { "=" };
+            format!("coalesce(json_type(state, {path}), 'null') {op} 'null'")
+        }
+        Test::Cmp(op, v) => format!("{typed} AND {x} {} {}", op.sql(), value(v)),
+        Test::In(values) => {
+            let list: Vec<String> = values.iter().map(&mut value).collect();
+            format!("{typed} AND {x} IN ({})", list.join(", "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props() -> HashMap<String, String> {
+        [("age", "integer"), ("name", "string"), ("ok", "boolean"), ("meta", "json"), ("at", "datetime")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_every_operator() {
+        let c = parse("age>=30,name=bob,age=in:(1|2),meta=exists:false,ok!=true,at<2026-01-01T00:00:00Z", &props()).unwrap();
+        assert_eq!(c[0].test, Test::Cmp(CmpOp::Ge, json!(30)));
+        assert_eq!(c[1].test, Test::Cmp(CmpOp::Eq, json!("bob")));
+        assert_eq!(c[2].test, Test::In(vec![json!(1), json!(2)]));
+        assert_eq!(c[3].test, Test::Exists(false));
+        assert_eq!(c[4].test, Test::Cmp(CmpOp::Ne, json!(true)));
+        assert_eq!(c[5].test, Test::Cmp(CmpOp::Lt, json!("2026-01-01T00:00:00Z")));
+    }
+
+    #[test]
+    fn bad_filters_say_what_is_wrong() {
+        let cases = [
+            ("nope=1", "not a property"),
+            ("age>=old", "not a number"),
+            ("age", "expected property"),
+            ("=3", "expected property"),
+            ("ok>true", "booleans take"),
+            ("meta=1", "only be tested with exists"),
+            ("ok=in:(true)", "in takes numbers or strings"),
+            ("age=exists:maybe", "exists takes true or false"),
+            ("age!3", "expected property"),
+        ];
+        for (input, want) in cases {
+            let err = parse(input, &props()).unwrap_err();
+            assert!(err.contains(want), "{input}: {err}");
+        }
+    }
+
+    #[test]
+    fn renders_numbered_parameters_for_each_backend() {
+        let c = parse("age>3,name=in:(a|b)", &props()).unwrap();
+        let (sql, params) = render(&c, true, 5);
+        assert!(sql.contains("$5::text") && sql.contains("> $6::jsonb") && sql.contains("ANY($8::jsonb[])"), "{sql}");
+        assert_eq!(params.len(), 4);
+        let (sql, params) = render(&c, false, 5);
+        assert!(sql.contains("json_extract(state, ?5) > ?6") && sql.contains("IN (?8, ?9)"), "{sql}");
+        assert_eq!(params[0], Param::Text("$.data.\"age\"".into()));
+    }
+}

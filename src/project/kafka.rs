@@ -1,0 +1,238 @@
+//! The projection fed by Kafka: the two event topics in the projection's consumer group.
+//!
+//! A batch of messages is applied in one transaction that also claims each event in
+//! `processed_events` (handler `projection`) and records, per partition, the log position
+//! (relay header `spiced-log-position`) it has reached; offsets are committed after that
+//! commit. A crash before the commit re-delivers the batch; a crash after it re-delivers
+//! messages whose claims already exist, which change nothing.
+//!
+//! The projection position served to clients is the lowest position over all partitions. A
+//! partition with nothing left to read is complete up to the relay's checkpoint, read before
+//! the partition's high watermark is fetched (everything the relay checkpointed was delivered,
+//! so it is below that watermark).
+
+use super::change_of;
+use crate::bus::kafka::{base_config, ensure_topics, with_properties};
+use crate::config::Config;
+use crate::db::read::{Change, Progress, ReadBatch, ReadSchema};
+use crate::db::Database;
+use crate::envelope::EventEnvelope;
+use crate::log::tail::pause;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// The relay's header carrying an envelope's log position.
+pub const POSITION_HEADER: &str = "spiced-log-position";
+
+/// How long without messages before the partitions are checked for being caught up.
+const IDLE: Duration = Duration::from_millis(200);
+
+type Partitions = BTreeMap<(String, i32), u64>;
+
+pub async fn consume(db: &Database, config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let topics = [config.topics.ontology_events.clone(), config.topics.instance_events.clone()];
+    ensure_topics(&config.kafka, &topics).await?;
+    let consumer = Arc::new(consumer(config)?);
+    consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
+    register_partitions(db, &consumer, &topics).await?;
+    tracing::info!(group = %config.project.group, "projection consuming the event topics");
+    crate::systemd::ready();
+    let schema = ReadSchema::live();
+    loop {
+        let Some(messages) = next_batch(&consumer, config, shutdown).await else { break };
+        let batch = if messages.is_empty() {
+            caught_up(db, &consumer, config).await
+        } else {
+            batch_of(&messages)
+        };
+        let Some(batch) = batch else { continue };
+        if !apply(db, &schema, &batch, shutdown).await {
+            break;
+        }
+        commit(&consumer, &messages);
+        metrics::counter!("spiced_projection_events_total").increment(messages.len() as u64);
+    }
+    let _ = consumer.commit_consumer_state(CommitMode::Sync);
+    Ok(())
+}
+
+fn consumer(config: &Config) -> anyhow::Result<StreamConsumer> {
+    let mut c = base_config(&config.kafka);
+    c.set("group.id", &config.project.group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", config.worker.session_timeout_ms.to_string());
+    Ok(with_properties(c, &config.kafka).create()?)
+}
+
+/// One message as received, owned (the batch outlives the receive calls).
+struct Received {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    position: Option<u64>,
+    change: Option<Change>,
+}
+
+/// The next batch: up to `project.batch_events` messages, waiting at most
+/// `project.batch_wait_ms` after the first; empty after [`IDLE`] without any; `None` on
+/// shutdown.
+async fn next_batch(consumer: &StreamConsumer, config: &Config, shutdown: &CancellationToken) -> Option<Vec<Received>> {
+    let mut batch = Vec::new();
+    let mut deadline = Instant::now() + IDLE;
+    while batch.len() < config.project.batch_events {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            m = tokio::time::timeout(wait, consumer.recv()) => m,
+        };
+        match message {
+            Err(_) => break,
+            Ok(Err(e)) => tracing::warn!(error = %e, "projection consumer error"),
+            Ok(Ok(m)) => {
+                if batch.is_empty() {
+                    deadline = Instant::now() + Duration::from_millis(config.project.batch_wait_ms);
+                }
+                batch.push(received(&m));
+            }
+        }
+    }
+    Some(batch)
+}
+
+fn received(m: &BorrowedMessage<'_>) -> Received {
+    let position = m
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key == POSITION_HEADER))
+        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok());
+    let envelope = m.payload().and_then(|p| serde_json::from_slice::<EventEnvelope>(p).ok());
+    if envelope.is_none() || position.is_none() {
+        // Nothing a projection could do with it; the relay's `spiced verify` catches the cause.
+        tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), "event without an envelope or log position; skipped");
+    }
+    let change = envelope.zip(position).and_then(|(e, p)| change_of(&e, p));
+    Received { topic: m.topic().to_string(), partition: m.partition(), offset: m.offset(), position, change }
+}
+
+fn batch_of(messages: &[Received]) -> Option<ReadBatch> {
+    let mut reached = Partitions::new();
+    for m in messages {
+        if let Some(p) = m.position {
+            let e = reached.entry((m.topic.clone(), m.partition)).or_default();
+            *e = (*e).max(p);
+        }
+    }
+    let changes = messages.iter().filter_map(|m| m.change.clone()).collect();
+    Some(ReadBatch { changes, progress: kafka_progress(reached) })
+}
+
+fn kafka_progress(reached: Partitions) -> Progress {
+    Progress::Kafka(reached.into_iter().map(|((t, p), pos)| (t, p, pos)).collect())
+}
+
+/// Applies a batch, retrying until it commits; `false` on shutdown (nothing committed, so the
+/// messages come again).
+async fn apply(db: &Database, schema: &ReadSchema, batch: &ReadBatch, shutdown: &CancellationToken) -> bool {
+    loop {
+        match db.apply_read_batch(schema, batch).await {
+            Ok(position) => {
+                metrics::gauge!("spiced_projection_position").set(position as f64);
+                return true;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot apply to the read models; retrying"),
+        }
+        pause(shutdown, Duration::from_secs(1)).await;
+        if shutdown.is_cancelled() {
+            return false;
+        }
+    }
+}
+
+/// Commits the offsets after the last message of each partition.
+fn commit(consumer: &StreamConsumer, messages: &[Received]) {
+    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for m in messages {
+        let e = next.entry((m.topic.as_str(), m.partition)).or_default();
+        *e = (*e).max(m.offset + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in next {
+        if tpl.add_partition_offset(topic, partition, Offset::Offset(offset)).is_err() {
+            continue;
+        }
+    }
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            // Harmless: the claims turn a re-delivery into a no-op.
+            tracing::warn!(error = %e, "offset commit failed; the next commit covers it");
+        }
+    }
+}
+
+/// Every partition of the event topics has a row, so the minimum over them is the position.
+async fn register_partitions(db: &Database, consumer: &Arc<StreamConsumer>, topics: &[String]) -> anyhow::Result<()> {
+    let c = consumer.clone();
+    let topics = topics.to_vec();
+    let partitions = tokio::task::spawn_blocking(move || -> anyhow::Result<Partitions> {
+        let mut all = Partitions::new();
+        for topic in &topics {
+            let metadata = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+            for t in metadata.topics() {
+                for p in t.partitions() {
+                    all.insert((t.name().to_string(), p.id()), 0);
+                }
+            }
+        }
+        Ok(all)
+    })
+    .await??;
+    let batch = ReadBatch { changes: Vec::new(), progress: kafka_progress(partitions) };
+    db.apply_read_batch(&ReadSchema::live(), &batch).await?;
+    Ok(())
+}
+
+/// With nothing to read: the assigned partitions that are at their high watermark are
+/// complete up to the relay checkpoint read first.
+async fn caught_up(db: &Database, consumer: &Arc<StreamConsumer>, config: &Config) -> Option<ReadBatch> {
+    let relayed = match db.checkpoint(&config.relay.name).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the relay checkpoint");
+            return None;
+        }
+    };
+    let c = consumer.clone();
+    let done = tokio::task::spawn_blocking(move || at_high_watermark(&c)).await.ok()?;
+    if done.is_empty() {
+        return None;
+    }
+    let reached = done.into_iter().map(|tp| (tp, relayed)).collect();
+    Some(ReadBatch { changes: Vec::new(), progress: kafka_progress(reached) })
+}
+
+/// Assigned partitions whose consumer position is at the high watermark (blocking calls).
+fn at_high_watermark(consumer: &StreamConsumer) -> Vec<(String, i32)> {
+    let (Ok(assigned), Ok(positions)) = (consumer.assignment(), consumer.position()) else {
+        return Vec::new();
+    };
+    let committed = consumer.committed_offsets(assigned.clone(), Duration::from_secs(5)).ok();
+    let mut done = Vec::new();
+    for tp in assigned.elements() {
+        let (topic, partition) = (tp.topic(), tp.partition());
+        let Ok((_, high)) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) else { continue };
+        let offset_in = |list: &TopicPartitionList| match list.find_partition(topic, partition).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        };
+        let next = offset_in(&positions).or_else(|| committed.as_ref().and_then(offset_in)).unwrap_or(0);
+        if next >= high {
+            done.push((topic.to_string(), partition));
+        }
+    }
+    done
+}
