@@ -22,7 +22,7 @@ use uuid::Uuid;
 /// `Inconsistent`, which means the index disagrees with the log and needs an operator.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", postgres_detail(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("postgres pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
@@ -32,6 +32,14 @@ pub enum DbError {
     Setup(String),
     #[error("index is inconsistent: {0}")]
     Inconsistent(String),
+}
+
+/// The server's message when there is one ("db error" alone says nothing).
+fn postgres_detail(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
 }
 
 /// The index of the log kept beside it: where each event is, each aggregate's current

@@ -41,6 +41,7 @@ pub async fn isolated_config(backend: Backend) -> (Config, tempfile::TempDir) {
     config.relay.poll_interval_ms = 20;
     config.metrics.relay_listen = "127.0.0.1:0".into();
     config.metrics.worker_listen = "127.0.0.1:0".into();
+    config.metrics.project_listen = "127.0.0.1:0".into();
     match backend {
         Backend::LocalSqlite => {
             config.log.url = dir.path().join("log").display().to_string();
@@ -109,6 +110,11 @@ pub async fn spawn_with(config: Config, dir: tempfile::TempDir) -> TestApp {
 /// `spiced dev` in this process: the API plus embedded workers.
 pub async fn spawn_dev(backend: Backend) -> TestApp {
     let (config, dir) = isolated_config(backend).await;
+    spawn_role(config, dir, true).await
+}
+
+/// `spiced dev` in this process with a prepared configuration.
+pub async fn spawn_role_dev(config: Config, dir: tempfile::TempDir) -> TestApp {
     spawn_role(config, dir, true).await
 }
 

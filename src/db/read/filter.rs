@@ -222,6 +222,11 @@ fn pg_type(ty: ValueType) -> &'static str {
 }
 
 fn pg_clause(c: &Condition, first: usize, params: &mut Vec<Param>) -> String {
+    // Containment, so the GIN index on the data serves equality.
+    if let Test::Cmp(CmpOp::Eq, v) = &c.test {
+        let doc = bind(params, first, Param::Json(json!({ c.property.clone(): v })), true);
+        return format!("(state -> 'data') @> {doc}::jsonb");
+    }
     let name = bind(params, first, Param::Text(c.property.clone()), true);
     let x = format!("(state -> 'data' -> {name}::text)");
     let typed = format!("jsonb_typeof({x}) = '{}'", pg_type(c.ty));
@@ -229,11 +234,6 @@ fn pg_clause(c: &Condition, first: usize, params: &mut Vec<Param>) -> String {
         Test::Exists(present) => {
             let op = if *present { "<>" } else { "=" };
             format!("coalesce(jsonb_typeof({x}), 'null') {op} 'null'")
-        }
-        // Containment, so the GIN index on the data serves equality.
-        Test::Cmp(CmpOp::Eq, v) => {
-            let doc = bind(params, first, Param::Json(json!({ c.property.clone(): v })), true);
-            format!("(state -> 'data') @> {doc}::jsonb")
         }
         Test::Cmp(op, v) if c.ty == ValueType::Text => {
             let v = bind(params, first, Param::Text(v.as_str().unwrap_or_default().to_string()), true);
