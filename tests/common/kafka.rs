@@ -29,6 +29,7 @@ pub fn isolate_topics(config: &mut Config) {
     config.relay.lease_ms = 3000;
     config.kafka.message_timeout_ms = 1000;
     config.worker.group_prefix = p.clone();
+    config.project.group = format!("{p}-projection");
     config.worker.session_timeout_ms = 6000;
 }
 
@@ -130,4 +131,38 @@ async fn consume(
             Err(_) => continue,
         }
     }
+}
+
+/// For each partition of `topics`: (high watermark, offset committed by `group`). Blocking
+/// calls, run off the async threads.
+pub async fn group_offsets(config: &Config, group: &str, topics: &[String]) -> Vec<(i64, i64)> {
+    let (brokers, group, topics) = (config.kafka.brokers.clone(), group.to_string(), topics.to_vec());
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::BaseConsumer;
+        use rdkafka::{Offset, TopicPartitionList};
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        let mut highs = Vec::new();
+        for topic in &topics {
+            let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+            for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+                tpl.add_partition(topic, p.id());
+                highs.push(consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks").1);
+            }
+        }
+        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+        committed
+            .elements()
+            .iter()
+            .zip(highs)
+            .map(|(e, high)| (high, if let Offset::Offset(o) = e.offset() { o } else { 0 }))
+            .collect()
+    })
+    .await
+    .unwrap()
 }
