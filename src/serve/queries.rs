@@ -4,6 +4,7 @@
 
 use super::error::ApiError;
 use super::extract::{path, query};
+use super::openapi::{ApiErrors, ClassPath, DbPath, InstancePath, Item, NotFound, Page, TooEarly};
 use super::AppState;
 use crate::db::read::{ReadKind, ReadRow};
 use crate::domain::ids::validate_name;
@@ -13,27 +14,39 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa::IntoParams;
 
 /// The largest page.
 pub const MAX_LIMIT: usize = 1000;
 const DEFAULT_LIMIT: usize = 100;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
+    /// Branch of the database; `main` when absent (ignored for the list of databases).
     branch: Option<String>,
+    /// Rows per page, 1 to 1000; 100 when absent.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
-    /// A filter on the instances' properties (see `filter`), e.g. `age>=30,name=bob`.
+    /// Instances only: comma-separated conditions on the instances' properties, all of which
+    /// must hold: `prop=value`, `prop!=value`, `prop>value`, `prop>=value`, `prop<value`,
+    /// `prop<=value`, `prop=in:(a|b|c)`, `prop=exists:true|false`; values are typed by the
+    /// class schema, e.g. `age>=30,name=bob`. An invalid filter is a 400.
     #[serde(rename = "where")]
     filter: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct OneQuery {
+    /// Branch of the database; `main` when absent.
     branch: Option<String>,
-    /// Wait (bounded) until the row has reached this version.
+    /// Wait, for a bounded time, until the row has reached this version (e.g. the
+    /// `sequence_number` of a command's 202); if it does not, 425 with `Retry-After`.
     min_version: Option<u64>,
 }
 
@@ -79,17 +92,50 @@ async fn one(state: &AppState, kind: ReadKind, key: &str) -> Result<Response, Ap
     respond(state, item(&row)).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/databases",
+    tag = "queries",
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of databases", body = Page, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
+        ApiErrors
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn list_databases(State(state): State<AppState>, q: Result<Query<PageQuery>, QueryRejection>) -> Result<Response, ApiError> {
     let q = query(q)?;
     page(&state, ReadKind::Database, "", &q).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/databases/{db}",
+    tag = "queries",
+    params(DbPath),
+    responses(
+        (status = 200, description = "The database", body = Item, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
+        ApiErrors, NotFound
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn get_database(State(state): State<AppState>, p: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
     let db = path(p)?;
     validate_name("db", &db)?;
     one(&state, ReadKind::Database, &db).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/databases/{db}/classes",
+    tag = "queries",
+    params(DbPath, PageQuery),
+    responses(
+        (status = 200, description = "A page of the branch's classes", body = Page, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
+        ApiErrors
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn list_classes(
     State(state): State<AppState>,
     p: Result<Path<String>, PathRejection>,
@@ -101,6 +147,17 @@ pub async fn list_classes(
     page(&state, ReadKind::Class, &parent, &q).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/databases/{db}/classes/{class_id}",
+    tag = "queries",
+    params(ClassPath, OneQuery),
+    responses(
+        (status = 200, description = "The class", body = Item, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
+        ApiErrors, NotFound, TooEarly
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn get_class(
     State(state): State<AppState>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -113,6 +170,17 @@ pub async fn get_class(
     one(&state, ReadKind::Class, &key).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/databases/{db}/classes/{class_id}/instances",
+    tag = "queries",
+    params(ClassPath, PageQuery),
+    responses(
+        (status = 200, description = "A page of the class's instances", body = Page, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
+        ApiErrors
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn list_instances(
     State(state): State<AppState>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -125,6 +193,17 @@ pub async fn list_instances(
     page(&state, ReadKind::Instance, &parent, &q).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/databases/{db}/classes/{class_id}/instances/{instance_id}",
+    tag = "queries",
+    params(InstancePath, OneQuery),
+    responses(
+        (status = 200, description = "The instance", body = Item, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
+        ApiErrors, NotFound, TooEarly
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn get_instance(
     State(state): State<AppState>,
     p: Result<Path<(String, String, String)>, PathRejection>,
