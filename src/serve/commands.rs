@@ -2,7 +2,7 @@
 //! them through the group-commit writer and answers 202 only once they are durably in the log.
 
 use super::error::ApiError;
-use super::openapi::{ApiErrors, BodyErrors, ClassPath, CommandBody, CommandErrors, DbPath, IdempotencyKey, InstancePath, Name};
+use super::openapi::{ApiErrors, BodyErrors, ClassPath, CommandBody, CommandErrors, CreateSeq, DbPath, ExpectedSeq, IdempotencyKey, InstancePath, Name};
 use super::extract::{idempotency_key, json_body, path, query};
 use super::auth::Caller;
 use super::AppState;
@@ -32,9 +32,13 @@ type BodyR = Result<Bytes, BytesRejection>;
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct CommandQuery {
-    /// Branch of the database; `main` when absent.
+    /// Branch of the database; `main` when absent. Not on database routes, which ignore it.
+    #[param(value_type = Option<Name>)]
     branch: Option<String>,
-    /// The aggregate version the client saw; required on updates and deletes.
+    /// The aggregate version the client saw; required on updates and deletes. Documented per
+    /// route by `CreateSeq` and `ExpectedSeq`.
+    #[param(ignore)]
+    #[serde(default, deserialize_with = "super::extract::seq")]
     expected_seq: Option<u64>,
 }
 
@@ -148,6 +152,8 @@ pub struct UpdateInstanceBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BulkCreateBody {
+    /// At most `serve.max_bulk_instances` (1000 by default).
+    #[schema(min_items = 1)]
     instances: Vec<CreateInstanceBody>,
 }
 
@@ -218,7 +224,7 @@ impl Request {
     post,
     path = "/api/v1/databases",
     tag = "commands",
-    params(CommandQuery, IdempotencyKey),
+    params(CreateSeq, IdempotencyKey),
     request_body = CreateDatabaseBody,
     responses((status = 202, description = "Creating the database is in the log", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
     security(("bearer" = ["write"]))
@@ -246,7 +252,7 @@ pub async fn create_database(
     delete,
     path = "/api/v1/databases/{db}",
     tag = "commands",
-    params(DbPath, CommandQuery, IdempotencyKey),
+    params(DbPath, ExpectedSeq, IdempotencyKey),
     responses((status = 202, description = "Deleting the database is in the log", body = CommandBody), ApiErrors, CommandErrors),
     security(("bearer" = ["write"]))
 )]
@@ -273,7 +279,7 @@ pub async fn delete_database(
     post,
     path = "/api/v1/databases/{db}/classes",
     tag = "commands",
-    params(DbPath, CommandQuery, IdempotencyKey),
+    params(DbPath, CommandQuery, CreateSeq, IdempotencyKey),
     request_body = CreateClassBody,
     responses((status = 202, description = "Creating the class is in the log", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
     security(("bearer" = ["write"]))
@@ -313,7 +319,7 @@ pub async fn create_class(
     put,
     path = "/api/v1/databases/{db}/classes/{class_id}",
     tag = "commands",
-    params(ClassPath, CommandQuery, IdempotencyKey),
+    params(ClassPath, CommandQuery, ExpectedSeq, IdempotencyKey),
     request_body = UpdateClassBody,
     responses((status = 202, description = "Updating the class is in the log", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
     security(("bearer" = ["write"]))
@@ -355,7 +361,7 @@ pub async fn update_class(
     delete,
     path = "/api/v1/databases/{db}/classes/{class_id}",
     tag = "commands",
-    params(ClassPath, CommandQuery, IdempotencyKey),
+    params(ClassPath, CommandQuery, ExpectedSeq, IdempotencyKey),
     responses((status = 202, description = "Deleting the class is in the log", body = CommandBody), ApiErrors, CommandErrors),
     security(("bearer" = ["write"]))
 )]
@@ -423,7 +429,7 @@ fn create_instance_command(
     post,
     path = "/api/v1/databases/{db}/classes/{class_id}/instances",
     tag = "commands",
-    params(ClassPath, CommandQuery, IdempotencyKey),
+    params(ClassPath, CommandQuery, CreateSeq, IdempotencyKey),
     request_body = CreateInstanceBody,
     responses((status = 202, description = "Creating the instance is in the log", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
     security(("bearer" = ["write"]))
@@ -454,7 +460,7 @@ pub async fn create_instance(
     put,
     path = "/api/v1/databases/{db}/classes/{class_id}/instances/{instance_id}",
     tag = "commands",
-    params(InstancePath, CommandQuery, IdempotencyKey),
+    params(InstancePath, CommandQuery, ExpectedSeq, IdempotencyKey),
     request_body = UpdateInstanceBody,
     responses((status = 202, description = "Updating the instance is in the log", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
     security(("bearer" = ["write"]))
@@ -491,7 +497,7 @@ pub async fn update_instance(
     delete,
     path = "/api/v1/databases/{db}/classes/{class_id}/instances/{instance_id}",
     tag = "commands",
-    params(InstancePath, CommandQuery, IdempotencyKey),
+    params(InstancePath, CommandQuery, ExpectedSeq, IdempotencyKey),
     responses((status = 202, description = "Deleting the instance is in the log", body = CommandBody), ApiErrors, CommandErrors),
     security(("bearer" = ["write"]))
 )]
@@ -523,7 +529,7 @@ pub async fn delete_instance(
     post,
     path = "/api/v1/databases/{db}/classes/{class_id}/instances/bulk",
     tag = "commands",
-    params(ClassPath, CommandQuery, IdempotencyKey),
+    params(ClassPath, CommandQuery, CreateSeq, IdempotencyKey),
     request_body = BulkCreateBody,
     responses((status = 202, description = "Creating the instances is in the log, as one command", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
     security(("bearer" = ["write"]))

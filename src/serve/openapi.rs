@@ -51,7 +51,8 @@ pub const BEARER: &str = "bearer";
         reads::readyz,
         crate::telemetry::render,
     ),
-    components(schemas(ErrorBody, Name)),
+    // Referenced only from parameters, which utoipa does not collect by itself.
+    components(schemas(ErrorBody, Name, Key, crate::domain::AggregateType)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -258,6 +259,12 @@ pub struct Readiness {
 #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 pub struct Name(pub String);
 
+/// An aggregate id or a row key: 1 to 4 names joined by `:`, `{db}`, `{db}:{branch}:{class_id}`
+/// or `{db}:{branch}:{class_id}:{instance_id}`.
+#[derive(ToSchema)]
+#[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(:[A-Za-z0-9][A-Za-z0-9_.-]{0,127}){0,3}$")]
+pub struct Key(pub String);
+
 #[derive(IntoParams)]
 #[into_params(parameter_in = Path)]
 pub struct DbPath {
@@ -288,10 +295,26 @@ pub struct InstancePath {
 #[derive(IntoParams)]
 #[into_params(parameter_in = Path)]
 pub struct AggregatePath {
-    /// `Database`, `OntologyClass` or `Instance`.
-    pub aggregate_type: String,
+    pub aggregate_type: crate::domain::AggregateType,
     /// `db`, `db:branch:class_id` or `db:branch:class_id:instance_id`.
-    pub aggregate_id: String,
+    pub aggregate_id: Key,
+}
+
+/// `expected_seq` of a create: the aggregate must not exist yet.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CreateSeq {
+    /// 0 (or absent): a create implies the aggregate is new.
+    #[param(maximum = 0)]
+    pub expected_seq: Option<u64>,
+}
+
+/// `expected_seq` of an update or delete.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ExpectedSeq {
+    /// The aggregate's current version, as the client saw it (`GET /aggregates/...`).
+    pub expected_seq: u64,
 }
 
 /// The `Idempotency-Key` header of commands.

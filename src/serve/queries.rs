@@ -4,7 +4,7 @@
 
 use super::error::ApiError;
 use super::extract::{path, query};
-use super::openapi::{ApiErrors, ClassPath, DbPath, InstancePath, Item, NotFound, Page, TooEarly};
+use super::openapi::{ApiErrors, ClassPath, DbPath, InstancePath, Item, Key, Name, NotFound, Page, TooEarly};
 use super::AppState;
 use crate::db::read::{ReadKind, ReadRow};
 use crate::domain::ids::validate_name;
@@ -25,11 +25,13 @@ const DEFAULT_LIMIT: usize = 100;
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     /// Branch of the database; `main` when absent (ignored for the list of databases).
+    #[param(value_type = Option<Name>)]
     branch: Option<String>,
     /// Rows per page, 1 to 1000; 100 when absent.
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// The `next_cursor` of the previous page.
+    #[param(value_type = Option<Key>)]
     cursor: Option<String>,
     /// Instances only: comma-separated conditions on the instances' properties, all of which
     /// must hold: `prop=value`, `prop!=value`, `prop>value`, `prop>=value`, `prop<value`,
@@ -44,9 +46,11 @@ pub struct PageQuery {
 #[serde(deny_unknown_fields)]
 pub struct OneQuery {
     /// Branch of the database; `main` when absent.
+    #[param(value_type = Option<Name>)]
     branch: Option<String>,
     /// Wait, for a bounded time, until the row has reached this version (e.g. the
     /// `sequence_number` of a command's 202); if it does not, 425 with `Retry-After`.
+    #[serde(default, deserialize_with = "super::extract::seq")]
     min_version: Option<u64>,
 }
 
@@ -76,6 +80,9 @@ async fn page(state: &AppState, kind: ReadKind, parent: &str, q: &PageQuery) -> 
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::bad_request("invalid_query", format!("limit must be 1 to {MAX_LIMIT}")));
     }
+    if let Some(cursor) = &q.cursor {
+        validate_cursor(cursor)?;
+    }
     let rows = state
         .db
         .read_page(kind, parent, q.cursor.as_deref(), limit)
@@ -84,6 +91,13 @@ async fn page(state: &AppState, kind: ReadKind, parent: &str, q: &PageQuery) -> 
     let next = (rows.len() == limit).then(|| rows.last().map(|r| r.key.clone())).flatten();
     let items: Vec<Value> = rows.iter().map(item).collect();
     respond(state, json!({"items": items, "next_cursor": next})).await
+}
+
+/// A cursor is a row's key: names joined by `:`. Anything else names no row, and may hold
+/// bytes the database refuses (a NUL in PostgreSQL text), which must be a 400, not a 503.
+fn validate_cursor(cursor: &str) -> Result<(), ApiError> {
+    cursor.split(':').try_for_each(|part| validate_name("cursor", part))?;
+    Ok(())
 }
 
 async fn one(state: &AppState, kind: ReadKind, key: &str) -> Result<Response, ApiError> {
@@ -105,6 +119,8 @@ async fn one(state: &AppState, kind: ReadKind, key: &str) -> Result<Response, Ap
 )]
 pub async fn list_databases(State(state): State<AppState>, q: Result<Query<PageQuery>, QueryRejection>) -> Result<Response, ApiError> {
     let q = query(q)?;
+    // Databases have no branch, but a malformed one is still a bad request.
+    branch_of(&q.branch)?;
     page(&state, ReadKind::Database, "", &q).await
 }
 

@@ -172,8 +172,10 @@ pub async fn get_aggregate(
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// First sequence number; 1 when absent.
+    #[serde(default, deserialize_with = "super::extract::seq")]
     from_seq: Option<u64>,
     /// Last sequence number; the newest when absent.
+    #[serde(default, deserialize_with = "super::extract::seq")]
     to_seq: Option<u64>,
     /// `command` (default): the requests; `domain`: their outcomes.
     #[param(pattern = "^(command|domain)$")]
