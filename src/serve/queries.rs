@@ -24,7 +24,7 @@ const DEFAULT_LIMIT: usize = 100;
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
-    /// Branch of the database; `main` when absent (ignored for the list of databases).
+    /// Branch of the database; `main` when absent (checked, but databases have no branch).
     #[param(value_type = Option<Name>)]
     branch: Option<String>,
     /// Rows per page, 1 to 1000; 100 when absent.
