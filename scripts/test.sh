@@ -3,8 +3,9 @@
 #
 # Starts PostgreSQL, an S3-compatible server (moto) and a Kafka-protocol broker (tansu) on
 # 127.0.0.1 if they are not already running (scripts/services.sh), runs every test with
-# `cargo test`, and stops whatever it started, pass or fail. Extra arguments go to cargo test,
-# e.g. `scripts/test.sh --test write_path`.
+# `cargo test`, then (for the whole suite only) scripts/fuzz-api.sh: schemathesis against a real
+# `spiced serve`. Stops whatever it started, pass or fail. Extra arguments go to cargo test and
+# skip the fuzzing, e.g. `scripts/test.sh --test write_path`.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,3 +21,8 @@ trap 'echo "test: stopping services this run started" >&2; scripts/services.sh s
 
 echo "test: cargo test" >&2
 cargo test --locked "$@"
+
+if [[ $# -eq 0 ]]; then
+    echo "test: scripts/fuzz-api.sh" >&2
+    scripts/fuzz-api.sh
+fi

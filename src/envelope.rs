@@ -13,7 +13,7 @@ pub const SCHEMA_VERSION: &str = "1";
 
 /// One event: a command request (`metadata.kind = "command"`) or a domain outcome
 /// (`metadata.kind = "domain"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventEnvelope {
     /// Idempotency key of the event; for a command, its command id.

@@ -28,6 +28,16 @@ pub fn metrics() -> &'static PrometheusHandle {
 }
 
 /// `GET /metrics`.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    responses(
+        (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
+        crate::serve::openapi::AuthErrors,
+    ),
+    security(("bearer" = ["admin"]))
+)]
 pub async fn render() -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], metrics().render())
 }

@@ -11,7 +11,7 @@ use std::fmt;
 pub const MAX_NAME_LEN: usize = 128;
 
 /// The kinds of aggregate; each has its own sequence per id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum AggregateType {
     Database,
     OntologyClass,

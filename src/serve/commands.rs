@@ -2,6 +2,7 @@
 //! them through the group-commit writer and answers 202 only once they are durably in the log.
 
 use super::error::ApiError;
+use super::openapi::{ApiErrors, BodyErrors, ClassPath, CommandBody, CommandErrors, CreateSeq, DbPath, ExpectedSeq, IdempotencyKey, InstancePath, Name};
 use super::extract::{idempotency_key, json_body, path, query};
 use super::auth::Caller;
 use super::AppState;
@@ -19,6 +20,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 type PathR<T> = Result<Path<T>, PathRejection>;
@@ -26,12 +28,17 @@ type QueryR<T> = Result<Query<T>, QueryRejection>;
 type BodyR = Result<Bytes, BytesRejection>;
 
 /// Query parameters of command routes.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct CommandQuery {
-    /// Branch of the database; `main` when absent.
+    /// Branch of the database; `main` when absent. Not on database routes, which ignore it.
+    #[param(value_type = Option<Name>)]
     branch: Option<String>,
-    /// The aggregate version the client saw; required on updates and deletes.
+    /// The aggregate version the client saw; required on updates and deletes. Documented per
+    /// route by `CreateSeq` and `ExpectedSeq`.
+    #[param(ignore)]
+    #[serde(default, deserialize_with = "super::extract::seq")]
     expected_seq: Option<u64>,
 }
 
@@ -62,29 +69,33 @@ impl CommandQuery {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateDatabaseBody {
+    #[schema(value_type = Name)]
     name: String,
     #[serde(default)]
     description: Option<String>,
 }
 
 /// A property of an ontology class.
-#[derive(Debug, Deserialize, serde::Serialize)]
+#[derive(Debug, Deserialize, serde::Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PropertyDef {
+    #[schema(pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
     name: String,
     /// `string`, `integer`, `number`, `boolean`, `datetime`, `json` or `ref:<ClassId>`.
     #[serde(rename = "type")]
+    #[schema(pattern = "^(string|integer|number|boolean|datetime|json|ref:[A-Za-z0-9][A-Za-z0-9_.-]{0,127})$")]
     ty: String,
     #[serde(default)]
     required: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateClassBody {
+    #[schema(value_type = Name)]
     id: String,
     #[serde(default)]
     label: Option<String>,
@@ -93,13 +104,14 @@ pub struct CreateClassBody {
     #[serde(default)]
     properties: Vec<PropertyDef>,
     #[serde(default)]
+    #[schema(value_type = Option<Name>)]
     parent_class: Option<String>,
     #[serde(default, rename = "abstract")]
     is_abstract: bool,
 }
 
 /// The fields of a class an update may change; absent fields are left as they are.
-#[derive(Debug, Deserialize, serde::Serialize)]
+#[derive(Debug, Deserialize, serde::Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClassPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,34 +121,39 @@ pub struct ClassPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     properties: Option<Vec<PropertyDef>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Name>)]
     parent_class: Option<String>,
     #[serde(default, rename = "abstract", skip_serializing_if = "Option::is_none")]
     is_abstract: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateClassBody {
     patch: ClassPatch,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateInstanceBody {
+    /// The instance id; else `data.<class_id lowercased>_id`, else one derived from the command id.
     #[serde(default)]
+    #[schema(value_type = Option<Name>)]
     id: Option<String>,
     data: Map<String, Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateInstanceBody {
     data: Map<String, Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BulkCreateBody {
+    /// At most `serve.max_bulk_instances` (1000 by default).
+    #[schema(min_items = 1)]
     instances: Vec<CreateInstanceBody>,
 }
 
@@ -203,6 +220,15 @@ impl Request {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/databases",
+    tag = "commands",
+    params(CreateSeq, IdempotencyKey),
+    request_body = CreateDatabaseBody,
+    responses((status = 202, description = "Creating the database is in the log", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
+    security(("bearer" = ["write"]))
+)]
 pub async fn create_database(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -222,6 +248,14 @@ pub async fn create_database(
     submit(&state, &headers, caller, Request::single(command)).await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/databases/{db}",
+    tag = "commands",
+    params(DbPath, ExpectedSeq, IdempotencyKey),
+    responses((status = 202, description = "Deleting the database is in the log", body = CommandBody), ApiErrors, CommandErrors),
+    security(("bearer" = ["write"]))
+)]
 pub async fn delete_database(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -241,6 +275,15 @@ pub async fn delete_database(
     submit(&state, &headers, caller, Request::single(command)).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/databases/{db}/classes",
+    tag = "commands",
+    params(DbPath, CommandQuery, CreateSeq, IdempotencyKey),
+    request_body = CreateClassBody,
+    responses((status = 202, description = "Creating the class is in the log", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
+    security(("bearer" = ["write"]))
+)]
 pub async fn create_class(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -272,6 +315,15 @@ pub async fn create_class(
     submit(&state, &headers, caller, Request::single(command)).await
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/v1/databases/{db}/classes/{class_id}",
+    tag = "commands",
+    params(ClassPath, CommandQuery, ExpectedSeq, IdempotencyKey),
+    request_body = UpdateClassBody,
+    responses((status = 202, description = "Updating the class is in the log", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
+    security(("bearer" = ["write"]))
+)]
 pub async fn update_class(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -305,6 +357,14 @@ pub async fn update_class(
     submit(&state, &headers, caller, Request::single(command)).await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/databases/{db}/classes/{class_id}",
+    tag = "commands",
+    params(ClassPath, CommandQuery, ExpectedSeq, IdempotencyKey),
+    responses((status = 202, description = "Deleting the class is in the log", body = CommandBody), ApiErrors, CommandErrors),
+    security(("bearer" = ["write"]))
+)]
 pub async fn delete_class(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -365,6 +425,15 @@ fn create_instance_command(
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/databases/{db}/classes/{class_id}/instances",
+    tag = "commands",
+    params(ClassPath, CommandQuery, CreateSeq, IdempotencyKey),
+    request_body = CreateInstanceBody,
+    responses((status = 202, description = "Creating the instance is in the log", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
+    security(("bearer" = ["write"]))
+)]
 pub async fn create_instance(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -387,6 +456,15 @@ pub async fn create_instance(
     submit_with_id(&state, command_id, caller, Request::single(command)).await
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/v1/databases/{db}/classes/{class_id}/instances/{instance_id}",
+    tag = "commands",
+    params(InstancePath, CommandQuery, ExpectedSeq, IdempotencyKey),
+    request_body = UpdateInstanceBody,
+    responses((status = 202, description = "Updating the instance is in the log", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
+    security(("bearer" = ["write"]))
+)]
 pub async fn update_instance(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -415,6 +493,14 @@ pub async fn update_instance(
     submit(&state, &headers, caller, Request::single(command)).await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/databases/{db}/classes/{class_id}/instances/{instance_id}",
+    tag = "commands",
+    params(InstancePath, CommandQuery, ExpectedSeq, IdempotencyKey),
+    responses((status = 202, description = "Deleting the instance is in the log", body = CommandBody), ApiErrors, CommandErrors),
+    security(("bearer" = ["write"]))
+)]
 pub async fn delete_instance(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -439,6 +525,15 @@ pub async fn delete_instance(
     submit(&state, &headers, caller, Request::single(command)).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/databases/{db}/classes/{class_id}/instances/bulk",
+    tag = "commands",
+    params(ClassPath, CommandQuery, CreateSeq, IdempotencyKey),
+    request_body = BulkCreateBody,
+    responses((status = 202, description = "Creating the instances is in the log, as one command", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
+    security(("bearer" = ["write"]))
+)]
 pub async fn bulk_create_instances(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

@@ -5,7 +5,8 @@ use super::error::ApiError;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{header, HeaderMap, StatusCode};
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer};
 use uuid::Uuid;
 
 /// Parses a JSON request body into `T`.
@@ -58,6 +59,16 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<Uuid>, ApiError> {
     Uuid::parse_str(text.trim())
         .map(Some)
         .map_err(|_| ApiError::bad_request("invalid_idempotency_key", "Idempotency-Key must be a UUID"))
+}
+
+/// A sequence number or version in a query (`#[serde(default, deserialize_with = ...)]`). The
+/// index holds them as signed 64-bit integers, so a larger one is a 400 rather than a value no
+/// aggregate can have.
+pub fn seq<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<u64>::deserialize(d)? {
+        Some(v) if i64::try_from(v).is_err() => Err(D::Error::custom(format!("{v} is above {}", i64::MAX))),
+        v => Ok(v),
+    }
 }
 
 /// Maps a query-string rejection to a 400 naming the problem.

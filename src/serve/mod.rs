@@ -4,6 +4,7 @@ pub mod auth;
 pub mod commands;
 pub mod error;
 pub mod extract;
+pub mod openapi;
 pub mod queries;
 pub mod reads;
 
@@ -13,7 +14,9 @@ use crate::domain::CommandType;
 use crate::log::writer::LogWriter;
 use crate::log::EventLog;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::handler::Handler;
+use axum::http::Method;
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 use error::ApiError;
 use std::sync::Arc;
@@ -63,35 +66,64 @@ impl AppState {
     }
 }
 
-/// The API routes, all under `/api/v1`, plus health endpoints.
-pub fn router(state: AppState) -> Router {
+/// One route: a method on a path, and its handler.
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+    handler: MethodRouter<AppState>,
+}
+
+fn at<H, T>(method: Method, path: &'static str, handler: H) -> Route
+where
+    H: Handler<T, AppState>,
+    T: 'static,
+{
+    let filter = MethodFilter::try_from(method.clone()).expect("every method in the table is routable");
+    Route { method, path, handler: on(filter, handler) }
+}
+
+/// Every route of the API: the API under `/api/v1`, plus health and metrics. `router` is built
+/// from this table alone, so the OpenAPI test can hold the document against what is served.
+pub fn routes() -> Vec<Route> {
     use commands::*;
-    let api = Router::new()
-        .route("/databases", post(create_database).get(queries::list_databases))
-        .route("/databases/{db}", get(queries::get_database).delete(delete_database))
-        .route("/databases/{db}/classes", post(create_class).get(queries::list_classes))
-        .route(
-            "/databases/{db}/classes/{class_id}",
-            get(queries::get_class).put(update_class).delete(delete_class),
-        )
-        .route(
-            "/databases/{db}/classes/{class_id}/instances",
-            post(create_instance).get(queries::list_instances),
-        )
-        .route("/databases/{db}/classes/{class_id}/instances/bulk", post(bulk_create_instances))
-        .route(
-            "/databases/{db}/classes/{class_id}/instances/{instance_id}",
-            get(queries::get_instance).put(update_instance).delete(delete_instance),
-        )
-        .route("/commands/{command_id}", get(reads::get_command))
-        .route("/aggregates/{aggregate_type}/{aggregate_id}", get(reads::get_aggregate))
-        .route("/aggregates/{aggregate_type}/{aggregate_id}/events", get(reads::get_events));
-    Router::new()
-        .nest("/api/v1", api)
-        .route("/healthz", get(reads::healthz))
-        .route("/metrics", get(crate::telemetry::render))
-        .route("/readyz", get(reads::readyz))
-        .fallback(not_found)
+    use queries::*;
+    use reads::*;
+    const DB: &str = "/api/v1/databases/{db}";
+    const CLASS: &str = "/api/v1/databases/{db}/classes/{class_id}";
+    const INSTANCES: &str = "/api/v1/databases/{db}/classes/{class_id}/instances";
+    const INSTANCE: &str = "/api/v1/databases/{db}/classes/{class_id}/instances/{instance_id}";
+    const AGGREGATE: &str = "/api/v1/aggregates/{aggregate_type}/{aggregate_id}";
+    vec![
+        at(Method::POST, "/api/v1/databases", create_database),
+        at(Method::GET, "/api/v1/databases", list_databases),
+        at(Method::GET, DB, get_database),
+        at(Method::DELETE, DB, delete_database),
+        at(Method::POST, "/api/v1/databases/{db}/classes", create_class),
+        at(Method::GET, "/api/v1/databases/{db}/classes", list_classes),
+        at(Method::GET, CLASS, get_class),
+        at(Method::PUT, CLASS, update_class),
+        at(Method::DELETE, CLASS, delete_class),
+        at(Method::POST, INSTANCES, create_instance),
+        at(Method::GET, INSTANCES, list_instances),
+        at(Method::POST, "/api/v1/databases/{db}/classes/{class_id}/instances/bulk", bulk_create_instances),
+        at(Method::GET, INSTANCE, get_instance),
+        at(Method::PUT, INSTANCE, update_instance),
+        at(Method::DELETE, INSTANCE, delete_instance),
+        at(Method::GET, "/api/v1/commands/{command_id}", get_command),
+        at(Method::GET, AGGREGATE, get_aggregate),
+        at(Method::GET, "/api/v1/aggregates/{aggregate_type}/{aggregate_id}/events", get_events),
+        at(Method::GET, openapi::PATH, openapi::document),
+        at(Method::GET, "/healthz", healthz),
+        at(Method::GET, "/readyz", readyz),
+        at(Method::GET, "/metrics", crate::telemetry::render),
+    ]
+}
+
+/// The HTTP API: `routes()` behind the auth, body-limit and metrics layers.
+pub fn router(state: AppState) -> Router {
+    // Two routes on one path merge into one method router.
+    let api = routes().into_iter().fold(Router::new(), |r, route| r.route(route.path, route.handler));
+    api.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.serve.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(state.auth.clone(), auth::check))

@@ -9,9 +9,10 @@
 
 use super::error::ApiError;
 use super::extract::{path, query};
+use super::openapi::{ApiErrors, ClassPath, DbPath, InstancePath, Item, Key, Name, NotFound, Page, TooEarly};
 use super::AppState;
 use crate::db::read::filter::{self, Condition};
-use crate::db::read::{Page, ReadKind, ReadRow};
+use crate::db::read::{Page as ReadPage, ReadKind, ReadRow};
 use crate::domain::ids::validate_name;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -21,27 +22,53 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+use utoipa::IntoParams;
 
 /// The largest page.
 pub const MAX_LIMIT: usize = 1000;
 const DEFAULT_LIMIT: usize = 100;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
+    /// Branch of the database; `main` when absent (checked, but databases have no branch).
+    #[param(value_type = Option<Name>)]
     branch: Option<String>,
+    /// Rows per page, 1 to 1000; 100 when absent.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
+    #[param(value_type = Option<Key>)]
     cursor: Option<String>,
-    /// A filter on the instances' properties (see `filter`), e.g. `age>=30,name=bob`.
+    /// Instances only: comma-separated conditions on the instances' properties, all of which
+    /// must hold: `prop=value`, `prop!=value`, `prop>value`, `prop>=value`, `prop<value`,
+    /// `prop<=value`, `prop=in:(a|b|c)`, `prop=exists:true|false`; values are typed by the
+    /// class schema, e.g. `age>=30,name=bob`. An invalid filter is a 400.
     #[serde(rename = "where")]
     filter: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct OneQuery {
+    /// Branch of the database; `main` when absent.
+    #[param(value_type = Option<Name>)]
     branch: Option<String>,
-    /// Wait (bounded) until the row has reached this version.
+    /// Wait, for a bounded time, until the row has reached this version (e.g. the
+    /// `sequence_number` of a command's 202); if it does not, 425 with `Retry-After`.
+    #[serde(default, deserialize_with = "super::extract::seq")]
+    min_version: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DbQuery {
+    /// Wait, for a bounded time, until the row has reached this version (e.g. the
+    /// `sequence_number` of a command's 202); if it does not, 425 with `Retry-After`.
+    #[serde(default, deserialize_with = "super::extract::seq")]
     min_version: Option<u64>,
 }
 
@@ -71,11 +98,21 @@ async fn page(state: &AppState, kind: ReadKind, parent: &str, q: &PageQuery, fil
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::bad_request("invalid_query", format!("limit must be 1 to {MAX_LIMIT}")));
     }
-    let page = Page { kind, parent, after: q.cursor.as_deref(), limit, filter };
+    if let Some(cursor) = &q.cursor {
+        validate_cursor(cursor)?;
+    }
+    let page = ReadPage { kind, parent, after: q.cursor.as_deref(), limit, filter };
     let rows = state.db.read_page(&page).await.map_err(|e| state.unavailable(&e))?;
     let next = (rows.len() == limit).then(|| rows.last().map(|r| r.key.clone())).flatten();
     let items: Vec<Value> = rows.iter().map(item).collect();
     respond(state, json!({"items": items, "next_cursor": next})).await
+}
+
+/// A cursor is a row's key: names joined by `:`. Anything else names no row, and may hold
+/// bytes the database refuses (a NUL in PostgreSQL text), which must be a 400, not a 503.
+fn validate_cursor(cursor: &str) -> Result<(), ApiError> {
+    cursor.split(':').try_for_each(|part| validate_name("cursor", part))?;
+    Ok(())
 }
 
 fn no_filter(q: &PageQuery) -> Result<(), ApiError> {
@@ -143,25 +180,57 @@ async fn class_properties(state: &AppState, class_key_prefix: &str, class_id: &s
     Ok(properties)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/databases",
+    tag = "queries",
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of databases", body = Page, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
+        ApiErrors
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn list_databases(State(state): State<AppState>, q: Result<Query<PageQuery>, QueryRejection>) -> Result<Response, ApiError> {
     let q = query(q)?;
     no_filter(&q)?;
+    // Databases have no branch, but a malformed one is still a bad request.
+    branch_of(&q.branch)?;
     page(&state, ReadKind::Database, "", &q, &[]).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/databases/{db}",
+    tag = "queries",
+    params(DbPath, DbQuery),
+    responses(
+        (status = 200, description = "The database", body = Item, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
+        ApiErrors, NotFound, TooEarly
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn get_database(
     State(state): State<AppState>,
     p: Result<Path<String>, PathRejection>,
-    q: Result<Query<OneQuery>, QueryRejection>,
+    q: Result<Query<DbQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let (db, q) = (path(p)?, query(q)?);
     validate_name("db", &db)?;
-    if q.branch.is_some() {
-        return Err(ApiError::bad_request("invalid_query", "databases have no branch"));
-    }
     one(&state, ReadKind::Database, &db, q.min_version).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/databases/{db}/classes",
+    tag = "queries",
+    params(DbPath, PageQuery),
+    responses(
+        (status = 200, description = "A page of the branch's classes", body = Page, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
+        ApiErrors
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn list_classes(
     State(state): State<AppState>,
     p: Result<Path<String>, PathRejection>,
@@ -174,6 +243,17 @@ pub async fn list_classes(
     page(&state, ReadKind::Class, &parent, &q, &[]).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/databases/{db}/classes/{class_id}",
+    tag = "queries",
+    params(ClassPath, OneQuery),
+    responses(
+        (status = 200, description = "The class", body = Item, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
+        ApiErrors, NotFound, TooEarly
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn get_class(
     State(state): State<AppState>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -186,6 +266,17 @@ pub async fn get_class(
     one(&state, ReadKind::Class, &key, q.min_version).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/databases/{db}/classes/{class_id}/instances",
+    tag = "queries",
+    params(ClassPath, PageQuery),
+    responses(
+        (status = 200, description = "A page of the class's instances", body = Page, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
+        ApiErrors
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn list_instances(
     State(state): State<AppState>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -206,6 +297,17 @@ pub async fn list_instances(
     page(&state, ReadKind::Instance, &parent, &q, &conditions).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/databases/{db}/classes/{class_id}/instances/{instance_id}",
+    tag = "queries",
+    params(InstancePath, OneQuery),
+    responses(
+        (status = 200, description = "The instance", body = Item, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
+        ApiErrors, NotFound, TooEarly
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn get_instance(
     State(state): State<AppState>,
     p: Result<Path<(String, String, String)>, PathRejection>,

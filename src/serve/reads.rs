@@ -4,6 +4,7 @@
 use super::commands::accepted_body;
 use super::error::ApiError;
 use super::extract::{path, query};
+use super::openapi::{AggregatePath, AggregateVersion, ApiErrors, CommandBody, EventsPage, Health, LogErrors, NotFound, Readiness};
 use super::AppState;
 use crate::domain::AggregateKey;
 use crate::envelope::{EventEnvelope, Kind};
@@ -17,11 +18,22 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
+use utoipa::IntoParams;
 use uuid::Uuid;
 
 /// Most events one `/events` call returns; the response says where to continue.
 pub const MAX_EVENTS_PER_READ: u64 = 1000;
 
+/// A command's progress: `PENDING` until a worker takes it, then `PROCESSING`, `RETRYING`,
+/// `COMPLETED` or `FAILED`; a bulk command reports each instance.
+#[utoipa::path(
+    get,
+    path = "/api/v1/commands/{command_id}",
+    tag = "reads",
+    params(("command_id" = Uuid, Path, description = "The command's id (its `Idempotency-Key`)")),
+    responses((status = 200, description = "The command", body = CommandBody), ApiErrors, NotFound, LogErrors),
+    security(("bearer" = ["read"]))
+)]
 pub async fn get_command(
     State(state): State<AppState>,
     p: Result<Path<String>, PathRejection>,
@@ -132,6 +144,15 @@ fn overall(statuses: &[EventStatus]) -> (&'static str, Value) {
         .unwrap_or(("PENDING", Value::Null))
 }
 
+/// An aggregate's current version in the log (0 if it has none).
+#[utoipa::path(
+    get,
+    path = "/api/v1/aggregates/{aggregate_type}/{aggregate_id}",
+    tag = "reads",
+    params(AggregatePath),
+    responses((status = 200, description = "The aggregate's version", body = AggregateVersion), ApiErrors),
+    security(("bearer" = ["read"]))
+)]
 pub async fn get_aggregate(
     State(state): State<AppState>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -146,15 +167,30 @@ pub async fn get_aggregate(
     })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
+    /// First sequence number; 1 when absent.
+    #[serde(default, deserialize_with = "super::extract::seq")]
     from_seq: Option<u64>,
+    /// Last sequence number; the newest when absent.
+    #[serde(default, deserialize_with = "super::extract::seq")]
     to_seq: Option<u64>,
-    /// `command` (default) or `domain`.
+    /// `command` (default): the requests; `domain`: their outcomes.
+    #[param(pattern = "^(command|domain)$")]
     kind: Option<String>,
 }
 
+/// An aggregate's envelopes from the log, in sequence order, at most 1000 per call.
+#[utoipa::path(
+    get,
+    path = "/api/v1/aggregates/{aggregate_type}/{aggregate_id}/events",
+    tag = "reads",
+    params(AggregatePath, EventsQuery),
+    responses((status = 200, description = "The envelopes", body = EventsPage), ApiErrors, LogErrors),
+    security(("bearer" = ["read"]))
+)]
 pub async fn get_events(
     State(state): State<AppState>,
     p: Result<Path<(String, String)>, PathRejection>,
@@ -221,11 +257,22 @@ async fn read_events(
     Ok(events)
 }
 
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "Up", body = Health)))]
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// Ready when both the log store and the database answer.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "The log store and the database answer", body = Readiness),
+        (status = 503, description = "The log store or the database does not answer", body = Readiness),
+    )
+)]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let (log, db) = tokio::join!(state.log.ping(), state.index().ping());
     let describe = |r: Result<(), String>| match r {
