@@ -38,6 +38,7 @@ pub fn isolate_topics(config: &mut Config) {
 pub struct Received {
     pub topic: String,
     pub partition: i32,
+    pub offset: i64,
     pub key: String,
     pub payload: Vec<u8>,
     pub headers: Vec<(String, String)>,
@@ -117,6 +118,7 @@ async fn consume(
                 received.push(Received {
                     topic: m.topic().to_string(),
                     partition: m.partition(),
+                    offset: m.offset(),
                     key: String::from_utf8_lossy(m.key().unwrap_or(b"")).into_owned(),
                     payload: m.payload().unwrap_or(b"").to_vec(),
                     headers,
@@ -133,9 +135,9 @@ async fn consume(
     }
 }
 
-/// For each partition of `topics`: (high watermark, offset committed by `group`). Blocking
-/// calls, run off the async threads.
-pub async fn group_offsets(config: &Config, group: &str, topics: &[String]) -> Vec<(i64, i64)> {
+/// The offsets `group` has committed, per (topic, partition). A blocking call, run off the
+/// async threads.
+pub async fn group_committed(config: &Config, group: &str, topics: &[String]) -> std::collections::BTreeMap<(String, i32), i64> {
     let (brokers, group, topics) = (config.kafka.brokers.clone(), group.to_string(), topics.to_vec());
     tokio::task::spawn_blocking(move || {
         use rdkafka::consumer::BaseConsumer;
@@ -147,20 +149,20 @@ pub async fn group_offsets(config: &Config, group: &str, topics: &[String]) -> V
             .create()
             .expect("consumer");
         let mut tpl = TopicPartitionList::new();
-        let mut highs = Vec::new();
         for topic in &topics {
             let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
             for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
                 tpl.add_partition(topic, p.id());
-                highs.push(consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks").1);
             }
         }
         let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
         committed
             .elements()
             .iter()
-            .zip(highs)
-            .map(|(e, high)| (high, if let Offset::Offset(o) = e.offset() { o } else { 0 }))
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                _ => None,
+            })
             .collect()
     })
     .await
