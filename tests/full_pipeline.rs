@@ -1,11 +1,13 @@
-//! The whole pipeline as separate `spiced` processes (serve, relay, two workers) against the
-//! real services. Each role is restarted once under load (SIGTERM, and one worker SIGKILL);
-//! afterwards every accepted command has exactly one outcome and `spiced verify` passes.
+//! The whole pipeline as separate `spiced` processes (serve, relay, two workers, project)
+//! against the real services. Each role is restarted once under load (SIGTERM, and one worker
+//! SIGKILL); afterwards every accepted command has exactly one outcome, `spiced verify` passes
+//! and the read model equals a fold of the log.
 
 mod common;
 
 use common::kafka::isolate_topics;
 use common::process::{free_port, Spiced};
+use common::readmodel::{assert_same, fold, rows_of};
 use common::{isolated_config, Backend};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -66,6 +68,7 @@ async fn every_role_restarted_under_load_loses_and_duplicates_nothing() {
     let mut relay = start("relay");
     let mut worker_a = start("worker");
     let mut worker_b = start("worker");
+    let mut project = start("project");
 
     let http = reqwest::Client::new();
     assert_eq!(send(&http, &base, "POST", "/databases", json!({"name": "shop"})).await.0, 202);
@@ -112,6 +115,10 @@ async fn every_role_restarted_under_load_loses_and_duplicates_nothing() {
     worker_b.wait_exit(WAIT).await;
     worker_b = start("worker");
     pace().await;
+    project.signal("TERM");
+    assert!(project.wait_exit(WAIT).await.success(), "project exits 0 on SIGTERM");
+    project = start("project");
+    pace().await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.unwrap();
@@ -145,7 +152,16 @@ async fn every_role_restarted_under_load_loses_and_duplicates_nothing() {
         let types: Vec<&str> = page["events"].as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap()).collect();
         assert_eq!(types, ["INSTANCE_CREATED", "INSTANCE_UPDATED"], "{id}");
     }
-    for p in [&mut serve, &mut relay, &mut worker_a, &mut worker_b] {
+    // The read model catches up with the whole log and equals a fold of it.
+    let db = spiced::db::Database::open(&config.database).await.unwrap();
+    let head = db.index.head().await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while db.projection_position().await.unwrap() < head {
+        assert!(Instant::now() < deadline, "projection stuck below the log head {head}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_same(&rows_of(&config, "spiced_read").await, &fold(&config, head).await, "read model");
+    for p in [&mut serve, &mut relay, &mut worker_a, &mut worker_b, &mut project] {
         p.signal("TERM");
         assert!(p.wait_exit(WAIT).await.success());
     }

@@ -7,11 +7,11 @@
 
 mod common;
 
-use chrono::{DateTime, Utc};
 use common::kafka::{group_committed, isolate_topics};
 use common::process::Spiced;
+use common::readmodel::{assert_same, fold, pg, rows_of};
 use common::{isolated_config, read_whole_log, spawn_with, Backend, TestApp};
-use serde_json::{json, Value};
+use serde_json::json;
 use spiced::config::Config;
 use spiced::envelope::Kind;
 use std::collections::BTreeMap;
@@ -24,67 +24,10 @@ const AGGREGATES: usize = 50;
 const COMMANDS: usize = 2000;
 const CLIENTS: usize = 10;
 
-/// What a read-model row must hold, as compared: state, version, position, deleted,
-/// created/updated in microseconds.
-type Rows = BTreeMap<(String, String), (Option<Value>, u64, u64, bool, i64, i64)>;
-
-/// The reference: every outcome event of the log up to `until`, folded in log order.
-async fn fold(config: &Config, until: u64) -> Rows {
-    let log = spiced::log::EventLog::open(&config.log).unwrap();
-    let mut rows = Rows::new();
-    for (position, e) in read_whole_log(&log).await {
-        if position > until || e.kind() != Some(Kind::Domain) {
-            continue;
-        }
-        let kind = match e.aggregate_type.as_str() {
-            "Database" => "database",
-            "OntologyClass" => "class",
-            _ => "instance",
-        };
-        let state = e.data.get("state").filter(|s| !s.is_null()).cloned();
-        let at = e.occurred_at.timestamp_micros();
-        let created = rows.get(&(kind.to_string(), e.aggregate_id.clone())).map(|r| r.4).unwrap_or(at);
-        let deleted = state.is_none();
-        rows.insert((kind.into(), e.aggregate_id.clone()), (state, e.sequence_number.unwrap(), position, deleted, created, at));
-    }
-    rows
-}
-
-async fn pg(config: &Config) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(config.database.url.expose(), tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    client
-}
-
-/// The rows of a read-model schema, in the fold's terms.
-async fn rows_of(config: &Config, schema: &str) -> Rows {
-    let sql = format!("SELECT kind, key, state, version, position, deleted, created_at, updated_at FROM \"{schema}\".read_models");
-    let micros = |t: DateTime<Utc>| t.timestamp_micros();
-    pg(config)
-        .await
-        .query(&sql, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let key = (r.get::<_, String>(0), r.get::<_, String>(1));
-            let row = (r.get(2), r.get::<_, i64>(3) as u64, r.get::<_, i64>(4) as u64, r.get(5), micros(r.get(6)), micros(r.get(7)));
-            (key, row)
-        })
-        .collect()
-}
-
 /// The rows of a schema as PostgreSQL prints them, for a byte-for-byte comparison.
 async fn raw_rows(config: &Config, schema: &str) -> Vec<String> {
     let sql = format!("SELECT r::text FROM \"{schema}\".read_models r ORDER BY kind, key");
     pg(config).await.query(&sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
-}
-
-fn assert_same(got: &Rows, want: &Rows, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: row count");
-    for (key, row) in want {
-        assert_eq!(got.get(key), Some(row), "{what}: row {key:?}");
-    }
 }
 
 async fn head(config: &Config) -> u64 {

@@ -9,6 +9,7 @@
 pub mod kafka;
 pub mod process;
 pub mod proxy;
+pub mod readmodel;
 
 use spiced::config::{Config, Secret};
 use spiced::db::Database;

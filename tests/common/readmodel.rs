@@ -1,0 +1,67 @@
+//! The read model as a test sees it: a fold of the log (the reference) and the rows of a
+//! read-model schema, in the same terms.
+
+use super::read_whole_log;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use spiced::config::Config;
+use spiced::envelope::Kind;
+use std::collections::BTreeMap;
+
+/// What a read-model row must hold, as compared: state, version, position, deleted,
+/// created/updated in microseconds.
+pub type Rows = BTreeMap<(String, String), (Option<Value>, u64, u64, bool, i64, i64)>;
+
+/// The reference: every outcome event of the log up to `until`, folded in log order.
+pub async fn fold(config: &Config, until: u64) -> Rows {
+    let log = spiced::log::EventLog::open(&config.log).unwrap();
+    let mut rows = Rows::new();
+    for (position, e) in read_whole_log(&log).await {
+        if position > until || e.kind() != Some(Kind::Domain) {
+            continue;
+        }
+        let kind = match e.aggregate_type.as_str() {
+            "Database" => "database",
+            "OntologyClass" => "class",
+            _ => "instance",
+        };
+        let state = e.data.get("state").filter(|s| !s.is_null()).cloned();
+        let at = e.occurred_at.timestamp_micros();
+        let created = rows.get(&(kind.to_string(), e.aggregate_id.clone())).map(|r| r.4).unwrap_or(at);
+        let deleted = state.is_none();
+        rows.insert((kind.into(), e.aggregate_id.clone()), (state, e.sequence_number.unwrap(), position, deleted, created, at));
+    }
+    rows
+}
+
+pub async fn pg(config: &Config) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(config.database.url.expose(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// The rows of a read-model schema, in the fold's terms.
+pub async fn rows_of(config: &Config, schema: &str) -> Rows {
+    let sql = format!("SELECT kind, key, state, version, position, deleted, created_at, updated_at FROM \"{schema}\".read_models");
+    let micros = |t: DateTime<Utc>| t.timestamp_micros();
+    pg(config)
+        .await
+        .query(&sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let key = (r.get::<_, String>(0), r.get::<_, String>(1));
+            let row = (r.get(2), r.get::<_, i64>(3) as u64, r.get::<_, i64>(4) as u64, r.get(5), micros(r.get(6)), micros(r.get(7)));
+            (key, row)
+        })
+        .collect()
+}
+
+pub fn assert_same(got: &Rows, want: &Rows, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: row count");
+    for (key, row) in want {
+        assert_eq!(got.get(key), Some(row), "{what}: row {key:?}");
+    }
+}
+
