@@ -21,4 +21,4 @@ else
 fi
 
 echo "bench: cargo bench (release)" >&2
-cargo bench --locked --bench write_path --bench relay --bench pipeline "$@"
+cargo bench --locked --bench write_path --bench relay --bench pipeline --bench projection "$@"

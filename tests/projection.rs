@@ -131,11 +131,11 @@ async fn versioned_rows_converge_whatever_the_order(backend: Backend) {
     apply(vec![second.clone()], 1, 20).await;
     apply(vec![change(key, 1, 10, 10, false)], 1, 10).await; // older, delivered late: ignored
     apply(vec![second.clone()], 1, 20).await; // the same event again: claimed already
-    let r = db.read_one(ReadKind::Instance, key).await.unwrap().unwrap();
+    let r = db.read_one(ReadKind::Instance, key).await.unwrap().rows.remove(0);
     assert_eq!((r.version, r.state.unwrap()["data"]["n"].as_i64()), (2, Some(20)));
     assert_eq!(db.projection_position().await.unwrap(), 1, "the lowest partition position");
     apply(vec![change(key, 3, 30, 0, true)], 1, 30).await;
-    assert!(db.read_one(ReadKind::Instance, key).await.unwrap().unwrap().deleted);
+    assert!(db.read_one(ReadKind::Instance, key).await.unwrap().rows.remove(0).deleted);
 
     // The database is deleted at position 50: what was written under it before goes, and
     // an older event arriving afterwards on another partition does not bring it back.
@@ -143,11 +143,11 @@ async fn versioned_rows_converge_whatever_the_order(backend: Backend) {
     apply(vec![change("d", 2, 50, 0, true)], 0, 50).await;
     apply(vec![change("d:main:C:z", 1, 45, 1, false)], 2, 45).await;
     let page = Page { kind: ReadKind::Instance, parent: "d:main:C", after: None, limit: 10, filter: &[] };
-    assert!(db.read_page(&page).await.unwrap().is_empty());
-    assert!(db.read_one(ReadKind::Instance, "d:main:C:y").await.unwrap().is_none());
+    assert!(db.read_page(&page).await.unwrap().rows.is_empty());
+    assert!(db.read_one(ReadKind::Instance, "d:main:C:y").await.unwrap().rows.is_empty());
     // Written after the deletion: kept.
     apply(vec![change("d", 3, 60, 0, false), change("d:main:C:w", 1, 61, 1, false)], 0, 61).await;
-    let keys: Vec<String> = db.read_page(&page).await.unwrap().into_iter().map(|r| r.key).collect();
+    let keys: Vec<String> = db.read_page(&page).await.unwrap().rows.into_iter().map(|r| r.key).collect();
     assert_eq!(keys, ["d:main:C:w"]);
     assert_eq!(db.projection_position().await.unwrap(), 40, "partition 1 is the lowest");
 }

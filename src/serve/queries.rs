@@ -12,7 +12,7 @@ use super::extract::{path, query};
 use super::openapi::{ApiErrors, ClassPath, DbPath, InstancePath, Item, Key, Name, NotFound, Page, TooEarly};
 use super::AppState;
 use crate::db::read::filter::{self, Condition};
-use crate::db::read::{Page as ReadPage, ReadKind, ReadRow};
+use crate::db::read::{Page as ReadPage, ReadKind, ReadRow, Snapshot};
 use crate::domain::ids::validate_name;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -88,9 +88,8 @@ fn item(row: &ReadRow) -> Value {
     v
 }
 
-async fn respond(state: &AppState, body: Value) -> Result<Response, ApiError> {
-    let position = state.db.projection_position().await.map_err(|e| state.unavailable(&e))?;
-    Ok(([("x-spiced-projection-position", position.to_string())], Json(body)).into_response())
+fn with_position(position: u64, body: Value) -> Response {
+    ([("x-spiced-projection-position", position.to_string())], Json(body)).into_response()
 }
 
 async fn page(state: &AppState, kind: ReadKind, parent: &str, q: &PageQuery, filter: &[Condition]) -> Result<Response, ApiError> {
@@ -102,10 +101,10 @@ async fn page(state: &AppState, kind: ReadKind, parent: &str, q: &PageQuery, fil
         validate_cursor(cursor)?;
     }
     let page = ReadPage { kind, parent, after: q.cursor.as_deref(), limit, filter };
-    let rows = state.db.read_page(&page).await.map_err(|e| state.unavailable(&e))?;
+    let Snapshot { position, rows } = state.db.read_page(&page).await.map_err(|e| state.unavailable(&e))?;
     let next = (rows.len() == limit).then(|| rows.last().map(|r| r.key.clone())).flatten();
     let items: Vec<Value> = rows.iter().map(item).collect();
-    respond(state, json!({"items": items, "next_cursor": next})).await
+    Ok(with_position(position, json!({"items": items, "next_cursor": next})))
 }
 
 /// A cursor is a row's key: names joined by `:`. Anything else names no row, and may hold
@@ -123,25 +122,24 @@ fn no_filter(q: &PageQuery) -> Result<(), ApiError> {
 }
 
 async fn one(state: &AppState, kind: ReadKind, key: &str, min_version: Option<u64>) -> Result<Response, ApiError> {
-    let row = match min_version {
+    let found = match min_version {
         Some(wanted) => wait_for_version(state, kind, key, wanted).await?,
         None => state.db.read_one(kind, key).await.map_err(|e| state.unavailable(&e))?,
     };
-    let row = row
-        .filter(|r| !r.deleted)
-        .ok_or_else(|| ApiError::not_found(format!("no {} {key} (or not projected yet)", kind.as_str())))?;
-    respond(state, item(&row)).await
+    let row = found.rows.first().filter(|r| !r.deleted);
+    let row = row.ok_or_else(|| ApiError::not_found(format!("no {} {key} (or not projected yet)", kind.as_str())))?;
+    Ok(with_position(found.position, item(row)))
 }
 
 /// The row once it has reached `wanted`, polling the read model until
 /// `serve.min_version_wait_ms` has passed; then 425.
-async fn wait_for_version(state: &AppState, kind: ReadKind, key: &str, wanted: u64) -> Result<Option<ReadRow>, ApiError> {
+async fn wait_for_version(state: &AppState, kind: ReadKind, key: &str, wanted: u64) -> Result<Snapshot, ApiError> {
     let deadline = Instant::now() + Duration::from_millis(state.config.serve.min_version_wait_ms);
     loop {
-        let row = state.db.read_one(kind, key).await.map_err(|e| state.unavailable(&e))?;
-        let version = row.as_ref().map(|r| r.version).unwrap_or(0);
+        let found = state.db.read_one(kind, key).await.map_err(|e| state.unavailable(&e))?;
+        let version = found.rows.first().map(|r| r.version).unwrap_or(0);
         if version >= wanted {
-            return Ok(row);
+            return Ok(found);
         }
         if Instant::now() >= deadline {
             return Err(ApiError::new(
@@ -164,8 +162,8 @@ async fn class_properties(state: &AppState, class_key_prefix: &str, class_id: &s
     while let Some(id) = next.take() {
         seen += 1;
         let key = format!("{class_key_prefix}:{id}");
-        let row = state.db.read_one(ReadKind::Class, &key).await.map_err(|e| state.unavailable(&e))?;
-        let Some(class) = row.filter(|r| !r.deleted).and_then(|r| r.state) else {
+        let found = state.db.read_one(ReadKind::Class, &key).await.map_err(|e| state.unavailable(&e))?;
+        let Some(class) = found.rows.into_iter().next().filter(|r| !r.deleted).and_then(|r| r.state) else {
             return Err(ApiError::not_found(format!("no class {id} (or not projected yet)")));
         };
         for p in class["properties"].as_array().into_iter().flatten() {

@@ -222,15 +222,24 @@ fn pg_type(ty: ValueType) -> &'static str {
 }
 
 fn pg_clause(c: &Condition, first: usize, params: &mut Vec<Param>) -> String {
-    // Containment, so the GIN index on the data serves equality.
-    if let Test::Cmp(CmpOp::Eq, v) = &c.test {
-        let doc = bind(params, first, Param::Json(json!({ c.property.clone(): v })), true);
-        return format!("(state -> 'data') @> {doc}::jsonb");
+    // Containment, so the GIN index on the data serves equality and `in`.
+    let doc = |v: &Value| json!({ c.property.clone(): v });
+    match &c.test {
+        Test::Cmp(CmpOp::Eq, v) => {
+            let d = bind(params, first, Param::Json(doc(v)), true);
+            return format!("(state -> 'data') @> {d}::jsonb");
+        }
+        Test::In(values) => {
+            let d = bind(params, first, Param::JsonArray(values.iter().map(doc).collect()), true);
+            return format!("(state -> 'data') @> ANY({d}::jsonb[])");
+        }
+        _ => {}
     }
     let name = bind(params, first, Param::Text(c.property.clone()), true);
     let x = format!("(state -> 'data' -> {name}::text)");
     let typed = format!("jsonb_typeof({x}) = '{}'", pg_type(c.ty));
     match &c.test {
+        Test::Cmp(CmpOp::Eq, _) | Test::In(_) => unreachable!("answered above"),
         Test::Exists(present) => {
             let op = if *present { "<>" } else { "=" };
             format!("coalesce(jsonb_typeof({x}), 'null') {op} 'null'")
@@ -242,10 +251,6 @@ fn pg_clause(c: &Condition, first: usize, params: &mut Vec<Param>) -> String {
         Test::Cmp(op, v) => {
             let v = bind(params, first, Param::Json(v.clone()), true);
             format!("{typed} AND {x} {} {v}::jsonb", op.sql())
-        }
-        Test::In(values) => {
-            let v = bind(params, first, Param::JsonArray(values.clone()), true);
-            format!("{x} = ANY({v}::jsonb[])")
         }
     }
 }
@@ -327,8 +332,8 @@ mod tests {
     fn renders_numbered_parameters_for_each_backend() {
         let c = parse("age>3,name=in:(a|b)", &props()).unwrap();
         let (sql, params) = render(&c, true, 5);
-        assert!(sql.contains("$5::text") && sql.contains("> $6::jsonb") && sql.contains("ANY($8::jsonb[])"), "{sql}");
-        assert_eq!(params.len(), 4);
+        assert!(sql.contains("$5::text") && sql.contains("> $6::jsonb") && sql.contains("@> ANY($7::jsonb[])"), "{sql}");
+        assert_eq!(params.len(), 3);
         let (sql, params) = render(&c, false, 5);
         assert!(sql.contains("json_extract(state, ?5) > ?6") && sql.contains("IN (?8, ?9)"), "{sql}");
         assert_eq!(params[0], Param::Text("$.data.\"age\"".into()));

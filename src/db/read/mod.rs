@@ -12,7 +12,7 @@ mod query;
 mod swap;
 
 pub use apply::{Change, Progress, ReadBatch};
-pub use query::Page;
+pub use query::{Page, Snapshot};
 
 use super::DbError;
 use chrono::{DateTime, Utc};

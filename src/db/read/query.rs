@@ -9,6 +9,23 @@ use tokio_postgres::types::ToSql;
 
 const COLUMNS: &str = "kind, key, parent, db, state, version, position, deleted, created_at, updated_at";
 
+/// Rows read together with the projection position they reflect (one snapshot).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Every outcome event at or below this log position is in `rows`' schema.
+    pub position: u64,
+    pub rows: Vec<ReadRow>,
+}
+
+/// Wraps a row query so that one statement (one snapshot) also returns the position, even
+/// when no row matches.
+fn pg_with_position(schema: &ReadSchema, rows_sql: &str) -> String {
+    format!(
+        "SELECT p.position, r.* FROM {} p LEFT JOIN LATERAL ({rows_sql}) r ON true WHERE p.id = 1 ORDER BY r.key",
+        schema.pg("projection")
+    )
+}
+
 /// A keyset page: rows under `parent` with keys after `after`, in key (byte) order.
 #[derive(Debug, Clone)]
 pub struct Page<'a> {
@@ -21,32 +38,32 @@ pub struct Page<'a> {
 
 impl Database {
     /// One row of the live schema, deleted or not (a deleted row still has its version).
-    pub async fn read_one(&self, kind: ReadKind, key: &str) -> Result<Option<ReadRow>, DbError> {
+    pub async fn read_one(&self, kind: ReadKind, key: &str) -> Result<Snapshot, DbError> {
         let schema = ReadSchema::live();
-        let rows = match &self.backend {
+        match &self.backend {
             Backend::Postgres(_) => {
-                let sql = format!("SELECT {COLUMNS} FROM {} WHERE kind = $1 AND key = $2", schema.pg("read_models"));
-                self.pg_rows(&sql, vec![Box::new(kind.as_str()), Box::new(key.to_string())]).await?
+                let rows = format!("SELECT {COLUMNS} FROM {} WHERE kind = $1 AND key = $2", schema.pg("read_models"));
+                self.pg_rows(&pg_with_position(&schema, &rows), vec![Box::new(kind.as_str()), Box::new(key.to_string())]).await
             }
             Backend::Sqlite(_) => {
                 let sql = format!("SELECT {COLUMNS} FROM {} WHERE kind = ?1 AND key = ?2", schema.lite("read_models"));
-                self.lite_rows(sql, vec![kind.as_str().to_string().into(), key.to_string().into()]).await?
+                self.lite_rows(sql, vec![kind.as_str().to_string().into(), key.to_string().into()]).await
             }
-        };
-        Ok(rows.into_iter().next())
+        }
     }
 
     /// A page of the live schema.
-    pub async fn read_page(&self, page: &Page<'_>) -> Result<Vec<ReadRow>, DbError> {
+    pub async fn read_page(&self, page: &Page<'_>) -> Result<Snapshot, DbError> {
         let schema = ReadSchema::live();
         let after = page.after.unwrap_or("").to_string();
         match &self.backend {
             Backend::Postgres(_) => {
                 let (filter, params) = render(page.filter, true, 5);
-                let sql = format!(
+                let rows = format!(
                     "SELECT {COLUMNS} FROM {} WHERE kind = $1 AND parent = $2 AND NOT deleted AND key > $3{filter} ORDER BY key LIMIT $4",
                     schema.pg("read_models")
                 );
+                let sql = pg_with_position(&schema, &rows);
                 let mut bound: Vec<Box<dyn ToSql + Sync + Send>> =
                     vec![Box::new(page.kind.as_str()), Box::new(page.parent.to_string()), Box::new(after), Box::new(page.limit as i64)];
                 bound.extend(params.into_iter().map(pg_param));
@@ -88,23 +105,28 @@ impl Database {
         }
     }
 
-    async fn pg_rows(&self, sql: &str, params: Vec<Box<dyn ToSql + Sync + Send>>) -> Result<Vec<ReadRow>, DbError> {
+    async fn pg_rows(&self, sql: &str, params: Vec<Box<dyn ToSql + Sync + Send>>) -> Result<Snapshot, DbError> {
         let Backend::Postgres(pg) = &self.backend else { unreachable!("called on PostgreSQL only") };
         let client = pg.pool().get().await?;
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
-        let rows = client.query(sql, &refs).await?;
-        rows.iter().map(pg_row).collect()
+        let found = client.query(sql, &refs).await?;
+        let position = found.first().map(|r| r.get::<_, i64>(0) as u64).unwrap_or(0);
+        // With no matching row, the one result row has the position and NULLs.
+        let rows = found.iter().filter(|r| r.get::<_, Option<&str>>(1).is_some()).map(pg_row).collect::<Result<_, _>>()?;
+        Ok(Snapshot { position, rows })
     }
 
-    async fn lite_rows(&self, sql: String, params: Vec<rusqlite::types::Value>) -> Result<Vec<ReadRow>, DbError> {
+    /// The position and the rows under one hold of the connection, so no write comes between.
+    async fn lite_rows(&self, sql: String, params: Vec<rusqlite::types::Value>) -> Result<Snapshot, DbError> {
         let Backend::Sqlite(lite) = &self.backend else { unreachable!("called on SQLite only") };
         let conn = lite.connection();
         let conn = conn.lock().await;
+        let position = lite_position(&conn, &ReadSchema::live())?;
         let mut stmt = conn.prepare(&sql)?;
         let rows = stmt
             .query_map(rusqlite::params_from_iter(params), lite_row)?
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        Ok(Snapshot { position, rows })
     }
 }
 
@@ -137,16 +159,16 @@ fn kind_of(s: &str) -> Result<ReadKind, DbError> {
 
 fn pg_row(r: &tokio_postgres::Row) -> Result<ReadRow, DbError> {
     Ok(ReadRow {
-        kind: kind_of(r.get(0))?,
-        key: r.get(1),
-        parent: r.get(2),
-        db: r.get(3),
-        state: r.get(4),
-        version: r.get::<_, i64>(5) as u64,
-        position: r.get::<_, i64>(6) as u64,
-        deleted: r.get(7),
-        created_at: r.get(8),
-        updated_at: r.get(9),
+        kind: kind_of(r.get(1))?,
+        key: r.get(2),
+        parent: r.get(3),
+        db: r.get(4),
+        state: r.get(5),
+        version: r.get::<_, i64>(6) as u64,
+        position: r.get::<_, i64>(7) as u64,
+        deleted: r.get(8),
+        created_at: r.get(9),
+        updated_at: r.get(10),
     })
 }
 
