@@ -185,7 +185,6 @@ fn value_of(raw: &str, ty: ValueType) -> Result<Value, String> {
 pub enum Param {
     Text(String),
     Json(Value),
-    JsonArray(Vec<Value>),
     Number(f64),
 }
 
@@ -230,8 +229,12 @@ fn pg_clause(c: &Condition, first: usize, params: &mut Vec<Param>) -> String {
             return format!("(state -> 'data') @> {d}::jsonb");
         }
         Test::In(values) => {
-            let d = bind(params, first, Param::JsonArray(values.iter().map(doc).collect()), true);
-            return format!("(state -> 'data') @> ANY({d}::jsonb[])");
+            // One containment per value, OR-ed: each is a GIN index scan (`@> ANY(…)` is not).
+            let any: Vec<String> = values
+                .iter()
+                .map(|v| format!("(state -> 'data') @> {}::jsonb", bind(params, first, Param::Json(doc(v)), true)))
+                .collect();
+            return format!("({})", any.join(" OR "));
         }
         _ => {}
     }
@@ -332,8 +335,8 @@ mod tests {
     fn renders_numbered_parameters_for_each_backend() {
         let c = parse("age>3,name=in:(a|b)", &props()).unwrap();
         let (sql, params) = render(&c, true, 5);
-        assert!(sql.contains("$5::text") && sql.contains("> $6::jsonb") && sql.contains("@> ANY($7::jsonb[])"), "{sql}");
-        assert_eq!(params.len(), 3);
+        assert!(sql.contains("$5::text") && sql.contains("> $6::jsonb") && sql.contains("@> $7::jsonb OR (state -> 'data') @> $8::jsonb)"), "{sql}");
+        assert_eq!(params.len(), 4);
         let (sql, params) = render(&c, false, 5);
         assert!(sql.contains("json_extract(state, ?5) > ?6") && sql.contains("IN (?8, ?9)"), "{sql}");
         assert_eq!(params[0], Param::Text("$.data.\"age\"".into()));

@@ -134,7 +134,6 @@ fn pg_param(p: Param) -> Box<dyn ToSql + Sync + Send> {
     match p {
         Param::Text(s) => Box::new(s),
         Param::Json(v) => Box::new(v),
-        Param::JsonArray(v) => Box::new(v),
         Param::Number(n) => Box::new(n),
     }
 }
@@ -144,7 +143,6 @@ fn lite_param(p: Param) -> rusqlite::types::Value {
         Param::Text(s) => s.into(),
         Param::Number(n) => n.into(),
         Param::Json(v) => v.to_string().into(),
-        Param::JsonArray(v) => serde_json::Value::Array(v).to_string().into(),
     }
 }
 
