@@ -128,6 +128,9 @@ pub struct WorkerConfig {
     pub instance_dead_letter_topic: String,
     /// Kafka `session.timeout.ms` of the worker consumers.
     pub session_timeout_ms: u64,
+    /// On SIGTERM, how long in-flight commands may go on before they are abandoned and their
+    /// claims given back, in ms.
+    pub shutdown_grace_ms: u64,
     /// Testing only: abort at `after_claim`, `after_effect`, `after_outcome` or `before_commit`,
     /// or freeze with SIGSTOP after the claim (`stop_after_claim`).
     pub crash_at: String,
@@ -464,6 +467,10 @@ impl Config {
         }
         if w.lanes == 0 || w.max_attempts == 0 {
             return Err(invalid("worker.lanes", "worker.lanes and worker.max_attempts must be at least 1"));
+        }
+        // Longer than an hour is a unit mistake, and systemd's stop timeout must exceed it.
+        if w.shutdown_grace_ms > 3_600_000 {
+            return Err(invalid("worker.shutdown_grace_ms", "must be at most 3600000 (one hour)"));
         }
         if let Some(role) = w.roles.iter().find(|r| !matches!(r.as_str(), "ontology" | "instance")) {
             return Err(invalid("worker.roles", format!("unknown role {role:?}; roles are ontology and instance")));
