@@ -206,6 +206,7 @@ async fn consume_role(
     shutdown: &Graceful,
 ) -> anyhow::Result<()> {
     let consumer = Arc::new(consumer(&shared.config, role)?);
+    let lag = crate::bus::kafka::spawn_lag_export(consumer.clone(), role.handler(), LAG_EVERY, shutdown.stop.clone());
     let topics = role.command_topics(&shared.config);
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     let handler = Arc::new(shared.handler(role));
@@ -259,8 +260,12 @@ async fn consume_role(
     drop(lanes);
     lane_tasks.close();
     lane_tasks.wait().await;
+    let _ = lag.await;
     Ok(())
 }
+
+/// How often each role exports its consumer lag.
+const LAG_EVERY: Duration = Duration::from_secs(5);
 
 fn lane_of(key: &[u8], lanes: usize) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
