@@ -249,6 +249,9 @@ pub struct ServeConfig {
     pub retry_after_secs: u64,
     /// Longest a read with `?min_version=N` waits for the projection, in ms (then 425).
     pub min_version_wait_ms: u64,
+    /// A second listener for `/metrics`, `/healthz` and `/readyz` without auth (for
+    /// Prometheus and probes); empty disables it. The API port keeps serving them too.
+    pub ops_listen: String,
 }
 
 /// Group commit of the log writer: concurrent appends share one segment object.
@@ -413,6 +416,12 @@ impl Config {
             return Err(invalid("writer.queue_depth", "must be at least 1"));
         }
         self.validate_kafka()?;
+        if !self.serve.ops_listen.is_empty() {
+            let ops: SocketAddr = self.serve.ops_listen.parse().map_err(|_| invalid("serve.ops_listen", "must be empty or an address like 127.0.0.1:9463"))?;
+            if ops == self.serve.listen && ops.port() != 0 {
+                return Err(invalid("serve.ops_listen", "must differ from serve.listen"));
+            }
+        }
         if self.project.batch_events == 0 {
             return Err(invalid("project.batch_events", "must be at least 1"));
         }

@@ -1,5 +1,5 @@
-//! Operations metrics: consumer lag per handler, and the relay's lag in events, against the
-//! real services.
+//! Operations metrics and listeners: the serve role's separate operations listener, consumer
+//! lag per handler, and the relay's lag in events, against the real services.
 
 mod common;
 
@@ -9,10 +9,13 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
+use spiced::config::{Secret, TokenConfig};
 use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
+const ADMIN: &str = "admin-token-0123456789";
 
 /// The value of the sample `series` (name and labels, as rendered) in this process's metrics.
 fn sample(series: &str) -> Option<f64> {
@@ -27,6 +30,61 @@ async fn wait_sample(series: &str, want: f64) {
         assert!(Instant::now() < deadline, "{series} is {:?}, not {want}", sample(series));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits (bounded) until `url` answers 200, and returns the body.
+async fn get_ok(http: &reqwest::Client, url: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(r) = http.get(url).send().await {
+            if r.status() == 200 {
+                return r.text().await.unwrap();
+            }
+        }
+        assert!(Instant::now() < deadline, "{url} did not answer 200");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// With tokens configured, the API's /metrics wants the admin scope; the operations listener
+/// serves /metrics, /healthz and /readyz to anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_answers_metrics_without_a_token_on_its_operations_listener() {
+    common::init_tracing();
+    let (mut config, _dir) = isolated_config(Backend::LocalSqlite).await;
+    config.auth.tokens = vec![TokenConfig { name: "ops".into(), scope: "admin".into(), token: Secret::new(ADMIN) }];
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (api_addr, ops_addr) = (api.local_addr().unwrap(), ops.local_addr().unwrap());
+    config.serve.ops_listen = ops_addr.to_string();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(spiced::serve::run_with_ops(config, api, Some(ops), shutdown.clone()));
+    let http = reqwest::Client::new();
+
+    get_ok(&http, &format!("http://{ops_addr}/readyz")).await;
+    get_ok(&http, &format!("http://{ops_addr}/healthz")).await;
+    // A request on the API, so the metrics have something of serve's to show.
+    get_ok(&http, &format!("http://{api_addr}/healthz")).await;
+    let metrics = get_ok(&http, &format!("http://{ops_addr}/metrics")).await;
+    assert!(metrics.contains("spiced_http_requests_total{route=\"/healthz\""), "{metrics}");
+    let api_metrics = http.get(format!("http://{api_addr}/metrics")).send().await.unwrap();
+    assert_eq!(api_metrics.status(), 401, "the API port still wants a token for /metrics");
+    let api_metrics = http.get(format!("http://{api_addr}/metrics")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(api_metrics.status(), 200);
+
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+/// `serve.ops_listen` is bound at start: a taken address fails serve with the key's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_fails_at_start_when_its_operations_address_is_taken() {
+    let (mut config, _dir) = isolated_config(Backend::LocalSqlite).await;
+    let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    config.serve.ops_listen = taken.local_addr().unwrap().to_string();
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = spiced::serve::run_on(config, api, CancellationToken::new()).await.unwrap_err();
+    assert!(err.to_string().contains("serve.ops_listen"), "{err}");
 }
 
 /// Lag = high watermark - position, summed over the assigned partitions, and exported under
