@@ -128,6 +128,9 @@ pub struct WorkerConfig {
     pub instance_dead_letter_topic: String,
     /// Kafka `session.timeout.ms` of the worker consumers.
     pub session_timeout_ms: u64,
+    /// On SIGTERM, how long in-flight commands may go on before they are abandoned and their
+    /// claims given back, in ms.
+    pub shutdown_grace_ms: u64,
     /// Testing only: abort at `after_claim`, `after_effect`, `after_outcome` or `before_commit`,
     /// or freeze with SIGSTOP after the claim (`stop_after_claim`).
     pub crash_at: String,
@@ -246,6 +249,9 @@ pub struct ServeConfig {
     pub retry_after_secs: u64,
     /// Longest a read with `?min_version=N` waits for the projection, in ms (then 425).
     pub min_version_wait_ms: u64,
+    /// A second listener for `/metrics`, `/healthz` and `/readyz` without auth (for
+    /// Prometheus and probes); empty disables it. The API port keeps serving them too.
+    pub ops_listen: String,
 }
 
 /// Group commit of the log writer: concurrent appends share one segment object.
@@ -410,6 +416,12 @@ impl Config {
             return Err(invalid("writer.queue_depth", "must be at least 1"));
         }
         self.validate_kafka()?;
+        if !self.serve.ops_listen.is_empty() {
+            let ops: SocketAddr = self.serve.ops_listen.parse().map_err(|_| invalid("serve.ops_listen", "must be empty or an address like 127.0.0.1:9463"))?;
+            if ops == self.serve.listen && ops.port() != 0 {
+                return Err(invalid("serve.ops_listen", "must differ from serve.listen"));
+            }
+        }
         if self.project.batch_events == 0 {
             return Err(invalid("project.batch_events", "must be at least 1"));
         }
@@ -464,6 +476,10 @@ impl Config {
         }
         if w.lanes == 0 || w.max_attempts == 0 {
             return Err(invalid("worker.lanes", "worker.lanes and worker.max_attempts must be at least 1"));
+        }
+        // Longer than an hour is a unit mistake, and systemd's stop timeout must exceed it.
+        if w.shutdown_grace_ms > 3_600_000 {
+            return Err(invalid("worker.shutdown_grace_ms", "must be at most 3600000 (one hour)"));
         }
         if let Some(role) = w.roles.iter().find(|r| !matches!(r.as_str(), "ontology" | "instance")) {
             return Err(invalid("worker.roles", format!("unknown role {role:?}; roles are ontology and instance")));

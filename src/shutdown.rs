@@ -1,6 +1,7 @@
 //! Signal handling: the first SIGTERM or SIGINT cancels the token (graceful shutdown), a second
 //! one exits at once.
 
+use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -18,4 +19,27 @@ pub fn install(token: CancellationToken) -> std::io::Result<()> {
         std::process::exit(130);
     });
     Ok(())
+}
+
+/// The two stages of a graceful stop. `stop` fires at the first signal: take no new work, and
+/// end every wait or backoff (waiting is not progress). `deadline` fires a grace period later:
+/// give up on effects still running, so a stuck dependency cannot hold the exit forever.
+#[derive(Debug, Clone)]
+pub struct Graceful {
+    pub stop: CancellationToken,
+    pub deadline: CancellationToken,
+}
+
+impl Graceful {
+    /// Fires `deadline` once `grace` has passed after `stop` fires.
+    pub fn new(stop: CancellationToken, grace: Duration) -> Graceful {
+        let deadline = CancellationToken::new();
+        let (s, d) = (stop.clone(), deadline.clone());
+        tokio::spawn(async move {
+            s.cancelled().await;
+            tokio::time::sleep(grace).await;
+            d.cancel();
+        });
+        Graceful { stop, deadline }
+    }
 }

@@ -77,15 +77,28 @@ async fn ready(State(check): State<Readiness>) -> Response {
 /// The operations listener of a role without an API (relay, worker): bound at start so a
 /// taken port fails the role at once; serves until the returned guard is dropped.
 pub async fn start_ops(listen: &str, readiness: Readiness) -> anyhow::Result<OpsGuard> {
-    let stop = CancellationToken::new();
+    let listener = bind_ops(listen, "the metrics address").await?;
+    Ok(start_ops_on(listener, readiness))
+}
+
+/// Binds an operations address; `None` when it is empty (disabled). `key` names the setting
+/// in the error.
+pub async fn bind_ops(listen: &str, key: &str) -> anyhow::Result<Option<tokio::net::TcpListener>> {
     if listen.is_empty() {
-        return Ok(OpsGuard { stop, task: None });
+        return Ok(None);
     }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on the metrics address {listen}: {e}"))?;
-    let task = tokio::spawn(serve_ops(listener, readiness, stop.clone()));
-    Ok(OpsGuard { stop, task: Some(task) })
+        .map_err(|e| anyhow::anyhow!("cannot listen on {key} {listen}: {e}"))?;
+    Ok(Some(listener))
+}
+
+/// Serves the operations endpoints on an already bound listener (if any) until the returned
+/// guard is dropped.
+pub fn start_ops_on(listener: Option<tokio::net::TcpListener>, readiness: Readiness) -> OpsGuard {
+    let stop = CancellationToken::new();
+    let task = listener.map(|l| tokio::spawn(serve_ops(l, readiness, stop.clone())));
+    OpsGuard { stop, task }
 }
 
 /// Stops the operations listener when dropped.

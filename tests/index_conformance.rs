@@ -16,6 +16,7 @@ backend_tests! {
     rows_are_unique_per_event_and_per_sequence,
     lookup_returns_commands_and_versions,
     recording_the_wrong_position_is_refused,
+    events_after_counts_the_envelopes_past_a_position,
 }
 
 async fn open(backend: Backend) -> (Database, tempfile::TempDir) {
@@ -159,4 +160,21 @@ async fn recording_the_wrong_position_is_refused(backend: Backend) {
     let mut tx = db.index.begin().await.unwrap();
     let err = tx.record(5, &[row("a", 1, 5)]).await.unwrap_err();
     assert!(matches!(err, DbError::Inconsistent(_)), "{err}");
+}
+
+/// The relay's lag in events: envelopes, not segments, after the position.
+async fn events_after_counts_the_envelopes_past_a_position(backend: Backend) {
+    let (db, _dir) = open(backend).await;
+    assert_eq!(db.index.events_after(0).await.unwrap(), 0);
+    for (position, rows) in [(1, vec![row("a", 1, 1)]), (2, vec![row("b", 1, 2), row("c", 1, 2), row("d", 1, 2)]), (3, vec![row("a", 2, 3)])] {
+        let mut tx = db.index.begin().await.unwrap();
+        tx.record(position, &rows).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let counts: Vec<u64> = futures::future::join_all((0..=3).map(|p| db.index.events_after(p)))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(counts, [5, 4, 1, 0]);
 }

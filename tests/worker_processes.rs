@@ -1,5 +1,6 @@
-//! Command workers as separate processes: killed at each step of a command, and two workers
-//! with one killed and replaced under load. Exactly one effect each time.
+//! Command workers as separate processes: killed at each step of a command, two workers with
+//! one killed and replaced under load, and one stopped with SIGTERM while it holds a claim.
+//! Exactly one effect each time.
 
 mod common;
 
@@ -26,11 +27,16 @@ impl Drop for Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(|worker| worker.lease_ms = 3000).await
+}
+
+/// The API and a relay in this process, with `adjust` applied to the workers' settings.
+async fn setup_with(adjust: impl FnOnce(&mut spiced::config::WorkerConfig)) -> Setup {
     let (mut config, dir) = isolated_config(Backend::S3Postgres).await;
     isolate_topics(&mut config);
-    config.worker.lease_ms = 3000;
     config.worker.heartbeat_ms = 1000;
     config.worker.backoff_base_ms = 50;
+    adjust(&mut config.worker);
     let app = spawn_with(config.clone(), dir).await;
     let relay = CancellationToken::new();
     tokio::spawn(run_with(config, RelayOptions::default(), relay.clone(), Default::default()));
@@ -143,4 +149,60 @@ async fn a_frozen_worker_loses_its_claim_and_commits_nothing() {
     let rows = db.registry.rows(event).await.unwrap();
     assert_eq!((rows.len(), rows[0].status.as_str()), (1, "done"));
     assert!(frozen.is_running(), "the resumed worker carries on");
+}
+
+/// Waits (bounded) until `event`'s registry row has `status`; returns the row.
+async fn registry_row(db: &spiced::db::Database, event: uuid::Uuid, status: &str) -> spiced::db::registry::Processed {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(row) = db.registry.rows(event).await.unwrap().into_iter().find(|r| r.status == status) {
+            return row;
+        }
+        assert!(std::time::Instant::now() < deadline, "{event} never reached {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGTERM while a worker holds a claim and waits: the instance command waits for its class,
+/// which nobody creates (the worker runs the instance role only). The worker stops waiting at
+/// once, gives the claim back and exits 0; a worker started next completes the command well
+/// before the 120 s lease could have lapsed, so only the release can explain it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_releases_a_waiting_claim_for_another_worker_at_once() {
+    const LEASE: Duration = Duration::from_secs(120);
+    let s = setup_with(|w| {
+        w.lease_ms = LEASE.as_millis() as u64;
+        w.gap_wait_ms = LEASE.as_millis() as u64;
+        // Far longer than the exit may take: a wait must not be treated as in-flight work.
+        w.shutdown_grace_ms = 60_000;
+    })
+    .await;
+    create_db(&s.app, "g").await;
+    let (st, b) = s.app.post("/databases/g/classes", json!({"id": "C"})).await;
+    assert_eq!(st, 202, "{b}");
+    let (st, b) = s.app.post("/databases/g/classes/C/instances", json!({"id": "i", "data": {}})).await;
+    assert_eq!(st, 202, "{b}");
+    let id = b["command_id"].as_str().unwrap().to_string();
+    let event: uuid::Uuid = id.parse().unwrap();
+    let (db, _) = s.app.storage().await;
+
+    let mut waiting = Spiced::spawn(&["worker", "--role", "instance"], &s.app.config, s.dir.path(), &[]);
+    registry_row(&db, event, "processing").await;
+    let signalled = std::time::Instant::now();
+    waiting.signal("TERM");
+    let status = waiting.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "a SIGTERMed worker exits 0: {status}");
+    // Released before the process exited, not left to its lease.
+    let rows = db.registry.rows(event).await.unwrap();
+    assert_eq!((rows.len(), rows[0].status.as_str()), (1, "retrying"), "{rows:?}");
+    assert_eq!(rows[0].attempt_count, 0, "an interrupted attempt does not count");
+    eprintln!("worker exited {:?} after SIGTERM", signalled.elapsed());
+
+    let started = std::time::Instant::now();
+    let _other = worker(&s, &[]);
+    let done = s.app.wait_command(&id, LEASE / 2).await;
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+    assert!(started.elapsed() < LEASE / 2, "taken over after {:?}", started.elapsed());
+    let (_, events) = s.app.get("/aggregates/Instance/g:main:C:i/events?kind=domain").await;
+    assert_eq!(events["events"].as_array().map(Vec::len), Some(1), "{events}");
 }

@@ -110,7 +110,7 @@ async fn a_later_sequence_waits_for_the_earlier_one(backend: Backend) {
     let tasks = tokio_util::task::TaskTracker::new();
     let shared = Shared::open(&config, &tasks).await.unwrap();
     let handler = shared.handler(Role::Ontology);
-    let stop = tokio_util::sync::CancellationToken::new();
+    let stop = spiced::shutdown::Graceful::new(tokio_util::sync::CancellationToken::new(), Duration::from_secs(10));
     let db = command_bytes(&app, "Database/g").await;
     let class = command_bytes(&app, "OntologyClass/g:main:C").await;
     assert_eq!(handler.handle(&db[0], &stop).await.unwrap(), Disposition::Done);

@@ -1,12 +1,16 @@
-//! Kafka clients built from `[kafka]`: the idempotent producer, and topic bootstrap.
+//! Kafka clients built from `[kafka]`: the idempotent producer, topic bootstrap, and the
+//! consumer-lag metric every consuming role exports.
 
 use crate::config::{Config, KafkaConfig};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::FutureProducer;
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Offset};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Kafka client failures.
 #[derive(Debug, thiserror::Error)]
@@ -120,4 +124,62 @@ async fn create(
         }
     }
     Ok(())
+}
+
+/// How long one broker question of [`consumer_lag`] may take.
+const LAG_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Messages not yet consumed on the partitions assigned to `consumer`: the sum of (high
+/// watermark - position). A partition with no position yet (nothing consumed since the
+/// assignment) counts from its committed offset, else from its low watermark. `Some(0)` with
+/// nothing assigned; `None` if the broker does not answer. Blocking (broker round trips):
+/// call it off the async threads.
+pub fn consumer_lag<X: ConsumerContext, C: Consumer<X>>(consumer: &C) -> Option<i64> {
+    let positions = consumer.position().ok()?;
+    let mut committed = None;
+    let mut lag = 0;
+    for p in positions.elements() {
+        let (low, high) = consumer.fetch_watermarks(p.topic(), p.partition(), LAG_TIMEOUT).ok()?;
+        let from = match p.offset() {
+            Offset::Offset(o) => o,
+            _ => {
+                let committed = committed.get_or_insert_with(|| consumer.committed(LAG_TIMEOUT).ok());
+                match committed.as_ref().and_then(|c| c.find_partition(p.topic(), p.partition())).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => low,
+                }
+            }
+        };
+        lag += (high - from).max(0);
+    }
+    Some(lag)
+}
+
+/// Exports `spiced_consumer_lag_messages{handler}` for `consumer` every `every` until `stop`.
+/// The broker questions run on the blocking pool, not on the async threads.
+pub fn spawn_lag_export<X, C>(
+    consumer: Arc<C>,
+    handler: &str,
+    every: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()>
+where
+    X: ConsumerContext + 'static,
+    C: Consumer<X> + Send + Sync + 'static,
+{
+    let handler = handler.to_string();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let c = consumer.clone();
+            match tokio::task::spawn_blocking(move || consumer_lag(&*c)).await {
+                Ok(Some(lag)) => metrics::gauge!("spiced_consumer_lag_messages", "handler" => handler.clone()).set(lag as f64),
+                // Kept at its last value: a broker that does not answer is not zero lag.
+                _ => tracing::debug!("consumer lag not available this round"),
+            }
+        }
+    })
 }

@@ -79,6 +79,9 @@ pub trait LogIndex: Send + Sync + 'static {
     ) -> Result<Vec<String>, DbError>;
     /// Reachability, for readiness probes.
     async fn ping(&self) -> Result<(), DbError>;
+    /// How many envelopes are at positions after `position` (the relay's lag in events). An
+    /// index range scan: its cost grows with the answer, not with the log.
+    async fn events_after(&self, position: u64) -> Result<u64, DbError>;
     /// Every index row, in position order (for `spiced verify`).
     async fn all_rows(&self) -> Result<Vec<IndexRow>, DbError>;
     /// Every aggregate's version (for `spiced verify`).

@@ -313,6 +313,12 @@ impl LogIndex for Pg {
         Ok(())
     }
 
+    async fn events_after(&self, position: u64) -> Result<u64, DbError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached("SELECT count(*) FROM log_index WHERE position > $1").await?;
+        Ok(client.query_one(&stmt, &[&(position as i64)]).await?.get::<_, i64>(0) as u64)
+    }
+
     async fn all_rows(&self) -> Result<Vec<IndexRow>, DbError> {
         let client = self.pool.get().await?;
         let rows = client

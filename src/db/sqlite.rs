@@ -274,6 +274,12 @@ impl LogIndex for Lite {
         Ok(())
     }
 
+    async fn events_after(&self, position: u64) -> Result<u64, DbError> {
+        let conn = self.conn.lock().await;
+        let n = conn.query_row("SELECT count(*) FROM log_index WHERE position > ?1", [position as i64], |r| r.get::<_, i64>(0))?;
+        Ok(n as u64)
+    }
+
     async fn all_rows(&self) -> Result<Vec<IndexRow>, DbError> {
         let conn = self.conn.lock().await;
         let ids: Vec<String> = conn

@@ -1,6 +1,7 @@
 //! `spiced status`: where each stage of the pipeline is, as one table. The four clocks:
 //! allocated (the index head), committed (the log itself), published (the relay checkpoint),
-//! processed (commands that have their outcome, and the embedded workers' checkpoint).
+//! processed (commands that have their outcome, and the embedded workers' checkpoint), and
+//! how far the read models (the projection) have applied the log.
 
 use crate::config::Config;
 use crate::db::Database;
@@ -12,6 +13,9 @@ pub struct Status {
     pub log_head: u64,
     pub relay_checkpoint: u64,
     pub embedded_checkpoint: u64,
+    /// Log position the read models have applied; `None` when they cannot be read (no
+    /// projection has set them up yet).
+    pub projection: Option<u64>,
     pub commands: usize,
     pub outcomes: usize,
 }
@@ -32,9 +36,22 @@ pub async fn read(config: &Config) -> anyhow::Result<Status> {
         log_head,
         relay_checkpoint: db.checkpoint(&config.relay.name).await?,
         embedded_checkpoint: db.checkpoint(crate::worker::embedded::CHECKPOINT).await?,
+        projection: projection_position(&db).await,
         commands: rows.iter().filter(|r| r.kind == Kind::Command).count(),
         outcomes: rows.iter().filter(|r| r.kind == Kind::Domain).count(),
     })
+}
+
+/// The read models' position; a missing read-model schema is reported, not fatal, since the
+/// other clocks are still worth printing.
+async fn projection_position(db: &Database) -> Option<u64> {
+    match db.projection_position().await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the projection's position");
+            None
+        }
+    }
 }
 
 pub fn print(s: &Status) {
@@ -43,6 +60,10 @@ pub fn print(s: &Status) {
     println!("{:<34} {:>12} {:>12}", "allocated (index head)", s.index_head, s.log_head - s.index_head.min(s.log_head));
     println!("{:<34} {:>12} {:>12}", "published to Kafka (relay)", s.relay_checkpoint, s.log_head.saturating_sub(s.relay_checkpoint));
     println!("{:<34} {:>12} {:>12}", "embedded workers (spiced dev)", s.embedded_checkpoint, s.log_head.saturating_sub(s.embedded_checkpoint));
+    match s.projection {
+        Some(p) => println!("{:<34} {:>12} {:>12}", "read models (projection)", p, s.log_head.saturating_sub(p)),
+        None => println!("{:<34} {:>12} {:>12}", "read models (projection)", "-", "-"),
+    }
     println!(
         "{:<34} {:>12} {:>12}",
         "commands with an outcome",

@@ -78,8 +78,38 @@ pub async fn run_with(
     crate::systemd::ready();
     match options.republish {
         Some((from, to)) => relay.republish(from, to).await,
-        None => relay.lead_or_wait(&options, &shutdown).await,
+        None => {
+            let lag = tokio::spawn(export_lag_events(db.clone(), config.relay.name.clone(), LAG_EVENTS_EVERY, shutdown.clone()));
+            let result = relay.lead_or_wait(&options, &shutdown).await;
+            lag.abort();
+            result
+        }
     }
+}
+
+/// How often `spiced_relay_lag_events` is counted: a range count in the index, too costly for
+/// every batch when the relay is far behind.
+pub const LAG_EVENTS_EVERY: Duration = Duration::from_secs(5);
+
+/// Exports `spiced_relay_lag_events`: envelopes in the log after the durable checkpoint. The
+/// checkpoint is shared by every relay of the name, so a standby reports the same lag as the
+/// leader instead of its own (empty) progress.
+async fn export_lag_events(db: Database, name: String, every: Duration, shutdown: CancellationToken) {
+    loop {
+        match lag_events(&db, &name).await {
+            Ok(n) => metrics::gauge!("spiced_relay_lag_events").set(n as f64),
+            Err(e) => tracing::debug!(error = %e, "relay lag in events not available this round"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+async fn lag_events(db: &Database, name: &str) -> Result<u64, crate::db::DbError> {
+    let checkpoint = db.checkpoint(name).await?;
+    db.index.events_after(checkpoint).await
 }
 
 struct Relay {

@@ -167,7 +167,20 @@ pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
 
 /// Runs the API on an already bound listener (tests bind port 0).
 pub async fn run_on(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let ops = crate::telemetry::bind_ops(&config.serve.ops_listen, "serve.ops_listen").await?;
+    run_with_ops(config, listener, ops, shutdown).await
+}
+
+/// Runs the API, and the unauthenticated operations endpoints (`serve.ops_listen`) on `ops` if
+/// given, both on listeners bound by the caller.
+pub async fn run_with_ops(
+    config: Config,
+    listener: TcpListener,
+    ops: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (db, log) = open_storage(&config).await?;
+    let _ops = crate::telemetry::start_ops_on(ops, crate::telemetry::storage_readiness(db.clone(), log.clone()));
     let tasks = TaskTracker::new();
     let writer = LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks).await?;
     let state = AppState::new(config, db, log, writer)?;

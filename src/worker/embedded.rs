@@ -35,11 +35,12 @@ pub async fn run(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Resul
         }
     };
     tracing::info!(from, "embedded workers following the log");
+    let graceful = crate::shutdown::Graceful::new(shutdown.clone(), Duration::from_millis(shared.config.worker.shutdown_grace_ms));
     let poll = Duration::from_millis(shared.config.relay.poll_interval_ms);
     let mut follower = Follower::new(tail, from, 16, poll);
     while let Some(segments) = follower.next(shutdown).await {
         for segment in &segments {
-            if process(segment, &handlers, shutdown).await.is_err() {
+            if process(segment, &handlers, &graceful).await.is_err() {
                 return Ok(());
             }
             // The segment's commands are done; a checkpoint that cannot be written now is
@@ -57,7 +58,7 @@ pub async fn run(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Resul
 async fn process(
     segment: &Segment,
     handlers: &[super::handler::CommandHandler; 2],
-    shutdown: &CancellationToken,
+    shutdown: &crate::shutdown::Graceful,
 ) -> Result<(), Interrupted> {
     let mut by_aggregate: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, e) in segment.events.iter().enumerate() {

@@ -6,6 +6,9 @@
 //! decide from the state in the log, append the outcome, mark done. A worker whose lease is
 //! lost stops before appending; if it was already appending, its outcome has the same id as
 //! its successor's and the log keeps one.
+//!
+//! At shutdown ([`Graceful`]) waits end at once and running effects get the grace period;
+//! either way an unfinished command's claim is released, so another worker takes it at once.
 
 use super::facts::{FactsError, LogState};
 use super::Role;
@@ -16,6 +19,7 @@ use crate::domain::{AggregateKey, AggregateType, CommandType};
 use crate::envelope::{domain_event_id, EventEnvelope, Kind, SCHEMA_VERSION};
 use crate::log::plan::{AppendCommand, AppendOutcome};
 use crate::log::writer::LogWriter;
+use crate::shutdown::Graceful;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +42,8 @@ pub struct Interrupted;
 enum Failure {
     Retryable(String),
     LeaseLost,
+    /// Shutdown: a wait was cut short, or the grace period ran out during the effect.
+    Interrupted,
 }
 
 impl From<FactsError> for Failure {
@@ -91,8 +97,9 @@ impl CommandHandler {
         CommandHandler { role, owner, config, registry, state, writer }
     }
 
-    /// Processes one message until it is done or dead-lettered; `Interrupted` on shutdown.
-    pub async fn handle(&self, raw: &[u8], shutdown: &CancellationToken) -> Result<Disposition, Interrupted> {
+    /// Processes one message until it is done or dead-lettered; `Interrupted` on shutdown,
+    /// with the claim (if it held one) released.
+    pub async fn handle(&self, raw: &[u8], shutdown: &Graceful) -> Result<Disposition, Interrupted> {
         let parsed = match self.parse(raw) {
             Ok(p) => p,
             Err(reason) => return Ok(Disposition::DeadLetter { reason, attempts: 0 }),
@@ -103,7 +110,7 @@ impl CommandHandler {
         self.handle_parsed(&parsed, shutdown).instrument(span).await
     }
 
-    async fn handle_parsed(&self, parsed: &Parsed, shutdown: &CancellationToken) -> Result<Disposition, Interrupted> {
+    async fn handle_parsed(&self, parsed: &Parsed, shutdown: &Graceful) -> Result<Disposition, Interrupted> {
         let work = Work {
             handler: self.role.handler(),
             event_id: parsed.envelope.event_id,
@@ -114,7 +121,7 @@ impl CommandHandler {
         let lease = Duration::from_millis(self.config.worker.lease_ms);
         let mut waits = 0u32;
         loop {
-            if shutdown.is_cancelled() {
+            if shutdown.stop.is_cancelled() {
                 return Err(Interrupted);
             }
             let claim = self.registry.claim(&work, lease).await;
@@ -127,26 +134,30 @@ impl CommandHandler {
                 Ok(Claim::InProgress) => {
                     // Another worker holds it; wait for it to finish or for its lease to lapse.
                     waits += 1;
-                    self.pause(waits, shutdown).await;
+                    self.pause(waits, &shutdown.stop).await;
                     continue;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "claim failed; retrying");
                     waits += 1;
-                    self.pause(waits, shutdown).await;
+                    self.pause(waits, &shutdown.stop).await;
                     continue;
                 }
             };
             self.crash_point("after_claim");
-            match self.run_leased(parsed, &work).await {
+            match self.run_leased(parsed, &work, shutdown).await {
                 Ok(()) => return Ok(Disposition::Done),
+                Err(Failure::Interrupted) => {
+                    self.release(&work).await;
+                    return Err(Interrupted);
+                }
                 Err(Failure::LeaseLost) => {
                     // Not done until the registry says so: claim again, which waits while the
                     // new owner works, reports it done, or hands it back if that owner died.
                     metrics::counter!("spiced_worker_leases_lost_total", "handler" => self.role.handler()).increment(1);
                     tracing::warn!("lease lost; waiting for the new owner to finish the command");
                     waits += 1;
-                    self.pause(waits, shutdown).await;
+                    self.pause(waits, &shutdown.stop).await;
                 }
                 Err(Failure::Retryable(error)) if attempt >= self.config.worker.max_attempts => {
                     metrics::counter!("spiced_worker_dead_letters_total", "handler" => self.role.handler()).increment(1);
@@ -162,7 +173,7 @@ impl CommandHandler {
                     if let Err(e) = self.registry.mark_retrying(&work, &error).await {
                         tracing::warn!(error = %e, "could not mark the command retrying");
                     }
-                    self.pause(attempt, shutdown).await;
+                    self.pause(attempt, &shutdown.stop).await;
                 }
             }
         }
@@ -194,8 +205,19 @@ impl CommandHandler {
         Ok(Parsed { envelope, command_type, key, seq })
     }
 
-    /// Runs the command while heartbeats keep the lease; stops if the lease is lost.
-    async fn run_leased(&self, parsed: &Parsed, work: &Work<'_>) -> Result<(), Failure> {
+    /// Gives the claim back so another worker can take the command now rather than after the
+    /// lease. The interrupted attempt does not count against `max_attempts`.
+    async fn release(&self, work: &Work<'_>) {
+        match self.registry.release(work).await {
+            Ok(true) => tracing::info!("shutdown: claim released for another worker to take over"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "shutdown: could not release the claim; it lapses with its lease"),
+        }
+    }
+
+    /// Runs the command while heartbeats keep the lease; stops if the lease is lost, or at
+    /// shutdown (waits at once, the effect at the end of the grace period).
+    async fn run_leased(&self, parsed: &Parsed, work: &Work<'_>, shutdown: &Graceful) -> Result<(), Failure> {
         let lost = CancellationToken::new();
         let heartbeat = async {
             let every = Duration::from_millis(self.config.worker.heartbeat_ms);
@@ -212,18 +234,27 @@ impl CommandHandler {
             }
         };
         tokio::select! {
-            result = self.execute(parsed, work, &lost) => result,
+            result = self.execute(parsed, work, &lost, &shutdown.stop) => result,
             _ = async { heartbeat.await; std::future::pending::<()>().await } => unreachable!(),
+            // Dropping the effect mid-way is safe: the outcome's event_id is derived from the
+            // command and the index stores an event_id once and one outcome per (aggregate,
+            // sequence), so if the append still lands, whoever takes the command over finds
+            // the outcome (or a refused duplicate) rather than writing a second effect
+            // (docs/design.md, "The effect is the outcome").
+            _ = shutdown.deadline.cancelled() => {
+                tracing::warn!("shutdown grace period over: abandoning the command mid-effect");
+                Err(Failure::Interrupted)
+            }
         }
     }
 
-    async fn execute(&self, p: &Parsed, work: &Work<'_>, lost: &CancellationToken) -> Result<(), Failure> {
-        let Some(current) = self.wait_for_predecessor(p).await? else {
+    async fn execute(&self, p: &Parsed, work: &Work<'_>, lost: &CancellationToken, stop: &CancellationToken) -> Result<(), Failure> {
+        let Some(current) = self.wait_for_predecessor(p, stop).await? else {
             // The outcome is already in the log (an earlier run appended it): just record it.
             return self.finish(work).await;
         };
         let payload = p.envelope.data.get("payload").cloned().unwrap_or(Value::Null);
-        self.wait_for_dependencies(p, &payload).await?;
+        self.wait_for_dependencies(p, &payload, stop).await?;
         let facts = self.state.facts(p.command_type, &payload, current.clone()).await?;
         let decision = decide(p.command_type, &payload, &facts);
         self.crash_point("after_effect");
@@ -256,7 +287,7 @@ impl CommandHandler {
 
     /// Waits (bounded) until the aggregate's previous command has its outcome. Returns the
     /// aggregate's state, or `None` when this command's outcome is already there.
-    async fn wait_for_predecessor(&self, p: &Parsed) -> Result<Option<Option<Value>>, Failure> {
+    async fn wait_for_predecessor(&self, p: &Parsed, stop: &CancellationToken) -> Result<Option<Option<Value>>, Failure> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.worker.gap_wait_ms);
         let mut logged = false;
         loop {
@@ -279,13 +310,13 @@ impl CommandHandler {
                     p.seq
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            poll_pause(stop).await?;
         }
     }
 
     /// Waits (bounded) until the commands on other aggregates that this one reads, accepted
     /// before it, have their outcomes.
-    async fn wait_for_dependencies(&self, p: &Parsed, payload: &Value) -> Result<(), Failure> {
+    async fn wait_for_dependencies(&self, p: &Parsed, payload: &Value, stop: &CancellationToken) -> Result<(), Failure> {
         let deps = self.state.dependencies(p.command_type, payload).await?;
         if deps.is_empty() {
             return Ok(());
@@ -304,7 +335,7 @@ impl CommandHandler {
                 if tokio::time::Instant::now() >= deadline {
                     return Err(Failure::Retryable(format!("earlier commands on {dep} have no outcome yet")));
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                poll_pause(stop).await?;
             }
         }
         Ok(())
@@ -369,5 +400,14 @@ impl CommandHandler {
             eprintln!("spiced: worker.crash_at = {name}: aborting as configured (testing only)");
             std::process::abort();
         }
+    }
+}
+
+/// The pause between two looks at the log while waiting; cut short by shutdown, since waiting
+/// is not progress worth a grace period.
+async fn poll_pause(stop: &CancellationToken) -> Result<(), Failure> {
+    tokio::select! {
+        _ = stop.cancelled() => Err(Failure::Interrupted),
+        _ = tokio::time::sleep(Duration::from_millis(50)) => Ok(()),
     }
 }

@@ -13,6 +13,7 @@ pub mod offsets;
 
 use crate::bus::kafka::{base_config, ensure_topics, producer, with_properties};
 use crate::config::Config;
+use crate::shutdown::Graceful;
 use crate::domain::{AggregateType, CommandType};
 use facts::LogState;
 use handler::{CommandHandler, Disposition};
@@ -151,9 +152,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     run_roles(config, &[], shutdown).await
 }
 
-/// Runs the given roles (or `worker.roles`) against Kafka until `shutdown`.
+/// Runs the given roles (or `worker.roles`) against Kafka until `shutdown`, then stops
+/// gracefully within `worker.shutdown_grace_ms`.
 pub async fn run_roles(config: Config, requested: &[String], shutdown: CancellationToken) -> anyhow::Result<()> {
     let roles = roles(&config, requested)?;
+    let shutdown = Graceful::new(shutdown, Duration::from_millis(config.worker.shutdown_grace_ms));
     let tasks = TaskTracker::new();
     let shared = Shared::open(&config, &tasks).await?;
     let mut topics = crate::bus::kafka::all_topics(&config);
@@ -200,9 +203,10 @@ async fn consume_role(
     shared: &Shared,
     role: Role,
     dead_letters: &FutureProducer,
-    shutdown: &CancellationToken,
+    shutdown: &Graceful,
 ) -> anyhow::Result<()> {
     let consumer = Arc::new(consumer(&shared.config, role)?);
+    let lag = crate::bus::kafka::spawn_lag_export(consumer.clone(), role.handler(), LAG_EVERY, shutdown.stop.clone());
     let topics = role.command_topics(&shared.config);
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     let handler = Arc::new(shared.handler(role));
@@ -225,7 +229,11 @@ async fn consume_role(
     }
     loop {
         let message = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.stop.cancelled() => {
+                tracing::info!(role = role.name(), grace_ms = shared.config.worker.shutdown_grace_ms,
+                    "shutdown: taking no new messages; in-flight commands get the grace period");
+                break;
+            }
             m = consumer.recv() => m,
         };
         let m = match message {
@@ -248,11 +256,16 @@ async fn consume_role(
             break;
         }
     }
+    // Queued messages not started are dropped uncommitted: they are delivered again.
     drop(lanes);
     lane_tasks.close();
     lane_tasks.wait().await;
+    let _ = lag.await;
     Ok(())
 }
+
+/// How often each role exports its consumer lag.
+const LAG_EVERY: Duration = Duration::from_secs(5);
 
 fn lane_of(key: &[u8], lanes: usize) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -267,7 +280,7 @@ async fn run_lane(
     offsets: Arc<Mutex<Offsets>>,
     dead_letters: FutureProducer,
     config: Arc<Config>,
-    shutdown: CancellationToken,
+    shutdown: Graceful,
 ) {
     while let Some(job) = jobs.recv().await {
         let disposition = match handler.handle(&job.payload, &shutdown).await {
@@ -276,7 +289,9 @@ async fn run_lane(
             Err(handler::Interrupted) => return,
         };
         if let Disposition::DeadLetter { reason, attempts } = &disposition {
-            if !publish_dead_letter(&dead_letters, &config, &handler, &job, reason, *attempts, &shutdown).await {
+            // Publishing the dead letter is part of the message's effect: it gets the grace
+            // period, not just until the first signal.
+            if !publish_dead_letter(&dead_letters, &config, &handler, &job, reason, *attempts, &shutdown.deadline).await {
                 return;
             }
         }
@@ -294,7 +309,7 @@ async fn run_lane(
 }
 
 /// Publishes a dead letter, retrying until delivered: moving past the message without it
-/// would lose it. `false` on shutdown.
+/// would lose it. `false` when `shutdown` fires first.
 async fn publish_dead_letter(
     producer: &FutureProducer,
     config: &Config,

@@ -1,0 +1,159 @@
+//! Operations metrics and listeners: the serve role's separate operations listener, consumer
+//! lag per handler, and the relay's lag in events, against the real services.
+
+mod common;
+
+use common::kafka::isolate_topics;
+use common::{isolated_config, spawn_with, Backend};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::json;
+use spiced::config::{Secret, TokenConfig};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+const ADMIN: &str = "admin-token-0123456789";
+
+/// The value of the sample `series` (name and labels, as rendered) in this process's metrics.
+fn sample(series: &str) -> Option<f64> {
+    let text = spiced::telemetry::metrics().render();
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits (bounded) until `series` has the value `want`.
+async fn wait_sample(series: &str, want: f64) {
+    let deadline = Instant::now() + WAIT;
+    while sample(series) != Some(want) {
+        assert!(Instant::now() < deadline, "{series} is {:?}, not {want}", sample(series));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (bounded) until `url` answers 200, and returns the body.
+async fn get_ok(http: &reqwest::Client, url: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(r) = http.get(url).send().await {
+            if r.status() == 200 {
+                return r.text().await.unwrap();
+            }
+        }
+        assert!(Instant::now() < deadline, "{url} did not answer 200");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// With tokens configured, the API's /metrics wants the admin scope; the operations listener
+/// serves /metrics, /healthz and /readyz to anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_answers_metrics_without_a_token_on_its_operations_listener() {
+    common::init_tracing();
+    let (mut config, _dir) = isolated_config(Backend::LocalSqlite).await;
+    config.auth.tokens = vec![TokenConfig { name: "ops".into(), scope: "admin".into(), token: Secret::new(ADMIN) }];
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (api_addr, ops_addr) = (api.local_addr().unwrap(), ops.local_addr().unwrap());
+    config.serve.ops_listen = ops_addr.to_string();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(spiced::serve::run_with_ops(config, api, Some(ops), shutdown.clone()));
+    let http = reqwest::Client::new();
+
+    get_ok(&http, &format!("http://{ops_addr}/readyz")).await;
+    get_ok(&http, &format!("http://{ops_addr}/healthz")).await;
+    // A request on the API, so the metrics have something of serve's to show.
+    get_ok(&http, &format!("http://{api_addr}/healthz")).await;
+    let metrics = get_ok(&http, &format!("http://{ops_addr}/metrics")).await;
+    assert!(metrics.contains("spiced_http_requests_total{route=\"/healthz\""), "{metrics}");
+    let api_metrics = http.get(format!("http://{api_addr}/metrics")).send().await.unwrap();
+    assert_eq!(api_metrics.status(), 401, "the API port still wants a token for /metrics");
+    let api_metrics = http.get(format!("http://{api_addr}/metrics")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(api_metrics.status(), 200);
+
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
+
+/// `serve.ops_listen` is bound at start: a taken address fails serve with the key's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_fails_at_start_when_its_operations_address_is_taken() {
+    let (mut config, _dir) = isolated_config(Backend::LocalSqlite).await;
+    let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    config.serve.ops_listen = taken.local_addr().unwrap().to_string();
+    let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = spiced::serve::run_on(config, api, CancellationToken::new()).await.unwrap_err();
+    assert!(err.to_string().contains("serve.ops_listen"), "{err}");
+}
+
+/// Lag = high watermark - position, summed over the assigned partitions, and exported under
+/// the handler's label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumer_lag_counts_the_messages_not_yet_consumed() {
+    let (mut config, _dir) = isolated_config(Backend::LocalSqlite).await;
+    isolate_topics(&mut config);
+    let topic = config.topics.instance_events.clone();
+    spiced::bus::kafka::ensure_topics(&config.kafka, &[topic.clone()]).await.unwrap();
+    let producer = spiced::bus::kafka::producer(&config.kafka).unwrap();
+    for i in 0..5 {
+        let key = format!("k{i}");
+        producer.send(FutureRecord::to(&topic).key(&key).payload("x"), Duration::from_secs(10)).await.unwrap();
+    }
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", format!("{}-lag", config.worker.group_prefix))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..config.kafka.partitions {
+        assignment.add_partition_offset(&topic, partition, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let consumer = std::sync::Arc::new(consumer);
+    let lag = |c: std::sync::Arc<StreamConsumer>| async move {
+        tokio::task::spawn_blocking(move || spiced::bus::kafka::consumer_lag(&*c)).await.unwrap()
+    };
+    assert_eq!(lag(consumer.clone()).await, Some(5), "nothing consumed yet");
+    for _ in 0..2 {
+        tokio::time::timeout(WAIT, consumer.recv()).await.expect("a message").unwrap();
+    }
+    assert_eq!(lag(consumer.clone()).await, Some(3));
+
+    let stop = CancellationToken::new();
+    let export = spiced::bus::kafka::spawn_lag_export(consumer.clone(), "lag-test", Duration::from_millis(50), stop.clone());
+    wait_sample("spiced_consumer_lag_messages{handler=\"lag-test\"}", 3.0).await;
+    stop.cancel();
+    export.await.unwrap();
+}
+
+/// `spiced_relay_lag_events` counts envelopes after the relay checkpoint: all of them while
+/// nothing can be published, none once a relay with a broker has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_lag_in_events_counts_what_is_not_published() {
+    use spiced::relay::{run_with, RelayOptions};
+    let (mut config, dir) = isolated_config(Backend::S3Postgres).await;
+    isolate_topics(&mut config);
+    let app = spawn_with(config.clone(), dir).await;
+    for name in ["a", "b", "c"] {
+        let (s, b) = app.post("/databases", json!({"name": name})).await;
+        assert_eq!(s, 202, "{b}");
+    }
+    // No broker: nothing is published, so every envelope is lag.
+    let mut stuck = config.clone();
+    stuck.kafka.brokers = "127.0.0.1:1".into();
+    stuck.relay.create_topics = false;
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(run_with(stuck, RelayOptions::default(), stop.clone(), Default::default()));
+    wait_sample("spiced_relay_lag_events", 3.0).await;
+    stop.cancel();
+    relay.await.unwrap().unwrap();
+
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(run_with(config, RelayOptions::default(), stop.clone(), Default::default()));
+    wait_sample("spiced_relay_lag_events", 0.0).await;
+    stop.cancel();
+    relay.await.unwrap().unwrap();
+    app.stop().await;
+}
