@@ -14,7 +14,7 @@
 use super::change_of;
 use crate::bus::kafka::{base_config, ensure_topics, with_properties};
 use crate::config::Config;
-use crate::db::read::{Change, Progress, ReadBatch, ReadSchema};
+use crate::db::read::{Change, Progress, ReadBatch, ReadSchema, HANDLER};
 use crate::db::Database;
 use crate::envelope::EventEnvelope;
 use crate::log::tail::pause;
@@ -40,6 +40,7 @@ pub async fn consume(db: &Database, config: &Config, shutdown: &CancellationToke
     let consumer = Arc::new(consumer(config)?);
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     register_partitions(db, &consumer, &topics).await?;
+    let lag = crate::bus::kafka::spawn_lag_export(consumer.clone(), HANDLER, Duration::from_secs(5), shutdown.clone());
     tracing::info!(group = %config.project.group, "projection consuming the event topics");
     crate::systemd::ready();
     let schema = ReadSchema::live();
@@ -57,7 +58,9 @@ pub async fn consume(db: &Database, config: &Config, shutdown: &CancellationToke
         commit(&consumer, &messages);
         metrics::counter!("spiced_projection_events_total").increment(messages.len() as u64);
     }
-    let _ = consumer.commit_consumer_state(CommitMode::Sync);
+    // No final commit of the consumer's position: messages received but not applied must
+    // come again. Every applied batch committed its offsets already.
+    let _ = lag.await;
     Ok(())
 }
 
@@ -65,6 +68,7 @@ fn consumer(config: &Config) -> anyhow::Result<StreamConsumer> {
     let mut c = base_config(&config.kafka);
     c.set("group.id", &config.project.group)
         .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", config.worker.session_timeout_ms.to_string());
     Ok(with_properties(c, &config.kafka).create()?)
