@@ -249,6 +249,9 @@ pub struct ServeConfig {
     pub retry_after_secs: u64,
     /// Longest a read with `?min_version=N` waits for the projection, in ms (then 425).
     pub min_version_wait_ms: u64,
+    /// After SIGTERM, how long open requests may take before their connections are closed, in
+    /// ms.
+    pub shutdown_grace_ms: u64,
     /// A second listener for `/metrics`, `/healthz` and `/readyz` without auth (for
     /// Prometheus and probes); empty disables it. The API port keeps serving them too.
     pub ops_listen: String,

@@ -19,7 +19,9 @@ use axum::http::Method;
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 use error::ApiError;
+use std::future::IntoFuture;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -196,8 +198,15 @@ pub async fn serve_state(state: AppState, listener: TcpListener, shutdown: Cance
     crate::telemetry::metrics();
     tracing::info!(addr = %listener.local_addr()?, "spiced serve listening");
     crate::systemd::ready();
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    let grace = Duration::from_millis(state.config.serve.shutdown_grace_ms);
+    let graceful = crate::shutdown::Graceful::new(shutdown.clone(), grace);
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned());
+    tokio::select! {
+        served = server.into_future() => served?,
+        // Requests still open are dropped; appends they queued still reach the log (the
+        // writer drains), and their clients learn the outcome by retrying with their
+        // Idempotency-Key.
+        _ = graceful.deadline.cancelled() => tracing::warn!(?grace, "grace period over; closing the remaining connections"),
+    }
     Ok(())
 }
