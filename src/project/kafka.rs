@@ -14,7 +14,7 @@
 use super::change_of;
 use crate::bus::kafka::{base_config, ensure_topics, with_properties};
 use crate::config::Config;
-use crate::db::read::{Change, Progress, ReadBatch, ReadSchema, HANDLER};
+use crate::db::read::{Progress, ReadBatch, ReadSchema, HANDLER};
 use crate::db::Database;
 use crate::envelope::EventEnvelope;
 use crate::log::tail::pause;
@@ -49,7 +49,8 @@ pub async fn consume(db: &Database, config: &Config, shutdown: &CancellationToke
         let batch = if messages.is_empty() {
             caught_up(db, &consumer, config).await
         } else {
-            batch_of(&messages)
+            let Some(batch) = build(db, &messages, shutdown).await else { break };
+            Some(batch)
         };
         let Some(batch) = batch else { continue };
         if !apply(db, &schema, &batch, shutdown).await {
@@ -80,7 +81,7 @@ struct Received {
     partition: i32,
     offset: i64,
     position: Option<u64>,
-    change: Option<Change>,
+    envelope: Option<EventEnvelope>,
 }
 
 /// The next batch: up to `project.batch_events` messages, waiting at most
@@ -115,24 +116,51 @@ fn received(m: &BorrowedMessage<'_>) -> Received {
         .and_then(|h| h.iter().find(|h| h.key == POSITION_HEADER))
         .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok());
     let envelope = m.payload().and_then(|p| serde_json::from_slice::<EventEnvelope>(p).ok());
-    if envelope.is_none() || position.is_none() {
-        // Nothing a projection could do with it; the relay's `spiced verify` catches the cause.
-        tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), "event without an envelope or log position; skipped");
+    if envelope.is_none() {
+        // Not from the relay (which publishes the log's bytes): nothing to project.
+        metrics::counter!("spiced_projection_skipped_total").increment(1);
+        tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), "message is not an EventEnvelope; skipped");
     }
-    let change = envelope.zip(position).and_then(|(e, p)| change_of(&e, p));
-    Received { topic: m.topic().to_string(), partition: m.partition(), offset: m.offset(), position, change }
+    Received { topic: m.topic().to_string(), partition: m.partition(), offset: m.offset(), position, envelope }
 }
 
-fn batch_of(messages: &[Received]) -> Option<ReadBatch> {
+/// The batch's changes, each at its log position: from the relay's header, else from the log
+/// index (an envelope relayed without the header). An envelope the log does not hold is not
+/// part of the truth and is skipped, loudly.
+async fn batch_of(db: &Database, messages: &[Received]) -> Result<ReadBatch, crate::db::DbError> {
     let mut reached = Partitions::new();
+    let mut changes = Vec::new();
     for m in messages {
-        if let Some(p) = m.position {
-            let e = reached.entry((m.topic.clone(), m.partition)).or_default();
-            *e = (*e).max(p);
+        let Some(envelope) = &m.envelope else { continue };
+        let position = match m.position {
+            Some(p) => Some(p),
+            None => db.index.position_of(envelope.event_id).await?,
+        };
+        let Some(position) = position else {
+            metrics::counter!("spiced_projection_skipped_total").increment(1);
+            tracing::warn!(event_id = %envelope.event_id, topic = %m.topic, "event is not in the log; skipped");
+            continue;
+        };
+        let e = reached.entry((m.topic.clone(), m.partition)).or_default();
+        *e = (*e).max(position);
+        changes.extend(change_of(envelope, position));
+    }
+    Ok(ReadBatch { changes, progress: kafka_progress(reached) })
+}
+
+/// [`batch_of`], retried while the index cannot be read; `None` on shutdown (nothing applied
+/// or committed, so the messages come again).
+async fn build(db: &Database, messages: &[Received], shutdown: &CancellationToken) -> Option<ReadBatch> {
+    loop {
+        match batch_of(db, messages).await {
+            Ok(batch) => return Some(batch),
+            Err(e) => tracing::warn!(error = %e, "cannot look up log positions; retrying"),
+        }
+        pause(shutdown, Duration::from_secs(1)).await;
+        if shutdown.is_cancelled() {
+            return None;
         }
     }
-    let changes = messages.iter().filter_map(|m| m.change.clone()).collect();
-    Some(ReadBatch { changes, progress: kafka_progress(reached) })
 }
 
 fn kafka_progress(reached: Partitions) -> Progress {

@@ -44,7 +44,8 @@ pub struct PageQuery {
     /// Instances only: comma-separated conditions on the instances' properties, all of which
     /// must hold: `prop=value`, `prop!=value`, `prop>value`, `prop>=value`, `prop<value`,
     /// `prop<=value`, `prop=in:(a|b|c)`, `prop=exists:true|false`; values are typed by the
-    /// class schema, e.g. `age>=30,name=bob`. An invalid filter is a 400.
+    /// class schema, e.g. `age>=30,name=bob`. An invalid filter is a 400; a filter on the
+    /// instances of a class the read model does not hold is a 404.
     #[serde(rename = "where")]
     filter: Option<String>,
 }
@@ -271,7 +272,7 @@ pub async fn get_class(
     params(ClassPath, PageQuery),
     responses(
         (status = 200, description = "A page of the class's instances", body = Page, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
-        ApiErrors
+        ApiErrors, NotFound
     ),
     security(("bearer" = ["read"]))
 )]
