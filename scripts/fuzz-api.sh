@@ -27,6 +27,11 @@ die() { echo "fuzz-api: FAILED: $*" >&2; exit 1; }
 source "$SERVICES_DIR/env"
 
 install_schemathesis() {
+    # services.sh makes the venv when it starts moto; not when moto was already running.
+    if [[ ! -x "$VENV/bin/python" ]]; then
+        say "creating $VENV"
+        python3 -m venv "$VENV" || die "python3 -m venv $VENV"
+    fi
     if "$VENV/bin/python" -c "import importlib.metadata as m, sys; \
 sys.exit(m.version('schemathesis') != '$SCHEMATHESIS_VERSION')" 2>/dev/null; then
         return 0
