@@ -21,8 +21,10 @@ pub async fn run_on(config: Config, listener: TcpListener, shutdown: Cancellatio
         database = %config.database.url.redacted(),
         "spiced dev: API and command workers in one process"
     );
+    let ops = crate::telemetry::bind_ops(&config.serve.ops_listen, "serve.ops_listen").await?;
     let tasks = TaskTracker::new();
     let shared = Shared::open(&config, &tasks).await?;
+    let _ops = crate::telemetry::start_ops_on(ops, crate::telemetry::storage_readiness(shared.db.clone(), shared.log.clone()));
     let state = AppState::new(config, shared.db.clone(), shared.log.clone(), shared.writer.clone())?;
     let (api, workers, projection) = tokio::join!(
         serve_state(state, listener, shutdown.clone()),

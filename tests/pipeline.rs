@@ -120,8 +120,9 @@ async fn poison_messages_are_dead_lettered_and_the_partition_flows() {
     let _ = Uuid::nil();
 }
 
-/// A command that fails its last attempt is dead-lettered and stays FAILED when redelivered;
-/// `spiced dlq redrive` makes it run again and it completes.
+/// A command that fails its last attempt is dead-lettered and stays FAILED when redelivered
+/// (which sends its dead letter again); `spiced dlq redrive` makes it run again and it
+/// completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failed_commands_stay_failed_until_redriven() {
     let (mut config, dir) = isolated_config(Backend::S3Postgres).await;
@@ -157,6 +158,12 @@ async fn failed_commands_stay_failed_until_redriven() {
     let failed = app.wait_command(delete_id, WAIT).await;
     assert_eq!(failed["status"], "FAILED", "the redelivered command does not run again: {failed}");
     assert_eq!(failed["error"]["code"], "processing_error");
+    // Its redelivery sends the dead letter again: had the first publish been lost (a crash
+    // between marking it failed and publishing), this is what would bring it back.
+    let letters = consume_until(&app.config, &[&dlq], WAIT, |r| r.len() >= 2).await;
+    let again: serde_json::Value = serde_json::from_slice(&letters[1].payload).unwrap();
+    assert!(again["error"].as_str().unwrap().contains("sent again on redelivery"), "{again}");
+    assert_eq!(again["envelope"]["event_id"], letter["envelope"]["event_id"]);
 
     spiced::ops::dlq::redrive(&config, spiced::worker::Role::Ontology, delete_id.parse().unwrap()).await.unwrap();
     let deadline = std::time::Instant::now() + WAIT;

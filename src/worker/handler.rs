@@ -130,7 +130,14 @@ impl CommandHandler {
             }
             let attempt = match claim {
                 Ok(Claim::Claimed { attempt }) => attempt,
-                Ok(Claim::DuplicateDone | Claim::Stale | Claim::Failed) => return Ok(Disposition::Done),
+                Ok(Claim::DuplicateDone | Claim::Stale) => return Ok(Disposition::Done),
+                // Failed before, and delivered again: the dead letter may never have gone out
+                // (a crash or a shutdown between marking it failed and publishing it), so send
+                // it again. A second letter is harmless; a missing one would lose the command.
+                Ok(Claim::Failed) => {
+                    let reason = "failed after its last attempt (dead letter sent again on redelivery)".to_string();
+                    return Ok(Disposition::DeadLetter { reason, attempts: self.config.worker.max_attempts });
+                }
                 Ok(Claim::InProgress) => {
                     // Another worker holds it; wait for it to finish or for its lease to lapse.
                     waits += 1;
