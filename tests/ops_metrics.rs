@@ -157,3 +157,34 @@ async fn relay_lag_in_events_counts_what_is_not_published() {
     relay.await.unwrap().unwrap();
     app.stop().await;
 }
+
+/// The processed clock: a worker exports the log position of the last command it finished
+/// (the relay's header), per handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_export_the_log_position_they_have_processed() {
+    use spiced::relay::{run_with, RelayOptions};
+    let (mut config, dir) = isolated_config(Backend::S3Postgres).await;
+    isolate_topics(&mut config);
+    let app = spawn_with(config.clone(), dir).await;
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(run_with(config.clone(), RelayOptions::default(), stop.clone(), Default::default()));
+    let workers = {
+        let (config, stop) = (config.clone(), stop.clone());
+        tokio::spawn(async move { spiced::worker::run_roles(config, &["ontology".to_string()], stop).await })
+    };
+    let mut last = String::new();
+    for name in ["p", "q", "r"] {
+        let (s, b) = app.post("/databases", json!({"name": name})).await;
+        assert_eq!(s, 202, "{b}");
+        last = b["command_id"].as_str().unwrap().to_string();
+    }
+    let status = app.wait_command(&last, WAIT).await;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+    let (db, _) = app.storage().await;
+    let position = db.index.position_of(last.parse().unwrap()).await.unwrap().expect("in the log");
+    wait_sample("spiced_worker_processed_position{handler=\"ontology-worker\"}", position as f64).await;
+    stop.cancel();
+    relay.await.unwrap().unwrap();
+    workers.await.unwrap().unwrap();
+    app.stop().await;
+}

@@ -183,3 +183,14 @@ where
         }
     })
 }
+
+/// The relay's header carrying an envelope's log position.
+pub const POSITION_HEADER: &str = "spiced-log-position";
+
+/// The log position the relay stamped on a record, if any.
+pub fn log_position<M: rdkafka::Message>(m: &M) -> Option<u64> {
+    use rdkafka::message::Headers;
+    let headers = m.headers()?;
+    let header = headers.iter().find(|h| h.key == POSITION_HEADER)?;
+    std::str::from_utf8(header.value?).ok()?.parse().ok()
+}

@@ -19,15 +19,12 @@ use crate::db::Database;
 use crate::envelope::EventEnvelope;
 use crate::log::tail::pause;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-/// The relay's header carrying an envelope's log position.
-pub const POSITION_HEADER: &str = "spiced-log-position";
 
 /// How long without messages before the partitions are checked for being caught up.
 const IDLE: Duration = Duration::from_millis(200);
@@ -111,10 +108,7 @@ async fn next_batch(consumer: &StreamConsumer, config: &Config, shutdown: &Cance
 }
 
 fn received(m: &BorrowedMessage<'_>) -> Received {
-    let position = m
-        .headers()
-        .and_then(|h| h.iter().find(|h| h.key == POSITION_HEADER))
-        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok());
+    let position = crate::bus::kafka::log_position(m);
     let envelope = m.payload().and_then(|p| serde_json::from_slice::<EventEnvelope>(p).ok());
     if envelope.is_none() {
         // Not from the relay (which publishes the log's bytes): nothing to project.

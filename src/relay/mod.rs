@@ -17,7 +17,7 @@ use crate::log::{EventLog, Segment};
 use chrono::{DateTime, Utc};
 use lease::{Lease, LeaseStore};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use crate::project::kafka::POSITION_HEADER;
+use crate::bus::kafka::POSITION_HEADER;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use std::collections::{HashSet, VecDeque};

@@ -83,6 +83,9 @@ pub struct CommandHandler {
     registry: Arc<dyn Registry>,
     state: LogState,
     writer: LogWriter,
+    /// The highest log position of a command this handler finished (relay header), for the
+    /// processed clock of the end-to-end watermark.
+    processed: std::sync::atomic::AtomicU64,
 }
 
 impl CommandHandler {
@@ -94,7 +97,13 @@ impl CommandHandler {
         state: LogState,
         writer: LogWriter,
     ) -> Self {
-        CommandHandler { role, owner, config, registry, state, writer }
+        CommandHandler { role, owner, config, registry, state, writer, processed: Default::default() }
+    }
+
+    /// Records that the command at log `position` is finished (done or dead-lettered).
+    pub fn note_processed(&self, position: u64) {
+        let before = self.processed.fetch_max(position, std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!("spiced_worker_processed_position", "handler" => self.role.handler()).set(before.max(position) as f64);
     }
 
     /// Processes one message until it is done or dead-lettered; `Interrupted` on shutdown,

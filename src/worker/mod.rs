@@ -185,6 +185,7 @@ struct Job {
     topic: String,
     partition: i32,
     offset: i64,
+    position: Option<u64>,
     key: Vec<u8>,
     payload: Vec<u8>,
 }
@@ -247,6 +248,7 @@ async fn consume_role(
             topic: m.topic().to_string(),
             partition: m.partition(),
             offset: m.offset(),
+            position: crate::bus::kafka::log_position(&m),
             key: m.key().unwrap_or_default().to_vec(),
             payload: m.payload().unwrap_or_default().to_vec(),
         };
@@ -296,6 +298,9 @@ async fn run_lane(
             }
         }
         handler.crash_point("before_commit");
+        if let Some(position) = job.position {
+            handler.note_processed(position);
+        }
         let next = offsets.lock().expect("offsets mutex").finished(&job.topic, job.partition, job.offset);
         if let Some(next) = next {
             let mut tpl = TopicPartitionList::new();
