@@ -1,6 +1,6 @@
 //! Command workers as separate processes: killed at each step of a command, two workers with
-//! one killed and replaced under load, and one stopped with SIGTERM while it holds a claim.
-//! Exactly one effect each time.
+//! one killed and replaced under load, and stopped with SIGTERM while holding a claim (waiting,
+//! or stuck in an effect past the grace period). Exactly one effect each time.
 
 mod common;
 
@@ -205,4 +205,50 @@ async fn sigterm_releases_a_waiting_claim_for_another_worker_at_once() {
     assert!(started.elapsed() < LEASE / 2, "taken over after {:?}", started.elapsed());
     let (_, events) = s.app.get("/aggregates/Instance/g:main:C:i/events?kind=domain").await;
     assert_eq!(events["events"].as_array().map(Vec::len), Some(1), "{events}");
+}
+
+/// SIGTERM while a worker is in the middle of an effect that cannot finish: its S3 goes away
+/// (through a proxy) while it appends the outcome, and the S3 client would retry for a minute.
+/// The worker gives the effect `worker.shutdown_grace_ms` (1 s), then abandons it, releases
+/// the claim and exits 0, long before the client would give up; once S3 is back another worker
+/// completes the command, with one outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_abandons_a_stuck_effect_after_the_grace_period() {
+    let s = setup_with(|w| {
+        w.lease_ms = 120_000;
+        w.shutdown_grace_ms = 1000;
+    })
+    .await;
+    let s3 = url::Url::parse(&s.app.config.log.s3.endpoint).unwrap();
+    let proxy = common::proxy::Proxy::start(&format!("{}:{}", s3.host_str().unwrap(), s3.port().unwrap())).await;
+    let ops = common::process::free_port();
+    let env = [
+        ("SPICED_LOG__S3__ENDPOINT", format!("http://{}", proxy.addr)),
+        ("SPICED_LOG__S3__MAX_RETRIES", "1000".to_string()),
+        ("SPICED_LOG__S3__RETRY_TIMEOUT_MS", "60000".to_string()),
+        ("SPICED_METRICS__WORKER_LISTEN", format!("127.0.0.1:{ops}")),
+    ];
+    let mut stuck = Spiced::spawn(&["worker", "--role", "ontology"], &s.app.config, s.dir.path(), &env);
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !http.get(format!("http://127.0.0.1:{ops}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+        assert!(std::time::Instant::now() < deadline, "worker not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.down().await;
+    let id = create_db(&s.app, "stuck").await;
+    let (db, _) = s.app.storage().await;
+    registry_row(&db, id.parse().unwrap(), "processing").await;
+
+    let signalled = std::time::Instant::now();
+    stuck.signal("TERM");
+    let status = stuck.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "a SIGTERMed worker exits 0: {status}");
+    assert!(signalled.elapsed() < Duration::from_secs(15), "exited after {:?}", signalled.elapsed());
+    let rows = db.registry.rows(id.parse().unwrap()).await.unwrap();
+    assert_eq!(rows[0].status, "retrying", "the claim is given back: {rows:?}");
+
+    proxy.up().await;
+    let _other = worker(&s, &[]);
+    exactly_one_effect(&s.app, "stuck", &id).await;
 }

@@ -176,7 +176,13 @@ pub async fn run_roles(config: Config, requested: &[String], shutdown: Cancellat
     .await;
     drop(shared);
     tasks.close();
-    tasks.wait().await;
+    // The log writer drains what the lanes queued; past the grace period its appends are
+    // abandoned like any effect (outcome ids are deterministic, and a segment written without
+    // its index commit is repaired from the log by the next writer).
+    tokio::select! {
+        _ = tasks.wait() => {}
+        _ = shutdown.deadline.cancelled() => tracing::warn!("shutdown grace period over: abandoning log appends in flight"),
+    }
     results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     Ok(())
 }
