@@ -25,20 +25,8 @@ async fn pages_are_stable_under_concurrent_inserts() {
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Waits until the projection has applied the whole log.
 async fn caught_up(app: &TestApp) {
-    let (db, _) = app.storage().await;
-    let head = db.index.head().await.unwrap();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = app.http.get(app.url("/databases")).send().await.unwrap();
-        let position: u64 = r.headers()["x-spiced-projection-position"].to_str().unwrap().parse().unwrap();
-        if position >= head {
-            return;
-        }
-        assert!(Instant::now() < deadline, "projection at {position}, log at {head}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    common::readmodel::caught_up(app, WAIT).await
 }
 
 async fn done(app: &TestApp, (s, b): (u16, Value)) {

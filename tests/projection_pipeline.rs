@@ -35,21 +35,6 @@ async fn head(config: &Config) -> u64 {
     db.index.head().await.unwrap()
 }
 
-/// Waits until the projection reports every position up to the log head as applied.
-async fn projected(app: &TestApp) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let head = head(&app.config).await;
-        let r = app.http.get(app.url("/databases")).send().await.unwrap();
-        let position: u64 = r.headers()["x-spiced-projection-position"].to_str().unwrap().parse().unwrap();
-        if position >= head {
-            return;
-        }
-        assert!(Instant::now() < deadline, "projection at {position}, log head {head}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A small deterministic generator (the run is repeatable from its seed).
 struct Rng(u64);
 
@@ -141,7 +126,7 @@ async fn read_model_converges_on_the_log_and_rebuilds_equal_it() {
     for id in last_commands.iter().filter(|id| !id.is_empty()) {
         app.wait_command(id, WAIT).await;
     }
-    projected(&app).await;
+    common::readmodel::caught_up(&app, WAIT).await;
     let head = head(&config).await;
     let want = fold(&config, head).await;
     assert_eq!(want.keys().filter(|k| k.0 == "instance").count(), AGGREGATES);
@@ -204,7 +189,7 @@ async fn read_model_converges_on_the_log_and_rebuilds_equal_it() {
         assert_eq!(s, 202, "{b}");
         app.wait_command(b["command_id"].as_str().unwrap(), WAIT).await;
     }
-    projected(&app).await;
+    common::readmodel::caught_up(&app, WAIT).await;
     let head = self::head(&config).await;
     assert_same(&rows_of(&config, "spiced_read").await, &fold(&config, head).await, "after the swap");
     assert_eq!(raw_rows(&config, "previous").await.len(), want.len(), "the old live rows are kept under the target name");

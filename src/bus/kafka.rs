@@ -129,15 +129,14 @@ async fn create(
 /// How long one broker question of [`consumer_lag`] may take.
 const LAG_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Messages not yet consumed on the partitions assigned to `consumer`: the sum of (high
-/// watermark - position). A partition with no position yet (nothing consumed since the
-/// assignment) counts from its committed offset, else from its low watermark. `Some(0)` with
-/// nothing assigned; `None` if the broker does not answer. Blocking (broker round trips):
-/// call it off the async threads.
-pub fn consumer_lag<X: ConsumerContext, C: Consumer<X>>(consumer: &C) -> Option<i64> {
+/// Per partition assigned to `consumer`: (topic, partition, messages not yet consumed), that
+/// is high watermark - position. A partition with no position yet (nothing consumed since the
+/// assignment) counts from its committed offset, else from its low watermark. `None` if the
+/// broker does not answer. Blocking (broker round trips): call it off the async threads.
+pub fn backlog<X: ConsumerContext, C: Consumer<X>>(consumer: &C) -> Option<Vec<(String, i32, i64)>> {
     let positions = consumer.position().ok()?;
     let mut committed = None;
-    let mut lag = 0;
+    let mut backlog = Vec::new();
     for p in positions.elements() {
         let (low, high) = consumer.fetch_watermarks(p.topic(), p.partition(), LAG_TIMEOUT).ok()?;
         let from = match p.offset() {
@@ -150,9 +149,15 @@ pub fn consumer_lag<X: ConsumerContext, C: Consumer<X>>(consumer: &C) -> Option<
                 }
             }
         };
-        lag += (high - from).max(0);
+        backlog.push((p.topic().to_string(), p.partition(), (high - from).max(0)));
     }
-    Some(lag)
+    Some(backlog)
+}
+
+/// Messages not yet consumed on the partitions assigned to `consumer` ([`backlog`] summed).
+/// `Some(0)` with nothing assigned; `None` if the broker does not answer. Blocking.
+pub fn consumer_lag<X: ConsumerContext, C: Consumer<X>>(consumer: &C) -> Option<i64> {
+    Some(backlog(consumer)?.iter().map(|(_, _, n)| n).sum())
 }
 
 /// Exports `spiced_consumer_lag_messages{handler}` for `consumer` every `every` until `stop`.

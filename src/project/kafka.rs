@@ -241,24 +241,9 @@ async fn caught_up(db: &Database, consumer: &Arc<StreamConsumer>, config: &Confi
     Some(ReadBatch { changes: Vec::new(), progress: kafka_progress(reached) })
 }
 
-/// Assigned partitions whose consumer position is at the high watermark (blocking calls).
+/// Assigned partitions with nothing left to consume (blocking calls); none if the broker does
+/// not answer.
 fn at_high_watermark(consumer: &StreamConsumer) -> Vec<(String, i32)> {
-    let (Ok(assigned), Ok(positions)) = (consumer.assignment(), consumer.position()) else {
-        return Vec::new();
-    };
-    let committed = consumer.committed_offsets(assigned.clone(), Duration::from_secs(5)).ok();
-    let mut done = Vec::new();
-    for tp in assigned.elements() {
-        let (topic, partition) = (tp.topic(), tp.partition());
-        let Ok((_, high)) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) else { continue };
-        let offset_in = |list: &TopicPartitionList| match list.find_partition(topic, partition).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => Some(o),
-            _ => None,
-        };
-        let next = offset_in(&positions).or_else(|| committed.as_ref().and_then(offset_in)).unwrap_or(0);
-        if next >= high {
-            done.push((topic.to_string(), partition));
-        }
-    }
-    done
+    let backlog = crate::bus::kafka::backlog(consumer).unwrap_or_default();
+    backlog.into_iter().filter(|(_, _, left)| *left == 0).map(|(t, p, _)| (t, p)).collect()
 }

@@ -114,9 +114,7 @@ async fn fill(
     let mut next = db.schema_position(target).await? + 1;
     let mut events = 0;
     while next <= end {
-        let want = SEGMENTS_PER_BATCH.min((end - next + 1) as usize);
-        let mut segments = tail.read(next, want).await?;
-        anyhow::ensure!(!segments.is_empty(), "log position {next} is missing below the head {end}; run `spiced verify`");
+        let mut segments = next_segments(tail, next, end).await?;
         let stop = segments.iter().position(|s| until.excludes(s));
         if let Some(i) = stop {
             segments.truncate(i);
@@ -133,17 +131,24 @@ async fn fill(
     Ok((next - 1, events))
 }
 
+/// Up to [`SEGMENTS_PER_BATCH`] segments from `next`, none past `end`; every position up to
+/// `end` (at most the index head) must be written.
+async fn next_segments(tail: &Tail, next: u64, end: u64) -> Result<Vec<Segment>, DbError> {
+    let want = SEGMENTS_PER_BATCH.min((end - next + 1) as usize);
+    let segments = tail.read(next, want).await.map_err(|e| DbError::Setup(e.to_string()))?;
+    if segments.is_empty() {
+        return Err(DbError::Inconsistent(format!("log position {next} is missing below the head {end}; run `spiced verify`")));
+    }
+    Ok(segments)
+}
+
 /// The catch-up batches of the swap: positions `from..=to`.
 async fn segments_batches(tail: &Tail, from: u64, to: u64) -> Result<Vec<ReadBatch>, DbError> {
     let mut batches = Vec::new();
     let mut next = from;
     while next <= to {
-        let want = SEGMENTS_PER_BATCH.min((to - next + 1) as usize);
-        let segments = tail.read(next, want).await.map_err(|e| DbError::Setup(e.to_string()))?;
-        let Some(last) = segments.last() else {
-            return Err(DbError::Inconsistent(format!("log position {next} is missing below the head {to}")));
-        };
-        next = last.position + 1;
+        let segments = next_segments(tail, next, to).await?;
+        next = segments.last().map_or(next, |s| s.position + 1);
         batches.push(batch_of(&segments));
     }
     Ok(batches)

@@ -1,12 +1,13 @@
 //! The read model as a test sees it: a fold of the log (the reference) and the rows of a
 //! read-model schema, in the same terms.
 
-use super::read_whole_log;
+use super::{read_whole_log, TestApp};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use spiced::config::Config;
 use spiced::envelope::Kind;
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 /// What a read-model row must hold, as compared: state, version, position, deleted,
 /// created/updated in microseconds.
@@ -65,3 +66,19 @@ pub fn assert_same(got: &Rows, want: &Rows, what: &str) {
     }
 }
 
+
+/// Waits (bounded) until the API's `X-Spiced-Projection-Position` reaches the log head.
+pub async fn caught_up(app: &TestApp, timeout: Duration) {
+    let (db, _) = app.storage().await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let head = db.index.head().await.unwrap();
+        let r = app.http.get(app.url("/databases")).send().await.unwrap();
+        let position: u64 = r.headers()["x-spiced-projection-position"].to_str().unwrap().parse().unwrap();
+        if position >= head {
+            return;
+        }
+        assert!(Instant::now() < deadline, "projection at {position}, log head {head}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -221,14 +221,14 @@ fn lite_apply(tx: &rusqlite::Connection, schema: &ReadSchema, batch: &ReadBatch)
         Progress::Kafka(_) => lite_claim(tx, &batch.changes)?,
     };
     let upsert = sql(LITE_UPSERT, schema, false);
-    for c in claimed.iter().copied().filter(|c| c.row.kind == ReadKind::Database) {
+    for c in claimed.iter().copied().filter(is_database) {
         lite_upsert(tx, &upsert, c)?;
     }
     let cascade = sql(CASCADE, schema, false);
     for c in claimed.iter().copied().filter(|c| c.cascade) {
         tx.execute(&cascade, rusqlite::params![c.row.key, c.row.position as i64])?;
     }
-    for c in claimed.iter().copied().filter(|c| c.row.kind != ReadKind::Database) {
+    for c in claimed.iter().copied().filter(|c| !is_database(c)) {
         lite_upsert(tx, &upsert, c)?;
     }
     lite_progress(tx, schema, &batch.progress)
