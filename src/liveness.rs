@@ -1,0 +1,196 @@
+//! Liveness: whether each running stage of a process is making progress.
+//!
+//! Safety (nothing lost, nothing doubled) holds whatever a dependency does; liveness is the
+//! other half: a stage that is alive makes progress or steps aside. Every stage (the relay,
+//! each worker role, the projection, the log writer) holds a [`Progress`] and says when it
+//! moved forward and when it has nothing to do. A stage with work waiting that has not moved
+//! for longer than its bound is *stalled*, and then, at once:
+//! - `/readyz` of the process answers 503 naming the stage;
+//! - the systemd watchdog is no longer fed, so systemd restarts a process that cannot recover
+//!   by itself (the relay steps down on its own first, see `relay`);
+//! - `spiced_stage_stalled{stage}` is 1, beside `spiced_stage_seconds_since_progress` and
+//!   `spiced_stage_work_waiting`, and `spiced status` shows the same from `stage_liveness`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// One stage's progress, shared between the stage and its observers.
+#[derive(Debug)]
+pub struct Progress {
+    stage: String,
+    stall_after: Duration,
+    origin: Instant,
+    /// Milliseconds after `origin` of the last progress (or idle moment).
+    last: AtomicU64,
+    waiting: AtomicBool,
+    /// Why the stage last failed to move, for `/readyz`; empty once it moves again.
+    last_error: Mutex<String>,
+}
+
+impl Progress {
+    fn new(stage: &str, stall_after: Duration) -> Progress {
+        Progress {
+            stage: stage.to_string(),
+            stall_after,
+            origin: Instant::now(),
+            last: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
+            last_error: Mutex::new(String::new()),
+        }
+    }
+
+    pub fn stage(&self) -> &str {
+        &self.stage
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    /// The stage moved forward (published, applied, committed a batch).
+    pub fn progressed(&self) {
+        self.last.store(self.now_ms(), Ordering::Relaxed);
+        self.clear_error();
+    }
+
+    /// The stage has nothing to do: as good as progress, and nothing is waiting.
+    pub fn idle(&self) {
+        self.waiting.store(false, Ordering::Relaxed);
+        self.progressed();
+    }
+
+    /// The stage has work it has not done yet.
+    pub fn work_waiting(&self) {
+        if !self.waiting.swap(true, Ordering::Relaxed) {
+            // Waiting starts now: the time before it was idle, not stalled.
+            self.last.fetch_max(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the stage has work waiting (the last word it said).
+    pub fn has_work(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// The stage tried and failed: work is waiting, and `error` says why.
+    pub fn failed(&self, error: &dyn std::fmt::Display) {
+        self.work_waiting();
+        *self.last_error.lock().expect("liveness mutex") = error.to_string();
+    }
+
+    fn clear_error(&self) {
+        let mut e = self.last_error.lock().expect("liveness mutex");
+        if !e.is_empty() {
+            e.clear();
+        }
+    }
+
+    /// The last failure since the stage last moved, if any.
+    pub fn last_error(&self) -> Option<String> {
+        let e = self.last_error.lock().expect("liveness mutex");
+        (!e.is_empty()).then(|| e.clone())
+    }
+
+    /// Time since the stage last moved forward or was idle.
+    pub fn since_progress(&self) -> Duration {
+        Duration::from_millis(self.now_ms().saturating_sub(self.last.load(Ordering::Relaxed)))
+    }
+
+    /// Work is waiting and nothing moved for longer than the stage's bound.
+    pub fn stalled(&self) -> bool {
+        self.has_work() && self.since_progress() > self.stall_after
+    }
+
+    pub fn stall_after(&self) -> Duration {
+        self.stall_after
+    }
+
+    fn export(&self) {
+        let stage = self.stage.clone();
+        metrics::gauge!("spiced_stage_seconds_since_progress", "stage" => stage.clone()).set(self.since_progress().as_secs_f64());
+        metrics::gauge!("spiced_stage_work_waiting", "stage" => stage.clone()).set(if self.has_work() { 1.0 } else { 0.0 });
+        metrics::gauge!("spiced_stage_stalled", "stage" => stage).set(if self.stalled() { 1.0 } else { 0.0 });
+    }
+}
+
+fn stages() -> &'static Mutex<Vec<Arc<Progress>>> {
+    static STAGES: OnceLock<Mutex<Vec<Arc<Progress>>>> = OnceLock::new();
+    STAGES.get_or_init(Mutex::default)
+}
+
+/// Registers a stage of this process, stalled after `stall_after` without progress while work
+/// waits. A stage registered again under the same name replaces the old one (tests run
+/// several roles in one process, one after the other).
+pub fn register(stage: &str, stall_after: Duration) -> Arc<Progress> {
+    let progress = Arc::new(Progress::new(stage, stall_after));
+    let mut all = stages().lock().expect("liveness mutex");
+    all.retain(|p| p.stage != stage);
+    all.push(progress.clone());
+    progress
+}
+
+/// Removes a stage that has stopped (it no longer speaks for the process).
+pub fn unregister(progress: &Arc<Progress>) {
+    stages().lock().expect("liveness mutex").retain(|p| !Arc::ptr_eq(p, progress));
+}
+
+/// Every registered stage of this process.
+pub fn all() -> Vec<Arc<Progress>> {
+    stages().lock().expect("liveness mutex").clone()
+}
+
+/// The stalled stages, as `stage: reason` lines; empty when every stage is live.
+pub fn stalled() -> Vec<String> {
+    all()
+        .iter()
+        .filter(|p| p.stalled())
+        .map(|p| match p.last_error() {
+            Some(e) => format!("{} made no progress for {:?} with work waiting: {e}", p.stage, p.since_progress()),
+            None => format!("{} made no progress for {:?} with work waiting", p.stage, p.since_progress()),
+        })
+        .collect()
+}
+
+/// Exports every stage's gauges (called by the metrics endpoint and the watchdog tick).
+pub fn export() {
+    for p in all() {
+        p.export();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_is_never_stalled_and_waiting_is_after_its_bound() {
+        let p = Progress::new("t", Duration::from_millis(30));
+        p.idle();
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!p.stalled(), "nothing to do is not a stall");
+        p.work_waiting();
+        assert!(!p.stalled(), "waiting starts the clock, it does not inherit the idle time");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(p.stalled());
+        p.failed(&"broker down");
+        assert_eq!(p.last_error().as_deref(), Some("broker down"));
+        p.progressed();
+        assert!(!p.stalled());
+        assert_eq!(p.last_error(), None, "progress clears the error");
+        assert!(p.has_work(), "progress alone does not say the work is done");
+    }
+
+    #[test]
+    fn register_replaces_a_stage_of_the_same_name() {
+        let a = register("liveness-test-stage", Duration::from_secs(1));
+        let b = register("liveness-test-stage", Duration::from_secs(1));
+        let named: Vec<_> = all().into_iter().filter(|p| p.stage() == "liveness-test-stage").collect();
+        assert_eq!(named.len(), 1);
+        assert!(Arc::ptr_eq(&named[0], &b));
+        unregister(&a);
+        assert_eq!(all().iter().filter(|p| p.stage() == "liveness-test-stage").count(), 1, "unregistering a replaced stage changes nothing");
+        unregister(&b);
+        assert_eq!(all().iter().filter(|p| p.stage() == "liveness-test-stage").count(), 0);
+    }
+}
