@@ -2,7 +2,7 @@
 //!
 //! Safety (nothing lost, nothing doubled) holds whatever a dependency does; liveness is the
 //! other half: a stage that is alive makes progress or steps aside. Every stage (the relay,
-//! each worker role, the projection, the log writer) holds a [`Progress`] and says when it
+//! each worker role, the projection, the log writer) holds a [`Stage`] and says when it
 //! moved forward and when it has nothing to do. A stage with work waiting that has not moved
 //! for longer than its bound is *stalled*, and then, at once:
 //! - `/readyz` of the process answers 503 naming the stage;
@@ -11,31 +11,34 @@
 //! - `spiced_stage_stalled{stage}` is 1, beside `spiced_stage_seconds_since_progress` and
 //!   `spiced_stage_work_waiting`, and `spiced status` shows the same from `stage_liveness`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// One stage's progress, shared between the stage and its observers.
 #[derive(Debug)]
-pub struct Progress {
+pub struct Stage {
     stage: String,
     stall_after: Duration,
     origin: Instant,
     /// Milliseconds after `origin` of the last progress (or idle moment).
     last: AtomicU64,
     waiting: AtomicBool,
+    /// Units of work started and not finished (a consumer's messages in its lanes).
+    in_flight: AtomicUsize,
     /// Why the stage last failed to move, for `/readyz`; empty once it moves again.
     last_error: Mutex<String>,
 }
 
-impl Progress {
-    fn new(stage: &str, stall_after: Duration) -> Progress {
-        Progress {
+impl Stage {
+    fn new(stage: &str, stall_after: Duration) -> Stage {
+        Stage {
             stage: stage.to_string(),
             stall_after,
             origin: Instant::now(),
             last: AtomicU64::new(0),
             waiting: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
             last_error: Mutex::new(String::new()),
         }
     }
@@ -65,6 +68,29 @@ impl Progress {
         if !self.waiting.swap(true, Ordering::Relaxed) {
             // Waiting starts now: the time before it was idle, not stalled.
             self.last.fetch_max(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// A unit of work (a consumed message) starts.
+    pub fn started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.work_waiting();
+    }
+
+    /// A unit of work is done: progress.
+    pub fn finished(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.progressed();
+    }
+
+    /// What a consumer has not read yet (its lag): with nothing unread and nothing in flight
+    /// the stage is idle, else work is waiting. The lag is the only way to see work that is
+    /// stuck before it reaches the stage (a consumer that cannot fetch).
+    pub fn backlog(&self, unread: u64) {
+        if unread == 0 && self.in_flight.load(Ordering::Relaxed) == 0 && self.last_error().is_none() {
+            self.idle();
+        } else {
+            self.work_waiting();
         }
     }
 
@@ -114,16 +140,16 @@ impl Progress {
     }
 }
 
-fn stages() -> &'static Mutex<Vec<Arc<Progress>>> {
-    static STAGES: OnceLock<Mutex<Vec<Arc<Progress>>>> = OnceLock::new();
+fn stages() -> &'static Mutex<Vec<Arc<Stage>>> {
+    static STAGES: OnceLock<Mutex<Vec<Arc<Stage>>>> = OnceLock::new();
     STAGES.get_or_init(Mutex::default)
 }
 
 /// Registers a stage of this process, stalled after `stall_after` without progress while work
 /// waits. A stage registered again under the same name replaces the old one (tests run
 /// several roles in one process, one after the other).
-pub fn register(stage: &str, stall_after: Duration) -> Arc<Progress> {
-    let progress = Arc::new(Progress::new(stage, stall_after));
+pub fn register(stage: &str, stall_after: Duration) -> Arc<Stage> {
+    let progress = Arc::new(Stage::new(stage, stall_after));
     let mut all = stages().lock().expect("liveness mutex");
     all.retain(|p| p.stage != stage);
     all.push(progress.clone());
@@ -131,12 +157,12 @@ pub fn register(stage: &str, stall_after: Duration) -> Arc<Progress> {
 }
 
 /// Removes a stage that has stopped (it no longer speaks for the process).
-pub fn unregister(progress: &Arc<Progress>) {
+pub fn unregister(progress: &Arc<Stage>) {
     stages().lock().expect("liveness mutex").retain(|p| !Arc::ptr_eq(p, progress));
 }
 
 /// Every registered stage of this process.
-pub fn all() -> Vec<Arc<Progress>> {
+pub fn all() -> Vec<Arc<Stage>> {
     stages().lock().expect("liveness mutex").clone()
 }
 
@@ -165,7 +191,7 @@ mod tests {
 
     #[test]
     fn idle_is_never_stalled_and_waiting_is_after_its_bound() {
-        let p = Progress::new("t", Duration::from_millis(30));
+        let p = Stage::new("t", Duration::from_millis(30));
         p.idle();
         std::thread::sleep(Duration::from_millis(40));
         assert!(!p.stalled(), "nothing to do is not a stall");
@@ -179,6 +205,21 @@ mod tests {
         assert!(!p.stalled());
         assert_eq!(p.last_error(), None, "progress clears the error");
         assert!(p.has_work(), "progress alone does not say the work is done");
+    }
+
+    #[test]
+    fn a_consumer_is_idle_only_with_nothing_unread_and_nothing_in_flight() {
+        let p = Stage::new("t", Duration::from_secs(60));
+        p.backlog(0);
+        assert!(!p.has_work());
+        p.started();
+        p.backlog(0);
+        assert!(p.has_work(), "a message in a lane is work");
+        p.finished();
+        p.backlog(3);
+        assert!(p.has_work(), "unread messages are work");
+        p.backlog(0);
+        assert!(!p.has_work());
     }
 
     #[test]

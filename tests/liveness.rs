@@ -143,9 +143,9 @@ async fn every_role_catches_up_after_each_dependency_stalls() {
     let http = reqwest::Client::new();
     create_shop(&http, &base).await;
     let db = Database::open(&stack.direct.database).await.unwrap();
-    // Longer than kafka.message_timeout_ms (1 s here), the S3 request timeout (2 s) and the
-    // lease of the workers' claims (3 s).
-    let pause = Duration::from_secs(5);
+    // Longer than kafka.message_timeout_ms (1 s here), the S3 request timeout (2 s), the
+    // workers' claim lease (3 s) and the relay's stall bound (6 s): every guard fires.
+    let pause = Duration::from_secs(8);
     for dependency in ["kafka", "s3", "postgres"] {
         stall(&stack, dependency, pause, &http, &base, &db).await;
     }
@@ -153,7 +153,9 @@ async fn every_role_catches_up_after_each_dependency_stalls() {
     assert_eq!(report.violations(), 0, "{report:?}");
 }
 
-/// The repro of the wedged relay: one relay, the broker frozen past the message timeout.
+/// The repro of the wedged relay: one relay, the broker frozen past the message timeout and
+/// past the relay's stall bound. While it cannot publish, its `/readyz` answers 503 and the
+/// produce errors are exported; after the broker returns it publishes to the head by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lone_relay_recovers_from_a_broker_stall() {
     let stack = Stack::new().await;
@@ -162,11 +164,144 @@ async fn a_lone_relay_recovers_from_a_broker_stall() {
     let base = format!("{root}/api/v1");
     let _serve = stack.spawn(&["serve"], &[("SPICED_SERVE__LISTEN", format!("127.0.0.1:{port}"))]);
     wait_ready(&root).await;
-    let _relay = stack.spawn(&["relay"], &[]);
+    let ops = format!("http://127.0.0.1:{}", free_port());
+    let _relay = stack.spawn(&["relay"], &[("SPICED_METRICS__RELAY_LISTEN", ops.trim_start_matches("http://").to_string())]);
     let _worker = stack.spawn(&["worker"], &[]);
     let _project = stack.spawn(&["project"], &[]);
     let http = reqwest::Client::new();
     create_shop(&http, &base).await;
+    wait_ready(&ops).await;
     let db = Database::open(&stack.direct.database).await.unwrap();
-    stall(&stack, "kafka", Duration::from_secs(3), &http, &base, &db).await;
+    let load = Load::start(&http, &base, 2, Duration::from_millis(10));
+    stack.broker.pause();
+    let paused = Instant::now();
+    let (mut unready, mut errors) = (false, 0.0);
+    while paused.elapsed() < Duration::from_secs(8) {
+        if let Ok(r) = http.get(format!("{ops}/readyz")).timeout(Duration::from_secs(3)).send().await {
+            unready |= r.status() == 503;
+        }
+        errors = metric(&http, &ops, "spiced_relay_produce_errors_total").await.max(errors);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stack.broker.resume();
+    let resumed = Instant::now();
+    assert!(unready, "/readyz of a relay that cannot publish answers 503");
+    assert!(errors >= 1.0, "produce errors are exported while they happen (saw {errors})");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let accepted = load.stop().await;
+    let head = db.index.head().await.unwrap();
+    let (relay, project) = caught_up(&db, head, resumed).await;
+    wait_completed(&http, &base, accepted.keys(), RECOVERY).await;
+    println!(
+        "liveness: kafka paused 8s, one relay: relay caught up {:.1} s, read models {:.1} s, every command completed {:.1} s after resuming ({} commands)",
+        relay.as_secs_f64(), project.as_secs_f64(), resumed.elapsed().as_secs_f64(), accepted.len()
+    );
+    wait_ready(&ops).await;
+}
+
+/// One metric's value from a Prometheus text page (0 when absent).
+async fn metric(http: &reqwest::Client, ops: &str, name: &str) -> f64 {
+    let Ok(r) = http.get(format!("{ops}/metrics")).timeout(Duration::from_secs(3)).send().await else { return 0.0 };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max)
+}
+
+/// systemd's side of the watchdog: a datagram socket that records when each `WATCHDOG=1`
+/// arrives.
+struct NotifySocket {
+    path: std::path::PathBuf,
+    pings: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl NotifySocket {
+    fn bind() -> NotifySocket {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
+        let pings: std::sync::Arc<std::sync::Mutex<Vec<Instant>>> = Default::default();
+        let seen = pings.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = socket.recv(&mut buf).await {
+                if buf[..n].split(|b| *b == b'\n').any(|l| l == b"WATCHDOG=1") {
+                    seen.lock().unwrap().push(Instant::now());
+                }
+            }
+        });
+        NotifySocket { path, pings, _dir: dir }
+    }
+
+    fn pings_between(&self, from: Instant, to: Instant) -> usize {
+        self.pings.lock().unwrap().iter().filter(|t| **t >= from && **t < to).count()
+    }
+}
+
+/// A projection whose PostgreSQL freezes while events keep coming: once its stall bound has
+/// passed, its `/readyz` answers 503 and it stops feeding the systemd watchdog (so systemd
+/// would restart it); when PostgreSQL returns it catches up and feeds the watchdog again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_projection_starves_the_watchdog_and_recovers() {
+    let stack = Stack::new().await;
+    let port = free_port();
+    let root = format!("http://127.0.0.1:{port}");
+    let base = format!("{root}/api/v1");
+    // Only the projection goes through this proxy: the rest of the pipeline keeps running.
+    let mut url = url::Url::parse(stack.direct.database.url.expose()).unwrap();
+    let own_pg = Proxy::start(&format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))).await;
+    url.set_port(Some(own_pg.addr.port())).unwrap();
+    let direct = |args: &[&str], env: &[(&str, String)]| Spiced::spawn(args, &stack.direct, stack._dir.path(), env);
+    let _serve = direct(&["serve"], &[("SPICED_SERVE__LISTEN", format!("127.0.0.1:{port}"))]);
+    wait_ready(&root).await;
+    let _relay = direct(&["relay"], &[]);
+    let _worker = direct(&["worker"], &[]);
+    let notify = NotifySocket::bind();
+    let ops = format!("127.0.0.1:{}", free_port());
+    let mut project_config = stack.direct.clone();
+    project_config.database.url = Secret::new(url.to_string());
+    let _project = Spiced::spawn(&["project"], &project_config, stack._dir.path(), &[
+        ("SPICED_METRICS__PROJECT_LISTEN", ops.clone()),
+        ("SPICED_PROJECT__STALL_TIMEOUT_MS", "2000".into()),
+        ("NOTIFY_SOCKET", notify.path.display().to_string()),
+        ("WATCHDOG_USEC", "400000".into()),
+    ]);
+    let ops = format!("http://{ops}");
+    wait_ready(&ops).await;
+    let http = reqwest::Client::new();
+    create_shop(&http, &base).await;
+    let load = Load::start(&http, &base, 2, Duration::from_millis(20));
+    while load.count() < 20 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    own_pg.pause();
+    let paused = Instant::now();
+    let mut unready = false;
+    while paused.elapsed() < Duration::from_secs(12) {
+        if let Ok(r) = http.get(format!("{ops}/readyz")).timeout(Duration::from_secs(5)).send().await {
+            unready |= r.status() == 503;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A database call fails (the pool's 5 s connect timeout) or hangs, and 2 s later the
+    // stage is stalled: from then on, no keep-alive.
+    let starved = notify.pings_between(paused + Duration::from_secs(8), Instant::now());
+    own_pg.resume();
+    let resumed = Instant::now();
+    assert!(unready, "/readyz of a stalled projection answers 503");
+    assert_eq!(starved, 0, "no watchdog keep-alive while the projection is stalled");
+    let accepted = load.stop().await;
+    let db = Database::open(&stack.direct.database).await.unwrap();
+    let head = db.index.head().await.unwrap();
+    let (_, project) = caught_up(&db, head, resumed).await;
+    wait_completed(&http, &base, accepted.keys(), RECOVERY).await;
+    let deadline = Instant::now() + RECOVERY;
+    while notify.pings_between(resumed, Instant::now()) == 0 {
+        assert!(Instant::now() < deadline, "the watchdog is fed again once the projection moves");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(notify.pings_between(paused - Duration::from_secs(60), paused) > 0, "fed before the stall");
+    println!("liveness: projection's postgres paused 12s: read models caught up {:.1} s after resuming", project.as_secs_f64());
 }

@@ -235,13 +235,15 @@ pub fn consumer_lag<X: ConsumerContext, C: Consumer<X>>(consumer: &C) -> Option<
     Some(backlog(consumer)?.iter().map(|(_, _, n)| n).sum())
 }
 
-/// Exports `spiced_consumer_lag_messages{handler}` for `consumer` every `every` until `stop`.
-/// The broker questions run on the blocking pool, not on the async threads.
+/// Exports `spiced_consumer_lag_messages{handler}` for `consumer` every `every` until `stop`,
+/// and tells `progress` whether work is waiting. The broker questions run on the blocking
+/// pool, not on the async threads.
 pub fn spawn_lag_export<X, C>(
     consumer: Arc<C>,
     handler: &str,
     every: Duration,
     stop: CancellationToken,
+    progress: Arc<crate::liveness::Stage>,
 ) -> tokio::task::JoinHandle<()>
 where
     X: ConsumerContext + 'static,
@@ -256,9 +258,15 @@ where
             }
             let c = consumer.clone();
             match tokio::task::spawn_blocking(move || consumer_lag(&*c)).await {
-                Ok(Some(lag)) => metrics::gauge!("spiced_consumer_lag_messages", "handler" => handler.clone()).set(lag as f64),
+                Ok(Some(lag)) => {
+                    metrics::gauge!("spiced_consumer_lag_messages", "handler" => handler.clone()).set(lag as f64);
+                    progress.backlog(lag.max(0) as u64);
+                }
                 // Kept at its last value: a broker that does not answer is not zero lag.
-                _ => tracing::debug!("consumer lag not available this round"),
+                _ => {
+                    tracing::debug!("consumer lag not available this round");
+                    progress.work_waiting();
+                }
             }
         }
     })

@@ -15,7 +15,7 @@
 pub mod lease;
 
 use crate::bus::kafka::{all_topics, ensure_topics, Publisher};
-use crate::liveness::Progress;
+use crate::liveness::Stage;
 use crate::config::Config;
 use crate::db::Database;
 use crate::envelope::EventEnvelope;
@@ -128,7 +128,7 @@ struct Relay {
     leases: LeaseStore,
     topics: HashSet<String>,
     stats: Arc<RelayStats>,
-    progress: Arc<Progress>,
+    progress: Arc<Stage>,
 }
 
 enum Stop {
