@@ -185,6 +185,58 @@ pub fn export() {
     }
 }
 
+/// How often each process records its stages in `stage_liveness`.
+pub const REPORT_EVERY: Duration = Duration::from_secs(5);
+
+/// This process, as `stage_liveness.instance`: `host-pid`.
+pub fn instance() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into());
+    format!("{host}-{}", std::process::id())
+}
+
+impl Stage {
+    fn report(&self, instance: &str) -> crate::db::liveness::StageReport {
+        let now = chrono::Utc::now();
+        let since = chrono::Duration::from_std(self.since_progress()).unwrap_or_default();
+        crate::db::liveness::StageReport {
+            stage: self.stage.clone(),
+            instance: instance.to_string(),
+            progressed_at: now - since,
+            work_waiting: self.has_work(),
+            stalled: self.stalled(),
+            last_error: self.last_error(),
+            reported_at: now,
+        }
+    }
+}
+
+/// Records `stages` in `stage_liveness` every [`REPORT_EVERY`] until `shutdown`, then removes
+/// this process's rows. A database that does not answer only delays the report: `spiced
+/// status` then shows it as old, which is the truth.
+pub fn spawn_reporter(db: crate::db::Database, stages: Vec<Arc<Stage>>, shutdown: tokio_util::sync::CancellationToken) -> tokio::task::JoinHandle<()> {
+    let instance = instance();
+    tokio::spawn(async move {
+        loop {
+            let reports: Vec<_> = stages.iter().map(|s| s.report(&instance)).collect();
+            for s in &stages {
+                s.export();
+            }
+            match tokio::time::timeout(REPORT_EVERY, db.report_stages(&reports)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "cannot record stage liveness this round"),
+                Err(_) => tracing::debug!("recording stage liveness did not finish this round"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(REPORT_EVERY) => {}
+            }
+        }
+        if let Ok(Err(e)) = tokio::time::timeout(REPORT_EVERY, db.forget_stages(&instance)).await {
+            tracing::debug!(error = %e, "cannot remove this process's stage liveness rows");
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

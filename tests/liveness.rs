@@ -175,18 +175,20 @@ async fn a_lone_relay_recovers_from_a_broker_stall() {
     let load = Load::start(&http, &base, 2, Duration::from_millis(10));
     stack.broker.pause();
     let paused = Instant::now();
-    let (mut unready, mut errors) = (false, 0.0);
+    let (mut unready, mut errors, mut reported) = (false, 0.0, false);
     while paused.elapsed() < Duration::from_secs(8) {
         if let Ok(r) = http.get(format!("{ops}/readyz")).timeout(Duration::from_secs(3)).send().await {
             unready |= r.status() == 503;
         }
         errors = metric(&http, &ops, "spiced_relay_produce_errors_total").await.max(errors);
+        reported |= relay_report(&stack.direct).await.is_some_and(|r| r.work_waiting && r.last_error.is_some());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stack.broker.resume();
     let resumed = Instant::now();
     assert!(unready, "/readyz of a relay that cannot publish answers 503");
     assert!(errors >= 1.0, "produce errors are exported while they happen (saw {errors})");
+    assert!(reported, "spiced status shows the relay failing with work waiting");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let accepted = load.stop().await;
     let head = db.index.head().await.unwrap();
@@ -197,6 +199,26 @@ async fn a_lone_relay_recovers_from_a_broker_stall() {
         relay.as_secs_f64(), project.as_secs_f64(), resumed.elapsed().as_secs_f64(), accepted.len()
     );
     wait_ready(&ops).await;
+    // spiced status: every stage of the deployment reports, and the relay is well again.
+    let deadline = Instant::now() + RECOVERY;
+    loop {
+        let status = spiced::ops::status::read(&stack.direct).await.unwrap();
+        let stages: Vec<&str> = status.stages.iter().map(|r| r.stage.as_str()).collect();
+        for stage in ["relay", "worker:ontology", "worker:instance", "projection"] {
+            assert!(stages.contains(&stage), "{stage} reports its liveness: {stages:?}");
+        }
+        if relay_report(&stack.direct).await.is_some_and(|r| r.last_error.is_none() && !r.stalled) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relay's report never recovered");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The relay's row of `spiced status`.
+async fn relay_report(config: &Config) -> Option<spiced::db::liveness::StageReport> {
+    let db = Database::open(&config.database).await.ok()?;
+    db.stage_reports().await.ok()?.into_iter().find(|r| r.stage == "relay")
 }
 
 /// One metric's value from a Prometheus text page (0 when absent).

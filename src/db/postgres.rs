@@ -39,6 +39,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_read_schema",
         sql: include_str!("../../migrations/postgres/0005_read_schema.sql"),
     },
+    Migration {
+        name: "0007_stage_liveness",
+        sql: include_str!("../../migrations/postgres/0007_stage_liveness.sql"),
+    },
 ];
 
 const LOCK_HEAD: &str = "SELECT position FROM log_head WHERE id = 1 FOR UPDATE";

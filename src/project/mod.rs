@@ -29,6 +29,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         crate::telemetry::readiness(db.clone(), log.clone(), vec![progress.clone()]),
     )
     .await?;
+    let reporting = shutdown.child_token();
+    let reporter = crate::liveness::spawn_reporter(db.clone(), vec![progress.clone()], reporting.clone());
     let result = match config.project.source {
         ProjectSource::Kafka => kafka::consume(&db, &config, &progress, &shutdown).await,
         ProjectSource::Log => {
@@ -36,6 +38,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             follow(&db, &log, &config, &progress, &shutdown).await
         }
     };
+    reporting.cancel();
+    let _ = reporter.await;
     crate::liveness::unregister(&progress);
     result
 }

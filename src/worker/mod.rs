@@ -172,12 +172,16 @@ pub async fn run_roles(config: Config, requested: &[String], shutdown: Cancellat
         crate::telemetry::readiness(shared.db.clone(), shared.log.clone(), progress.clone()),
     )
     .await?;
+    let reporting = shutdown.stop.child_token();
+    let reporter = crate::liveness::spawn_reporter(shared.db.clone(), progress.clone(), reporting.clone());
     tracing::info!(roles = ?roles.iter().map(|r| r.name()).collect::<Vec<_>>(), owner = %shared.owner, "spiced worker starting");
     crate::systemd::ready();
     let results = futures::future::join_all(
         roles.iter().zip(&progress).map(|(role, p)| consume_role(&shared, *role, &dead_letters, p, &shutdown)),
     )
     .await;
+    reporting.cancel();
+    let _ = reporter.await;
     for p in &progress {
         crate::liveness::unregister(p);
     }
