@@ -115,8 +115,7 @@ mod tests {
     use super::*;
     use crate::db::liveness::StageReport;
 
-    fn report(stalled: bool, waiting: bool, error: Option<&str>, reported_secs_ago: i64) -> StageReport {
-        let now = chrono::Utc::now();
+    fn report(now: chrono::DateTime<chrono::Utc>, stalled: bool, waiting: bool, error: Option<&str>, reported_secs_ago: i64) -> StageReport {
         StageReport {
             stage: "relay".into(),
             instance: "h-1".into(),
@@ -131,10 +130,10 @@ mod tests {
     #[test]
     fn a_stage_reads_as_what_it_last_said_unless_its_process_went_quiet() {
         let now = chrono::Utc::now();
-        assert_eq!(stage_state(&report(false, false, None, 0), now), "idle");
-        assert_eq!(stage_state(&report(false, true, None, 0), now), "working");
-        assert_eq!(stage_state(&report(false, true, Some("broker down"), 0), now), "failing: broker down");
-        assert_eq!(stage_state(&report(true, true, Some("broker down"), 0), now), "STALLED: broker down");
-        assert!(stage_state(&report(false, false, None, 60), now).starts_with("not reporting for 60 s"));
+        assert_eq!(stage_state(&report(now, false, false, None, 0), now), "idle");
+        assert_eq!(stage_state(&report(now, false, true, None, 0), now), "working");
+        assert_eq!(stage_state(&report(now, false, true, Some("broker down"), 0), now), "failing: broker down");
+        assert_eq!(stage_state(&report(now, true, true, Some("broker down"), 0), now), "STALLED: broker down");
+        assert!(stage_state(&report(now, false, false, None, 60), now).starts_with("not reporting for 60 s"));
     }
 }
