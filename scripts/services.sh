@@ -9,7 +9,9 @@
 # Usage: scripts/services.sh start|stop|status|env
 #   start   ensure all three are up (idempotent), write the env file and print its
 #           export lines on stdout:  eval "$(scripts/services.sh start)"
-#   stop    stop only what this script started (recorded PID files / marker)
+#   stop    stop only what this script started (recorded PID files / marker), drop the
+#           test databases (spiced_test_*, spiced_bench_*, spiced_fuzz_*, spiced_smoke_*)
+#           and the role spiced if this script created it
 #   status  print which services are up; exit 0 only if all three are
 #   env     print the path of the env file
 #
@@ -49,6 +51,7 @@ TANSU_PID="$SERVICES_DIR/tansu.pid"
 TANSU_LOG="$SERVICES_DIR/tansu.log"
 TANSU_DIR="$SERVICES_DIR/tansu"
 PG_MARKER="$SERVICES_DIR/postgres.started"   # "<version> <cluster>" when we started it
+PG_ROLE_MARKER="$SERVICES_DIR/postgres.role-created"   # present when we created the role
 
 TRIES=60        # readiness polls ...
 INTERVAL=0.5    # ... this many seconds apart (30 s in all)
@@ -109,6 +112,12 @@ apt_install() {
 # pg_admin SQL: runs SQL (psql script on stdin) as the superuser 'postgres': via the
 # local socket as the postgres OS user (peer auth on a fresh Debian install), else
 # over TCP as postgres (works where 127.0.0.1 has trust auth).
+# One value from a query run as the postgres superuser (local socket, else TCP).
+pg_admin_value() {
+    (cd / && runuser -u postgres -- psql -X -q -At -p "$PG_PORT" -d postgres -c "$1") 2>/dev/null \
+        || psql -X -q -w -At -h "$HOST" -p "$PG_PORT" -U postgres -d postgres -c "$1"
+}
+
 pg_admin() {
     local sql="$1"
     if (cd / && runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -p "$PG_PORT" -d postgres) \
@@ -172,11 +181,17 @@ start_postgres() {
         say "postgres: up on $HOST:$PG_PORT"
     fi
 
-    say "postgres: ensuring role $PG_ROLE (LOGIN SUPERUSER CREATEDB)"
-    pg_admin "SELECT 'CREATE ROLE $PG_ROLE'
- WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '$PG_ROLE') \\gexec
-ALTER ROLE $PG_ROLE WITH LOGIN SUPERUSER CREATEDB PASSWORD '$PG_PASSWORD';" \
-        || die "postgres: could not create or alter role $PG_ROLE"
+    # The tests need to log in and create (and drop) their own databases, nothing more.
+    if [[ "$(pg_admin_value "SELECT count(*) FROM pg_roles WHERE rolname = '$PG_ROLE'")" == 0 ]]; then
+        say "postgres: creating role $PG_ROLE (LOGIN CREATEDB; dropped again by 'stop')"
+        pg_admin "CREATE ROLE $PG_ROLE WITH LOGIN NOSUPERUSER CREATEDB PASSWORD '$PG_PASSWORD';" \
+            || die "postgres: could not create role $PG_ROLE"
+        touch "$PG_ROLE_MARKER"
+    else
+        say "postgres: role $PG_ROLE exists; setting LOGIN NOSUPERUSER CREATEDB and its test password"
+        pg_admin "ALTER ROLE $PG_ROLE WITH LOGIN NOSUPERUSER CREATEDB PASSWORD '$PG_PASSWORD';" \
+            || die "postgres: could not alter role $PG_ROLE"
+    fi
     local out
     out="$(PGCONNECT_TIMEOUT=5 psql -X -w -At "$PG_URL" -c 'select 1' 2>&1)" \
         || die "postgres: TCP login as $PG_ROLE failed: $out"
@@ -184,7 +199,27 @@ ALTER ROLE $PG_ROLE WITH LOGIN SUPERUSER CREATEDB PASSWORD '$PG_PASSWORD';" \
     say "postgres: TCP login as $PG_ROLE works"
 }
 
+# Drops every database the test suite, the benchmarks and the scripts make (their names start
+# with spiced_test_, spiced_bench_, spiced_fuzz_ or spiced_smoke_), left by this run or an
+# earlier one that was killed.
+sweep_databases() {
+    pg_ready || return 0
+    local names n=0
+    names="$(pg_admin_value "SELECT string_agg(datname, ' ') FROM pg_database
+        WHERE datname ~ '^spiced_(test|bench|fuzz|smoke)_'")"
+    for name in $names; do
+        pg_admin "DROP DATABASE IF EXISTS \"$name\" WITH (FORCE);" >/dev/null 2>&1 && n=$((n + 1))
+    done
+    say "postgres: dropped $n test database(s)"
+}
+
 stop_postgres() {
+    sweep_databases
+    if [[ -f "$PG_ROLE_MARKER" ]]; then
+        say "postgres: dropping role $PG_ROLE (created by this script)"
+        pg_admin "DROP ROLE IF EXISTS $PG_ROLE;" >/dev/null 2>&1 || say "postgres: could not drop role $PG_ROLE"
+        rm -f "$PG_ROLE_MARKER"
+    fi
     if [[ -f "$PG_MARKER" ]]; then
         local ver cluster
         read -r ver cluster <"$PG_MARKER" || true
@@ -418,6 +453,7 @@ cmd_start() {
     lock
     local t0=$SECONDS
     start_postgres
+    sweep_databases
     ensure_venv
     start_moto
     start_tansu

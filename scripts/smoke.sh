@@ -42,7 +42,7 @@ say "binary: $BIN"
 say "starting the services (reused when already up)"
 eval "$(scripts/services.sh start)"
 
-RUN="smoke$(date +%s)$RANDOM"
+RUN="smoke_$(date +%s)$RANDOM"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/spiced-$RUN.XXXX")"
 CONFIG="$WORK/spiced.toml"
 declare -A PIDS=()
