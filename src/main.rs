@@ -7,16 +7,26 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let format = cli.log_format;
+    init_tracing(format);
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("spiced: {e:#}");
-            ExitCode::FAILURE
+            // Once: as a log record where logs are machine-read, else as a line on stderr.
+            match format {
+                LogFormat::Json => tracing::error!("{e:#}"),
+                LogFormat::Text => eprintln!("spiced: {e:#}"),
+            }
+            if e.is::<Violations>() { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
 }
+
+/// `spiced verify` found the log or its index breaking a guarantee: exit code 2, apart from
+/// every other error (1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} violation(s) found")]
+struct Violations(usize);
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref(), std::env::vars())?;
@@ -42,7 +52,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify { from_position } => {
             let report = spiced::ops::verify::run(&config, from_position).await?;
             report.print();
-            anyhow::ensure!(report.violations() == 0, "{} violation(s) found", report.violations());
+            if report.violations() > 0 {
+                return Err(Violations(report.violations()).into());
+            }
             println!("verify: the log and its index hold every guarantee");
             Ok(())
         }
@@ -83,7 +95,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SPICED_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a person at a terminal, never into a file, a pipe or the journal.
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -112,3 +112,29 @@ async fn finds_every_planted_corruption(backend: Backend) {
     db.set_checkpoint(&app.config.relay.name, 10_000).await.unwrap();
     assert!(report(&app).await.failed(verify::RELAY));
 }
+
+/// `spiced verify` as a script sees it: 0 when the log holds, 2 for violations, 1 for any
+/// other error; the error printed once, without colour codes when stderr is not a terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exit_codes_tell_violations_from_errors() {
+    let app = populated(Backend::LocalSqlite).await;
+    let verify = |database_url: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_spiced"))
+            .arg("verify")
+            .env("SPICED_LOG__URL", &app.config.log.url)
+            .env("SPICED_DATABASE__URL", database_url)
+            .output()
+            .unwrap()
+    };
+    let url = app.config.database.url.expose().to_string();
+    assert_eq!(verify(&url).status.code(), Some(0));
+    sql(&app, "UPDATE aggregate_versions SET last_seq = 7 WHERE aggregate_id = 'v'").await;
+    let found = verify(&url);
+    assert_eq!(found.status.code(), Some(2), "violations exit 2");
+    let stderr = String::from_utf8_lossy(&found.stderr);
+    assert_eq!(stderr.matches("violation(s) found").count(), 1, "printed once: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "no colour codes into a pipe: {stderr:?}");
+    let broken = verify("mysql://nowhere");
+    assert_eq!(broken.status.code(), Some(1), "a configuration error exits 1");
+    assert_eq!(String::from_utf8_lossy(&broken.stderr).matches("database.url").count(), 1);
+}
