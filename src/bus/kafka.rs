@@ -19,6 +19,8 @@ pub enum BusError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("kafka refused to create topic {topic}: {code}")]
     TopicRefused { topic: String, code: String },
+    #[error("cannot reach a Kafka broker at {brokers} (kafka.brokers): {reason}")]
+    Unreachable { brokers: String, reason: String },
 }
 
 /// Settings every client shares: brokers and client id.
@@ -122,6 +124,21 @@ fn cured_by_new_producer(error: &KafkaError) -> bool {
             | PurgeQueue
             | PurgeInflight
     )
+}
+
+/// Checks that a broker of `kafka.brokers` answers, within `timeout`, quietly: an operator tool
+/// run where there is no Kafka (a `spiced dev` directory) fails with one line naming the
+/// brokers, not a screen of client errors.
+pub async fn reachable(kafka: &KafkaConfig, timeout: Duration) -> Result<(), BusError> {
+    use rdkafka::config::RDKafkaLogLevel;
+    let mut c = with_properties(base_config(kafka), kafka);
+    c.set_log_level(RDKafkaLogLevel::Emerg);
+    let probe: rdkafka::consumer::BaseConsumer = c.create()?;
+    let brokers = kafka.brokers.clone();
+    tokio::task::spawn_blocking(move || probe.fetch_metadata(None, timeout).map(|_| ()))
+        .await
+        .map_err(|e| BusError::Unreachable { brokers: brokers.clone(), reason: e.to_string() })?
+        .map_err(|e| BusError::Unreachable { brokers, reason: e.to_string() })
 }
 
 /// Every topic a role may produce to, from the config.

@@ -29,6 +29,9 @@ impl Letter {
 /// Reads the role's whole dead-letter topic: until nothing arrives for `idle` (the broker's
 /// high watermarks are not trusted).
 pub async fn read(config: &Config, role: Role, idle: Duration) -> anyhow::Result<Vec<Letter>> {
+    crate::bus::kafka::reachable(&config.kafka, Duration::from_secs(5)).await.map_err(|e| {
+        anyhow::anyhow!("{e}; spiced dlq reads the dead-letter topics in Kafka (spiced dev has none: its failed commands are in `spiced status` and GET /commands/{{id}})")
+    })?;
     let mut c = base_config(&config.kafka);
     c.set("group.id", format!("spiced-dlq-reader-{}", Uuid::new_v4().simple()))
         .set("enable.auto.commit", "false")
