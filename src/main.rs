@@ -86,6 +86,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Config { action: ConfigAction::Check } => {
+            println!("# The effective configuration, secrets redacted.");
+            println!("# `spiced dev` runs its workers and projection from the log itself: it uses no");
+            println!("# [kafka], [topics] or [relay] key, nor project.source and project.group.");
             print!("{}", config.to_redacted_toml());
             Ok(())
         }
