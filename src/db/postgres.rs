@@ -39,6 +39,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_read_schema",
         sql: include_str!("../../migrations/postgres/0005_read_schema.sql"),
     },
+    Migration {
+        name: "0006_projection_failures",
+        sql: include_str!("../../migrations/postgres/0006_projection_failures.sql"),
+    },
 ];
 
 const LOCK_HEAD: &str = "SELECT position FROM log_head WHERE id = 1 FOR UPDATE";

@@ -38,6 +38,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_read_schema",
         sql: include_str!("../../migrations/sqlite/0005_read_schema.sql"),
     },
+    Migration {
+        name: "0006_projection_failures",
+        sql: include_str!("../../migrations/sqlite/0006_projection_failures.sql"),
+    },
 ];
 
 const SELECT_HEAD: &str = "SELECT position FROM log_head WHERE id = 1";

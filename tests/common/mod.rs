@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod plant;
 pub mod process;
 pub mod proxy;
 pub mod readmodel;
