@@ -15,13 +15,14 @@ use common::process::{free_port, Spiced};
 use common::readmodel::{caught_up, execute};
 use common::{isolated_config, plant, spawn_role_dev, spawn_with, Backend, TestApp};
 use serde_json::{json, Value};
-use spiced::db::read::{ProjectionFailure, ReadSchema};
+use spiced::db::read::{Change, Progress, ProjectionFailure, ReadBatch, ReadKind, ReadRow, ReadSchema};
 use spiced::ops::verify;
 use spiced::project::failures;
 use std::time::{Duration, Instant};
 
 backend_tests! {
     the_log_follower_sets_a_refused_event_aside_and_goes_on,
+    a_kafka_batch_commits_around_a_refused_change,
 }
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -184,6 +185,55 @@ async fn the_log_follower_sets_a_refused_event_aside_and_goes_on(backend: Backen
             assert_eq!((s, row["description"].as_str()), (200, Some("a\u{0}b")));
         }
     }
+}
+
+fn change(key: &str, position: u64) -> Change {
+    let database = !key.contains(':');
+    Change {
+        event_id: uuid::Uuid::new_v4(),
+        cascade: false,
+        row: ReadRow {
+            kind: if database { ReadKind::Database } else { ReadKind::Instance },
+            key: key.into(),
+            parent: key.rsplit_once(':').map(|(p, _)| p.to_string()).unwrap_or_default(),
+            db: key.split(':').next().unwrap().into(),
+            state: Some(json!({"n": position})),
+            version: 1,
+            position,
+            deleted: false,
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        },
+    }
+}
+
+/// A Kafka batch (claims, partition positions) with a refused change, delivered twice (the
+/// second time with the refused event once more): the rest and the progress commit as for any
+/// batch, the refused event is recorded once and claimed, so the redelivery changes nothing.
+async fn a_kafka_batch_commits_around_a_refused_change(backend: Backend) {
+    let (config, _dir) = isolated_config(backend).await;
+    let db = spiced::db::Database::open(&config.database).await.unwrap();
+    db.migrate().await.unwrap();
+    execute(&config, refuse_fixable(backend)).await;
+    let bad = change("fixable", 2);
+    let changes = vec![change("a", 1), bad.clone(), change("a:main:C:x", 3), bad.clone()];
+    let batch = ReadBatch { changes, progress: Progress::Kafka(vec![("t".into(), 0, 3)]) };
+    let live = ReadSchema::live();
+    let applied = db.apply_read_batch(&live, &batch).await.unwrap();
+    assert_eq!(applied.position, 3, "the partition's position, as for a whole batch");
+    let refused: Vec<_> = applied.refused.iter().map(|r| (r.event_id, r.position, r.aggregate_id.as_str())).collect();
+    assert_eq!(refused, [(bad.event_id, 2, "fixable")], "recorded once although delivered twice");
+    for (kind, key) in [(ReadKind::Database, "a"), (ReadKind::Instance, "a:main:C:x")] {
+        assert_eq!(db.read_one(kind, key).await.unwrap().rows.len(), 1, "{key} applied");
+    }
+    assert!(db.read_one(ReadKind::Database, "fixable").await.unwrap().rows.is_empty());
+    let claims = db.registry.rows(bad.event_id).await.unwrap();
+    assert_eq!(claims.iter().map(|c| (c.handler.as_str(), c.status.as_str())).collect::<Vec<_>>(), [("projection", "done")]);
+
+    let again = db.apply_read_batch(&live, &batch).await.unwrap();
+    assert!(again.refused.is_empty(), "claimed: a redelivery changes nothing: {again:?}");
+    let failures = db.projection_failures(&live).await.unwrap();
+    assert_eq!(attempts(&failures), [("fixable".into(), 1)]);
 }
 
 /// The Kafka-fed projection as a process (serve, relay, worker, project): the refused event
