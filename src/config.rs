@@ -92,6 +92,9 @@ pub struct ProjectConfig {
     pub batch_events: usize,
     /// How long a batch waits for more events once it has one, in ms.
     pub batch_wait_ms: u64,
+    /// With events waiting and none applied for this long, the projection is stalled: its
+    /// `/readyz` answers 503 and the systemd watchdog stops being fed.
+    pub stall_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +134,10 @@ pub struct WorkerConfig {
     /// On SIGTERM, how long in-flight commands may go on before they are abandoned and their
     /// claims given back, in ms.
     pub shutdown_grace_ms: u64,
+    /// A role with messages waiting that has finished none for this long is stalled: its
+    /// `/readyz` answers 503 and the systemd watchdog stops being fed. Above `gap_wait_ms`,
+    /// since a command may wait that long for its predecessor.
+    pub stall_timeout_ms: u64,
     /// Testing only: abort at `after_claim`, `after_effect`, `after_outcome` or `before_commit`,
     /// or freeze with SIGSTOP after the claim (`stop_after_claim`).
     pub crash_at: String,
@@ -181,6 +188,11 @@ pub struct RelayConfig {
     pub dead_letter_topic: String,
     /// Create missing topics at start.
     pub create_topics: bool,
+    /// A leader whose checkpoint has not moved for this long while there is work steps down:
+    /// it gives its lease up, replaces its Kafka producer, and lets a standby (or itself) take
+    /// over. Also the stall bound of `/readyz` and the watchdog. At least twice
+    /// `kafka.message_timeout_ms`.
+    pub stall_timeout_ms: u64,
     /// Testing only: abort at `after_produce`, `after_delivery` or `during_checkpoint`.
     pub crash_at: String,
 }
@@ -425,6 +437,12 @@ impl Config {
                 return Err(invalid("serve.ops_listen", "must differ from serve.listen"));
             }
         }
+        if self.worker.stall_timeout_ms <= self.worker.gap_wait_ms {
+            return Err(invalid("worker.stall_timeout_ms", format!("must be above worker.gap_wait_ms ({})", self.worker.gap_wait_ms)));
+        }
+        if self.project.stall_timeout_ms == 0 {
+            return Err(invalid("project.stall_timeout_ms", "must be at least 1"));
+        }
         if self.project.batch_events == 0 {
             return Err(invalid("project.batch_events", "must be at least 1"));
         }
@@ -463,6 +481,12 @@ impl Config {
         let r = &self.relay;
         if r.poll_interval_ms == 0 || r.batch_segments == 0 {
             return Err(invalid("relay.poll_interval_ms", "poll interval and batch_segments must be at least 1"));
+        }
+        if r.stall_timeout_ms < 2 * k.message_timeout_ms {
+            return Err(invalid(
+                "relay.stall_timeout_ms",
+                format!("must be at least twice kafka.message_timeout_ms ({}): one batch may take that long", k.message_timeout_ms),
+            ));
         }
         if k.message_timeout_ms == 0 || k.message_timeout_ms * 2 >= r.lease_ms {
             return Err(invalid(

@@ -24,15 +24,22 @@ pub async fn run_on(config: Config, listener: TcpListener, shutdown: Cancellatio
     let ops = crate::telemetry::bind_ops(&config.serve.ops_listen, "serve.ops_listen").await?;
     let tasks = TaskTracker::new();
     let shared = Shared::open(&config, &tasks).await?;
-    let _ops = crate::telemetry::start_ops_on(ops, crate::telemetry::storage_readiness(shared.db.clone(), shared.log.clone()));
+    let projection = crate::project::register(&config);
+    let ready = crate::telemetry::readiness(shared.db.clone(), shared.log.clone(), vec![projection.clone()]);
+    let _ops = crate::telemetry::start_ops_on(ops, ready);
     let state = AppState::new(config, shared.db.clone(), shared.log.clone(), shared.writer.clone())?;
-    let (api, workers, projection) = tokio::join!(
+    let reporting = shutdown.child_token();
+    let reporter = crate::liveness::spawn_reporter(shared.db.clone(), vec![projection.clone()], reporting.clone());
+    let (api, workers, projected) = tokio::join!(
         serve_state(state, listener, shutdown.clone()),
         embedded::run(&shared, &shutdown),
-        crate::project::follow(&shared.db, &shared.log, &shared.config, &shutdown)
+        crate::project::follow(&shared.db, &shared.log, &shared.config, &projection, &shutdown)
     );
+    reporting.cancel();
+    let _ = reporter.await;
+    crate::liveness::unregister(&projection);
     drop(shared);
     tasks.close();
     tasks.wait().await;
-    api.and(workers).and(projection)
+    api.and(workers).and(projected)
 }

@@ -11,6 +11,7 @@ pub mod db;
 pub mod dev;
 pub mod domain;
 pub mod envelope;
+pub mod liveness;
 pub mod log;
 pub mod ops;
 pub mod project;

@@ -32,15 +32,25 @@ pub fn stopping() {
 }
 
 /// Keeps systemd's watchdog fed (every half of `WATCHDOG_USEC`) until `shutdown`, from the
-/// async runtime itself, so a wedged runtime stops the keep-alives and systemd restarts it.
+/// async runtime itself, so a wedged runtime stops the keep-alives and systemd restarts it. A
+/// keep-alive is sent only while no stage of the process is stalled ([`crate::liveness`]): a
+/// role that has work and makes no progress is restarted too.
 pub fn spawn_watchdog(shutdown: CancellationToken) {
     let Some(usec) = std::env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse::<u64>().ok()) else {
         return;
     };
     let every = Duration::from_micros(usec / 2);
     tokio::spawn(async move {
+        let mut withheld = false;
         loop {
-            notify("WATCHDOG=1");
+            let stalled = crate::liveness::stalled();
+            if stalled.is_empty() {
+                notify("WATCHDOG=1");
+                withheld = false;
+            } else if !withheld {
+                tracing::error!(stalled = ?stalled, "not feeding the systemd watchdog: a stage is stalled");
+                withheld = true;
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}

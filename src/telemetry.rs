@@ -39,6 +39,7 @@ pub fn metrics() -> &'static PrometheusHandle {
     security(("bearer" = ["admin"]))
 )]
 pub async fn render() -> impl IntoResponse {
+    crate::liveness::export();
     ([("content-type", "text/plain; version=0.0.4")], metrics().render())
 }
 
@@ -130,13 +131,44 @@ async fn serve_ops(listener: tokio::net::TcpListener, readiness: Readiness, shut
 
 /// Readiness of the storage every role uses: the log store and the database.
 pub fn storage_readiness(db: crate::db::Database, log: crate::log::EventLog) -> Readiness {
+    readiness(db, log, Vec::new())
+}
+
+/// How long a readiness probe waits for each dependency.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Readiness of a role: its storage answers, and none of its `stages` is failing (its last
+/// attempt failed and nothing moved since) or stalled.
+pub fn readiness(db: crate::db::Database, log: crate::log::EventLog, stages: Vec<Arc<crate::liveness::Stage>>) -> Readiness {
     Arc::new(move || {
-        let (db, log) = (db.clone(), log.clone());
+        let (db, log, stages) = (db.clone(), log.clone(), stages.clone());
         Box::pin(async move {
-            let (l, d) = tokio::join!(log.ping(), db.index.ping());
+            let (l, d) = tokio::join!(answers(log.ping()), answers(db.index.ping()));
             l.map_err(|e| format!("log: {e}"))?;
             d.map_err(|e| format!("database: {e}"))?;
-            Ok(())
+            stages_live(&stages)
         })
     })
+}
+
+/// A dependency check, bounded: one that does not answer is not ready either, and a probe
+/// must not hang.
+async fn answers<E: std::fmt::Display>(ping: impl Future<Output = Result<(), E>>) -> Result<(), String> {
+    match tokio::time::timeout(PING_TIMEOUT, ping).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {PING_TIMEOUT:?}")),
+    }
+}
+
+/// `Err` naming the first stage that cannot make progress now.
+pub fn stages_live(stages: &[Arc<crate::liveness::Stage>]) -> Result<(), String> {
+    for stage in stages {
+        if stage.stalled() {
+            return Err(format!("{}: no progress for {:?} with work waiting", stage.stage(), stage.since_progress()));
+        }
+        if let Some(e) = stage.last_error().filter(|_| stage.has_work()) {
+            return Err(format!("{}: {e}", stage.stage()));
+        }
+    }
+    Ok(())
 }

@@ -6,49 +6,14 @@
 mod common;
 
 use common::kafka::isolate_topics;
+use common::load::{create_shop, wait_completed, wait_ready, Load};
 use common::process::{free_port, Spiced};
 use common::readmodel::{assert_same, fold, rows_of};
 use common::{isolated_config, Backend};
-use serde_json::{json, Value};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use serde_json::Value;
 use std::time::{Duration, Instant};
-use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// Sends one command until the API decides it (202 or 4xx), retrying through restarts and
-/// 503s with the same Idempotency-Key, as a careful client does.
-async fn send(http: &reqwest::Client, base: &str, method: &str, path: &str, body: Value) -> (u16, Value) {
-    let key = Uuid::new_v4().to_string();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r = http
-            .request(method.parse().unwrap(), format!("{base}{path}"))
-            .header("Idempotency-Key", &key)
-            .json(&body)
-            .send()
-            .await;
-        if let Ok(r) = r {
-            let status = r.status().as_u16();
-            if status != 503 {
-                return (status, r.json().await.unwrap_or(Value::Null));
-            }
-        }
-        assert!(Instant::now() < deadline, "{method} {path} never got an answer");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_ready(base: &str) {
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + WAIT;
-    while !http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
-        assert!(Instant::now() < deadline, "{base} not ready");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_role_restarted_under_load_loses_and_duplicates_nothing() {
@@ -71,31 +36,9 @@ async fn every_role_restarted_under_load_loses_and_duplicates_nothing() {
     let mut project = start("project");
 
     let http = reqwest::Client::new();
-    assert_eq!(send(&http, &base, "POST", "/databases", json!({"name": "shop"})).await.0, 202);
-    let class = json!({"id": "Item", "properties": [{"name": "n", "type": "integer"}]});
-    assert_eq!(send(&http, &base, "POST", "/databases/shop/classes", class).await.0, 202);
-
+    create_shop(&http, &base).await;
     // Load: 4 clients, each creating instances and updating them, until told to stop.
-    let accepted: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|c| {
-            let (http, base, accepted, stop) = (http.clone(), base.clone(), accepted.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let id = format!("c{c}-{i}");
-                    let (s, b) = send(&http, &base, "POST", "/databases/shop/classes/Item/instances", json!({"id": id, "data": {"n": i}})).await;
-                    assert_eq!(s, 202, "{b}");
-                    accepted.lock().unwrap().insert(b["command_id"].as_str().unwrap().to_string(), id.clone());
-                    let (s, b) = send(&http, &base, "PUT", &format!("/databases/shop/classes/Item/instances/{id}?expected_seq=1"), json!({"data": {"n": i + 1}})).await;
-                    assert_eq!(s, 202, "{b}");
-                    accepted.lock().unwrap().insert(b["command_id"].as_str().unwrap().to_string(), id);
-                    i += 1;
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(&http, &base, 4, Duration::ZERO);
     let pace = || tokio::time::sleep(Duration::from_millis(1500));
     pace().await;
     serve.signal("TERM");
@@ -119,25 +62,9 @@ async fn every_role_restarted_under_load_loses_and_duplicates_nothing() {
     assert!(project.wait_exit(WAIT).await.success(), "project exits 0 on SIGTERM");
     project = start("project");
     pace().await;
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-
-    let accepted = accepted.lock().unwrap().clone();
+    let accepted = load.stop().await;
     assert!(accepted.len() >= 20, "load ran: {} commands", accepted.len());
-    let deadline = Instant::now() + WAIT;
-    for command_id in accepted.keys() {
-        loop {
-            let s: Value = http.get(format!("{base}/commands/{command_id}")).send().await.unwrap().json().await.unwrap();
-            if s["status"] == "COMPLETED" {
-                break;
-            }
-            assert_ne!(s["status"], "FAILED", "{s}");
-            assert!(Instant::now() < deadline, "{command_id} still {s}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    wait_completed(&http, &base, accepted.keys(), WAIT).await;
     // Exactly one outcome per command, and each instance's final state is its update.
     let instances: std::collections::HashSet<&String> = accepted.values().collect();
     for id in instances {

@@ -178,3 +178,37 @@ async fn events_after_counts_the_envelopes_past_a_position(backend: Backend) {
         .collect();
     assert_eq!(counts, [5, 4, 1, 0]);
 }
+
+/// The writer's version look-up stays an index scan however much `aggregate_versions` grew
+/// after its statement was first planned. A generic plan cached while the table was empty
+/// (as on a fresh database) became a hash join over a full scan, run on every batch: 2.4x
+/// fewer commands/s. The pool's connections plan every execution with the table as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_lookup_uses_the_index_on_a_grown_table() {
+    let (config, _dir) = isolated_config(Backend::S3Postgres).await;
+    let db = Database::open(&config.database).await.unwrap();
+    db.migrate().await.unwrap();
+    let client = db.postgres().unwrap().pool().get().await.unwrap();
+    client
+        .batch_execute(&format!("PREPARE versions(text[], text[]) AS {}", spiced::db::postgres::SELECT_VERSIONS))
+        .await
+        .unwrap();
+    let execute = "EXECUTE versions(ARRAY['Instance','Instance','Instance'], ARRAY['i7','i70','i700'])";
+    // More than the five runs after which PostgreSQL may settle on a generic plan.
+    for _ in 0..8 {
+        client.query(execute, &[]).await.unwrap();
+    }
+    client
+        .batch_execute(
+            "INSERT INTO aggregate_versions (aggregate_type, aggregate_id, last_seq) \
+             SELECT 'Instance', 'i' || g, 1 FROM generate_series(1, 200000) g",
+        )
+        .await
+        .unwrap();
+    let plan: Vec<String> =
+        client.query(&format!("EXPLAIN {execute}"), &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Seq Scan on aggregate_versions"), "a full scan per batch:\n{plan}");
+    assert!(plan.contains("aggregate_versions_pkey"), "the look-up uses the primary key:\n{plan}");
+    assert_eq!(client.query(execute, &[]).await.unwrap().len(), 3);
+}

@@ -5,8 +5,8 @@ use crate::config::{Config, KafkaConfig};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, ConsumerContext};
-use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::FutureProducer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{ClientConfig, Offset};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +47,81 @@ pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, BusError> {
         .set("linger.ms", kafka.linger_ms.to_string())
         .set("message.timeout.ms", kafka.message_timeout_ms.to_string());
     Ok(with_properties(c, kafka).create()?)
+}
+
+/// A producer that is replaced when it can no longer deliver.
+///
+/// After a stalled broker, librdkafka's idempotent producer can be left fenced or fatally
+/// failed (seen: one `MessageTimedOut`, then `ProducerFenced` on every delivery for ever): a
+/// producer id is bound to its sequence numbers, and a retry with the same producer cannot
+/// repair them. A fresh producer starts with a new producer id. The caller re-sends what
+/// failed (the relay re-publishes from its checkpoint), so nothing is lost.
+pub struct Publisher {
+    kafka: KafkaConfig,
+    current: std::sync::RwLock<FutureProducer>,
+}
+
+impl Publisher {
+    pub fn new(kafka: &KafkaConfig) -> Result<Publisher, BusError> {
+        Ok(Publisher { kafka: kafka.clone(), current: std::sync::RwLock::new(producer(kafka)?) })
+    }
+
+    /// The producer to send with now.
+    pub fn get(&self) -> FutureProducer {
+        self.current.read().expect("publisher lock").clone()
+    }
+
+    /// After a failed delivery: replaces the producer if `error` (or the producer's own
+    /// state) says it cannot deliver again; `true` if it was replaced.
+    pub fn recover(&self, error: &KafkaError) -> bool {
+        let fatal = self.get().client().fatal_error();
+        if fatal.is_none() && !cured_by_new_producer(error) {
+            return false;
+        }
+        tracing::warn!(%error, fatal = ?fatal, "replacing the Kafka producer");
+        self.replace()
+    }
+
+    /// Replaces the producer unconditionally (a role that steps down after a stall); `true`
+    /// if a new one could be made.
+    pub fn replace(&self) -> bool {
+        let fresh = match producer(&self.kafka) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create a new Kafka producer; keeping the old one");
+                return false;
+            }
+        };
+        let old = std::mem::replace(&mut *self.current.write().expect("publisher lock"), fresh);
+        metrics::counter!("spiced_kafka_producers_replaced_total").increment(1);
+        // Dropping purges and flushes (up to 500 ms) and joins librdkafka's threads: off the
+        // async threads.
+        tokio::task::spawn_blocking(move || drop(old));
+        true
+    }
+}
+
+/// Delivery errors after which an idempotent producer's state is suspect: its messages timed
+/// out (so their sequence numbers are lost to it), or the broker refused its producer id or
+/// epoch.
+fn cured_by_new_producer(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    let code = match error {
+        KafkaError::MessageProduction(code) => *code,
+        _ => return false,
+    };
+    matches!(
+        code,
+        MessageTimedOut
+            | ProducerFenced
+            | InvalidProducerEpoch
+            | UnknownProducerId
+            | OutOfOrderSequenceNumber
+            | InvalidProducerIdMapping
+            | Fatal
+            | PurgeQueue
+            | PurgeInflight
+    )
 }
 
 /// Every topic a role may produce to, from the config.
@@ -160,13 +235,15 @@ pub fn consumer_lag<X: ConsumerContext, C: Consumer<X>>(consumer: &C) -> Option<
     Some(backlog(consumer)?.iter().map(|(_, _, n)| n).sum())
 }
 
-/// Exports `spiced_consumer_lag_messages{handler}` for `consumer` every `every` until `stop`.
-/// The broker questions run on the blocking pool, not on the async threads.
+/// Exports `spiced_consumer_lag_messages{handler}` for `consumer` every `every` until `stop`,
+/// and tells `progress` whether work is waiting. The broker questions run on the blocking
+/// pool, not on the async threads.
 pub fn spawn_lag_export<X, C>(
     consumer: Arc<C>,
     handler: &str,
     every: Duration,
     stop: CancellationToken,
+    progress: Arc<crate::liveness::Stage>,
 ) -> tokio::task::JoinHandle<()>
 where
     X: ConsumerContext + 'static,
@@ -181,9 +258,15 @@ where
             }
             let c = consumer.clone();
             match tokio::task::spawn_blocking(move || consumer_lag(&*c)).await {
-                Ok(Some(lag)) => metrics::gauge!("spiced_consumer_lag_messages", "handler" => handler.clone()).set(lag as f64),
+                Ok(Some(lag)) => {
+                    metrics::gauge!("spiced_consumer_lag_messages", "handler" => handler.clone()).set(lag as f64);
+                    progress.backlog(lag.max(0) as u64);
+                }
                 // Kept at its last value: a broker that does not answer is not zero lag.
-                _ => tracing::debug!("consumer lag not available this round"),
+                _ => {
+                    tracing::debug!("consumer lag not available this round");
+                    progress.work_waiting();
+                }
             }
         }
     })

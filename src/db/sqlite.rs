@@ -42,6 +42,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0006_projection_failures",
         sql: include_str!("../../migrations/sqlite/0006_projection_failures.sql"),
     },
+    Migration {
+        name: "0007_stage_liveness",
+        sql: include_str!("../../migrations/sqlite/0007_stage_liveness.sql"),
+    },
 ];
 
 const SELECT_HEAD: &str = "SELECT position FROM log_head WHERE id = 1";

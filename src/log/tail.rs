@@ -75,11 +75,19 @@ pub struct Follower {
     next: u64,
     batch: usize,
     poll: Duration,
+    progress: Option<std::sync::Arc<crate::liveness::Stage>>,
 }
 
 impl Follower {
     pub fn new(tail: Tail, from: u64, batch: usize, poll: Duration) -> Self {
-        Follower { tail, next: from.max(1), batch, poll }
+        Follower { tail, next: from.max(1), batch, poll, progress: None }
+    }
+
+    /// Reports to `progress`: idle when the log has nothing new, waiting when it has (or
+    /// cannot be read), progress at each [`Follower::done`].
+    pub fn reporting(mut self, progress: std::sync::Arc<crate::liveness::Stage>) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     /// The next segments after the last one marked done, or `None` once `shutdown` fires.
@@ -88,11 +96,19 @@ impl Follower {
             if shutdown.is_cancelled() {
                 return None;
             }
+            let progress = self.progress.as_deref();
             match self.tail.read(self.next, self.batch).await {
-                Ok(segments) if !segments.is_empty() => return Some(segments),
-                Ok(_) => pause(shutdown, self.poll).await,
+                Ok(segments) if !segments.is_empty() => {
+                    progress.map(|p| p.work_waiting());
+                    return Some(segments);
+                }
+                Ok(_) => {
+                    progress.map(|p| p.idle());
+                    pause(shutdown, self.poll).await
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, position = self.next, "cannot read the log; retrying");
+                    progress.map(|p| p.failed(&e));
                     pause(shutdown, Duration::from_secs(1)).await;
                 }
             }
@@ -102,6 +118,9 @@ impl Follower {
     /// `position` is handled: the next read starts after it.
     pub fn done(&mut self, position: u64) {
         self.next = position + 1;
+        if let Some(p) = &self.progress {
+            p.progressed();
+        }
     }
 }
 

@@ -22,6 +22,8 @@ pub struct Status {
     pub projection_failures: Option<usize>,
     pub commands: usize,
     pub outcomes: usize,
+    /// What each running stage of each process last reported (`stage_liveness`).
+    pub stages: Vec<crate::db::liveness::StageReport>,
 }
 
 /// Reads every clock. The log head is found by probing past the index head (one GET each),
@@ -44,6 +46,7 @@ pub async fn read(config: &Config) -> anyhow::Result<Status> {
         projection_failures: projection_failures(&db).await,
         commands: rows.iter().filter(|r| r.kind == Kind::Command).count(),
         outcomes: rows.iter().filter(|r| r.kind == Kind::Domain).count(),
+        stages: db.stage_reports().await?,
     })
 }
 
@@ -93,4 +96,67 @@ pub fn print(s: &Status) {
         s.outcomes,
         s.commands.saturating_sub(s.outcomes)
     );
+    print_stages(&s.stages, chrono::Utc::now());
+}
+
+/// A report older than this says its process stopped reporting.
+const STALE: chrono::TimeDelta = chrono::TimeDelta::seconds(3 * crate::liveness::REPORT_EVERY.as_secs() as i64);
+
+/// One line per running stage: how long since it last moved, whether work waits, and whether
+/// its process still reports at all.
+fn print_stages(stages: &[crate::db::liveness::StageReport], now: chrono::DateTime<chrono::Utc>) {
+    println!();
+    if stages.is_empty() {
+        println!("stages: none reporting (no relay, worker or projection running against this database)");
+        return;
+    }
+    println!("{:<20} {:<28} {:>14} {:>7}  state", "stage", "process", "last progress", "work");
+    for r in stages {
+        let ago = (now - r.progressed_at).num_milliseconds().max(0) as f64 / 1000.0;
+        let state = stage_state(r, now);
+        let work = if r.work_waiting { "waiting" } else { "none" };
+        println!("{:<20} {:<28} {:>12.1} s {:>7}  {state}", r.stage, r.instance, ago, work);
+    }
+}
+
+fn stage_state(r: &crate::db::liveness::StageReport, now: chrono::DateTime<chrono::Utc>) -> String {
+    let silent = now - r.reported_at;
+    if silent > STALE {
+        return format!("not reporting for {} s (stopped, frozen or cut off)", silent.num_seconds());
+    }
+    let error = r.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+    match (r.stalled, r.work_waiting) {
+        (true, _) => format!("STALLED{error}"),
+        (false, true) if !error.is_empty() => format!("failing{error}"),
+        (false, true) => "working".into(),
+        (false, false) => "idle".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::liveness::StageReport;
+
+    fn report(now: chrono::DateTime<chrono::Utc>, stalled: bool, waiting: bool, error: Option<&str>, reported_secs_ago: i64) -> StageReport {
+        StageReport {
+            stage: "relay".into(),
+            instance: "h-1".into(),
+            progressed_at: now,
+            work_waiting: waiting,
+            stalled,
+            last_error: error.map(String::from),
+            reported_at: now - chrono::TimeDelta::seconds(reported_secs_ago),
+        }
+    }
+
+    #[test]
+    fn a_stage_reads_as_what_it_last_said_unless_its_process_went_quiet() {
+        let now = chrono::Utc::now();
+        assert_eq!(stage_state(&report(now, false, false, None, 0), now), "idle");
+        assert_eq!(stage_state(&report(now, false, true, None, 0), now), "working");
+        assert_eq!(stage_state(&report(now, false, true, Some("broker down"), 0), now), "failing: broker down");
+        assert_eq!(stage_state(&report(now, true, true, Some("broker down"), 0), now), "STALLED: broker down");
+        assert!(stage_state(&report(now, false, false, None, 60), now).starts_with("not reporting for 60 s"));
+    }
 }

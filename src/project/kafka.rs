@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::db::read::{Progress, ReadBatch, ReadSchema, HANDLER};
 use crate::db::Database;
 use crate::envelope::EventEnvelope;
+use crate::liveness::Stage;
 use crate::log::tail::pause;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
@@ -35,13 +36,13 @@ const IDLE: Duration = Duration::from_millis(200);
 
 type Partitions = BTreeMap<(String, i32), u64>;
 
-pub async fn consume(db: &Database, config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+pub async fn consume(db: &Database, config: &Config, progress: &Arc<Stage>, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let topics = [config.topics.ontology_events.clone(), config.topics.instance_events.clone()];
     ensure_topics(&config.kafka, &topics).await?;
     let consumer = Arc::new(consumer(config)?);
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     register_partitions(db, &consumer, &topics).await?;
-    let lag = crate::bus::kafka::spawn_lag_export(consumer.clone(), HANDLER, Duration::from_secs(5), shutdown.clone());
+    let lag = crate::bus::kafka::spawn_lag_export(consumer.clone(), HANDLER, Duration::from_secs(5), shutdown.clone(), progress.clone());
     let failures = super::spawn_failures_export(db.clone(), shutdown.clone());
     tracing::info!(group = %config.project.group, "projection consuming the event topics");
     crate::systemd::ready();
@@ -49,13 +50,13 @@ pub async fn consume(db: &Database, config: &Config, shutdown: &CancellationToke
     loop {
         let Some(messages) = next_batch(&consumer, config, shutdown).await else { break };
         let batch = if messages.is_empty() {
-            caught_up(db, &consumer, config).await
+            caught_up(db, &consumer, config, progress).await
         } else {
             let Some(batch) = build(db, &messages, shutdown).await else { break };
             Some(batch)
         };
         let Some(batch) = batch else { continue };
-        if !apply(db, &schema, &batch, shutdown).await {
+        if !apply(db, &schema, &batch, progress, shutdown).await {
             break;
         }
         commit(&consumer, &messages);
@@ -169,7 +170,15 @@ fn kafka_progress(reached: Partitions) -> Progress {
 
 /// Applies a batch, retrying until it commits; `false` on shutdown (nothing committed, so the
 /// messages come again).
-async fn apply(db: &Database, schema: &ReadSchema, batch: &ReadBatch, shutdown: &CancellationToken) -> bool {
+async fn apply(db: &Database, schema: &ReadSchema, batch: &ReadBatch, progress: &Stage, shutdown: &CancellationToken) -> bool {
+    // A batch being applied is work waiting: a database that never answers shows as a stall.
+    progress.started();
+    let applied = apply_until_done(db, schema, batch, progress, shutdown).await;
+    progress.finished();
+    applied
+}
+
+async fn apply_until_done(db: &Database, schema: &ReadSchema, batch: &ReadBatch, progress: &Stage, shutdown: &CancellationToken) -> bool {
     loop {
         match db.apply_read_batch(schema, batch).await {
             Ok(applied) => {
@@ -177,7 +186,10 @@ async fn apply(db: &Database, schema: &ReadSchema, batch: &ReadBatch, shutdown: 
                 metrics::gauge!("spiced_projection_position").set(applied.position as f64);
                 return true;
             }
-            Err(e) => tracing::warn!(error = %e, "cannot apply to the read models; retrying"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot apply to the read models; retrying");
+                progress.failed(&e);
+            }
         }
         pause(shutdown, Duration::from_secs(1)).await;
         if shutdown.is_cancelled() {
@@ -231,11 +243,13 @@ async fn register_partitions(db: &Database, consumer: &Arc<StreamConsumer>, topi
 
 /// With nothing to read: the assigned partitions that are at their high watermark are
 /// complete up to the relay checkpoint read first.
-async fn caught_up(db: &Database, consumer: &Arc<StreamConsumer>, config: &Config) -> Option<ReadBatch> {
+async fn caught_up(db: &Database, consumer: &Arc<StreamConsumer>, config: &Config, progress: &Stage) -> Option<ReadBatch> {
     let relayed = match db.checkpoint(&config.relay.name).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the relay checkpoint");
+            // The position cannot move without it: the projection is not idle.
+            progress.failed(&e);
             return None;
         }
     };

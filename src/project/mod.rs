@@ -20,34 +20,54 @@ use crate::db::read::{Change, Progress, ReadBatch, ReadKind, ReadRow, ReadSchema
 use crate::db::Database;
 use crate::envelope::{EventEnvelope, Kind};
 use crate::log::tail::{pause, Follower, Tail};
+use crate::liveness::Stage;
 use crate::log::{EventLog, Segment};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (db, log) = crate::serve::open_storage(&config).await?;
+    let progress = register(&config);
     let _ops = crate::telemetry::start_ops(
         &config.metrics.project_listen,
-        crate::telemetry::storage_readiness(db.clone(), log.clone()),
+        crate::telemetry::readiness(db.clone(), log.clone(), vec![progress.clone()]),
     )
     .await?;
-    match config.project.source {
-        ProjectSource::Kafka => kafka::consume(&db, &config, &shutdown).await,
+    let reporting = shutdown.child_token();
+    let reporter = crate::liveness::spawn_reporter(db.clone(), vec![progress.clone()], reporting.clone());
+    let result = match config.project.source {
+        ProjectSource::Kafka => kafka::consume(&db, &config, &progress, &shutdown).await,
         ProjectSource::Log => {
             crate::systemd::ready();
-            follow(&db, &log, &config, &shutdown).await
+            follow(&db, &log, &config, &progress, &shutdown).await
         }
-    }
+    };
+    reporting.cancel();
+    let _ = reporter.await;
+    crate::liveness::unregister(&progress);
+    result
+}
+
+/// The projection's liveness stage.
+pub fn register(config: &Config) -> Arc<Stage> {
+    crate::liveness::register("projection", Duration::from_millis(config.project.stall_timeout_ms))
 }
 
 /// Applies the log to the live read models until `shutdown`.
-pub async fn follow(db: &Database, log: &EventLog, config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+pub async fn follow(
+    db: &Database,
+    log: &EventLog,
+    config: &Config,
+    progress: &Arc<Stage>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let schema = ReadSchema::live();
     let tail = Tail::new(log.clone(), db.index.clone());
     let from = db.schema_position(&schema).await? + 1;
     tracing::info!(from, "projection following the log");
     let poll = Duration::from_millis(config.relay.poll_interval_ms);
-    let mut follower = Follower::new(tail, from, 64, poll);
+    let mut follower = Follower::new(tail, from, 64, poll).reporting(progress.clone());
     let failures = spawn_failures_export(db.clone(), shutdown.clone());
     while let Some(segments) = follower.next(shutdown).await {
         match db.apply_read_batch(&schema, &batch_of(&segments)).await {
@@ -60,6 +80,7 @@ pub async fn follow(db: &Database, log: &EventLog, config: &Config, shutdown: &C
             Err(e) => {
                 // Not applied: the follower reads these segments again after the pause.
                 tracing::warn!(error = %e, "cannot apply to the read models; retrying");
+                progress.failed(&e);
                 pause(shutdown, Duration::from_secs(1)).await;
             }
         }

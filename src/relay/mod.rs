@@ -5,10 +5,17 @@
 //! `metadata.kafka_topic` keyed by `ordering_key()` (so one aggregate stays in one partition),
 //! waits for every delivery report of the batch, and only then moves the checkpoint. A failed
 //! delivery re-publishes the batch from the checkpoint: duplicates, never a gap.
+//!
+//! Liveness: a producer that can no longer deliver is replaced ([`Publisher`]). A leader whose
+//! checkpoint has not moved for `relay.stall_timeout_ms` while the log has more (whatever the
+//! cause: broker, S3, PostgreSQL, a step that never returns) steps down: it releases its lease,
+//! replaces its producer and stands by for a lease period, so a standby takes over, or it
+//! leads again with fresh clients.
 
 pub mod lease;
 
-use crate::bus::kafka::{all_topics, ensure_topics, producer};
+use crate::bus::kafka::{all_topics, ensure_topics, Publisher};
+use crate::liveness::Stage;
 use crate::config::Config;
 use crate::db::Database;
 use crate::envelope::EventEnvelope;
@@ -19,7 +26,7 @@ use lease::{Lease, LeaseStore};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use crate::bus::kafka::POSITION_HEADER;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -66,12 +73,13 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     let (db, log) = crate::serve::open_storage(&config).await?;
     let log = log.with_counts(stats.log_requests.clone());
+    let relay = Relay::new(&config, &db, log.clone(), stats)?;
     let _ops = if options.republish.is_none() {
-        Some(crate::telemetry::start_ops(&config.metrics.relay_listen, crate::telemetry::storage_readiness(db.clone(), log.clone())).await?)
+        let ready = crate::telemetry::readiness(db.clone(), log, vec![relay.progress.clone()]);
+        Some(crate::telemetry::start_ops(&config.metrics.relay_listen, ready).await?)
     } else {
         None
     };
-    let relay = Relay::new(&config, &db, log, stats)?;
     if config.relay.create_topics {
         ensure_topics(&config.kafka, &all_topics(&config)).await?;
     }
@@ -80,8 +88,13 @@ pub async fn run_with(
         Some((from, to)) => relay.republish(from, to).await,
         None => {
             let lag = tokio::spawn(export_lag_events(db.clone(), config.relay.name.clone(), LAG_EVENTS_EVERY, shutdown.clone()));
+            let reporting = shutdown.child_token();
+            let reporter = crate::liveness::spawn_reporter(db.clone(), vec![relay.progress.clone()], reporting.clone());
             let result = relay.lead_or_wait(&options, &shutdown).await;
             lag.abort();
+            reporting.cancel();
+            let _ = reporter.await;
+            crate::liveness::unregister(&relay.progress);
             result
         }
     }
@@ -115,15 +128,31 @@ async fn lag_events(db: &Database, name: &str) -> Result<u64, crate::db::DbError
 struct Relay {
     config: Config,
     tail: Tail,
-    producer: FutureProducer,
+    producer: Publisher,
     leases: LeaseStore,
     topics: HashSet<String>,
     stats: Arc<RelayStats>,
+    progress: Arc<Stage>,
 }
 
 enum Stop {
     Shutdown,
     LeaseLost,
+    /// No progress for `relay.stall_timeout_ms` with work waiting.
+    Stalled,
+}
+
+/// One step of the publish loop failed or timed out.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error("cannot read the log: {0}")]
+    Read(crate::log::LogError),
+    #[error("delivery failed: {0}")]
+    Deliver(KafkaError),
+    #[error("checkpoint write failed: {0}")]
+    Checkpoint(crate::db::DbError),
+    #[error("{0} did not finish within relay.stall_timeout_ms")]
+    Timeout(&'static str),
 }
 
 impl Relay {
@@ -151,10 +180,11 @@ impl Relay {
         Ok(Relay {
             config: config.clone(),
             tail: Tail::new(log, db.index.clone()),
-            producer: producer(&config.kafka)?,
+            producer: Publisher::new(&config.kafka)?,
             leases,
             topics,
             stats,
+            progress: crate::liveness::register("relay", Duration::from_millis(config.relay.stall_timeout_ms)),
         })
     }
 
@@ -189,6 +219,7 @@ impl Relay {
                     return Ok(());
                 }
                 Stop::LeaseLost => tracing::warn!(epoch = lease.epoch, "lease lost; back to standby"),
+                Stop::Stalled => self.step_down(&lease, shutdown).await,
             }
         }
     }
@@ -225,14 +256,19 @@ impl Relay {
         let wait = Duration::from_millis((self.config.relay.lease_ms / 5).max(50));
         let mut announced = false;
         loop {
+            // A standby has nothing to do; one that cannot reach the lease table says why.
             match self.leases.try_acquire().await {
                 Ok(Some(lease)) => return Ok(Some(lease)),
                 Ok(None) if !announced => {
                     tracing::info!("another relay holds the lease; standing by");
                     announced = true;
+                    self.progress.idle();
                 }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot reach the lease table; retrying"),
+                Ok(None) => self.progress.idle(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach the lease table; retrying");
+                    self.progress.failed(&e);
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(None),
@@ -261,6 +297,8 @@ impl Relay {
     async fn publish(&self, lease: &Lease, checkpoint: u64, shutdown: &CancellationToken) -> anyhow::Result<Stop> {
         let mut next = checkpoint + 1;
         self.stats.published_position.store(checkpoint, Ordering::Relaxed);
+        // Leading starts the clock: the time spent standing by was not a stall.
+        self.progress.progressed();
         let mut backoff = Backoff::default();
         loop {
             if shutdown.is_cancelled() {
@@ -269,46 +307,99 @@ impl Relay {
             if !lease.valid() {
                 return Ok(Stop::LeaseLost);
             }
-            let segments = match self.tail.read(next, self.config.relay.batch_segments).await {
-                Ok(s) => s,
+            if self.progress.stalled() {
+                return Ok(Stop::Stalled);
+            }
+            match self.step(lease, next).await {
+                Ok(Step::Idle) => {
+                    self.progress.idle();
+                    self.stats.lag_seconds.store(0, Ordering::Relaxed);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(self.config.relay.poll_interval_ms)) => {}
+                    }
+                }
+                Ok(Step::Published(last)) => {
+                    backoff.reset();
+                    next = last + 1;
+                    self.stats.published_position.store(last, Ordering::Relaxed);
+                    self.progress.progressed();
+                    self.export_metrics();
+                }
+                Ok(Step::LeaseLost) => return Ok(Stop::LeaseLost),
                 Err(e) => {
-                    tracing::warn!(error = %e, position = next, "cannot read the log; backing off");
+                    self.progress.failed(&e);
+                    if matches!(e, StepError::Deliver(_) | StepError::Timeout("delivery")) {
+                        self.stats.produce_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.export_metrics();
+                    tracing::warn!(error = %e, from = next, "batch not published; retrying from the checkpoint");
                     backoff.wait(shutdown).await;
-                    continue;
                 }
-            };
-            let Some(last) = segments.last().map(|s| s.position) else {
-                self.stats.lag_seconds.store(0, Ordering::Relaxed);
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(self.config.relay.poll_interval_ms)) => {}
-                }
-                continue;
-            };
-            self.note_lag(&segments);
-            // Reading may have taken a while: the lease must still hold when producing starts.
-            if !lease.valid() {
-                return Ok(Stop::LeaseLost);
             }
-            if let Err(e) = self.publish_batch(&segments).await {
-                self.stats.produce_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, from = next, "delivery failed; re-publishing the batch from the checkpoint");
-                backoff.wait(shutdown).await;
-                continue;
-            }
-            backoff.reset();
-            self.crash_point("after_delivery");
-            let crash = || self.crash_point("during_checkpoint");
-            match self.leases.checkpoint(lease, last, crash).await {
-                Ok(true) => {}
-                Ok(false) => return Ok(Stop::LeaseLost),
-                // Delivered but not recorded: the next checkpoint covers it; a crash before then
-                // re-publishes this batch once.
-                Err(e) => tracing::warn!(error = %e, position = last, "checkpoint write failed"),
-            }
-            next = last + 1;
-            self.stats.published_position.store(last, Ordering::Relaxed);
-            self.export_metrics();
+        }
+    }
+
+    /// One round: read what follows `next`, publish it, move the checkpoint. Each part is
+    /// bounded by the stall timeout, so a dependency that never answers cannot hold the loop.
+    async fn step(&self, lease: &Lease, next: u64) -> Result<Step, StepError> {
+        let bound = Duration::from_millis(self.config.relay.stall_timeout_ms);
+        let read = self.tail.read(next, self.config.relay.batch_segments);
+        let segments = tokio::time::timeout(bound, read)
+            .await
+            .map_err(|_| StepError::Timeout("reading the log"))?
+            .map_err(StepError::Read)?;
+        let Some(last) = segments.last().map(|s| s.position) else { return Ok(Step::Idle) };
+        self.progress.work_waiting();
+        self.note_lag(&segments);
+        // Reading may have taken a while: the lease must still hold when producing starts.
+        if !lease.valid() {
+            return Ok(Step::LeaseLost);
+        }
+        let delivered = tokio::time::timeout(bound, self.publish_batch(&segments))
+            .await
+            .map_err(|_| StepError::Timeout("delivery"))?;
+        if let Err(e) = delivered {
+            self.producer.recover(&e);
+            return Err(StepError::Deliver(e));
+        }
+        self.crash_point("after_delivery");
+        let crash = || self.crash_point("during_checkpoint");
+        let written = tokio::time::timeout(bound, self.leases.checkpoint(lease, last, crash))
+            .await
+            .map_err(|_| StepError::Timeout("the checkpoint write"))?;
+        match written {
+            Ok(true) => Ok(Step::Published(last)),
+            Ok(false) => Ok(Step::LeaseLost),
+            // Delivered but not recorded: the next checkpoint covers it; a crash before then
+            // re-publishes this batch once.
+            Err(e) => Err(StepError::Checkpoint(e)),
+        }
+    }
+
+    /// After a stall: give the lease up so a standby can lead, start over with a fresh
+    /// producer, and stand by for a lease period before competing for the lease again.
+    async fn step_down(&self, lease: &Lease, shutdown: &CancellationToken) {
+        tracing::error!(
+            epoch = lease.epoch,
+            stalled_for = ?self.progress.since_progress(),
+            error = self.progress.last_error().unwrap_or_default(),
+            "relay made no progress for relay.stall_timeout_ms with work waiting; stepping down"
+        );
+        metrics::counter!("spiced_relay_step_downs_total").increment(1);
+        let bound = Duration::from_millis(self.config.relay.stall_timeout_ms);
+        match tokio::time::timeout(bound, self.leases.release(lease)).await {
+            Ok(Ok(())) => {}
+            // The lease then runs out on its own; the local validity has already ended.
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot release the lease"),
+            Err(_) => tracing::warn!("releasing the lease did not finish; it expires on its own"),
+        }
+        self.producer.replace();
+        // Standing by is not a stall: the clock restarts when this relay leads again.
+        self.progress.idle();
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(self.leases.lease_duration()) => {}
         }
     }
 
@@ -375,8 +466,9 @@ impl Relay {
         mut record: FutureRecord<'a, str, [u8]>,
         pending: &mut VecDeque<DeliveryFuture>,
     ) -> Result<DeliveryFuture, KafkaError> {
+        let producer = self.producer.get();
         loop {
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => return Ok(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
@@ -415,7 +507,7 @@ impl Relay {
             self.publish_batch(&segments).await?;
             next = segments.last().map(|s| s.position + 1).unwrap_or(next);
         }
-        self.producer.flush(Duration::from_secs(30))?;
+        self.producer.get().flush(Duration::from_secs(30))?;
         println!("re-published positions {from}..={to}");
         Ok(())
     }
@@ -426,6 +518,15 @@ impl Relay {
             std::process::abort();
         }
     }
+}
+
+/// What one round of the publish loop did.
+enum Step {
+    /// The log has nothing after the checkpoint.
+    Idle,
+    /// Published and checkpointed up to this position.
+    Published(u64),
+    LeaseLost,
 }
 
 enum Route {

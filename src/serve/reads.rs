@@ -120,15 +120,16 @@ fn registry_status(rows: &[crate::db::registry::Processed]) -> EventStatus {
             // done without an outcome cannot happen; report it as processing until it shows.
             _ => ("PROCESSING", Value::Null),
         })
-        .max_by_key(|(s, _)| rank(s))
+        // One event's rows (one per handler): a failure speaks for the event.
+        .max_by_key(|(s, _)| if *s == "FAILED" { u8::MAX } else { rank(s) })
         .unwrap_or(("PENDING", Value::Null));
     EventStatus { aggregate_id: String::new(), status: status.0, error: status.1 }
 }
 
-/// Which status speaks for a bulk command: any failure, else any retry, else ...
+/// Which status speaks for a bulk command while members are still open: any retry, else any
+/// processing, else pending.
 fn rank(status: &str) -> u8 {
     match status {
-        "FAILED" => 5,
         "RETRYING" => 4,
         "PROCESSING" => 3,
         "PENDING" => 2,
@@ -136,12 +137,47 @@ fn rank(status: &str) -> u8 {
     }
 }
 
+fn is_final(status: &str) -> bool {
+    matches!(status, "COMPLETED" | "FAILED")
+}
+
+/// A bulk command's status is final only when every member's is: until then it is the most
+/// advanced open member's (a client polling for a final status must not stop early); then it
+/// is `FAILED` (with the first failure's error) if any member failed, else `COMPLETED`.
 fn overall(statuses: &[EventStatus]) -> (&'static str, Value) {
-    statuses
-        .iter()
-        .max_by_key(|s| rank(s.status))
-        .map(|s| (s.status, s.error.clone()))
-        .unwrap_or(("PENDING", Value::Null))
+    let open = statuses.iter().filter(|s| !is_final(s.status)).max_by_key(|s| rank(s.status));
+    if let Some(s) = open {
+        return (s.status, Value::Null);
+    }
+    match statuses.iter().find(|s| s.status == "FAILED") {
+        Some(failed) => ("FAILED", failed.error.clone()),
+        None if statuses.is_empty() => ("PENDING", Value::Null),
+        None => ("COMPLETED", Value::Null),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(status: &'static str) -> EventStatus {
+        let error = if status == "FAILED" { json!({"code": "invalid_instance"}) } else { Value::Null };
+        EventStatus { aggregate_id: String::new(), status, error }
+    }
+
+    #[test]
+    fn a_bulk_command_is_final_only_when_every_member_is() {
+        let of = |s: &[&'static str]| overall(&s.iter().map(|s| member(s)).collect::<Vec<_>>()).0;
+        assert_eq!(of(&["FAILED", "PENDING", "COMPLETED"]), "PENDING");
+        assert_eq!(of(&["FAILED", "PROCESSING", "PENDING"]), "PROCESSING");
+        assert_eq!(of(&["COMPLETED", "RETRYING", "PROCESSING"]), "RETRYING");
+        assert_eq!(of(&["COMPLETED", "FAILED", "COMPLETED"]), "FAILED");
+        assert_eq!(of(&["COMPLETED", "COMPLETED"]), "COMPLETED");
+        assert_eq!(of(&["PENDING"]), "PENDING");
+        let failed = overall(&[member("COMPLETED"), member("FAILED")]);
+        assert_eq!(failed.1["code"], "invalid_instance", "a final failure carries its error");
+        assert_eq!(overall(&[member("FAILED"), member("PENDING")]).1, Value::Null, "no error while open");
+    }
 }
 
 /// An aggregate's current version in the log (0 if it has none).

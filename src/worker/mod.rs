@@ -11,7 +11,8 @@ pub mod facts;
 pub mod handler;
 pub mod offsets;
 
-use crate::bus::kafka::{base_config, ensure_topics, producer, with_properties};
+use crate::bus::kafka::{base_config, ensure_topics, with_properties, Publisher};
+use crate::liveness::Stage;
 use crate::config::Config;
 use crate::shutdown::Graceful;
 use crate::domain::{AggregateType, CommandType};
@@ -19,7 +20,7 @@ use facts::LogState;
 use handler::{CommandHandler, Disposition};
 use offsets::Offsets;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::json;
 use std::hash::{Hash, Hasher};
@@ -162,18 +163,28 @@ pub async fn run_roles(config: Config, requested: &[String], shutdown: Cancellat
     let mut topics = crate::bus::kafka::all_topics(&config);
     topics.extend(roles.iter().map(|r| r.dead_letter_topic(&config).to_string()));
     ensure_topics(&config.kafka, &topics).await?;
-    let dead_letters = producer(&config.kafka)?;
+    let dead_letters = Arc::new(Publisher::new(&config.kafka)?);
+    let stall = Duration::from_millis(config.worker.stall_timeout_ms);
+    let progress: Vec<Arc<Stage>> =
+        roles.iter().map(|r| crate::liveness::register(&format!("worker:{}", r.name()), stall)).collect();
     let _ops = crate::telemetry::start_ops(
         &config.metrics.worker_listen,
-        crate::telemetry::storage_readiness(shared.db.clone(), shared.log.clone()),
+        crate::telemetry::readiness(shared.db.clone(), shared.log.clone(), progress.clone()),
     )
     .await?;
+    let reporting = shutdown.stop.child_token();
+    let reporter = crate::liveness::spawn_reporter(shared.db.clone(), progress.clone(), reporting.clone());
     tracing::info!(roles = ?roles.iter().map(|r| r.name()).collect::<Vec<_>>(), owner = %shared.owner, "spiced worker starting");
     crate::systemd::ready();
     let results = futures::future::join_all(
-        roles.iter().map(|role| consume_role(&shared, *role, &dead_letters, &shutdown)),
+        roles.iter().zip(&progress).map(|(role, p)| consume_role(&shared, *role, &dead_letters, p, &shutdown)),
     )
     .await;
+    reporting.cancel();
+    let _ = reporter.await;
+    for p in &progress {
+        crate::liveness::unregister(p);
+    }
     drop(shared);
     tasks.close();
     // The log writer drains what the lanes queued; past the grace period its appends are
@@ -209,11 +220,12 @@ fn consumer(config: &Config, role: Role) -> anyhow::Result<StreamConsumer> {
 async fn consume_role(
     shared: &Shared,
     role: Role,
-    dead_letters: &FutureProducer,
+    dead_letters: &Arc<Publisher>,
+    progress: &Arc<Stage>,
     shutdown: &Graceful,
 ) -> anyhow::Result<()> {
     let consumer = Arc::new(consumer(&shared.config, role)?);
-    let lag = crate::bus::kafka::spawn_lag_export(consumer.clone(), role.handler(), LAG_EVERY, shutdown.stop.clone());
+    let lag = crate::bus::kafka::spawn_lag_export(consumer.clone(), role.handler(), LAG_EVERY, shutdown.stop.clone(), progress.clone());
     let topics = role.command_topics(&shared.config);
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     let handler = Arc::new(shared.handler(role));
@@ -230,6 +242,7 @@ async fn consume_role(
             consumer.clone(),
             offsets.clone(),
             dead_letters.clone(),
+            progress.clone(),
             shared.config.clone(),
             shutdown.clone(),
         ));
@@ -259,6 +272,7 @@ async fn consume_role(
             payload: m.payload().unwrap_or_default().to_vec(),
         };
         offsets.lock().expect("offsets mutex").received(&job.topic, job.partition, job.offset);
+        progress.started();
         let lane = lane_of(&job.key, lanes_n);
         if lanes[lane].send(job).await.is_err() {
             break;
@@ -286,7 +300,8 @@ async fn run_lane(
     handler: Arc<CommandHandler>,
     consumer: Arc<StreamConsumer>,
     offsets: Arc<Mutex<Offsets>>,
-    dead_letters: FutureProducer,
+    dead_letters: Arc<Publisher>,
+    progress: Arc<Stage>,
     config: Arc<Config>,
     shutdown: Graceful,
 ) {
@@ -299,7 +314,8 @@ async fn run_lane(
         if let Disposition::DeadLetter { reason, attempts } = &disposition {
             // Publishing the dead letter is part of the message's effect: it gets the grace
             // period, not just until the first signal.
-            if !publish_dead_letter(&dead_letters, &config, &handler, &job, reason, *attempts, &shutdown.deadline).await {
+            let letter = DeadLetter { job: &job, reason, attempts: *attempts };
+            if !publish_dead_letter(&dead_letters, &config, &handler, &letter, &progress, &shutdown.deadline).await {
                 return;
             }
         }
@@ -316,35 +332,48 @@ async fn run_lane(
                 }
             }
         }
+        progress.finished();
     }
 }
 
+/// A message that is to go to the dead-letter topic, and why.
+struct DeadLetter<'a> {
+    job: &'a Job,
+    reason: &'a str,
+    attempts: u32,
+}
+
 /// Publishes a dead letter, retrying until delivered: moving past the message without it
-/// would lose it. `false` when `shutdown` fires first.
+/// would lose it. A producer that cannot deliver again is replaced. `false` when `shutdown`
+/// fires first.
 async fn publish_dead_letter(
-    producer: &FutureProducer,
+    producer: &Publisher,
     config: &Config,
     handler: &CommandHandler,
-    job: &Job,
-    reason: &str,
-    attempts: u32,
+    letter: &DeadLetter<'_>,
+    progress: &Stage,
     shutdown: &CancellationToken,
 ) -> bool {
+    let job = letter.job;
     let envelope = serde_json::from_slice::<serde_json::Value>(&job.payload)
         .unwrap_or_else(|_| json!(String::from_utf8_lossy(&job.payload)));
-    let letter = json!({
+    let body = json!({
         "original_topic": job.topic, "partition": job.partition, "offset": job.offset,
-        "envelope": envelope, "error": reason, "attempt_count": attempts,
+        "envelope": envelope, "error": letter.reason, "attempt_count": letter.attempts,
         "worker": handler.owner, "at": chrono::Utc::now(),
     })
     .to_string();
     let topic = handler.role.dead_letter_topic(config);
-    tracing::warn!(topic, reason, "message dead-lettered");
+    tracing::warn!(topic, reason = letter.reason, "message dead-lettered");
     loop {
-        let record = FutureRecord::to(topic).key(&job.key[..]).payload(letter.as_bytes());
-        match producer.send(record, Duration::from_secs(10)).await {
+        let record = FutureRecord::to(topic).key(&job.key[..]).payload(body.as_bytes());
+        match producer.get().send(record, Duration::from_secs(10)).await {
             Ok(_) => return true,
-            Err((e, _)) => tracing::warn!(error = %e, "dead-letter publish failed; retrying"),
+            Err((e, _)) => {
+                tracing::warn!(error = %e, "dead-letter publish failed; retrying");
+                progress.failed(&e);
+                producer.recover(&e);
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return false,

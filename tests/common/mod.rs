@@ -6,7 +6,9 @@
 
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod kafka;
+pub mod load;
 pub mod plant;
 pub mod process;
 pub mod proxy;
