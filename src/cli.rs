@@ -37,7 +37,8 @@ pub enum Command {
         #[arg(long = "role")]
         roles: Vec<String>,
     },
-    /// Run the projection worker, or rebuild the read models from the log.
+    /// Run the projection worker, rebuild the read models from the log, or list and re-apply
+    /// the events the read store refused (`failures`).
     Project(ProjectArgs),
     /// Run the whole pipeline in one process on embedded defaults.
     Dev,
@@ -69,7 +70,10 @@ pub enum Command {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ProjectArgs {
+    #[command(subcommand)]
+    pub action: Option<ProjectAction>,
     /// Rebuild the read models from the log (no Kafka) into a fresh schema, then swap it in.
     #[arg(long)]
     pub rebuild: bool,
@@ -84,6 +88,32 @@ pub struct ProjectArgs {
     /// Build the schema but do not swap it in.
     #[arg(long, requires = "rebuild")]
     pub no_swap: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectAction {
+    /// The events the read models are missing because the read store refused them (list, the
+    /// default, or retry).
+    Failures {
+        #[command(subcommand)]
+        action: Option<FailuresAction>,
+        /// The read-model schema: the live one, or a rebuild's target.
+        #[arg(long, global = true, default_value = crate::db::read::LIVE_SCHEMA)]
+        schema: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FailuresAction {
+    /// Print each one: log position, event id, aggregate, attempts, when seen, the error.
+    List,
+    /// Apply them again from the log once the cause is fixed; each applied one is no longer
+    /// recorded, each refused again stays (attempts + 1). Exits non-zero if any is left.
+    Retry {
+        /// Only this event.
+        #[arg(long)]
+        event_id: Option<uuid::Uuid>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -40,6 +40,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             spiced::relay::run_with(config, args.options(), shutdown, Default::default()).await
         }
         Command::Worker { roles } => spiced::worker::run_roles(config, &roles, shutdown).await,
+        Command::Project(spiced::cli::ProjectArgs { action: Some(spiced::cli::ProjectAction::Failures { action, schema }), .. }) => {
+            failures(&config, action, &schema).await
+        }
         Command::Project(args) if args.rebuild => rebuild(&config, args).await,
         Command::Project(_) => spiced::project::run(config, shutdown).await,
         Command::Dev => spiced::dev::run(config, shutdown).await,
@@ -110,6 +113,16 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+async fn failures(config: &Config, action: Option<spiced::cli::FailuresAction>, schema: &str) -> anyhow::Result<()> {
+    use spiced::cli::FailuresAction;
+    use spiced::project::failures;
+    let schema = spiced::db::read::ReadSchema::named(schema)?;
+    match action.unwrap_or(FailuresAction::List) {
+        FailuresAction::List => failures::list(config, &schema).await,
+        FailuresAction::Retry { event_id } => failures::print(&failures::retry(config, &schema, event_id).await?),
+    }
+}
+
 async fn rebuild(config: &Config, args: spiced::cli::ProjectArgs) -> anyhow::Result<()> {
     use spiced::project::rebuild::{run, Options, Until};
     let until = match args.until.as_deref() {
@@ -125,6 +138,13 @@ async fn rebuild(config: &Config, args: spiced::cli::ProjectArgs) -> anyhow::Res
         report.events_per_second(),
         report.target
     );
+    if report.refused > 0 {
+        println!(
+            "rebuild: {} event(s) refused by the read store are missing from schema {}: see `spiced project failures`",
+            report.refused,
+            if report.swapped { spiced::db::read::LIVE_SCHEMA } else { &report.target }
+        );
+    }
     if report.swapped {
         println!("rebuild: swapped in as the live read models; the previous ones are now in schema {}", report.target);
     }

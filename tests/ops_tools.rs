@@ -81,6 +81,7 @@ async fn tools_work_on_a_dev_data_directory() {
     assert_eq!(row("allocated (index head)")[0], "0", "{table}");
     let projection = row("read models (projection)");
     assert!(projection[1].parse::<u64>().is_ok(), "spiced dev's read models have a position: {table}");
+    assert_eq!(row("read models: events refused")[0], "0", "{table}");
     let out = spiced(dir.path(), &["config", "check"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("[writer]"));
     let out = spiced(dir.path(), &["log", "get", "999"]);

@@ -44,7 +44,7 @@ async fn a_healthy_log_verifies(backend: Backend) {
     let app = populated(backend).await;
     let r = report(&app).await;
     assert_eq!(r.violations(), 0, "{r:?}");
-    assert_eq!(r.checks.len(), 8);
+    assert_eq!(r.checks.len(), 9);
 }
 
 async fn sql(app: &Stopped, statement: &str) {

@@ -146,3 +146,33 @@ async fn a_later_sequence_waits_for_the_earlier_one(backend: Backend) {
         assert_eq!(labels.get(3), Some(&(4, "v4".to_string())));
     }
 }
+
+/// A command whose data the database refuses ends at its first attempt in a dead letter
+/// (`failed`, re-drivable), instead of being retried while the commands after it wait. It is
+/// planted in the log behind the API's back (the API refuses a NUL): a parent class id holding
+/// a NUL, which PostgreSQL cannot bind when the worker looks that class up. SQLite binds it
+/// (the same command fails in the domain there, parent_class_not_found), so PostgreSQL only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_the_database_refuses_is_dead_lettered_at_once() {
+    use spiced::domain::{AggregateKey, CommandType};
+    let (mut config, dir) = common::isolated_config(Backend::S3Postgres).await;
+    // Retried like an infrastructure failure, it would take many minutes to give up.
+    config.worker.max_attempts = 1000;
+    config.worker.backoff_cap_ms = 1000;
+    let app = common::spawn_role_dev(config, dir).await;
+    completes(&app, app.post("/databases", json!({"name": "shop"})).await).await;
+    let payload = json!({"db": "shop", "branch": "main", "class_id": "C", "label": null, "description": null,
+                         "properties": [], "parent_class": "P\u{0}", "abstract": false});
+    let key = AggregateKey::class("shop", "main", "C");
+    let poison = common::plant::command(&app.config, CommandType::CreateOntologyClass, key, 1, payload);
+    common::plant::segment(&app, std::slice::from_ref(&poison)).await;
+    // This write records the planted segment; the embedded workers take the log segment by
+    // segment, so it completes only once the planted command is finished one way or another.
+    completes(&app, app.post("/databases/shop/classes", json!({"id": "D"})).await).await;
+    let status = app.wait_command(&poison.event_id.to_string(), WAIT).await;
+    assert_eq!((status["status"].as_str(), status["error"]["code"].as_str()), (Some("FAILED"), Some("processing_error")), "{status}");
+    assert!(status["error"]["message"].as_str().unwrap_or_default().contains("22021"), "{status}");
+    let (db, _) = app.storage().await;
+    let rows = db.registry.rows(poison.event_id).await.unwrap();
+    assert_eq!((rows[0].status.as_str(), rows[0].attempt_count), ("failed", 1), "dead-lettered at its first attempt: {rows:?}");
+}

@@ -35,6 +35,59 @@ pub enum DbError {
     Inconsistent(String),
 }
 
+impl DbError {
+    /// Whether the database refused the statement for the data it carries, so that sending it
+    /// again fails the same way however long one waits: a NUL in text or jsonb, a value out of
+    /// range, a constraint, a jsonb or index row over a size limit. A role that retries such a
+    /// statement for ever stops on one event; it must set the event aside instead. Everything
+    /// else (connection, pool, timeout, serialization failure, deadlock, disk full) may pass
+    /// on a retry.
+    pub fn refuses_content(&self) -> bool {
+        match self {
+            DbError::Postgres(e) => e.as_db_error().is_some_and(|db| refusing_sqlstate(db.code().code())),
+            DbError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => refusing_sqlite(e.code),
+            DbError::Sqlite(rusqlite::Error::ToSqlConversionFailure(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+/// PostgreSQL SQLSTATE classes 22 (data exception), 23 (integrity constraint violation), 42
+/// (syntax or access rule) and 54 (program limit exceeded). A missing table, column, function
+/// or privilege is class 42 too, but it is the schema or the grants that are wrong, not the
+/// event: every event would fail alike, and setting them all aside would empty the read models.
+fn refusing_sqlstate(code: &str) -> bool {
+    use tokio_postgres::error::SqlState;
+    let environment = [
+        SqlState::UNDEFINED_TABLE,
+        SqlState::UNDEFINED_COLUMN,
+        SqlState::UNDEFINED_FUNCTION,
+        SqlState::UNDEFINED_OBJECT,
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    ];
+    if environment.iter().any(|s| s.code() == code) {
+        return false;
+    }
+    matches!(code.get(..2), Some("22" | "23" | "42" | "54"))
+}
+
+/// SQLite's equivalents: a constraint (or a trigger's `RAISE(ABORT, ...)`), a string or blob
+/// over the length limit, a datatype mismatch.
+fn refusing_sqlite(code: rusqlite::ErrorCode) -> bool {
+    use rusqlite::ErrorCode;
+    matches!(code, ErrorCode::ConstraintViolation | ErrorCode::TooBig | ErrorCode::TypeMismatch)
+}
+
+/// Text the database can store: PostgreSQL refuses U+0000 in `text`, so an error message or
+/// an id that echoes one is stored with U+FFFD in its place.
+pub fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
 /// The server's message when there is one ("db error" alone says nothing).
 fn postgres_detail(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
@@ -232,4 +285,36 @@ impl Database {
 pub struct Migration {
     pub name: &'static str,
     pub sql: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_errors_are_told_from_infrastructure_errors() {
+        // NUL in jsonb, NUL in text, unique/check violation, too-big jsonb or index row.
+        for code in ["22P05", "22021", "23505", "23514", "54000", "42804"] {
+            assert!(refusing_sqlstate(code), "{code}");
+        }
+        // Serialization failure, deadlock, connection, admin shutdown, disk full, a missing
+        // table or privilege (the schema, not the event).
+        for code in ["40001", "40P01", "08006", "57P01", "53100", "42P01", "42703", "42501"] {
+            assert!(!refusing_sqlstate(code), "{code}");
+        }
+        let sqlite = |code: i32| DbError::Sqlite(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None));
+        assert!(sqlite(rusqlite::ffi::SQLITE_CONSTRAINT_TRIGGER).refuses_content());
+        assert!(sqlite(rusqlite::ffi::SQLITE_TOOBIG).refuses_content());
+        assert!(sqlite(rusqlite::ffi::SQLITE_MISMATCH).refuses_content());
+        assert!(!sqlite(rusqlite::ffi::SQLITE_BUSY).refuses_content());
+        assert!(!sqlite(rusqlite::ffi::SQLITE_IOERR).refuses_content());
+        assert!(!DbError::Setup("x".into()).refuses_content());
+        assert!(!DbError::Inconsistent("x".into()).refuses_content());
+    }
+
+    #[test]
+    fn storable_text_has_no_nul() {
+        assert_eq!(storable("a\0b"), "a\u{FFFD}b");
+        assert!(matches!(storable("plain"), std::borrow::Cow::Borrowed("plain")));
+    }
 }

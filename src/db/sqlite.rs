@@ -39,6 +39,10 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../migrations/sqlite/0005_read_schema.sql"),
     },
     Migration {
+        name: "0006_projection_failures",
+        sql: include_str!("../../migrations/sqlite/0006_projection_failures.sql"),
+    },
+    Migration {
         name: "0007_stage_liveness",
         sql: include_str!("../../migrations/sqlite/0007_stage_liveness.sql"),
     },

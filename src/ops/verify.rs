@@ -1,7 +1,11 @@
 //! `spiced verify`: checks the log against its guarantees, and the index against the log.
-//! Prints a report; any violation makes the command fail (non-zero exit).
+//! It also reports every event the live read models are missing because the read store
+//! refused it (`projection_failures`): the log holds it, the read models do not, and only an
+//! operator can change that. Prints a report; any violation makes the command fail (non-zero
+//! exit).
 
 use crate::config::Config;
+use crate::db::read::{ProjectionFailure, ReadSchema};
 use crate::db::Database;
 use crate::domain::{AggregateKey, AggregateType};
 use crate::envelope::Kind;
@@ -21,6 +25,8 @@ pub struct Inputs {
     pub index_rows: Vec<IndexRow>,
     pub versions: HashMap<AggregateKey, u64>,
     pub relay_checkpoint: u64,
+    /// The events the live read models are missing (refused by the read store).
+    pub projection_failures: Vec<ProjectionFailure>,
 }
 
 /// Each check's name and the violations it found; plus notes that are not violations.
@@ -64,6 +70,7 @@ pub const VERSIONS: &str = "aggregate versions agree with the log";
 pub const INDEX: &str = "the per-aggregate read index agrees with the log";
 pub const HEAD: &str = "the index head is not ahead of the log";
 pub const RELAY: &str = "the relay checkpoint is within the log";
+pub const PROJECTION: &str = "the read models hold every outcome event they have passed (none refused)";
 
 type Key = (AggregateKey, Kind);
 
@@ -129,7 +136,20 @@ pub fn check(input: &Inputs) -> Report {
         Vec::new()
     };
     report.checks.push((RELAY, relay));
+    report.checks.push((PROJECTION, refused(&input.projection_failures)));
     report
+}
+
+fn refused(failures: &[ProjectionFailure]) -> Vec<String> {
+    failures
+        .iter()
+        .map(|f| {
+            format!(
+                "event {} at position {} ({}) is missing from the read models: refused {} time(s), last: {}; fix the cause, then `spiced project failures retry`",
+                f.event_id, f.position, f.aggregate_id, f.attempts, f.error
+            )
+        })
+        .collect()
 }
 
 fn aggregate_gaps(sequences: &BTreeMap<Key, Vec<u64>>, from: u64) -> Vec<String> {
@@ -199,6 +219,7 @@ pub async fn run(config: &Config, from: u64) -> anyhow::Result<Report> {
         index_rows: db.index.all_rows().await?,
         versions: db.index.all_versions().await?,
         relay_checkpoint: db.checkpoint(&config.relay.name).await?,
+        projection_failures: db.projection_failures(&ReadSchema::live()).await?,
     };
     Ok(check(&inputs))
 }

@@ -6,6 +6,10 @@
 //! commit. A crash before the commit re-delivers the batch; a crash after it re-delivers
 //! messages whose claims already exist, which change nothing.
 //!
+//! An event the read store refuses for its content is recorded in `projection_failures` inside
+//! that same transaction and the batch goes on without it (progress, claims and offsets as for
+//! any batch), so one event never stops the consumer.
+//!
 //! The projection position served to clients is the lowest position over all partitions. A
 //! partition with nothing left to read is complete up to the relay's checkpoint, read before
 //! the partition's high watermark is fetched (everything the relay checkpointed was delivered,
@@ -39,6 +43,7 @@ pub async fn consume(db: &Database, config: &Config, progress: &Arc<Stage>, shut
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     register_partitions(db, &consumer, &topics).await?;
     let lag = crate::bus::kafka::spawn_lag_export(consumer.clone(), HANDLER, Duration::from_secs(5), shutdown.clone(), progress.clone());
+    let failures = super::spawn_failures_export(db.clone(), shutdown.clone());
     tracing::info!(group = %config.project.group, "projection consuming the event topics");
     crate::systemd::ready();
     let schema = ReadSchema::live();
@@ -60,6 +65,7 @@ pub async fn consume(db: &Database, config: &Config, progress: &Arc<Stage>, shut
     // No final commit of the consumer's position: messages received but not applied must
     // come again. Every applied batch committed its offsets already.
     let _ = lag.await;
+    let _ = failures.await;
     Ok(())
 }
 
@@ -175,8 +181,9 @@ async fn apply(db: &Database, schema: &ReadSchema, batch: &ReadBatch, progress: 
 async fn apply_until_done(db: &Database, schema: &ReadSchema, batch: &ReadBatch, progress: &Stage, shutdown: &CancellationToken) -> bool {
     loop {
         match db.apply_read_batch(schema, batch).await {
-            Ok(position) => {
-                metrics::gauge!("spiced_projection_position").set(position as f64);
+            Ok(applied) => {
+                super::note_refused(&applied.refused);
+                metrics::gauge!("spiced_projection_position").set(applied.position as f64);
                 return true;
             }
             Err(e) => {

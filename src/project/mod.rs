@@ -6,12 +6,17 @@
 //! projection's progress commit in one transaction, and rows are versioned by the aggregate's
 //! sequence, so replays, duplicates and reordering converge on the state the log describes.
 //! [`rebuild`] builds a fresh schema from the log alone and swaps it in.
+//!
+//! An event the read store refuses for its content never holds the projection back: it is
+//! recorded in `projection_failures` and the projection goes on (`crate::db::read` explains
+//! how); [`failures`] lists those events and re-applies them once their cause is fixed.
 
+pub mod failures;
 pub mod kafka;
 pub mod rebuild;
 
 use crate::config::{Config, ProjectSource};
-use crate::db::read::{Change, Progress, ReadBatch, ReadKind, ReadRow, ReadSchema};
+use crate::db::read::{Change, Progress, ReadBatch, ReadKind, ReadRow, ReadSchema, Refused};
 use crate::db::Database;
 use crate::envelope::{EventEnvelope, Kind};
 use crate::log::tail::{pause, Follower, Tail};
@@ -63,12 +68,14 @@ pub async fn follow(
     tracing::info!(from, "projection following the log");
     let poll = Duration::from_millis(config.relay.poll_interval_ms);
     let mut follower = Follower::new(tail, from, 64, poll).reporting(progress.clone());
+    let failures = spawn_failures_export(db.clone(), shutdown.clone());
     while let Some(segments) = follower.next(shutdown).await {
         match db.apply_read_batch(&schema, &batch_of(&segments)).await {
             // The schema's position, which a swapped-in rebuild may have moved past this batch.
-            Ok(position) => {
-                follower.done(position);
-                metrics::gauge!("spiced_projection_position").set(position as f64);
+            Ok(applied) => {
+                note_refused(&applied.refused);
+                follower.done(applied.position);
+                metrics::gauge!("spiced_projection_position").set(applied.position as f64);
             }
             Err(e) => {
                 // Not applied: the follower reads these segments again after the pause.
@@ -78,7 +85,42 @@ pub async fn follow(
             }
         }
     }
+    let _ = failures.await;
     Ok(())
+}
+
+/// Reports the events a batch set aside: each one is logged as an error (an operator has to
+/// act on it) and counted in `spiced_projection_failures_total`.
+pub fn note_refused(refused: &[Refused]) {
+    for r in refused {
+        tracing::error!(
+            event_id = %r.event_id, position = r.position, aggregate_id = %r.aggregate_id, error = %r.error,
+            "the read store refused an event: it is missing from the read models until re-applied (`spiced project failures`)"
+        );
+    }
+    metrics::counter!("spiced_projection_failures_total").increment(refused.len() as u64);
+}
+
+/// How often the number of recorded failures is exported.
+const FAILURES_EVERY: Duration = Duration::from_secs(5);
+
+/// Exports `spiced_projection_failures`, the number of events the live read models are
+/// missing because the read store refused them, every [`FAILURES_EVERY`] until `shutdown`.
+/// It reads the table rather than counting here: failures are re-applied (and their rows
+/// deleted) by another process, `spiced project failures retry`.
+fn spawn_failures_export(db: Database, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match db.projection_failures(&ReadSchema::live()).await {
+                Ok(recorded) => metrics::gauge!("spiced_projection_failures").set(recorded.len() as f64),
+                Err(e) => tracing::warn!(error = %e, "cannot count the recorded projection failures"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(FAILURES_EVERY) => {}
+            }
+        }
+    })
 }
 
 /// The read-model changes of consecutive segments.

@@ -1,6 +1,7 @@
 //! `spiced project --rebuild`: the read models rebuilt from the log alone (no Kafka), into a
 //! fresh schema, then swapped in for the live one; or, with `--until`, a point-in-time copy
-//! left beside the live schema.
+//! left beside the live schema. An event the read store refuses does not stop it: it is
+//! recorded under the target's name and the rebuild goes on, like the live projection.
 
 use super::batch_of;
 use crate::config::Config;
@@ -64,6 +65,9 @@ pub struct Report {
     pub position: u64,
     /// Events read from the log before the swap.
     pub events: u64,
+    /// Events the read store refused, recorded in `projection_failures` under the target's
+    /// name (the live name once swapped in): missing from the result until re-applied.
+    pub refused: usize,
     pub elapsed: Duration,
     pub swapped: bool,
 }
@@ -89,20 +93,23 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
         _ => head,
     };
     let mut meter = Meter::new(end);
-    let (position, events) = fill(&db, &tail, &target, options.until, end, &mut meter).await?;
+    let (position, events, mut refused) = fill(&db, &tail, &target, options.until, end, &mut meter).await?;
     let swap = options.until == Until::Head && !options.no_swap;
     // The swap applies what was written since `end` (a few segments) under its lock.
     let position = if swap {
-        db.swap_read_schema(&target, |from, to| segments_batches(&tail, from, to)).await?
+        let applied = db.swap_read_schema(&target, |from, to| segments_batches(&tail, from, to)).await?;
+        super::note_refused(&applied.refused);
+        refused += applied.refused.len();
+        applied.position
     } else {
         position
     };
     meter.finish();
-    Ok(Report { target: target.name().to_string(), position, events, elapsed: started.elapsed(), swapped: swap })
+    Ok(Report { target: target.name().to_string(), position, events, refused, elapsed: started.elapsed(), swapped: swap })
 }
 
 /// Applies the log to `target` from its position up to `end` (or the first segment past
-/// `until`). Returns the position reached and the events applied.
+/// `until`). Returns the position reached, the events read and how many the read store refused.
 async fn fill(
     db: &Database,
     tail: &Tail,
@@ -110,9 +117,9 @@ async fn fill(
     until: Until,
     end: u64,
     meter: &mut Meter,
-) -> anyhow::Result<(u64, u64)> {
+) -> anyhow::Result<(u64, u64, usize)> {
     let mut next = db.schema_position(target).await? + 1;
-    let mut events = 0;
+    let (mut events, mut refused) = (0, 0);
     while next <= end {
         let mut segments = next_segments(tail, next, end).await?;
         let stop = segments.iter().position(|s| until.excludes(s));
@@ -121,14 +128,17 @@ async fn fill(
         }
         if !segments.is_empty() {
             events += segments.iter().map(|s| s.events.len() as u64).sum::<u64>();
-            next = db.apply_read_batch(target, &batch_of(&segments)).await? + 1;
+            let applied = db.apply_read_batch(target, &batch_of(&segments)).await?;
+            super::note_refused(&applied.refused);
+            refused += applied.refused.len();
+            next = applied.position + 1;
             meter.tick(next - 1, events);
         }
         if stop.is_some() {
             break;
         }
     }
-    Ok((next - 1, events))
+    Ok((next - 1, events, refused))
 }
 
 /// Up to [`SEGMENTS_PER_BATCH`] segments from `next`, none past `end`; every position up to

@@ -87,7 +87,8 @@ pub struct ErrorBody {
     pub error: String,
     /// What went wrong, for people.
     pub message: String,
-    /// `invalid_id`: the field holding the bad name or id.
+    /// `invalid_id`: the field holding the bad name or id; `invalid_body` for a U+0000: the
+    /// JSON path of the string or key holding it, e.g. `instances[3].data.name`.
     pub field: Option<String>,
     /// `optimistic_concurrency_conflict`: the aggregate ...
     pub aggregate_id: Option<String>,

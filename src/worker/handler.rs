@@ -9,11 +9,15 @@
 //!
 //! At shutdown ([`Graceful`]) waits end at once and running effects get the grace period;
 //! either way an unfinished command's claim is released, so another worker takes it at once.
+//!
+//! A statement the database refuses for the command's data (`DbError::refuses_content`) is
+//! not retried: the command is dead-lettered at its first attempt, never retried for ever.
 
 use super::facts::{FactsError, LogState};
 use super::Role;
 use crate::config::Config;
 use crate::db::registry::{Claim, Registry, Work};
+use crate::db::storable;
 use crate::domain::apply::{decide, Decision};
 use crate::domain::{AggregateKey, AggregateType, CommandType};
 use crate::envelope::{domain_event_id, EventEnvelope, Kind, SCHEMA_VERSION};
@@ -41,6 +45,9 @@ pub struct Interrupted;
 
 enum Failure {
     Retryable(String),
+    /// The database refused a statement for the data the command carries (e.g. a payload id
+    /// holding a NUL): every attempt would fail alike, so the first is the last.
+    Refused(String),
     LeaseLost,
     /// Shutdown: a wait was cut short, or the grace period ran out during the effect.
     Interrupted,
@@ -48,13 +55,20 @@ enum Failure {
 
 impl From<FactsError> for Failure {
     fn from(e: FactsError) -> Self {
-        Failure::Retryable(e.to_string())
+        match e {
+            FactsError::Db(e) => e.into(),
+            other => Failure::Retryable(other.to_string()),
+        }
     }
 }
 
 impl From<crate::db::DbError> for Failure {
     fn from(e: crate::db::DbError) -> Self {
-        Failure::Retryable(e.to_string())
+        if e.refuses_content() {
+            Failure::Refused(e.to_string())
+        } else {
+            Failure::Retryable(e.to_string())
+        }
     }
 }
 
@@ -153,6 +167,12 @@ impl CommandHandler {
                     self.pause(waits, &shutdown.stop).await;
                     continue;
                 }
+                // Not even a registry row can hold it (an id with a NUL, from a producer other
+                // than the relay: the log index could not have stored it either).
+                Err(e) if e.refuses_content() => {
+                    tracing::error!(error = %e, "the registry refuses this command; dead-lettered without a claim");
+                    return Ok(Disposition::DeadLetter { reason: format!("the registry refuses this command: {e}"), attempts: 0 });
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "claim failed; retrying");
                     waits += 1;
@@ -176,23 +196,35 @@ impl CommandHandler {
                     self.pause(waits, &shutdown.stop).await;
                 }
                 Err(Failure::Retryable(error)) if attempt >= self.config.worker.max_attempts => {
-                    metrics::counter!("spiced_worker_dead_letters_total", "handler" => self.role.handler()).increment(1);
                     tracing::error!(attempt, error, "command failed after its last attempt");
-                    if let Err(e) = self.registry.mark_failed(&work, &error).await {
-                        tracing::warn!(error = %e, "could not mark the command failed");
-                    }
-                    return Ok(Disposition::DeadLetter { reason: error, attempts: attempt });
+                    return Ok(self.give_up(&work, attempt, error).await);
+                }
+                // A dead letter, not a COMMAND_FAILED outcome: an outcome is for ever, and the
+                // refusal may be spiced's own fault (a bug, a schema), which a re-drive after
+                // the fix can undo.
+                Err(Failure::Refused(error)) => {
+                    tracing::error!(attempt, error, "the database refuses this command's data; not retried");
+                    return Ok(self.give_up(&work, attempt, error).await);
                 }
                 Err(Failure::Retryable(error)) => {
                     metrics::counter!("spiced_worker_retries_total", "handler" => self.role.handler()).increment(1);
                     tracing::warn!(attempt, error, "attempt failed; will retry");
-                    if let Err(e) = self.registry.mark_retrying(&work, &error).await {
+                    if let Err(e) = self.registry.mark_retrying(&work, &storable(&error)).await {
                         tracing::warn!(error = %e, "could not mark the command retrying");
                     }
                     self.pause(attempt, &shutdown.stop).await;
                 }
             }
         }
+    }
+
+    /// Marks the command failed and hands it to the dead-letter topic.
+    async fn give_up(&self, work: &Work<'_>, attempt: u32, error: String) -> Disposition {
+        metrics::counter!("spiced_worker_dead_letters_total", "handler" => self.role.handler()).increment(1);
+        if let Err(e) = self.registry.mark_failed(work, &storable(&error)).await {
+            tracing::warn!(error = %e, "could not mark the command failed");
+        }
+        Disposition::DeadLetter { reason: error, attempts: attempt }
     }
 
     fn parse(&self, raw: &[u8]) -> Result<Parsed, String> {
@@ -425,5 +457,20 @@ async fn poll_pause(stop: &CancellationToken) -> Result<(), Failure> {
     tokio::select! {
         _ = stop.cancelled() => Err(Failure::Interrupted),
         _ = tokio::time::sleep(Duration::from_millis(50)) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::DbError;
+
+    #[test]
+    fn a_refusal_of_the_data_is_not_retried() {
+        let refused = DbError::Sqlite(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_TOOBIG), None));
+        assert!(matches!(Failure::from(FactsError::Db(refused)), Failure::Refused(_)));
+        let busy = DbError::Sqlite(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY), None));
+        assert!(matches!(Failure::from(busy), Failure::Retryable(_)));
+        assert!(matches!(Failure::from(FactsError::Missing(3)), Failure::Retryable(_)));
     }
 }

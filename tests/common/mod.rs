@@ -9,6 +9,7 @@
 pub mod broker;
 pub mod kafka;
 pub mod load;
+pub mod plant;
 pub mod process;
 pub mod proxy;
 pub mod readmodel;

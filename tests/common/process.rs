@@ -14,19 +14,17 @@ impl Spiced {
     /// `env` added. The database URL goes through the environment, since the serialised config
     /// has its secrets redacted.
     pub fn spawn(args: &[&str], config: &Config, dir: &Path, env: &[(&str, String)]) -> Spiced {
-        let file = dir.join(format!("spiced-{}.toml", uuid::Uuid::new_v4().simple()));
-        std::fs::write(&file, toml::to_string(config).unwrap()).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_spiced"));
-        cmd.args(args)
-            .arg("--config")
-            .arg(&file)
-            .env("SPICED_DATABASE__URL", config.database.url.expose())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+        let mut cmd = command(args, config, dir);
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
         Spiced { child: cmd.spawn().expect("spawn spiced") }
+    }
+
+    /// Runs a tool (`spiced status`, `spiced project failures`, ...) to its end, for its output.
+    pub fn output(args: &[&str], config: &Config, dir: &Path) -> std::process::Output {
+        command(args, config, dir).env("SPICED_LOG", "warn").output().expect("run spiced")
     }
 
     pub fn pid(&self) -> u32 {
@@ -57,6 +55,18 @@ impl Spiced {
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
+}
+
+/// `spiced <args> --config <file>`, with `config` written to a file in `dir`.
+fn command(args: &[&str], config: &Config, dir: &Path) -> Command {
+    let file = dir.join(format!("spiced-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&file, toml::to_string(config).unwrap()).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spiced"));
+    cmd.args(args)
+        .arg("--config")
+        .arg(&file)
+        .env("SPICED_DATABASE__URL", config.database.url.expose());
+    cmd
 }
 
 impl Drop for Spiced {

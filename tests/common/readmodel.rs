@@ -41,6 +41,20 @@ pub async fn pg(config: &Config) -> tokio_postgres::Client {
     client
 }
 
+/// Runs SQL on the test's database, whichever backend (DDL the test adds or drops while the
+/// pipeline runs: SQLite waits for the pipeline's write lock).
+pub async fn execute(config: &Config, statement: &str) {
+    let url = config.database.url.expose();
+    match url.strip_prefix("sqlite://") {
+        Some(path) => {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.busy_timeout(Duration::from_secs(10)).unwrap();
+            conn.execute_batch(statement).unwrap();
+        }
+        None => pg(config).await.batch_execute(statement).await.unwrap(),
+    }
+}
+
 /// The rows of a read-model schema, in the fold's terms.
 pub async fn rows_of(config: &Config, schema: &str) -> Rows {
     let sql = format!("SELECT kind, key, state, version, position, deleted, created_at, updated_at FROM \"{schema}\".read_models");

@@ -6,7 +6,14 @@
 //! database written before it are removed), then classes and instances, each refused when its
 //! database was deleted after it. Several changes to one row go in rounds, in order, so each
 //! statement touches a row at most once.
+//!
+//! A batch the read store refuses for its content ([`DbError::refuses_content`]) is applied
+//! again in the same transaction one change at a time, each in a savepoint, in the same order;
+//! the changes it refuses are set aside in `projection_failures` ([`super::failures`]) and the
+//! rest commits with the batch's progress, so one event can never hold the projection back.
+//! Any other error fails the batch as before (the caller retries it whole).
 
+use super::failures::{lite_record, pg_record, Refused};
 use super::{ReadKind, ReadRow, ReadSchema, HANDLER};
 use crate::db::{Backend, Database, DbError};
 use chrono::SecondsFormat;
@@ -40,6 +47,16 @@ pub struct ReadBatch {
     pub progress: Progress,
 }
 
+/// What applying a batch did.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// The schema's position afterwards.
+    pub position: u64,
+    /// Events the read store refused for their content: recorded in `projection_failures`,
+    /// not in the read models; the rest of the batch and its progress are committed.
+    pub refused: Vec<Refused>,
+}
+
 const PG_UPSERT: &str = "INSERT INTO {rm} AS r (kind, key, parent, db, state, version, position, cascade_position, deleted, created_at, updated_at) \
      SELECT u.kind, u.key, u.parent, u.db, u.state, u.version, u.position, u.cascade, u.deleted, u.at, u.at \
      FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int8[], $7::int8[], $8::int8[], $9::bool[], $10::timestamptz[]) \
@@ -69,25 +86,53 @@ const KAFKA_POSITION: &str = "UPDATE {proj} SET position = {greatest}(position, 
 impl Database {
     /// Applies a batch to `schema` and records its progress, atomically. Returns the schema's
     /// position afterwards; the part of a `Progress::Log` batch at or below it is skipped
-    /// (already applied, or a rebuilt schema was swapped in ahead of this follower).
-    pub async fn apply_read_batch(&self, schema: &ReadSchema, batch: &ReadBatch) -> Result<u64, DbError> {
+    /// (already applied, or a rebuilt schema was swapped in ahead of this follower). Events the
+    /// read store refuses are set aside and returned; the rest is applied.
+    pub async fn apply_read_batch(&self, schema: &ReadSchema, batch: &ReadBatch) -> Result<Applied, DbError> {
         match &self.backend {
             Backend::Postgres(pg) => {
                 let mut client = pg.pool().get().await?;
                 let tx = client.transaction().await?;
-                let position = pg_apply(&tx, schema, batch).await?;
+                let applied = pg_apply_guarded(&tx, schema, batch).await?;
                 tx.commit().await?;
-                Ok(position)
+                Ok(applied)
             }
             Backend::Sqlite(lite) => {
                 let conn = lite.connection();
                 let mut conn = conn.lock().await;
                 let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-                let position = lite_apply(&tx, schema, batch)?;
+                let applied = lite_apply_guarded(&tx, schema, batch)?;
                 tx.commit()?;
-                Ok(position)
+                Ok(applied)
             }
         }
+    }
+}
+
+/// A statement tried in a savepoint.
+pub(super) enum Tried<T> {
+    Done(T),
+    /// The read store refused it for its content; the savepoint is rolled back.
+    Refused(DbError),
+}
+
+/// The changes of a `Progress::Log` batch not yet applied, or `None` when the schema's
+/// position `stored` is already at or past the batch.
+fn unapplied(stored: u64, to: u64, changes: &[Change]) -> Option<Vec<&Change>> {
+    (stored < to).then(|| changes.iter().filter(|c| c.row.position > stored).collect())
+}
+
+/// The changes one at a time in the order a batch applies them: databases (each with its own
+/// cascade, which touches only other rows), then classes and instances, each in batch order.
+fn one_by_one<'a>(changes: &[&'a Change]) -> Vec<&'a Change> {
+    let (databases, children): (Vec<&Change>, Vec<&Change>) = changes.iter().copied().partition(is_database);
+    databases.into_iter().chain(children).collect()
+}
+
+/// Adds `c` to the refused events, once per event (Kafka may deliver one twice in a batch).
+fn refuse(refused: &mut Vec<Refused>, c: &Change, e: &DbError) {
+    if !refused.iter().any(|r| r.event_id == c.event_id) {
+        refused.push(Refused::of(c, e));
     }
 }
 
@@ -132,14 +177,90 @@ fn sql(template: &str, schema: &ReadSchema, pg: bool) -> String {
     }
 }
 
+/// [`pg_apply`] in a savepoint; when the read store refuses the batch for its content, the
+/// savepoint is rolled back and the batch applied one change at a time.
+async fn pg_apply_guarded(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, batch: &ReadBatch) -> Result<Applied, DbError> {
+    tx.batch_execute("SAVEPOINT batch").await?;
+    match pg_apply(tx, schema, batch).await {
+        Ok(position) => {
+            tx.batch_execute("RELEASE SAVEPOINT batch").await?;
+            Ok(Applied { position, refused: Vec::new() })
+        }
+        Err(e) if e.refuses_content() => {
+            tracing::warn!(error = %e, "the read store refused a batch; applying its changes one at a time");
+            tx.batch_execute("ROLLBACK TO SAVEPOINT batch; RELEASE SAVEPOINT batch").await?;
+            pg_apply_one_by_one(tx, schema, batch).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Ends the savepoint `change` around the statement that gave `result`: kept when it
+/// succeeded, rolled back when the read store refused it (a savepoint rolled back to stays
+/// open until released); any other error fails the transaction.
+pub(super) async fn pg_settle<T>(tx: &tokio_postgres::Transaction<'_>, result: Result<T, DbError>) -> Result<Tried<T>, DbError> {
+    match result {
+        Ok(v) => {
+            tx.batch_execute("RELEASE SAVEPOINT change").await?;
+            Ok(Tried::Done(v))
+        }
+        Err(e) if e.refuses_content() => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT change; RELEASE SAVEPOINT change").await?;
+            Ok(Tried::Refused(e))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The batch one change at a time, each claim and each change in a savepoint of its own;
+/// the refused ones are recorded, the batch's progress is recorded as for a whole batch.
+async fn pg_apply_one_by_one(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, batch: &ReadBatch) -> Result<Applied, DbError> {
+    let mut refused = Vec::new();
+    let fresh: Vec<&Change> = match &batch.progress {
+        Progress::Log { to } => match unapplied(pg_position(tx, schema, true).await?, *to, &batch.changes) {
+            Some(changes) => changes,
+            None => return Ok(Applied { position: pg_position(tx, schema, false).await?, refused }),
+        },
+        Progress::Kafka(_) => {
+            let mut fresh = Vec::new();
+            for c in &batch.changes {
+                tx.batch_execute("SAVEPOINT change").await?;
+                match pg_settle(tx, pg_claim(tx, std::slice::from_ref(c)).await).await? {
+                    Tried::Done(claimed) => fresh.extend(claimed),
+                    Tried::Refused(e) => refuse(&mut refused, c, &e),
+                }
+            }
+            fresh
+        }
+    };
+    for c in one_by_one(&fresh) {
+        tx.batch_execute("SAVEPOINT change").await?;
+        if let Tried::Refused(e) = pg_settle(tx, pg_apply_change(tx, schema, c).await).await? {
+            refuse(&mut refused, c, &e);
+        }
+    }
+    pg_record(tx, schema, &refused).await?;
+    let position = pg_progress(tx, schema, &batch.progress).await?;
+    Ok(Applied { position, refused })
+}
+
+/// One change alone: its row, and for a database deletion the cascade.
+pub(super) async fn pg_apply_change(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, c: &Change) -> Result<(), DbError> {
+    pg_upsert(tx, schema, &[c]).await?;
+    if c.cascade {
+        tx.execute(&sql(CASCADE, schema, true), &[&c.row.key, &(c.row.position as i64)]).await?;
+    }
+    Ok(())
+}
+
 async fn pg_apply(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, batch: &ReadBatch) -> Result<u64, DbError> {
     let claimed: Vec<&Change> = match &batch.progress {
         Progress::Log { to } => {
             let stored = pg_position(tx, schema, true).await?;
-            if stored >= *to {
-                return Ok(stored);
+            match unapplied(stored, *to, &batch.changes) {
+                Some(changes) => changes,
+                None => return Ok(stored),
             }
-            batch.changes.iter().filter(|c| c.row.position > stored).collect()
         }
         Progress::Kafka(_) => pg_claim(tx, &batch.changes).await?,
     };
@@ -209,14 +330,87 @@ async fn pg_progress(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, 
     pg_position(tx, schema, false).await
 }
 
+/// [`lite_apply`] in a savepoint; when the read store refuses the batch for its content, the
+/// savepoint is rolled back and the batch applied one change at a time.
+fn lite_apply_guarded(tx: &rusqlite::Connection, schema: &ReadSchema, batch: &ReadBatch) -> Result<Applied, DbError> {
+    tx.execute_batch("SAVEPOINT batch")?;
+    match lite_apply(tx, schema, batch) {
+        Ok(position) => {
+            tx.execute_batch("RELEASE SAVEPOINT batch")?;
+            Ok(Applied { position, refused: Vec::new() })
+        }
+        Err(e) if e.refuses_content() => {
+            tracing::warn!(error = %e, "the read store refused a batch; applying its changes one at a time");
+            tx.execute_batch("ROLLBACK TO SAVEPOINT batch; RELEASE SAVEPOINT batch")?;
+            lite_apply_one_by_one(tx, schema, batch)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// [`pg_settle`] on SQLite.
+pub(super) fn lite_settle<T>(tx: &rusqlite::Connection, result: Result<T, DbError>) -> Result<Tried<T>, DbError> {
+    match result {
+        Ok(v) => {
+            tx.execute_batch("RELEASE SAVEPOINT change")?;
+            Ok(Tried::Done(v))
+        }
+        Err(e) if e.refuses_content() => {
+            tx.execute_batch("ROLLBACK TO SAVEPOINT change; RELEASE SAVEPOINT change")?;
+            Ok(Tried::Refused(e))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// [`pg_apply_one_by_one`] on SQLite.
+fn lite_apply_one_by_one(tx: &rusqlite::Connection, schema: &ReadSchema, batch: &ReadBatch) -> Result<Applied, DbError> {
+    let mut refused = Vec::new();
+    let fresh: Vec<&Change> = match &batch.progress {
+        Progress::Log { to } => match unapplied(lite_position(tx, schema)?, *to, &batch.changes) {
+            Some(changes) => changes,
+            None => return Ok(Applied { position: lite_position(tx, schema)?, refused }),
+        },
+        Progress::Kafka(_) => {
+            let mut fresh = Vec::new();
+            for c in &batch.changes {
+                tx.execute_batch("SAVEPOINT change")?;
+                match lite_settle(tx, lite_claim(tx, std::slice::from_ref(c)))? {
+                    Tried::Done(claimed) => fresh.extend(claimed),
+                    Tried::Refused(e) => refuse(&mut refused, c, &e),
+                }
+            }
+            fresh
+        }
+    };
+    for c in one_by_one(&fresh) {
+        tx.execute_batch("SAVEPOINT change")?;
+        if let Tried::Refused(e) = lite_settle(tx, lite_apply_change(tx, schema, c))? {
+            refuse(&mut refused, c, &e);
+        }
+    }
+    lite_record(tx, schema, &refused)?;
+    let position = lite_progress(tx, schema, &batch.progress)?;
+    Ok(Applied { position, refused })
+}
+
+/// One change alone: its row, and for a database deletion the cascade.
+pub(super) fn lite_apply_change(tx: &rusqlite::Connection, schema: &ReadSchema, c: &Change) -> Result<(), DbError> {
+    lite_upsert(tx, &sql(LITE_UPSERT, schema, false), c)?;
+    if c.cascade {
+        tx.execute(&sql(CASCADE, schema, false), rusqlite::params![c.row.key, c.row.position as i64])?;
+    }
+    Ok(())
+}
+
 fn lite_apply(tx: &rusqlite::Connection, schema: &ReadSchema, batch: &ReadBatch) -> Result<u64, DbError> {
     let claimed: Vec<&Change> = match &batch.progress {
         Progress::Log { to } => {
             let stored = lite_position(tx, schema)?;
-            if stored >= *to {
-                return Ok(stored);
+            match unapplied(stored, *to, &batch.changes) {
+                Some(changes) => changes,
+                None => return Ok(stored),
             }
-            batch.changes.iter().filter(|c| c.row.position > stored).collect()
         }
         Progress::Kafka(_) => lite_claim(tx, &batch.changes)?,
     };
@@ -302,21 +496,25 @@ pub(super) async fn pg_apply_all(
     tx: &tokio_postgres::Transaction<'_>,
     schema: &ReadSchema,
     batches: &[ReadBatch],
-) -> Result<u64, DbError> {
-    let mut position = pg_position(tx, schema, false).await?;
+) -> Result<Applied, DbError> {
+    let mut all = Applied { position: pg_position(tx, schema, false).await?, refused: Vec::new() };
     for batch in batches {
-        position = pg_apply(tx, schema, batch).await?;
+        let applied = pg_apply_guarded(tx, schema, batch).await?;
+        all.position = applied.position;
+        all.refused.extend(applied.refused);
     }
-    Ok(position)
+    Ok(all)
 }
 
 /// Applies batches inside an open SQLite transaction.
-pub(super) fn lite_apply_all(tx: &rusqlite::Connection, schema: &ReadSchema, batches: &[ReadBatch]) -> Result<u64, DbError> {
-    let mut position = lite_position(tx, schema)?;
+pub(super) fn lite_apply_all(tx: &rusqlite::Connection, schema: &ReadSchema, batches: &[ReadBatch]) -> Result<Applied, DbError> {
+    let mut all = Applied { position: lite_position(tx, schema)?, refused: Vec::new() };
     for batch in batches {
-        position = lite_apply(tx, schema, batch)?;
+        let applied = lite_apply_guarded(tx, schema, batch)?;
+        all.position = applied.position;
+        all.refused.extend(applied.refused);
     }
-    Ok(position)
+    Ok(all)
 }
 
 
@@ -353,6 +551,24 @@ mod tests {
             .map(|r| r.iter().map(|c| (c.row.key.as_str(), c.row.version)).collect())
             .collect();
         assert_eq!(shape, vec![vec![("a", 1), ("b", 1)], vec![("a", 2), ("b", 2)], vec![("a", 3)]]);
+    }
+
+    #[test]
+    fn one_by_one_puts_databases_first_and_keeps_batch_order() {
+        let mut db = change("d", 1);
+        db.row.kind = ReadKind::Database;
+        let changes = [change("a", 1), db.clone(), change("b", 1), change("a", 2)];
+        let refs: Vec<&Change> = changes.iter().collect();
+        let order: Vec<(&str, u64)> = one_by_one(&refs).iter().map(|c| (c.row.key.as_str(), c.row.version)).collect();
+        assert_eq!(order, [("d", 1), ("a", 1), ("b", 1), ("a", 2)]);
+    }
+
+    #[test]
+    fn a_log_batch_skips_what_the_schema_holds() {
+        let changes = [change("a", 1), change("a", 2), change("a", 3)];
+        let left: Vec<u64> = unapplied(1, 3, &changes).unwrap().iter().map(|c| c.row.position).collect();
+        assert_eq!(left, [2, 3]);
+        assert!(unapplied(3, 3, &changes).is_none());
     }
 
     #[test]

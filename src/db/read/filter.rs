@@ -10,7 +10,7 @@
 //! as strings in byte order (write datetimes in one offset, e.g. UTC `Z`, to compare them);
 //! `boolean` takes `=`, `!=` and `exists`; `json` properties only `exists`. A comparison matches
 //! only values of the property's type, so a missing property matches nothing but
-//! `exists:false`. Values cannot contain `,` or `|`.
+//! `exists:false`. Values cannot contain `,`, `|` or U+0000.
 
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -104,6 +104,10 @@ fn condition(text: &str, properties: &HashMap<String, String>) -> Result<Conditi
         .ok_or_else(|| format!("{property:?} is not a property of this class"))?;
     if property.contains('"') || property.chars().any(char::is_control) {
         return Err(format!("property {property:?} cannot be filtered on"));
+    }
+    if raw.contains('\0') {
+        // PostgreSQL cannot bind it (text or jsonb): a 400 here, not a failed query.
+        return Err(format!("{property}: the value contains U+0000 (NUL), which no stored value holds"));
     }
     let ty = ValueType::of_property(declared);
     let test = test_of(op, raw, ty).map_err(|e| format!("{text:?}: {e}"))?;
@@ -324,6 +328,8 @@ mod tests {
             ("ok=in:(true)", "in takes numbers or strings"),
             ("age=exists:maybe", "exists takes true or false"),
             ("age!3", "expected property"),
+            ("name=a\0b", "name: the value contains U+0000"),
+            ("name=in:(a|\0)", "name: the value contains U+0000"),
         ];
         for (input, want) in cases {
             let err = parse(input, &props()).unwrap_err();

@@ -7,11 +7,13 @@
 //! [`ReadSchema`] and is sent unprepared (a cached plan could outlive the rename).
 
 mod apply;
+mod failures;
 pub mod filter;
 mod query;
 mod swap;
 
-pub use apply::{Change, Progress, ReadBatch};
+pub use apply::{Applied, Change, Progress, ReadBatch};
+pub use failures::{ProjectionFailure, Refused};
 pub use query::{Page, Snapshot};
 
 use super::DbError;

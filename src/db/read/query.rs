@@ -12,7 +12,8 @@ const COLUMNS: &str = "kind, key, parent, db, state, version, position, deleted,
 /// Rows read together with the projection position they reflect (one snapshot).
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// Every outcome event at or below this log position is in `rows`' schema.
+    /// Every outcome event at or below this log position is in `rows`' schema, but those the
+    /// read store refused (recorded in `projection_failures`).
     pub position: u64,
     pub rows: Vec<ReadRow>,
 }
@@ -84,7 +85,7 @@ impl Database {
     }
 
     /// How far the live read models have applied the log: every outcome event at or below this
-    /// position is in them.
+    /// position is in them, or recorded as refused in `projection_failures`.
     pub async fn projection_position(&self) -> Result<u64, DbError> {
         self.schema_position(&ReadSchema::live()).await
     }

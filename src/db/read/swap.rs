@@ -3,12 +3,13 @@
 //! The swap is one transaction: it blocks the live projection (a lock on its position row's
 //! table), reads the log head, applies to the target whatever the log holds beyond the
 //! target's position (the live projection can only have applied events at or below that head),
-//! carries over the live Kafka partition positions, and exchanges the two names. Queries keep
+//! carries over the live Kafka partition positions, and exchanges the two names (and those of
+//! their recorded failures, so each schema keeps the list of events it is missing). Queries keep
 //! reading the live schema until the commit; the live projection's next transaction finds the
 //! new tables under the live name, at a position at least as far as its own.
 
 use super::apply::{lite_apply_all, pg_apply_all};
-use super::{ReadBatch, ReadSchema};
+use super::{Applied, ReadBatch, ReadSchema};
 use crate::db::{Backend, Database, DbError};
 use std::future::Future;
 
@@ -60,8 +61,9 @@ impl Database {
 
     /// Exchanges `target` and the live schema (the old live tables end up under the target's
     /// name), after catching the target up to the log head. `catch_up(from, to)` returns the
-    /// batches of log positions `from..=to`. Returns the live position after the swap.
-    pub async fn swap_read_schema<F, Fut>(&self, target: &ReadSchema, catch_up: F) -> Result<u64, DbError>
+    /// batches of log positions `from..=to`. Returns the live position after the swap, and the
+    /// catch-up's events the read store refused (recorded, like any).
+    pub async fn swap_read_schema<F, Fut>(&self, target: &ReadSchema, catch_up: F) -> Result<Applied, DbError>
     where
         F: Fn(u64, u64) -> Fut,
         Fut: Future<Output = Result<Vec<ReadBatch>, DbError>>,
@@ -74,10 +76,10 @@ impl Database {
                 tx.batch_execute(&format!("LOCK TABLE {} IN EXCLUSIVE MODE", live.pg("projection"))).await?;
                 let head = self.index.head().await?;
                 let from = super::apply::pg_position(&tx, target, false).await? + 1;
-                let position = pg_apply_all(&tx, target, &catch_up(from, head).await?).await?;
+                let applied = pg_apply_all(&tx, target, &catch_up(from, head).await?).await?;
                 tx.batch_execute(&pg_exchange(&live, target)).await?;
                 tx.commit().await?;
-                Ok(position)
+                Ok(applied)
             }
             Backend::Sqlite(lite) => {
                 let conn = lite.connection();
@@ -89,15 +91,15 @@ impl Database {
                     let head = conn.query_row("SELECT position FROM log_head WHERE id = 1", [], |r| r.get::<_, i64>(0))? as u64;
                     let from = super::apply::lite_position(&conn, target)? + 1;
                     let batches = catch_up(from, head).await?;
-                    let position = lite_apply_all(&conn, target, &batches)?;
+                    let applied = lite_apply_all(&conn, target, &batches)?;
                     conn.execute_batch(&lite_exchange(&live, target))?;
-                    Ok::<u64, DbError>(position)
+                    Ok::<Applied, DbError>(applied)
                 }
                 .await;
                 match result {
-                    Ok(position) => {
+                    Ok(applied) => {
                         conn.execute_batch("COMMIT")?;
-                        Ok(position)
+                        Ok(applied)
                     }
                     Err(e) => {
                         let _ = conn.execute_batch("ROLLBACK");
@@ -116,7 +118,9 @@ fn pg_exchange(live: &ReadSchema, target: &ReadSchema) -> String {
              ON CONFLICT (topic, partition) DO UPDATE SET position = GREATEST(\"{t}\".projection_partitions.position, EXCLUDED.position);
          ALTER SCHEMA \"{l}\" RENAME TO \"{t}__swapping\";
          ALTER SCHEMA \"{t}\" RENAME TO \"{l}\";
-         ALTER SCHEMA \"{t}__swapping\" RENAME TO \"{t}\";"
+         ALTER SCHEMA \"{t}__swapping\" RENAME TO \"{t}\";
+         {}",
+        super::failures::exchange(live, target)
     )
 }
 
@@ -133,5 +137,6 @@ fn lite_exchange(live: &ReadSchema, target: &ReadSchema) -> String {
              ALTER TABLE \"{t}__swapping__{table}\" RENAME TO \"{t}__{table}\";"
         ));
     }
+    sql.push_str(&super::failures::exchange(live, target));
     sql
 }

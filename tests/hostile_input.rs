@@ -1,0 +1,99 @@
+//! Input the read store cannot keep is refused at the door: a U+0000 anywhere in a body (keys
+//! and values, at any depth, bulk members included), in a `where=` value or in a path segment
+//! is a 400 naming the field, and nothing reaches the log. (PostgreSQL refuses NUL in text
+//! and jsonb; once such an event was in the log, the read models could never apply it.)
+
+mod common;
+
+use common::{spawn_dev, status_json, Backend, TestApp};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+backend_tests! {
+    a_nul_anywhere_is_refused_and_nothing_is_appended,
+}
+
+/// What a hostile request sends.
+enum Send {
+    Post(&'static str, Value),
+    Put(&'static str, Value),
+    Get(&'static str),
+}
+
+/// One row of the table: the request, and the answer it must get.
+struct Case {
+    what: &'static str,
+    send: Send,
+    error: &'static str,
+    /// The field the message must name.
+    field: &'static str,
+}
+
+fn cases() -> Vec<Case> {
+    use Send::*;
+    let nul = "a\u{0}b";
+    vec![
+        Case { what: "top-level value", send: Post("/databases", json!({"name": "evil", "description": nul})), error: "invalid_body", field: "description" },
+        Case {
+            what: "nested value",
+            send: Put("/databases/shop/classes/C?expected_seq=1", json!({"patch": {"properties": [{"name": "colour", "type": "string"}, {"name": nul, "type": "string"}]}})),
+            error: "invalid_body",
+            field: "patch.properties[1].name",
+        },
+        Case { what: "object key", send: Post("/databases/shop/classes/C/instances", json!({"id": "k", "data": {nul: 1}})), error: "invalid_body", field: "data.a\\0b" },
+        Case { what: "array element", send: Post("/databases/shop/classes/C/instances", json!({"id": "t", "data": {"tags": ["ok", nul]}})), error: "invalid_body", field: "data.tags[1]" },
+        Case { what: "update value", send: Put("/databases/shop/classes/C/instances/i?expected_seq=1", json!({"data": {"colour": nul}})), error: "invalid_body", field: "data.colour" },
+        Case {
+            what: "bulk member",
+            send: Post("/databases/shop/classes/C/instances/bulk", json!({"instances": [{"id": "b0", "data": {"colour": "fine"}}, {"id": "b1", "data": {"colour": nul}}]})),
+            error: "invalid_body",
+            field: "instances[1].data.colour",
+        },
+        Case { what: "class label", send: Post("/databases/shop/classes", json!({"id": "D", "label": nul})), error: "invalid_body", field: "label" },
+        Case { what: "where= value", send: Get("/databases/shop/classes/C/instances?where=colour%3Da%00b"), error: "invalid_filter", field: "colour" },
+        Case { what: "where= in value", send: Get("/databases/shop/classes/C/instances?where=colour%3Din%3A(x%7Ca%00b)"), error: "invalid_filter", field: "colour" },
+        Case { what: "path segment (query)", send: Get("/databases/a%00b"), error: "invalid_id", field: "db" },
+        Case { what: "path segment (command)", send: Post("/databases/a%00b/classes", json!({"id": "C"})), error: "invalid_id", field: "db" },
+        Case { what: "cursor", send: Get("/databases/shop/classes/C/instances?cursor=a%00b"), error: "invalid_id", field: "cursor" },
+    ]
+}
+
+async fn send(app: &TestApp, send: &Send) -> (u16, Value) {
+    let request = match send {
+        Send::Post(path, body) => app.http.post(app.url(path)).json(body),
+        Send::Put(path, body) => app.http.put(app.url(path)).json(body),
+        Send::Get(path) => app.http.get(app.url(path)),
+    };
+    status_json(request.send().await.unwrap()).await
+}
+
+async fn done(app: &TestApp, (s, b): (u16, Value)) {
+    assert_eq!(s, 202, "{b}");
+    let status = app.wait_command(b["command_id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+}
+
+async fn a_nul_anywhere_is_refused_and_nothing_is_appended(backend: Backend) {
+    let app = spawn_dev(backend).await;
+    done(&app, app.post("/databases", json!({"name": "shop"})).await).await;
+    done(&app, app.post("/databases/shop/classes", json!({"id": "C", "properties": [{"name": "colour", "type": "string"}, {"name": "tags", "type": "json"}]})).await).await;
+    done(&app, app.post("/databases/shop/classes/C/instances", json!({"id": "i", "data": {"colour": "x"}})).await).await;
+    // The class must be in the read models for where= to reach the value.
+    common::readmodel::caught_up(&app, Duration::from_secs(60)).await;
+    let (db, log) = app.storage().await;
+    for case in cases() {
+        let head = db.index.head().await.unwrap();
+        let (status, body) = send(&app, &case.send).await;
+        assert_eq!((status, body["error"].as_str()), (400, Some(case.error)), "{}: {body}", case.what);
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(case.field), "{}: the message names {}: {body}", case.what, case.field);
+        assert!(!message.contains('\u{0}'), "{}: the message itself holds no NUL: {body}", case.what);
+        assert_eq!(db.index.head().await.unwrap(), head, "{}: the index head moved", case.what);
+        assert!(log.get_segment(head + 1).await.unwrap().is_none(), "{}: a segment was written", case.what);
+    }
+    // The same requests without the NUL are accepted: the refusal is about the NUL alone.
+    let (s, b) = app.post("/databases", json!({"name": "evil", "description": "ab"})).await;
+    assert_eq!(s, 202, "{b}");
+    let (s, b) = app.post("/databases/shop/classes/C/instances/bulk", json!({"instances": [{"id": "b0", "data": {"colour": "fine"}}, {"id": "b1", "data": {"colour": "ab"}}]})).await;
+    assert_eq!(s, 202, "{b}");
+}
