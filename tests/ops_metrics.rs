@@ -122,8 +122,10 @@ async fn consumer_lag_counts_the_messages_not_yet_consumed() {
     assert_eq!(lag(consumer.clone()).await, Some(3));
 
     let stop = CancellationToken::new();
-    let export = spiced::bus::kafka::spawn_lag_export(consumer.clone(), "lag-test", Duration::from_millis(50), stop.clone());
+    let stage = spiced::liveness::register("lag-test", Duration::from_secs(60));
+    let export = spiced::bus::kafka::spawn_lag_export(consumer.clone(), "lag-test", Duration::from_millis(50), stop.clone(), stage.clone());
     wait_sample("spiced_consumer_lag_messages{handler=\"lag-test\"}", 3.0).await;
+    assert!(stage.has_work(), "unread messages are work waiting for the stage");
     stop.cancel();
     export.await.unwrap();
 }
