@@ -31,6 +31,10 @@ fi
 say "installing ${ROOT}/usr/local/bin/spiced"
 install -D -m 0755 "$BINARY" "${ROOT}/usr/local/bin/spiced"
 install -D -m 0644 README.md "${ROOT}/usr/local/share/doc/spiced/README.md"
+say "installing the man page and bash completions"
+mkdir -p "${ROOT}/usr/local/share/man/man1" "${ROOT}/usr/share/bash-completion/completions"
+"$BINARY" man >"${ROOT}/usr/local/share/man/man1/spiced.1"
+"$BINARY" completions bash >"${ROOT}/usr/share/bash-completion/completions/spiced"
 install -d -m 0750 "${ROOT}/etc/spiced" "${ROOT}/var/lib/spiced"
 
 if [[ ! -e "${ROOT}/etc/spiced/spiced.toml" ]]; then

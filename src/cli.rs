@@ -3,8 +3,29 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
+/// Shown after `spiced --help`: what the environment can set, and what exit codes mean.
+const ENVIRONMENT: &str = "\
+Environment:
+  SPICED_CONFIG=PATH          the configuration file, as --config
+  SPICED_<SECTION>__<KEY>     any configuration key, e.g. SPICED_DATABASE__URL=postgres://...,
+                              SPICED_LOG__S3__ENDPOINT=http://127.0.0.1:9000 (see
+                              config/spiced.example.toml); unknown SPICED_* variables are errors
+  SPICED_LOG=FILTER           log filter (tracing EnvFilter), default info; e.g. spiced=debug
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION
+                              S3 credentials when log.s3 leaves them empty
+  NOTIFY_SOCKET, WATCHDOG_USEC
+                              set by systemd: readiness and watchdog keep-alives
+
+Exit codes: 0 done; 1 an error (configuration, a dependency); 2 a command line that does not
+parse, or `spiced verify` finding a guarantee violated.
+
+Examples:
+  spiced dev                                       the whole pipeline in one process, ./data
+  spiced serve --config /etc/spiced/spiced.toml    one role against production services
+  spiced completions bash > /etc/bash_completion.d/spiced";
+
 #[derive(Debug, Parser)]
-#[command(name = "spiced", version, about = "Event-sourced command pipeline with S3 as the source of truth")]
+#[command(name = "spiced", version, about = "Event-sourced command pipeline with S3 as the source of truth", after_help = ENVIRONMENT)]
 pub struct Cli {
     /// Configuration file (TOML). Without it, the embedded defaults of `spiced dev` apply.
     #[arg(long, global = true, env = "SPICED_CONFIG")]
@@ -28,10 +49,13 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the HTTP command API.
+    #[command(after_help = "Example:\n  SPICED_SERVE__LISTEN=0.0.0.0:8080 spiced serve --config /etc/spiced/spiced.toml")]
     Serve,
     /// Publish the event log to Kafka.
+    #[command(after_help = "Examples:\n  spiced relay --config /etc/spiced/spiced.toml\n  spiced relay --republish --from-position 100 --to-position 200")]
     Relay(RelayArgs),
     /// Run command workers.
+    #[command(after_help = "Example:\n  spiced worker --role instance --config /etc/spiced/spiced.toml")]
     Worker {
         /// Role to run (`ontology`, `instance`); repeat for several. Default: `worker.roles`.
         #[arg(long = "role")]
@@ -39,34 +63,51 @@ pub enum Command {
     },
     /// Run the projection worker, rebuild the read models from the log, or list and re-apply
     /// the events the read store refused (`failures`).
+    #[command(after_help = "Examples:\n  spiced project --config /etc/spiced/spiced.toml\n  spiced project --rebuild --until 2026-01-31T00:00:00Z\n  spiced project failures retry")]
     Project(ProjectArgs),
     /// Run the whole pipeline in one process on embedded defaults.
+    #[command(after_help = "Example:\n  SPICED_SERVE__LISTEN=127.0.0.1:9000 spiced dev")]
     Dev,
     /// Apply database migrations.
+    #[command(after_help = "Example:\n  SPICED_DATABASE__URL=postgres://spiced@db/spiced spiced migrate")]
     Migrate,
-    /// Check the log against its guarantees and the index against the log.
+    /// Check the log against its guarantees and the index against the log. Exits 2 when a
+    /// guarantee is violated.
+    #[command(after_help = "Example:\n  spiced verify --config /etc/spiced/spiced.toml || echo \"exit $? (2: violations)\"")]
     Verify {
         /// Check segments from this position on (versions need the whole log).
         #[arg(long, default_value_t = 1)]
         from_position: u64,
     },
     /// Print every stage's position and lag.
+    #[command(after_help = "Example:\n  watch -n 5 spiced status --config /etc/spiced/spiced.toml")]
     Status,
     /// Read the event log as NDJSON.
+    #[command(after_help = "Examples:\n  spiced log get 42\n  spiced log export --from-time 2026-01-01T00:00:00Z > log.ndjson\n  spiced log tail")]
     Log {
         #[command(subcommand)]
         action: LogAction,
     },
-    /// Inspect and re-drive dead letters of the command workers.
+    /// Inspect and re-drive dead letters of the command workers (needs Kafka).
+    #[command(after_help = "Examples:\n  spiced dlq list --role instance\n  spiced dlq redrive 6f1c... --role instance")]
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
     },
     /// Inspect the configuration.
+    #[command(after_help = "Example:\n  spiced config check --config /etc/spiced/spiced.toml")]
     Config {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Print shell completions for bash, zsh, fish, elvish or powershell.
+    #[command(after_help = "Example:\n  spiced completions zsh > ~/.zfunc/_spiced")]
+    Completions {
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), as `scripts/install.sh` installs it.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Debug, clap::Args)]

@@ -29,6 +29,20 @@ async fn main() -> ExitCode {
 struct Violations(usize);
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Needs no configuration: print and leave.
+    match cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "spiced", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            return Ok(());
+        }
+        _ => {}
+    }
     let mut config = Config::load(cli.config.as_deref(), std::env::vars())?;
     config.auth.insecure_no_auth = cli.insecure_no_auth;
     let shutdown = CancellationToken::new();
@@ -88,6 +102,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 DlqAction::Redrive { event_id, role: r } => dlq::redrive(&config, role(&r)?, event_id).await,
             }
         }
+        Command::Completions { .. } | Command::Man => Ok(()),
         Command::Config { action: ConfigAction::Check } => {
             println!("# The effective configuration, secrets redacted.");
             println!("# `spiced dev` runs its workers and projection from the log itself: it uses no");

@@ -56,6 +56,13 @@ fn install_script_stages_everything_and_is_idempotent() {
     ] {
         assert!(root.path().join(file).exists(), "{file} not installed");
     }
+    let man = std::fs::read_to_string(root.path().join("usr/local/share/man/man1/spiced.1")).unwrap();
+    assert!(man.starts_with(".ie") || man.contains(".TH spiced"), "a roff man page: {}", &man[..man.len().min(200)]);
+    let completions = std::fs::read_to_string(root.path().join("usr/share/bash-completion/completions/spiced")).unwrap();
+    assert!(completions.contains("complete") && completions.contains("relay"), "bash completions name the subcommands");
+    let help = Command::new(env!("CARGO_BIN_EXE_spiced")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("SPICED_<SECTION>__<KEY>") && help.contains("Exit codes"), "--help lists the environment: {help}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(root.path().join("etc/spiced/spiced.env")).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "the secrets file is private");
