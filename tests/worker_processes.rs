@@ -173,6 +173,8 @@ async fn sigterm_releases_a_waiting_claim_for_another_worker_at_once() {
     let s = setup_with(|w| {
         w.lease_ms = LEASE.as_millis() as u64;
         w.gap_wait_ms = LEASE.as_millis() as u64;
+        // A wait as long as the lease is legitimate here, not a stall.
+        w.stall_timeout_ms = 2 * LEASE.as_millis() as u64;
         // Far longer than the exit may take: a wait must not be treated as in-flight work.
         w.shutdown_grace_ms = 60_000;
     })
