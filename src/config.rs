@@ -238,6 +238,9 @@ pub struct S3Config {
     pub retry_timeout_ms: u64,
     /// Milliseconds one S3 request may take.
     pub request_timeout_ms: u64,
+    /// A PEM file of CA certificates to trust for an `https://` endpoint (a private CA), beside
+    /// the system's; empty means the system's only.
+    pub ca_file: String,
 }
 
 /// The registry database.
