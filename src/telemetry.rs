@@ -67,11 +67,12 @@ pub type Readiness = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), Stri
 async fn ready(State(check): State<Readiness>) -> Response {
     match check().await {
         Ok(()) => (StatusCode::OK, axum::Json(serde_json::json!({"status": "ready"}))).into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "unavailable", "error": e})),
-        )
-            .into_response(),
+        // The operations endpoints answer anyone: ready or not, never the dependency's error
+        // text (the role's log and `spiced status` have it).
+        Err(e) => {
+            tracing::debug!(error = %e, "not ready");
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"status": "unavailable"}))).into_response()
+        }
     }
 }
 
@@ -153,7 +154,7 @@ pub fn readiness(db: crate::db::Database, log: crate::log::EventLog, stages: Vec
 
 /// A dependency check, bounded: one that does not answer is not ready either, and a probe
 /// must not hang.
-async fn answers<E: std::fmt::Display>(ping: impl Future<Output = Result<(), E>>) -> Result<(), String> {
+pub(crate) async fn answers<E: std::fmt::Display>(ping: impl Future<Output = Result<(), E>>) -> Result<(), String> {
     match tokio::time::timeout(PING_TIMEOUT, ping).await {
         Ok(result) => result.map_err(|e| e.to_string()),
         Err(_) => Err(format!("no answer within {PING_TIMEOUT:?}")),

@@ -32,7 +32,7 @@ pub fn base_config(kafka: &KafkaConfig) -> ClientConfig {
 
 /// Applies `kafka.properties` last, so an operator's setting wins over spiced's.
 pub fn with_properties(mut c: ClientConfig, kafka: &KafkaConfig) -> ClientConfig {
-    for (k, v) in &kafka.properties {
+    for (k, v) in kafka.properties.iter() {
         c.set(k, v);
     }
     c

@@ -97,6 +97,21 @@ pub struct EventLog {
     counts: Arc<RequestCounts>,
 }
 
+/// The extra CA certificates of `log.s3.ca_file` (a PEM bundle), trusted beside the system's;
+/// none when the key is empty.
+fn ca_bundle(path: &str) -> Result<Vec<object_store::Certificate>, LogError> {
+    if path.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pem = std::fs::read(path).map_err(|e| LogError::Setup(format!("log.s3.ca_file {path}: {e}")))?;
+    let bundle = object_store::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| LogError::Setup(format!("log.s3.ca_file {path}: not a PEM certificate bundle: {e}")))?;
+    if bundle.is_empty() {
+        return Err(LogError::Setup(format!("log.s3.ca_file {path}: holds no certificate")));
+    }
+    Ok(bundle)
+}
+
 impl EventLog {
     pub fn open(config: &LogConfig) -> Result<EventLog, LogError> {
         match LogLocation::parse(&config.url).map_err(LogError::Setup)? {
@@ -107,9 +122,12 @@ impl EventLog {
                     retry_timeout: Duration::from_millis(s3.retry_timeout_ms),
                     ..Default::default()
                 };
-                let client = ClientOptions::new()
+                let mut client = ClientOptions::new()
                     .with_timeout(Duration::from_millis(s3.request_timeout_ms))
                     .with_connect_timeout(Duration::from_secs(5));
+                for certificate in ca_bundle(&s3.ca_file)? {
+                    client = client.with_root_certificate(certificate);
+                }
                 let mut builder = AmazonS3Builder::from_env()
                     .with_retry(retry)
                     .with_client_options(client)

@@ -66,17 +66,15 @@ impl Auth {
             });
         }
         if !config.token_file.is_empty() {
-            let text = std::fs::read_to_string(&config.token_file)
-                .map_err(|e| anyhow::anyhow!("auth.token_file {}: {e}", config.token_file))?;
-            for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#')) {
-                let parts: Vec<&str> = line.split_whitespace().collect();
-                let [name, scope, token] = parts[..] else {
-                    anyhow::bail!("auth.token_file line {}: expected `name scope token`", n + 1);
-                };
-                let scope = Scope::parse(scope)
-                    .ok_or_else(|| anyhow::anyhow!("auth.token_file line {}: scope must be read, write or admin", n + 1))?;
-                tokens.push(Token { name: name.into(), digest: digest(token), scope });
+            let from_file = read_token_file(&config.token_file)?;
+            if from_file.is_empty() && !config.insecure_no_auth {
+                anyhow::bail!(
+                    "auth.token_file {} holds no token: the API would be open to anyone; add `name scope token` lines, \
+                     or pass --insecure-no-auth to run without auth on purpose",
+                    config.token_file
+                );
             }
+            tokens.extend(from_file);
         }
         Ok(Auth { tokens: Arc::new(tokens) })
     }
@@ -96,6 +94,46 @@ impl Auth {
         }
         found
     }
+}
+
+/// The shortest token accepted, inline or from the token file.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Reads `name scope token` lines from a file only spiced (or root) can change: one that
+/// others could write to, or that another user owns, could hand out access.
+fn read_token_file(path: &str) -> anyhow::Result<Vec<Token>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("auth.token_file {path}: {e}"))?;
+    if meta.mode() & 0o022 != 0 {
+        anyhow::bail!("auth.token_file {path} is writable by group or others (mode {:o}): chmod 600 it", meta.mode() & 0o777);
+    }
+    // The process's own user is the owner of /proc/self.
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+    if meta.uid() != 0 && meta.uid() != me {
+        anyhow::bail!("auth.token_file {path} is owned by uid {}, neither root nor this process's user (uid {me})", meta.uid());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("auth.token_file {path}: {e}"))?;
+    let mut tokens = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#')) {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let [name, scope, token] = parts[..] else {
+            anyhow::bail!("auth.token_file line {}: expected `name scope token`", n + 1);
+        };
+        let scope = Scope::parse(scope)
+            .ok_or_else(|| anyhow::anyhow!("auth.token_file line {}: scope must be read, write or admin", n + 1))?;
+        if token.len() < MIN_TOKEN_LEN {
+            anyhow::bail!("auth.token_file line {}: the token must be at least {MIN_TOKEN_LEN} characters", n + 1);
+        }
+        tokens.push(Token { name: name.into(), digest: digest(token), scope });
+    }
+    Ok(tokens)
+}
+
+/// The credentials of an `Authorization: Bearer <token>` header; the scheme is
+/// case-insensitive (RFC 9110).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(char::is_whitespace)?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 /// The scope a request needs: reads need `read`, commands `write`, `/metrics` `admin`;
@@ -122,8 +160,7 @@ pub async fn check(State(auth): State<Auth>, mut request: Request, next: Next) -
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer);
     let token = match presented.and_then(|p| auth.find(p)) {
         Some(t) => t,
         None => {
@@ -154,4 +191,57 @@ pub fn check_exposure(auth: &Auth, listen: std::net::SocketAddr, insecure: bool)
         "refusing to listen on {listen} with no auth tokens configured: add [auth] tokens (or auth.token_file), \
          listen on a loopback address, or pass --insecure-no-auth"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn config(file: &std::path::Path, insecure: bool) -> AuthConfig {
+        AuthConfig { tokens: Vec::new(), token_file: file.display().to_string(), insecure_no_auth: insecure }
+    }
+
+    fn file(text: &str, mode: u32) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        f
+    }
+
+    fn refused(f: &tempfile::NamedTempFile, insecure: bool) -> String {
+        match Auth::from_config(&config(f.path(), insecure)) {
+            Ok(_) => panic!("token file accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_token_file_must_be_private_non_empty_and_hold_long_tokens() {
+        let good = file("ci read 0123456789abcdef\n", 0o600);
+        assert!(!Auth::from_config(&config(good.path(), false)).unwrap().is_open());
+        assert!(refused(&file("ci read 0123456789abcdef\n", 0o620), false).contains("writable by group or others"));
+        assert!(refused(&file("ci read 0123456789abcdef\n", 0o602), false).contains("writable by group or others"));
+        assert!(refused(&file("ci read short\n", 0o600), false).contains("at least 16"));
+        let theirs = file("ci read 0123456789abcdef\n", 0o600);
+        let me = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap();
+        if me == 0 {
+            // Only root can give a file away; elsewhere this case cannot be set up.
+            std::os::unix::fs::chown(theirs.path(), Some(54321), None).unwrap();
+            assert!(refused(&theirs, false).contains("owned by uid 54321"));
+        }
+        let empty = file("# nobody yet\n", 0o600);
+        assert!(refused(&empty, false).contains("--insecure-no-auth"));
+        assert!(Auth::from_config(&config(empty.path(), true)).unwrap().is_open(), "open on purpose");
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("BEARER   abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer"), None);
+        assert_eq!(bearer("Bearer "), None);
+    }
 }

@@ -310,16 +310,23 @@ pub async fn healthz() -> Json<Value> {
     )
 )]
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let (log, db) = tokio::join!(state.log.ping(), state.index().ping());
-    let describe = |r: Result<(), String>| match r {
+    let (log, db) = tokio::join!(
+        crate::telemetry::answers(state.log.ping()),
+        crate::telemetry::answers(state.index().ping())
+    );
+    // Anyone may ask: the answer says which dependency fails, never how (the log has that).
+    let describe = |what: &str, r: &Result<(), String>| match r {
         Ok(()) => json!("ok"),
-        Err(e) => json!(e),
+        Err(e) => {
+            tracing::debug!(dependency = what, error = %e, "not ready");
+            json!("unavailable")
+        }
     };
     let ready = log.is_ok() && db.is_ok();
     let body = json!({
         "status": if ready { "ready" } else { "unavailable" },
-        "log": describe(log.map_err(|e| e.to_string())),
-        "database": describe(db.map_err(|e| e.to_string())),
+        "log": describe("log", &log),
+        "database": describe("database", &db),
     });
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()

@@ -16,15 +16,22 @@ impl Broker {
     /// Starts a broker with in-memory storage on a free port and waits until it accepts
     /// connections.
     pub async fn start() -> Broker {
+        let port = super::process::free_port();
+        Self::start_advertising(port, &format!("127.0.0.1:{port}")).await
+    }
+
+    /// A broker listening on `port` that tells clients to connect to `advertised` (a TLS
+    /// proxy in front of it, say). `addr` is where the broker itself listens.
+    pub async fn start_advertising(port: u16, advertised: &str) -> Broker {
         let bin = std::env::var("SPICED_TEST_TANSU_BIN")
             .expect("SPICED_TEST_TANSU_BIN is not set: run the tests through scripts/test.sh");
-        let port = super::process::free_port();
         let addr = format!("127.0.0.1:{port}");
         let url = format!("tcp://{addr}");
+        let advertised = format!("tcp://{advertised}");
         // tansu reads a .env file from its working directory: give it an empty one of its own.
         let dir = tempfile::tempdir().unwrap();
         let child = Command::new(bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised])
             .args(["--storage-engine", "memory://tansu/"])
             .current_dir(dir.path())
             .stdin(Stdio::null())

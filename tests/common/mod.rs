@@ -12,6 +12,7 @@ pub mod load;
 pub mod plant;
 pub mod process;
 pub mod proxy;
+pub mod tls;
 pub mod readmodel;
 
 use spiced::config::{Config, Secret};
