@@ -5,6 +5,7 @@
 //! Nothing here is an event store: every row can be rebuilt from the log, which stays the truth.
 
 pub mod liveness;
+pub mod pg_tls;
 pub mod postgres;
 pub mod read;
 pub mod registry;

@@ -101,8 +101,10 @@ pub struct Pg {
 }
 
 impl Pg {
+    /// A pool for `url`, with TLS as its `sslmode` and `sslrootcert` say ([`super::pg_tls`]).
     pub fn connect(url: &str, pool_size: usize) -> Result<Pg, DbError> {
-        let mut config = tokio_postgres::Config::from_str(url)?;
+        let tls = super::pg_tls::PgTls::from_url(url)?;
+        let mut config = tokio_postgres::Config::from_str(&tls.url)?;
         config.connect_timeout(Duration::from_secs(5));
         // Plan every execution with the table as it is now. A prepared statement's generic plan
         // is cached after a few runs; made while `aggregate_versions` was empty, the version
@@ -114,11 +116,11 @@ impl Pg {
             _ => "-c plan_cache_mode=force_custom_plan".to_string(),
         };
         config.options(&options);
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+        let recycling = || ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match tls.client_config()? {
+            None => Manager::from_config(config, NoTls, recycling()),
+            Some(rustls) => Manager::from_config(config, tokio_postgres_rustls::MakeRustlsConnect::new(rustls), recycling()),
+        };
         let pool = Pool::builder(manager)
             .max_size(pool_size)
             .runtime(Runtime::Tokio1)
