@@ -97,3 +97,34 @@ async fn a_nul_anywhere_is_refused_and_nothing_is_appended(backend: Backend) {
     let (s, b) = app.post("/databases/shop/classes/C/instances/bulk", json!({"instances": [{"id": "b0", "data": {"colour": "fine"}}, {"id": "b1", "data": {"colour": "ab"}}]})).await;
     assert_eq!(s, 202, "{b}");
 }
+
+/// An aggregate whose commands are large: one `/events` page holds at most
+/// `MAX_EVENT_BYTES_PER_READ` of envelopes (never its up to 1000 segments at once), ends
+/// early with `next_from_seq`, and the pages together hold every command once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversized_event_page_ends_early_and_says_where_to_go_on() {
+    let app = common::spawn_app(Backend::LocalSqlite).await;
+    let blob = "x".repeat(700_000);
+    let path = "/databases/big/classes/C/instances/i";
+    let (s, b) = app.post("/databases/big/classes/C/instances", json!({"id": "i", "data": {"blob": blob}})).await;
+    assert_eq!(s, 202, "{b}");
+    for seq in 1..10 {
+        let (s, b) = app.put(&format!("{path}?expected_seq={seq}"), json!({"data": {"blob": blob}})).await;
+        assert_eq!(s, 202, "{b}");
+    }
+    let (mut seqs, mut from, mut pages) = (Vec::new(), 1u64, 0);
+    loop {
+        let (s, page) = app.get(&format!("/aggregates/Instance/big:main:C:i/events?from_seq={from}")).await;
+        assert_eq!(s, 200);
+        let bytes: usize = page["events"].as_array().unwrap().iter().map(|e| e.to_string().len()).sum();
+        assert!(bytes <= spiced::serve::reads::MAX_EVENT_BYTES_PER_READ + 700_000, "a page of {bytes} bytes");
+        seqs.extend(page["events"].as_array().unwrap().iter().map(|e| e["sequence_number"].as_u64().unwrap()));
+        pages += 1;
+        match page["next_from_seq"].as_u64() {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    assert_eq!(seqs, (1..=10).collect::<Vec<_>>(), "every command once, in order");
+    assert!(pages >= 2, "7 MB of commands do not fit one page");
+}

@@ -233,7 +233,8 @@ pub struct EventsPage {
     pub aggregate_type: String,
     pub aggregate_id: String,
     pub events: Vec<crate::envelope::EventEnvelope>,
-    /// Where to continue when the range held more than one call returns.
+    /// Where to continue when the range held more than one call returns (1,000 envelopes or
+    /// 4 MiB of them, whichever comes first).
     pub next_from_seq: Option<u64>,
 }
 

@@ -14,7 +14,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -23,6 +23,12 @@ use uuid::Uuid;
 
 /// Most events one `/events` call returns; the response says where to continue.
 pub const MAX_EVENTS_PER_READ: u64 = 1000;
+
+/// Most bytes of envelopes one `/events` page holds (at least one envelope, whatever its
+/// size); the page then ends early and `next_from_seq` says where to go on. Segments are read
+/// a few at a time and dropped once the aggregate's envelopes are taken from them, so a page
+/// never holds its segments (up to 1000 of 8 MiB) in memory.
+pub const MAX_EVENT_BYTES_PER_READ: usize = 4 * 1024 * 1024;
 
 /// A command's progress: `PENDING` until a worker takes it, then `PROCESSING`, `RETRYING`,
 /// `COMPLETED` or `FAILED`; a bulk command reports each instance.
@@ -95,7 +101,7 @@ async fn command_statuses(
 }
 
 async fn outcome_status(state: &AppState, outcome: &crate::log::plan::IndexRow) -> Result<EventStatus, ApiError> {
-    let events = read_events(state, &outcome.key, Kind::Domain, &[(outcome.seq, outcome.position)]).await?;
+    let (events, _) = read_events(state, &outcome.key, Kind::Domain, &[(outcome.seq, outcome.position)]).await?;
     let envelope = events.first().ok_or_else(|| ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR, "internal", "log index and log disagree; run `spiced verify`",
     ))?;
@@ -251,8 +257,8 @@ pub async fn get_events(
         .positions(&key, kind, from, capped_to)
         .await
         .map_err(|e| state.unavailable(&e))?;
-    let events = read_events(&state, &key, kind, &found).await?;
-    let next = (capped_to < to && found.len() as u64 == MAX_EVENTS_PER_READ).then(|| capped_to + 1);
+    let (events, cut) = read_events(&state, &key, kind, &found).await?;
+    let next = cut.or_else(|| (capped_to < to && found.len() as u64 == MAX_EVENTS_PER_READ).then(|| capped_to + 1));
     Ok(Json(json!({
         "aggregate_type": key.aggregate_type.as_str(),
         "aggregate_id": key.aggregate_id,
@@ -261,36 +267,46 @@ pub async fn get_events(
     })))
 }
 
-/// Fetches the segments holding `found` and picks the aggregate's envelopes, in sequence order.
+/// Fetches the segments holding `found` (sequence, position pairs in sequence order) and picks
+/// the aggregate's envelopes, in sequence order, up to [`MAX_EVENT_BYTES_PER_READ`]; the second
+/// value is the first sequence left out when the page ended early.
 async fn read_events(
     state: &AppState,
     key: &AggregateKey,
     kind: Kind,
     found: &[(u64, u64)],
-) -> Result<Vec<EventEnvelope>, ApiError> {
+) -> Result<(Vec<EventEnvelope>, Option<u64>), ApiError> {
+    let wanted: BTreeSet<u64> = found.iter().map(|(s, _)| *s).collect();
     let positions: BTreeSet<u64> = found.iter().map(|(_, p)| *p).collect();
-    let segments: Vec<_> = futures::stream::iter(positions)
+    // One aggregate's sequence order is its log order: segments in position order give its
+    // envelopes in sequence order.
+    let mut segments = futures::stream::iter(positions)
         .map(|p| async move { state.log.get_segment(p).await.map(|s| (p, s)) })
-        .buffered(8)
-        .try_collect()
-        .await
-        .map_err(|e| state.unavailable(&e))?;
-    let mut events = Vec::with_capacity(found.len());
-    for (position, segment) in segments {
+        .buffered(8);
+    let (mut events, mut bytes) = (Vec::with_capacity(found.len()), 0usize);
+    while let Some(next) = segments.next().await {
+        let (position, segment) = next.map_err(|e| state.unavailable(&e))?;
         let segment = segment.ok_or_else(|| {
             tracing::error!(position, "the index names a log position that does not exist");
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "log index and log disagree; run `spiced verify`")
         })?;
-        events.extend(segment.events.into_iter().filter(|e| {
-            e.aggregate_id == key.aggregate_id
+        for (i, e) in segment.events.iter().enumerate() {
+            let mine = e.aggregate_id == key.aggregate_id
                 && e.aggregate_type == key.aggregate_type.as_str()
                 && e.kind() == Some(kind)
-        }));
+                && e.sequence_number.is_some_and(|s| wanted.contains(&s));
+            if !mine {
+                continue;
+            }
+            let size = segment.raw_event(i).len();
+            if !events.is_empty() && bytes + size > MAX_EVENT_BYTES_PER_READ {
+                return Ok((events, e.sequence_number));
+            }
+            bytes += size;
+            events.push(e.clone());
+        }
     }
-    let wanted: BTreeSet<u64> = found.iter().map(|(s, _)| *s).collect();
-    events.retain(|e| e.sequence_number.is_some_and(|s| wanted.contains(&s)));
-    events.sort_by_key(|e| e.sequence_number);
-    Ok(events)
+    Ok((events, None))
 }
 
 /// Liveness: the process answers.
