@@ -292,6 +292,9 @@ pub struct WriterConfig {
     pub linger_ms: u64,
     /// Appends waiting for the writer before new ones are refused with 503.
     pub queue_depth: usize,
+    /// Most bytes of commands queued or being written; past it a command gets 503 with
+    /// `Retry-After` (one command alone always fits). At least `serve.max_body_bytes`.
+    pub queue_bytes: usize,
     /// Testing only: abort the process at this point of the commit protocol
     /// (`before_put`, `after_put`, `after_commit`). Empty in production.
     pub crash_at: String,
@@ -494,6 +497,9 @@ impl Config {
                 "writer.max_batch_bytes",
                 "must be at least serve.max_body_bytes, or a large command could never be written",
             ));
+        }
+        if self.writer.queue_bytes < self.serve.max_body_bytes {
+            return Err(invalid("writer.queue_bytes", "must be at least serve.max_body_bytes"));
         }
         if self.writer.queue_depth == 0 {
             return Err(invalid("writer.queue_depth", "must be at least 1"));

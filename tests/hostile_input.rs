@@ -128,3 +128,45 @@ async fn an_oversized_event_page_ends_early_and_says_where_to_go_on() {
     assert_eq!(seqs, (1..=10).collect::<Vec<_>>(), "every command once, in order");
     assert!(pages >= 2, "7 MB of commands do not fit one page");
 }
+
+/// A full writer queue answers 503 with `Retry-After` at once, by bytes as well as by count:
+/// with S3 frozen, large commands beyond `writer.queue_bytes` are refused, not queued, and
+/// only the accepted ones reach the log once S3 answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_writer_queue_refuses_by_bytes_and_appends_only_what_it_accepted() {
+    let (mut config, dir) = common::isolated_config(Backend::S3Postgres).await;
+    let proxy = common::proxy::Proxy::start(config.log.s3.endpoint.trim_start_matches("http://")).await;
+    config.log.s3.endpoint = format!("http://{}", proxy.addr);
+    config.writer.queue_bytes = 2 * 1024 * 1024;
+    let app = common::spawn_with(config, dir).await;
+    proxy.pause();
+    let blob = "x".repeat(900_000);
+    let sends: Vec<_> = (0..8)
+        .map(|i| {
+            let (http, url) = (app.http.clone(), app.url("/databases/q/classes/C/instances"));
+            let body = json!({"id": format!("i{i}"), "data": {"blob": blob}});
+            tokio::spawn(async move {
+                let r = http.post(url).json(&body).send().await.unwrap();
+                (r.status().as_u16(), r.headers().contains_key("retry-after"))
+            })
+        })
+        .collect();
+    // The refusals come at once, while S3 still holds the accepted ones.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sends.iter().filter(|s| s.is_finished()).count() < 5 {
+        assert!(std::time::Instant::now() < deadline, "a full queue must refuse at once, not wait");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.resume();
+    let mut accepted = 0;
+    for s in sends {
+        match s.await.unwrap() {
+            (202, _) => accepted += 1,
+            (503, retry_after) => assert!(retry_after, "503 without Retry-After"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!((1..=3).contains(&accepted), "2 MiB holds two or three 0.9 MB commands, not {accepted}");
+    let (_, log) = app.storage().await;
+    assert_eq!(common::read_whole_log(&log).await.len(), accepted, "nothing refused was appended");
+}

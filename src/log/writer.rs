@@ -56,6 +56,8 @@ pub struct WriterStats {
 }
 
 struct Job {
+    /// The command's encoded size, reserved from the queue's byte budget until it is answered.
+    bytes: usize,
     command: AppendCommand,
     reply: oneshot::Sender<Result<AppendOutcome, AppendError>>,
 }
@@ -66,6 +68,36 @@ struct Job {
 pub struct LogWriter {
     jobs: mpsc::Sender<Job>,
     stats: Arc<WriterStats>,
+    budget: Arc<QueueBudget>,
+}
+
+/// Bytes of commands queued or being written, against `writer.queue_bytes`: the queue is
+/// bounded in memory, not only in commands (10,000 commands of 1 MiB would be 10 GiB).
+#[derive(Debug)]
+struct QueueBudget {
+    used: std::sync::atomic::AtomicUsize,
+    limit: usize,
+}
+
+impl QueueBudget {
+    /// Reserves `bytes`; refused when that would pass the limit, unless nothing is queued (so
+    /// a command of any accepted size always gets through alone).
+    fn reserve(&self, bytes: usize) -> bool {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            if used > 0 && used + bytes > self.limit {
+                return false;
+            }
+            match self.used.compare_exchange_weak(used, used + bytes, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
 }
 
 impl LogWriter {
@@ -80,16 +112,24 @@ impl LogWriter {
         let writer = Writer { log, index, config, stats: stats.clone(), behind: Default::default() };
         writer.recover().await?;
         let (jobs, rx) = mpsc::channel(writer.config.queue_depth);
-        tasks.spawn(writer.run(rx));
-        Ok(LogWriter { jobs, stats })
+        let budget = Arc::new(QueueBudget { used: Default::default(), limit: writer.config.queue_bytes });
+        tasks.spawn(writer.run(rx, budget.clone()));
+        Ok(LogWriter { jobs, stats, budget })
     }
 
     /// Appends one command and waits until it is durably in the log (or decided otherwise).
     pub async fn append(&self, command: AppendCommand) -> Result<AppendOutcome, AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.jobs.try_send(Job { command, reply }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => AppendError::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => AppendError::Stopped,
+        let bytes = command_bytes(&command);
+        if !self.budget.reserve(bytes) {
+            return Err(AppendError::Overloaded);
+        }
+        self.jobs.try_send(Job { bytes, command, reply }).map_err(|e| {
+            self.budget.release(bytes);
+            match e {
+                mpsc::error::TrySendError::Full(_) => AppendError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => AppendError::Stopped,
+            }
         })?;
         rx.await.map_err(|_| AppendError::Stopped)?
     }
@@ -119,7 +159,7 @@ enum Step {
 }
 
 impl Writer {
-    async fn run(self, mut rx: mpsc::Receiver<Job>) {
+    async fn run(self, mut rx: mpsc::Receiver<Job>, budget: Arc<QueueBudget>) {
         let mut carried: Option<Job> = None;
         loop {
             let first = match carried.take() {
@@ -139,6 +179,7 @@ impl Writer {
                     Err(e) => Err(e.clone()),
                 };
                 // The client may have gone away; its command's fate is in the log either way.
+                budget.release(job.bytes);
                 let _ = job.reply.send(answer);
             }
             self.catch_up().await;
@@ -163,7 +204,7 @@ impl Writer {
     /// Takes what is queued, up to the batch limits, waiting `linger_ms` for more if set. A job
     /// that would overflow the limits is returned separately to open the next batch.
     async fn collect(&self, first: Job, rx: &mut mpsc::Receiver<Job>) -> (Vec<Job>, Option<Job>) {
-        let mut bytes = command_bytes(&first.command);
+        let mut bytes = first.bytes;
         let mut events = first.command.events.len();
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.linger_ms);
@@ -176,7 +217,7 @@ impl Writer {
                     _ => break,
                 },
             };
-            let size = command_bytes(&next.command);
+            let size = next.bytes;
             let more = next.command.events.len();
             if events + more > self.config.max_batch_events
                 || bytes + size > self.config.max_batch_bytes
