@@ -271,6 +271,8 @@ pub struct ServeConfig {
     pub retry_after_secs: u64,
     /// Longest a read with `?min_version=N` waits for the projection, in ms (then 425).
     pub min_version_wait_ms: u64,
+    /// Most `?min_version=N` reads waiting at once; past it a read gets 503 with `Retry-After`.
+    pub max_version_waiters: usize,
     /// After SIGTERM, how long open requests may take before their connections are closed, in
     /// ms.
     pub shutdown_grace_ms: u64,

@@ -170,3 +170,40 @@ async fn a_full_writer_queue_refuses_by_bytes_and_appends_only_what_it_accepted(
     let (_, log) = app.storage().await;
     assert_eq!(common::read_whole_log(&log).await.len(), accepted, "nothing refused was appended");
 }
+
+/// A flood of `?min_version` reads waiting for a version that never comes: at most
+/// `serve.max_version_waiters` wait (then 425), the rest get 503 with `Retry-After` at once, and
+/// the process keeps serving other reads meanwhile (one position watcher, not a poll per read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_version_waiters_is_bounded_and_the_api_keeps_serving() {
+    let (mut config, dir) = common::isolated_config(Backend::S3Postgres).await;
+    config.serve.max_version_waiters = 50;
+    config.serve.min_version_wait_ms = 2000;
+    let app = common::spawn_role_dev(config, dir).await;
+    done(&app, app.post("/databases", json!({"name": "w"})).await).await;
+    let waits: Vec<_> = (0..200)
+        .map(|_| {
+            let (http, url) = (app.http.clone(), app.url("/databases/w?min_version=99"));
+            tokio::spawn(async move {
+                let r = http.get(url).send().await.unwrap();
+                (r.status().as_u16(), r.headers().contains_key("retry-after"))
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let (s, _) = app.get("/databases/w").await;
+    assert_eq!(s, 200);
+    assert!(started.elapsed() < Duration::from_millis(1000), "a plain read waited {:?} behind the waiters", started.elapsed());
+    let (mut too_early, mut refused) = (0, 0);
+    for w in waits {
+        match w.await.unwrap() {
+            (425, true) => too_early += 1,
+            (503, true) => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(too_early <= 50, "{too_early} waited, at most 50 may");
+    assert_eq!(too_early + refused, 200);
+    assert!(refused >= 150, "the rest are refused at once: {refused}");
+}

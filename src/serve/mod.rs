@@ -6,6 +6,7 @@ pub mod error;
 pub mod extract;
 pub mod openapi;
 pub mod queries;
+pub mod position_watch;
 pub mod reads;
 
 use crate::config::Config;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub db: Database,
     pub log: EventLog,
     pub writer: LogWriter,
+    /// The read models' position, watched once for every `?min_version` read.
+    pub positions: Arc<position_watch::PositionWatch>,
 }
 
 impl AppState {
@@ -41,7 +44,8 @@ impl AppState {
     pub fn new(config: Config, db: Database, log: EventLog, writer: LogWriter) -> anyhow::Result<AppState> {
         let auth = auth::Auth::from_config(&config.auth)?;
         auth::check_exposure(&auth, config.serve.listen, config.auth.insecure_no_auth)?;
-        Ok(AppState { config: Arc::new(config), auth, db, log, writer })
+        let positions = position_watch::PositionWatch::start(db.clone(), config.serve.max_version_waiters);
+        Ok(AppState { config: Arc::new(config), auth, db, log, writer, positions })
     }
 
     pub fn index(&self) -> &dyn LogIndex {

@@ -21,7 +21,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use utoipa::IntoParams;
 
 /// The largest page.
@@ -132,17 +132,30 @@ async fn one(state: &AppState, kind: ReadKind, key: &str, min_version: Option<u6
     Ok(with_position(found.position, item(row)))
 }
 
-/// The row once it has reached `wanted`, polling the read model until
-/// `serve.min_version_wait_ms` has passed; then 425.
+/// The row once it has reached `wanted`, re-read each time the projection position moves
+/// (one watcher per process, [`super::position_watch`]) until `serve.min_version_wait_ms` has
+/// passed; then 425. Past `serve.max_version_waiters` waiting reads, 503.
 async fn wait_for_version(state: &AppState, kind: ReadKind, key: &str, wanted: u64) -> Result<Snapshot, ApiError> {
-    let deadline = Instant::now() + Duration::from_millis(state.config.serve.min_version_wait_ms);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(state.config.serve.min_version_wait_ms);
+    let mut waiter = None;
     loop {
         let found = state.db.read_one(kind, key).await.map_err(|e| state.unavailable(&e))?;
         let version = found.rows.first().map(|r| r.version).unwrap_or(0);
         if version >= wanted {
             return Ok(found);
         }
-        if Instant::now() >= deadline {
+        if waiter.is_none() {
+            let joined = state.positions.join().ok_or_else(|| {
+                ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "unavailable", "too many reads are waiting for the read models (serve.max_version_waiters); retry")
+                    .retry_after(state.retry_after())
+            })?;
+            waiter = Some(joined);
+            // The position may have moved between the read and joining: read once more.
+            continue;
+        }
+        let moves = &mut waiter.as_mut().expect("joined above").moves;
+        let moved = matches!(tokio::time::timeout_at(deadline, moves.changed()).await, Ok(Ok(())));
+        if !moved {
             return Err(ApiError::new(
                 axum::http::StatusCode::TOO_EARLY,
                 "not_yet_projected",
@@ -151,7 +164,6 @@ async fn wait_for_version(state: &AppState, kind: ReadKind, key: &str, wanted: u
             .with("version", json!(version))
             .retry_after(1));
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
