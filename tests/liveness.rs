@@ -60,6 +60,15 @@ impl Stack {
     fn spawn(&self, args: &[&str], env: &[(&str, String)]) -> Spiced {
         Spiced::spawn(args, &self.config, self._dir.path(), env)
     }
+
+    /// `spiced serve` with `config` on a free port, once ready; and its API base URL.
+    async fn serve(&self, config: &Config) -> (Spiced, String) {
+        let port = free_port();
+        let serve = Spiced::spawn(&["serve"], config, self._dir.path(), &[("SPICED_SERVE__LISTEN", format!("127.0.0.1:{port}"))]);
+        let root = format!("http://127.0.0.1:{port}");
+        wait_ready(&root).await;
+        (serve, format!("{root}/api/v1"))
+    }
 }
 
 /// Where the pipeline stands, read directly from PostgreSQL.
@@ -132,11 +141,7 @@ async fn stall(stack: &Stack, name: &str, pause: Duration, http: &reqwest::Clien
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_role_catches_up_after_each_dependency_stalls() {
     let stack = Stack::new().await;
-    let port = free_port();
-    let root = format!("http://127.0.0.1:{port}");
-    let base = format!("{root}/api/v1");
-    let _serve = stack.spawn(&["serve"], &[("SPICED_SERVE__LISTEN", format!("127.0.0.1:{port}"))]);
-    wait_ready(&root).await;
+    let (_serve, base) = stack.serve(&stack.config).await;
     let _relays = [stack.spawn(&["relay"], &[]), stack.spawn(&["relay"], &[])];
     let _workers = [stack.spawn(&["worker"], &[]), stack.spawn(&["worker"], &[])];
     let _project = stack.spawn(&["project"], &[]);
@@ -159,11 +164,7 @@ async fn every_role_catches_up_after_each_dependency_stalls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lone_relay_recovers_from_a_broker_stall() {
     let stack = Stack::new().await;
-    let port = free_port();
-    let root = format!("http://127.0.0.1:{port}");
-    let base = format!("{root}/api/v1");
-    let _serve = stack.spawn(&["serve"], &[("SPICED_SERVE__LISTEN", format!("127.0.0.1:{port}"))]);
-    wait_ready(&root).await;
+    let (_serve, base) = stack.serve(&stack.config).await;
     let ops = format!("http://127.0.0.1:{}", free_port());
     let _relay = stack.spawn(&["relay"], &[("SPICED_METRICS__RELAY_LISTEN", ops.trim_start_matches("http://").to_string())]);
     let _worker = stack.spawn(&["worker"], &[]);
@@ -268,16 +269,12 @@ impl NotifySocket {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stalled_projection_starves_the_watchdog_and_recovers() {
     let stack = Stack::new().await;
-    let port = free_port();
-    let root = format!("http://127.0.0.1:{port}");
-    let base = format!("{root}/api/v1");
     // Only the projection goes through this proxy: the rest of the pipeline keeps running.
     let mut url = url::Url::parse(stack.direct.database.url.expose()).unwrap();
     let own_pg = Proxy::start(&format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))).await;
     url.set_port(Some(own_pg.addr.port())).unwrap();
     let direct = |args: &[&str], env: &[(&str, String)]| Spiced::spawn(args, &stack.direct, stack._dir.path(), env);
-    let _serve = direct(&["serve"], &[("SPICED_SERVE__LISTEN", format!("127.0.0.1:{port}"))]);
-    wait_ready(&root).await;
+    let (_serve, base) = stack.serve(&stack.direct).await;
     let _relay = direct(&["relay"], &[]);
     let _worker = direct(&["worker"], &[]);
     let notify = NotifySocket::bind();
