@@ -82,8 +82,23 @@ async fn tools_work_on_a_dev_data_directory() {
     let projection = row("read models (projection)");
     assert!(projection[1].parse::<u64>().is_ok(), "spiced dev's read models have a position: {table}");
     assert_eq!(row("read models: events refused")[0], "0", "{table}");
+    let relay = table.lines().find(|l| l.starts_with("published to Kafka (relay)")).unwrap();
+    assert!(relay.ends_with("not used (spiced dev)"), "no relay runs under spiced dev: {table}");
     let out = spiced(dir.path(), &["config", "check"]);
-    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("[writer]"));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && shown.contains("[writer]"));
+    assert!(shown.contains("`spiced dev` runs its workers and projection from the log"), "{shown}");
+    // The one tool that needs Kafka says so in one line, naming the broker it could not reach.
+    let out = Command::new(env!("CARGO_BIN_EXE_spiced"))
+        .args(["dlq", "list"])
+        .current_dir(dir.path())
+        .env("SPICED_KAFKA__BROKERS", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("127.0.0.1:1 (kafka.brokers)"), "{stderr}");
     let out = spiced(dir.path(), &["log", "get", "999"]);
     assert!(!out.status.success(), "a missing position is an error");
 }
