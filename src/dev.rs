@@ -28,16 +28,13 @@ pub async fn run_on(config: Config, listener: TcpListener, shutdown: Cancellatio
     let ready = crate::telemetry::readiness(shared.db.clone(), shared.log.clone(), vec![projection.clone()]);
     let _ops = crate::telemetry::start_ops_on(ops, ready);
     let state = AppState::new(config, shared.db.clone(), shared.log.clone(), shared.writer.clone())?;
-    let reporting = shutdown.child_token();
-    let reporter = crate::liveness::spawn_reporter(shared.db.clone(), vec![projection.clone()], reporting.clone());
+    let reporting = crate::liveness::Reporting::start(shared.db.clone(), vec![projection.clone()], &shutdown);
     let (api, workers, projected) = tokio::join!(
         serve_state(state, listener, shutdown.clone()),
         embedded::run(&shared, &shutdown),
         crate::project::follow(&shared.db, &shared.log, &shared.config, &projection, &shutdown)
     );
-    reporting.cancel();
-    let _ = reporter.await;
-    crate::liveness::unregister(&projection);
+    reporting.finish().await;
     drop(shared);
     tasks.close();
     tasks.wait().await;

@@ -2,7 +2,7 @@
 //!
 //! Safety (nothing lost, nothing doubled) holds whatever a dependency does; liveness is the
 //! other half: a stage that is alive makes progress or steps aside. Every stage (the relay,
-//! each worker role, the projection, the log writer) holds a [`Stage`] and says when it
+//! each worker role, the projection) holds a [`Stage`] and says when it
 //! moved forward and when it has nothing to do. A stage with work waiting that has not moved
 //! for longer than its bound is *stalled*, and then, at once:
 //! - `/readyz` of the process answers 503 naming the stage;
@@ -128,8 +128,16 @@ impl Stage {
         self.has_work() && self.since_progress() > self.stall_after
     }
 
-    pub fn stall_after(&self) -> Duration {
-        self.stall_after
+    /// Why the stage cannot make progress now, if it cannot: stalled past its bound, or its
+    /// last attempt failed with work waiting.
+    pub fn trouble(&self) -> Option<String> {
+        let error = self.last_error().filter(|_| self.has_work());
+        match (self.stalled(), error) {
+            (true, Some(e)) => Some(format!("{}: no progress for {:?} with work waiting: {e}", self.stage, self.since_progress())),
+            (true, None) => Some(format!("{}: no progress for {:?} with work waiting", self.stage, self.since_progress())),
+            (false, Some(e)) => Some(format!("{}: {e}", self.stage)),
+            (false, None) => None,
+        }
     }
 
     fn export(&self) {
@@ -168,14 +176,7 @@ pub fn all() -> Vec<Arc<Stage>> {
 
 /// The stalled stages, as `stage: reason` lines; empty when every stage is live.
 pub fn stalled() -> Vec<String> {
-    all()
-        .iter()
-        .filter(|p| p.stalled())
-        .map(|p| match p.last_error() {
-            Some(e) => format!("{} made no progress for {:?} with work waiting: {e}", p.stage, p.since_progress()),
-            None => format!("{} made no progress for {:?} with work waiting", p.stage, p.since_progress()),
-        })
-        .collect()
+    all().iter().filter(|p| p.stalled()).filter_map(|p| p.trouble()).collect()
 }
 
 /// Exports every stage's gauges (called by the metrics endpoint and the watchdog tick).
@@ -210,10 +211,36 @@ impl Stage {
     }
 }
 
+/// A role's stages, reported in `stage_liveness` while it runs ([`Reporting::start`]) and
+/// taken out of the process's list and the table when it ends ([`Reporting::finish`]).
+pub struct Reporting {
+    stages: Vec<Arc<Stage>>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reporting {
+    /// Starts reporting `stages` until [`Reporting::finish`] (or `shutdown`).
+    pub fn start(db: crate::db::Database, stages: Vec<Arc<Stage>>, shutdown: &tokio_util::sync::CancellationToken) -> Reporting {
+        let stop = shutdown.child_token();
+        let task = spawn_reporter(db, stages.clone(), stop.clone());
+        Reporting { stages, stop, task }
+    }
+
+    /// Stops reporting, removes this process's rows and unregisters the stages.
+    pub async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+        for stage in &self.stages {
+            unregister(stage);
+        }
+    }
+}
+
 /// Records `stages` in `stage_liveness` every [`REPORT_EVERY`] until `shutdown`, then removes
 /// this process's rows. A database that does not answer only delays the report: `spiced
 /// status` then shows it as old, which is the truth.
-pub fn spawn_reporter(db: crate::db::Database, stages: Vec<Arc<Stage>>, shutdown: tokio_util::sync::CancellationToken) -> tokio::task::JoinHandle<()> {
+fn spawn_reporter(db: crate::db::Database, stages: Vec<Arc<Stage>>, shutdown: tokio_util::sync::CancellationToken) -> tokio::task::JoinHandle<()> {
     let instance = instance();
     tokio::spawn(async move {
         loop {
@@ -253,10 +280,15 @@ mod tests {
         assert!(p.stalled());
         p.failed(&"broker down");
         assert_eq!(p.last_error().as_deref(), Some("broker down"));
+        let trouble = p.trouble().expect("a stalled stage is in trouble");
+        assert!(trouble.contains("no progress") && trouble.contains("broker down"), "{trouble}");
         p.progressed();
         assert!(!p.stalled());
         assert_eq!(p.last_error(), None, "progress clears the error");
         assert!(p.has_work(), "progress alone does not say the work is done");
+        assert_eq!(p.trouble(), None, "moving again is no trouble");
+        p.failed(&"timed out");
+        assert_eq!(p.trouble().as_deref(), Some("t: timed out"), "failing before the bound is trouble too");
     }
 
     #[test]

@@ -163,13 +163,8 @@ pub(crate) async fn answers<E: std::fmt::Display>(ping: impl Future<Output = Res
 
 /// `Err` naming the first stage that cannot make progress now.
 pub fn stages_live(stages: &[Arc<crate::liveness::Stage>]) -> Result<(), String> {
-    for stage in stages {
-        if stage.stalled() {
-            return Err(format!("{}: no progress for {:?} with work waiting", stage.stage(), stage.since_progress()));
-        }
-        if let Some(e) = stage.last_error().filter(|_| stage.has_work()) {
-            return Err(format!("{}: {e}", stage.stage()));
-        }
+    match stages.iter().find_map(|s| s.trouble()) {
+        Some(trouble) => Err(trouble),
+        None => Ok(()),
     }
-    Ok(())
 }

@@ -74,24 +74,24 @@ impl Publisher {
     }
 
     /// After a failed delivery: replaces the producer if `error` (or the producer's own
-    /// state) says it cannot deliver again; `true` if it was replaced.
-    pub fn recover(&self, error: &KafkaError) -> bool {
+    /// state) says it cannot deliver again.
+    pub fn recover(&self, error: &KafkaError) {
         let fatal = self.get().client().fatal_error();
         if fatal.is_none() && !cured_by_new_producer(error) {
-            return false;
+            return;
         }
         tracing::warn!(%error, fatal = ?fatal, "replacing the Kafka producer");
-        self.replace()
+        self.replace();
     }
 
-    /// Replaces the producer unconditionally (a role that steps down after a stall); `true`
-    /// if a new one could be made.
-    pub fn replace(&self) -> bool {
+    /// Replaces the producer unconditionally (a role that steps down after a stall); keeps the
+    /// old one if no new one can be made.
+    pub fn replace(&self) {
         let fresh = match producer(&self.kafka) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot create a new Kafka producer; keeping the old one");
-                return false;
+                return;
             }
         };
         let old = std::mem::replace(&mut *self.current.write().expect("publisher lock"), fresh);
@@ -99,7 +99,6 @@ impl Publisher {
         // Dropping purges and flushes (up to 500 ms) and joins librdkafka's threads: off the
         // async threads.
         tokio::task::spawn_blocking(move || drop(old));
-        true
     }
 }
 
@@ -135,10 +134,12 @@ pub async fn reachable(kafka: &KafkaConfig, timeout: Duration) -> Result<(), Bus
     c.set_log_level(RDKafkaLogLevel::Emerg);
     let probe: rdkafka::consumer::BaseConsumer = c.create()?;
     let brokers = kafka.brokers.clone();
-    tokio::task::spawn_blocking(move || probe.fetch_metadata(None, timeout).map(|_| ()))
-        .await
-        .map_err(|e| BusError::Unreachable { brokers: brokers.clone(), reason: e.to_string() })?
-        .map_err(|e| BusError::Unreachable { brokers, reason: e.to_string() })
+    let answer = tokio::task::spawn_blocking(move || probe.fetch_metadata(None, timeout).map(|_| ())).await;
+    match answer {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(BusError::Unreachable { brokers, reason: e.to_string() }),
+        Err(e) => Err(BusError::Unreachable { brokers, reason: e.to_string() }),
+    }
 }
 
 /// Every topic a role may produce to, from the config.

@@ -99,16 +99,22 @@ impl Follower {
             let progress = self.progress.as_deref();
             match self.tail.read(self.next, self.batch).await {
                 Ok(segments) if !segments.is_empty() => {
-                    progress.map(|p| p.work_waiting());
+                    if let Some(p) = progress {
+                        p.work_waiting();
+                    }
                     return Some(segments);
                 }
                 Ok(_) => {
-                    progress.map(|p| p.idle());
+                    if let Some(p) = progress {
+                        p.idle();
+                    }
                     pause(shutdown, self.poll).await
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, position = self.next, "cannot read the log; retrying");
-                    progress.map(|p| p.failed(&e));
+                    if let Some(p) = progress {
+                        p.failed(&e);
+                    }
                     pause(shutdown, Duration::from_secs(1)).await;
                 }
             }

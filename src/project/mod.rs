@@ -34,8 +34,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         crate::telemetry::readiness(db.clone(), log.clone(), vec![progress.clone()]),
     )
     .await?;
-    let reporting = shutdown.child_token();
-    let reporter = crate::liveness::spawn_reporter(db.clone(), vec![progress.clone()], reporting.clone());
+    let reporting = crate::liveness::Reporting::start(db.clone(), vec![progress.clone()], &shutdown);
     let result = match config.project.source {
         ProjectSource::Kafka => kafka::consume(&db, &config, &progress, &shutdown).await,
         ProjectSource::Log => {
@@ -43,9 +42,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             follow(&db, &log, &config, &progress, &shutdown).await
         }
     };
-    reporting.cancel();
-    let _ = reporter.await;
-    crate::liveness::unregister(&progress);
+    reporting.finish().await;
     result
 }
 

@@ -88,13 +88,10 @@ pub async fn run_with(
         Some((from, to)) => relay.republish(from, to).await,
         None => {
             let lag = tokio::spawn(export_lag_events(db.clone(), config.relay.name.clone(), LAG_EVENTS_EVERY, shutdown.clone()));
-            let reporting = shutdown.child_token();
-            let reporter = crate::liveness::spawn_reporter(db.clone(), vec![relay.progress.clone()], reporting.clone());
+            let reporting = crate::liveness::Reporting::start(db.clone(), vec![relay.progress.clone()], &shutdown);
             let result = relay.lead_or_wait(&options, &shutdown).await;
             lag.abort();
-            reporting.cancel();
-            let _ = reporter.await;
-            crate::liveness::unregister(&relay.progress);
+            reporting.finish().await;
             result
         }
     }

@@ -129,7 +129,7 @@ impl Shared {
             log,
             db,
             writer,
-            owner: format!("{}-{}-{}", hostname(), std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            owner: format!("{}-{}", crate::liveness::instance(), &uuid::Uuid::new_v4().simple().to_string()[..8]),
         })
     }
 
@@ -143,10 +143,6 @@ impl Shared {
             self.writer.clone(),
         )
     }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into())
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -172,19 +168,14 @@ pub async fn run_roles(config: Config, requested: &[String], shutdown: Cancellat
         crate::telemetry::readiness(shared.db.clone(), shared.log.clone(), progress.clone()),
     )
     .await?;
-    let reporting = shutdown.stop.child_token();
-    let reporter = crate::liveness::spawn_reporter(shared.db.clone(), progress.clone(), reporting.clone());
+    let reporting = crate::liveness::Reporting::start(shared.db.clone(), progress.clone(), &shutdown.stop);
     tracing::info!(roles = ?roles.iter().map(|r| r.name()).collect::<Vec<_>>(), owner = %shared.owner, "spiced worker starting");
     crate::systemd::ready();
     let results = futures::future::join_all(
         roles.iter().zip(&progress).map(|(role, p)| consume_role(&shared, *role, &dead_letters, p, &shutdown)),
     )
     .await;
-    reporting.cancel();
-    let _ = reporter.await;
-    for p in &progress {
-        crate::liveness::unregister(p);
-    }
+    reporting.finish().await;
     drop(shared);
     tasks.close();
     // The log writer drains what the lanes queued; past the grace period its appends are
