@@ -279,6 +279,32 @@ pub struct ServeConfig {
     /// A second listener for `/metrics`, `/healthz` and `/readyz` without auth (for
     /// Prometheus and probes); empty disables it. The API port keeps serving them too.
     pub ops_listen: String,
+    /// Longest a client may take to send a request's head (and the TLS handshake), in ms; an
+    /// idle keep-alive connection is closed after as long.
+    pub header_read_timeout_ms: u64,
+    /// Longest a request may take once its head is in, body included, in ms; then 503. Above
+    /// `min_version_wait_ms`.
+    pub request_timeout_ms: u64,
+    /// Most connections open at once; one more gets 503 with `Retry-After` and is closed.
+    pub max_connections: usize,
+    /// TLS on `listen`; both files empty means plain HTTP.
+    pub tls: ServeTlsConfig,
+}
+
+/// TLS on `serve.listen`: reloaded on SIGHUP.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeTlsConfig {
+    /// The certificate chain, PEM, leaf first.
+    pub cert_file: String,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+}
+
+impl ServeTlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty()
+    }
 }
 
 /// Group commit of the log writer: concurrent appends share one segment object.
@@ -508,6 +534,7 @@ impl Config {
         }
         self.validate_kafka()?;
         self.validate_ops_listeners()?;
+        self.validate_serve_bounds()?;
         if !self.serve.ops_listen.is_empty() {
             let ops: SocketAddr = self.serve.ops_listen.parse().map_err(|_| invalid("serve.ops_listen", "must be empty or an address like 127.0.0.1:9463"))?;
             if ops == self.serve.listen && ops.port() != 0 {
@@ -537,6 +564,23 @@ impl Config {
                 "writer.crash_at",
                 "must be empty, before_put, after_put or after_commit",
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_serve_bounds(&self) -> Result<(), ConfigError> {
+        let s = &self.serve;
+        if s.header_read_timeout_ms == 0 {
+            return Err(invalid("serve.header_read_timeout_ms", "must be at least 1"));
+        }
+        if s.request_timeout_ms <= s.min_version_wait_ms {
+            return Err(invalid("serve.request_timeout_ms", format!("must be above serve.min_version_wait_ms ({})", s.min_version_wait_ms)));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("serve.max_connections", "must be at least 1"));
+        }
+        if s.tls.cert_file.is_empty() != s.tls.key_file.is_empty() {
+            return Err(invalid("serve.tls", "set both cert_file and key_file, or neither"));
         }
         Ok(())
     }

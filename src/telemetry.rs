@@ -118,6 +118,14 @@ impl Drop for OpsGuard {
     }
 }
 
+/// The operations endpoints answer probes and scrapers: a few connections, quick requests.
+const OPS_LIMITS: crate::serve::http::Limits = crate::serve::http::Limits {
+    header_read_timeout: std::time::Duration::from_secs(10),
+    max_connections: 64,
+    retry_after_secs: 1,
+    grace: std::time::Duration::from_secs(1),
+};
+
 async fn serve_ops(listener: tokio::net::TcpListener, readiness: Readiness, shutdown: CancellationToken) -> anyhow::Result<()> {
     metrics();
     let app = Router::new()
@@ -126,7 +134,7 @@ async fn serve_ops(listener: tokio::net::TcpListener, readiness: Readiness, shut
         .route("/readyz", get(ready))
         .with_state(readiness);
     tracing::info!(addr = %listener.local_addr()?, "operations endpoints listening");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    crate::serve::http::serve(listener, app, None, OPS_LIMITS, shutdown).await?;
     Ok(())
 }
 

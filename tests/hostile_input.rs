@@ -7,10 +7,13 @@ mod common;
 
 use common::{spawn_dev, status_json, Backend, TestApp};
 use serde_json::{json, Value};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 backend_tests! {
     a_nul_anywhere_is_refused_and_nothing_is_appended,
+    deep_wide_and_huge_bodies_get_clear_answers,
 }
 
 /// What a hostile request sends.
@@ -206,4 +209,167 @@ async fn a_flood_of_version_waiters_is_bounded_and_the_api_keeps_serving() {
     assert!(too_early <= 50, "{too_early} waited, at most 50 may");
     assert_eq!(too_early + refused, 200);
     assert!(refused >= 150, "the rest are refused at once: {refused}");
+}
+
+/// `data.deep` nested so that the body is `depth` levels deep.
+fn nested(depth: usize) -> Value {
+    let mut v = json!(1);
+    for _ in 0..depth - 2 {
+        v = json!([v]);
+    }
+    json!({"id": "deep", "data": {"deep": v}})
+}
+
+/// A body too deep for every stage to parse, a number beyond a double, a class of too many
+/// properties: each a 400 and nothing appended. What is accepted is what every stage can carry:
+/// 64 levels, a 10,000-property object, an integer beyond 64 bits as a number (a double, as
+/// JSON parsers read it), and the same integer in an `integer` property fails its command
+/// without stopping a worker.
+async fn deep_wide_and_huge_bodies_get_clear_answers(backend: Backend) {
+    let app = spawn_dev(backend).await;
+    done(&app, app.post("/databases", json!({"name": "big"})).await).await;
+    let props = json!([{"name": "deep", "type": "json"}, {"name": "wide", "type": "json"}, {"name": "n", "type": "number"}, {"name": "i", "type": "integer"}]);
+    done(&app, app.post("/databases/big/classes", json!({"id": "C", "properties": props})).await).await;
+    let (db, log) = app.storage().await;
+    let instances = "/databases/big/classes/C/instances";
+    let too_many: Vec<Value> = (0..1001).map(|i| json!({"name": format!("p{i}"), "type": "string"})).collect();
+    let refused = [
+        ("65 levels", app.http.post(app.url(instances)).json(&nested(65)), "invalid_body", "nested deeper than 64"),
+        ("200 levels", app.http.post(app.url(instances)).json(&nested(200)), "malformed_json", "recursion limit"),
+        (
+            "1e400",
+            app.http.post(app.url(instances)).header("content-type", "application/json").body(r#"{"id": "n", "data": {"n": 1e400}}"#),
+            "malformed_json",
+            "number out of range",
+        ),
+        ("1001 properties", app.http.post(app.url("/databases/big/classes")).json(&json!({"id": "D", "properties": too_many})), "invalid_property", "at most 1000"),
+    ];
+    for (what, request, error, says) in refused {
+        let head = db.index.head().await.unwrap();
+        let (status, body) = status_json(request.send().await.unwrap()).await;
+        assert_eq!((status, body["error"].as_str()), (400, Some(error)), "{what}: {body}");
+        assert!(body["message"].as_str().unwrap_or_default().contains(says), "{what}: {body}");
+        assert_eq!(db.index.head().await.unwrap(), head, "{what}: the index head moved");
+        assert!(log.get_segment(head + 1).await.unwrap().is_none(), "{what}: a segment was written");
+    }
+
+    let wide: serde_json::Map<String, Value> = (0..10_000).map(|i| (format!("k{i}"), json!(i))).collect();
+    let huge = "1180591620717411303424"; // 2^70
+    let accepted = [
+        ("64 levels", app.http.post(app.url(instances)).json(&nested(64))),
+        ("10,000 properties", app.http.post(app.url(instances)).json(&json!({"id": "wide", "data": {"wide": wide}}))),
+        (
+            "2^70 as a number",
+            app.http.post(app.url(instances)).header("content-type", "application/json").body(format!(r#"{{"id": "n", "data": {{"n": {huge}}}}}"#)),
+        ),
+    ];
+    for (what, request) in accepted {
+        let (s, b) = status_json(request.send().await.unwrap()).await;
+        assert_eq!(s, 202, "{what}: {b}");
+        let status = app.wait_command(b["command_id"].as_str().unwrap(), Duration::from_secs(60)).await;
+        assert_eq!(status["status"], "COMPLETED", "{what}: {status}");
+    }
+    let body = format!(r#"{{"id": "i", "data": {{"i": {huge}}}}}"#);
+    let request = app.http.post(app.url(instances)).header("content-type", "application/json").body(body);
+    let (s, b) = status_json(request.send().await.unwrap()).await;
+    assert_eq!(s, 202, "{b}");
+    let status = app.wait_command(b["command_id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    assert_eq!(status["status"], "FAILED", "2^70 is no 64-bit integer: {status}");
+
+    common::readmodel::caught_up(&app, Duration::from_secs(60)).await;
+    let (s, wide) = app.get(&format!("{instances}/wide")).await;
+    assert_eq!((s, wide["data"]["wide"].as_object().map(|o| o.len())), (200, Some(10_000)), "{wide}");
+    let (s, n) = app.get(&format!("{instances}/n")).await;
+    assert_eq!((s, n["data"]["n"].as_f64()), (200, Some(2f64.powi(70))), "parsed exactly (float_roundtrip): {n}");
+    let (s, deep) = app.get(&format!("{instances}/deep")).await;
+    assert_eq!(s, 200, "{deep}");
+    assert_eq!(deep["data"], nested(64)["data"], "64 levels read back whole");
+}
+
+/// The host:port the app listens on.
+fn address(app: &TestApp) -> String {
+    app.base.trim_start_matches("http://").trim_end_matches("/api/v1").to_string()
+}
+
+/// The status of the answer to a raw request, and the whole answer.
+async fn raw(stream: &mut TcpStream, request: &str) -> (u16, String) {
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.expect("an answer within 5 s").unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+const HEALTHZ: &str = "GET /healthz HTTP/1.1\r\nHost: spiced\r\n\r\n";
+
+/// A client that sends half a request line is disconnected after `serve.header_read_timeout_ms`,
+/// one whose body never comes gets 503 after `serve.request_timeout_ms` with nothing appended,
+/// and other clients are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_clients_are_cut_off_and_the_api_keeps_serving() {
+    let (mut config, dir) = common::isolated_config(Backend::LocalSqlite).await;
+    config.serve.header_read_timeout_ms = 500;
+    config.serve.min_version_wait_ms = 200;
+    config.serve.request_timeout_ms = 1000;
+    let app = common::spawn_with(config, dir).await;
+
+    let started = Instant::now();
+    let mut half = TcpStream::connect(address(&app)).await.unwrap();
+    half.write_all(b"GET /heal").await.unwrap();
+    let (s, _) = app.get("/databases").await;
+    assert_eq!(s, 200, "served while a slow client holds its connection");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), half.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "half a request line still holds its connection after 5 s");
+    assert!(started.elapsed() >= Duration::from_millis(450), "cut off after {:?}, before the timeout", started.elapsed());
+
+    let mut stalled = TcpStream::connect(address(&app)).await.unwrap();
+    let head = "POST /api/v1/databases HTTP/1.1\r\nHost: spiced\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"name\":";
+    let started = Instant::now();
+    let (status, answer) = raw(&mut stalled, head).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.contains("\"timeout\"") && answer.to_ascii_lowercase().contains("retry-after"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_millis(950), "answered after {:?}", started.elapsed());
+    let (db, log) = app.storage().await;
+    assert_eq!(db.index.head().await.unwrap(), 0, "nothing was appended");
+    assert!(log.get_segment(1).await.unwrap().is_none());
+    let (s, _) = app.post("/databases", json!({"name": "after"})).await;
+    assert_eq!(s, 202, "commands are taken after the timeout");
+}
+
+/// Past `serve.max_connections`, a connection gets 503 with `Retry-After` at once instead of
+/// waiting; once connections close, new ones are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_past_the_limit_are_refused_at_once() {
+    let (mut config, dir) = common::isolated_config(Backend::LocalSqlite).await;
+    config.serve.max_connections = 4;
+    let app = common::spawn_with(config, dir).await;
+    // The client's pooled connection from start-up may hold one of the four.
+    let mut open = Vec::new();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let mut stream = TcpStream::connect(address(&app)).await.unwrap();
+        let started = Instant::now();
+        let (status, answer) = raw(&mut stream, HEALTHZ).await;
+        if status == 503 {
+            assert!(answer.to_ascii_lowercase().contains("retry-after: 1"), "{answer}");
+            assert!(answer.contains("serve.max_connections"), "{answer}");
+            assert!(started.elapsed() < Duration::from_secs(1), "refused after {:?}", started.elapsed());
+        }
+        statuses.push(status);
+        open.push(stream);
+    }
+    assert_eq!(&statuses[..3], &[200, 200, 200], "{statuses:?}");
+    assert!(statuses[3..].contains(&503), "a fifth connection past a limit of 4 is refused: {statuses:?}");
+    drop(open);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut stream = TcpStream::connect(address(&app)).await.unwrap();
+        if raw(&mut stream, HEALTHZ).await.0 == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "closed connections did not free their places");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -72,3 +72,80 @@ async fn s3_over_https_with_a_private_ca() {
     let events = read_whole_log(&log).await;
     assert_eq!(events.len(), 1, "the segment went over HTTPS and reads back");
 }
+
+/// A client that trusts `ca` alone, with no pooled connection carried over.
+fn trusting(ca: &TestCa) -> reqwest::Client {
+    let pem = std::fs::read(&ca.ca).unwrap();
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+async fn healthy(client: &reqwest::Client, url: &str) -> bool {
+    client.get(url).send().await.is_ok_and(|r| r.status() == 200)
+}
+
+/// `serve.tls` on the API: HTTPS with the configured pair, nothing in clear; SIGHUP picks up a
+/// new pair without a restart, and a broken pair on SIGHUP leaves the one in use serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_serves_tls_and_reloads_its_certificate_on_sighup() {
+    let (first, second) = (TestCa::new(), TestCa::new());
+    let (mut config, dir) = isolated_config(Backend::LocalSqlite).await;
+    let (cert, key) = (dir.path().join("api.pem"), dir.path().join("api.key"));
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&first.key, &key).unwrap();
+    config.serve.tls.cert_file = cert.display().to_string();
+    config.serve.tls.key_file = key.display().to_string();
+    let port = free_port();
+    let mut serve = Spiced::spawn(&["serve"], &config, dir.path(), &[("SPICED_SERVE__LISTEN", format!("127.0.0.1:{port}"))]);
+    let url = format!("https://localhost:{port}/healthz");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !healthy(&trusting(&first), &url).await {
+        assert!(serve.is_running() && std::time::Instant::now() < deadline, "serve did not come up over TLS");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!healthy(&trusting(&second), &url).await, "a client that trusts another CA is refused");
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await;
+    assert!(!plain.is_ok_and(|r| r.status() == 200), "no plain HTTP on a TLS listener");
+
+    std::fs::copy(&second.cert, &cert).unwrap();
+    std::fs::copy(&second.key, &key).unwrap();
+    serve.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !healthy(&trusting(&second), &url).await {
+        assert!(serve.is_running() && std::time::Instant::now() < deadline, "the new pair was not picked up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!healthy(&trusting(&first), &url).await, "the old certificate is no longer served");
+
+    std::fs::write(&key, "not a key").unwrap();
+    serve.signal("HUP");
+    let metrics = format!("https://localhost:{port}/metrics");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = trusting(&second).get(&metrics).send().await.unwrap().text().await.unwrap();
+        if text.contains("spiced_tls_reload_failures_total 1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the failed reload is not counted: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(serve.is_running(), "a broken pair on SIGHUP does not stop serve");
+    assert!(healthy(&trusting(&second), &url).await, "the pair in use keeps serving");
+}
+
+/// A key that does not belong to the certificate stops the start with a reason naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mismatched_tls_pair_stops_serve_at_start() {
+    let (first, second) = (TestCa::new(), TestCa::new());
+    let (mut config, dir) = isolated_config(Backend::LocalSqlite).await;
+    config.serve.tls.cert_file = first.cert.display().to_string();
+    config.serve.tls.key_file = second.key.display().to_string();
+    config.serve.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let out = Spiced::output(&["serve"], &config, dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("not a usable pair") && stderr.contains("server.key"), "{stderr}");
+}

@@ -210,9 +210,11 @@ pub fn validate(data: &Map<String, Value>, classes: &[Value]) -> Result<(), Stri
         .iter()
         .flat_map(|c| c["properties"].as_array().into_iter().flatten())
         .collect();
-    let find = |name: &str| props.iter().find(|p| p["name"] == name);
+    // By name, so a large object costs one lookup a key, not a scan of the class.
+    let by_name: std::collections::HashMap<&str, &Value> =
+        props.iter().rev().filter_map(|p| Some((p["name"].as_str()?, *p))).collect();
     for (key, value) in data {
-        let Some(prop) = find(key) else {
+        let Some(prop) = by_name.get(key.as_str()) else {
             return Err(format!("unknown property {key:?}"));
         };
         let ty = prop["type"].as_str().unwrap_or("json");

@@ -175,7 +175,17 @@ fn validate_property_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Most properties one class may declare: each instance is checked against every property of
+/// its class and ancestors, and a class is read whole on every instance command.
+pub const MAX_PROPERTIES: usize = 1000;
+
 fn validate_properties(props: &[PropertyDef]) -> Result<(), ApiError> {
+    if props.len() > MAX_PROPERTIES {
+        return Err(ApiError::bad_request(
+            "invalid_property",
+            format!("{} properties declared; a class may have at most {MAX_PROPERTIES}", props.len()),
+        ));
+    }
     let mut seen = std::collections::HashSet::new();
     for p in props {
         validate_property_name(&p.name)?;

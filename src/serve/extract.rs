@@ -34,7 +34,7 @@ pub fn json_body<T: DeserializeOwned>(
             "request body must be JSON (Content-Type: application/json)",
         ));
     }
-    refuse_nul(&body)?;
+    refuse_unstorable(&body)?;
     let de = &mut serde_json::Deserializer::from_slice(&body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -45,43 +45,59 @@ pub fn json_body<T: DeserializeOwned>(
     })
 }
 
+/// Deepest nesting of arrays and objects a body may have. serde_json stops at 128 levels, and
+/// an envelope nests a body's values a few levels deeper than the request did: a body that
+/// parsed here but not in a worker or the projection would be an event nobody can ever read.
+pub const MAX_DEPTH: usize = 64;
+
 /// A body holding U+0000 in any string, key or value, at any depth, is refused: PostgreSQL
 /// cannot store it in text or jsonb, so once in the log it would be an event the read models
-/// can never apply. A body that is not JSON is left to the typed parse, which says why.
-fn refuse_nul(body: &[u8]) -> Result<(), ApiError> {
+/// can never apply. So is a body nested deeper than [`MAX_DEPTH`]. A body that is not JSON is
+/// left to the typed parse, which says why.
+fn refuse_unstorable(body: &[u8]) -> Result<(), ApiError> {
     let Ok(value) = serde_json::from_slice::<Value>(body) else { return Ok(()) };
-    match nul_at(&value, String::new()) {
-        None => Ok(()),
-        Some(Nul { path, in_key }) => {
-            let what = if in_key { "a key" } else { "the text" };
-            let field = if path.is_empty() { ".".to_string() } else { path };
-            Err(ApiError::bad_request(
-                "invalid_body",
-                format!("{field}: {what} contains U+0000 (NUL), which cannot be stored"),
-            )
-            .with("field", json!(field)))
-        }
-    }
+    let Some(Unstorable { path, what }) = unstorable_at(&value, String::new(), 1) else { return Ok(()) };
+    let field = if path.is_empty() { ".".to_string() } else { path };
+    let message = match what {
+        What::NulInKey => format!("{field}: a key contains U+0000 (NUL), which cannot be stored"),
+        What::NulInText => format!("{field}: the text contains U+0000 (NUL), which cannot be stored"),
+        What::TooDeep => format!("{field}: nested deeper than {MAX_DEPTH} levels"),
+    };
+    Err(ApiError::bad_request("invalid_body", message).with("field", json!(field)))
 }
 
-/// Where a NUL is: the JSON path of the string, or of the key, that holds it.
+/// What cannot be stored, and where: the JSON path of the string, key or value.
 #[derive(Debug, PartialEq)]
-struct Nul {
+struct Unstorable {
     path: String,
-    in_key: bool,
+    what: What,
 }
 
-/// The first NUL in `value`, found depth first; paths read like `instances[3].data.name`.
-fn nul_at(value: &Value, path: String) -> Option<Nul> {
+#[derive(Debug, PartialEq)]
+enum What {
+    NulInKey,
+    NulInText,
+    TooDeep,
+}
+
+/// The first unstorable part of `value` (at nesting `depth`), found depth first; paths read
+/// like `instances[3].data.name`.
+fn unstorable_at(value: &Value, path: String, depth: usize) -> Option<Unstorable> {
+    let nested = matches!(value, Value::Array(_) | Value::Object(_));
+    if nested && depth > MAX_DEPTH {
+        return Some(Unstorable { path, what: What::TooDeep });
+    }
     match value {
-        Value::String(s) => s.contains('\0').then_some(Nul { path, in_key: false }),
-        Value::Array(items) => items.iter().enumerate().find_map(|(i, v)| nul_at(v, format!("{path}[{i}]"))),
+        Value::String(s) => s.contains('\0').then_some(Unstorable { path, what: What::NulInText }),
+        Value::Array(items) => {
+            items.iter().enumerate().find_map(|(i, v)| unstorable_at(v, format!("{path}[{i}]"), depth + 1))
+        }
         Value::Object(map) => map.iter().find_map(|(k, v)| {
             let here = if path.is_empty() { k.escape_debug().to_string() } else { format!("{path}.{}", k.escape_debug()) };
             if k.contains('\0') {
-                return Some(Nul { path: here, in_key: true });
+                return Some(Unstorable { path: here, what: What::NulInKey });
             }
-            nul_at(v, here)
+            unstorable_at(v, here, depth + 1)
         }),
         _ => None,
     }
@@ -132,17 +148,34 @@ pub fn path<T>(p: Result<axum::extract::Path<T>, axum::extract::rejection::PathR
 mod tests {
     use super::*;
 
-    fn nul(body: Value) -> Option<Nul> {
-        nul_at(&body, String::new())
+    fn unstorable(body: Value) -> Option<Unstorable> {
+        unstorable_at(&body, String::new(), 1)
     }
 
     #[test]
     fn finds_a_nul_in_keys_and_values_at_any_depth() {
-        let at = |path: &str, in_key| Some(Nul { path: path.into(), in_key });
-        assert_eq!(nul(json!({"name": "a\u{0}b"})), at("name", false));
-        assert_eq!(nul(json!({"patch": {"properties": [{"name": "x"}, {"name": "y\u{0}"}]}})), at("patch.properties[1].name", false));
-        assert_eq!(nul(json!({"data": {"k\u{0}": 1}})), at("data.k\\0", true));
-        assert_eq!(nul(json!({"instances": [{"data": {}}, {"data": {"tags": ["ok", "\u{0}"]}}]})), at("instances[1].data.tags[1]", false));
-        assert_eq!(nul(json!({"name": "fine", "n": 1, "ok": true, "none": null})), None);
+        let at = |path: &str, what| Some(Unstorable { path: path.into(), what });
+        assert_eq!(unstorable(json!({"name": "a\u{0}b"})), at("name", What::NulInText));
+        assert_eq!(unstorable(json!({"patch": {"properties": [{"name": "x"}, {"name": "y\u{0}"}]}})), at("patch.properties[1].name", What::NulInText));
+        assert_eq!(unstorable(json!({"data": {"k\u{0}": 1}})), at("data.k\\0", What::NulInKey));
+        assert_eq!(unstorable(json!({"instances": [{"data": {}}, {"data": {"tags": ["ok", "\u{0}"]}}]})), at("instances[1].data.tags[1]", What::NulInText));
+        assert_eq!(unstorable(json!({"name": "fine", "n": 1, "ok": true, "none": null})), None);
+    }
+
+    /// `depth` levels: the body object, then `data`, then nested arrays.
+    fn nested(depth: usize) -> Value {
+        let mut v = json!(1);
+        for _ in 0..depth - 2 {
+            v = json!([v]);
+        }
+        json!({"data": {"deep": v}})
+    }
+
+    #[test]
+    fn refuses_nesting_past_the_limit_only() {
+        assert_eq!(unstorable(nested(MAX_DEPTH)), None);
+        let too_deep = unstorable(nested(MAX_DEPTH + 1)).unwrap();
+        assert_eq!(too_deep.what, What::TooDeep);
+        assert!(too_deep.path.starts_with("data.deep[0]"), "{}", too_deep.path);
     }
 }

@@ -4,10 +4,12 @@ pub mod auth;
 pub mod commands;
 pub mod error;
 pub mod extract;
+pub mod http;
 pub mod openapi;
-pub mod queries;
 pub mod position_watch;
+pub mod queries;
 pub mod reads;
+pub mod tls;
 
 use crate::config::Config;
 use crate::db::{Database, LogIndex};
@@ -20,7 +22,6 @@ use axum::http::Method;
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 use error::ApiError;
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -133,8 +134,31 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.serve.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(state.auth.clone(), auth::check))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), request_timeout))
         .layer(axum::middleware::from_fn(crate::telemetry::track_http))
         .with_state(state)
+}
+
+/// Bounds a request once its head is in (`serve.request_timeout_ms`): reading its body and the
+/// handler. A command cut off here may still be committed (it may sit in the writer's queue),
+/// so the answer says to retry with the same Idempotency-Key, which finds it if it was.
+async fn request_timeout(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let limit = Duration::from_millis(state.config.serve.request_timeout_ms);
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("spiced_http_request_timeouts_total").increment(1);
+            let message = "the request took longer than serve.request_timeout_ms; retry (a command with the same Idempotency-Key)";
+            ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "timeout", message)
+                .retry_after(state.retry_after())
+                .into_response()
+        }
+    }
 }
 
 async fn not_found() -> ApiError {
@@ -197,20 +221,35 @@ pub async fn run_with_ops(
     Ok(())
 }
 
-/// Serves the API over ready-made state until `shutdown`.
+/// Serves the API over ready-made state until `shutdown`. After it, requests still open at the
+/// end of `serve.shutdown_grace_ms` are dropped; appends they queued still reach the log (the
+/// writer drains), and their clients learn the outcome by retrying with their Idempotency-Key.
 pub async fn serve_state(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     crate::telemetry::metrics();
-    tracing::info!(addr = %listener.local_addr()?, "spiced serve listening");
-    crate::systemd::ready();
-    let grace = Duration::from_millis(state.config.serve.shutdown_grace_ms);
-    let graceful = crate::shutdown::Graceful::new(shutdown.clone(), grace);
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned());
-    tokio::select! {
-        served = server.into_future() => served?,
-        // Requests still open are dropped; appends they queued still reach the log (the
-        // writer drains), and their clients learn the outcome by retrying with their
-        // Idempotency-Key.
-        _ = graceful.deadline.cancelled() => tracing::warn!(?grace, "grace period over; closing the remaining connections"),
+    let serve = &state.config.serve;
+    let tls = load_tls(serve, &shutdown)?;
+    let limits = http::Limits {
+        header_read_timeout: Duration::from_millis(serve.header_read_timeout_ms),
+        max_connections: serve.max_connections,
+        retry_after_secs: serve.retry_after_secs,
+        grace: Duration::from_millis(serve.shutdown_grace_ms),
+    };
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, tls = tls.is_some(), "spiced serve listening");
+    if tls.is_none() && !addr.ip().is_loopback() && !state.auth.is_open() {
+        tracing::warn!(%addr, "serve.listen is not loopback and serve.tls is off: bearer tokens cross the network in clear unless a TLS-terminating proxy is in front");
     }
+    crate::systemd::ready();
+    http::serve(listener, router(state), tls, limits, shutdown).await?;
     Ok(())
+}
+
+/// `serve.tls`, loaded (a bad pair stops the start) and reloaded on SIGHUP; `None` when off.
+fn load_tls(serve: &crate::config::ServeConfig, shutdown: &CancellationToken) -> anyhow::Result<Option<tls::ServerTls>> {
+    if !serve.tls.enabled() {
+        return Ok(None);
+    }
+    let tls = tls::ServerTls::load(serve.tls.cert_file.as_ref(), serve.tls.key_file.as_ref())?;
+    tls.reload_on_sighup(shutdown.clone())?;
+    Ok(Some(tls))
 }
