@@ -18,7 +18,7 @@ use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig};
 use std::time::Duration;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -116,6 +116,9 @@ impl EventLog {
     pub fn open(config: &LogConfig) -> Result<EventLog, LogError> {
         match LogLocation::parse(&config.url).map_err(LogError::Setup)? {
             LogLocation::S3 { bucket, prefix } => {
+                // object_store's HTTP client takes the process's rustls provider; spiced has
+                // ring alone. Installed once; later calls find it there.
+                let _ = rustls::crypto::ring::default_provider().install_default();
                 let s3 = &config.s3;
                 let retry = RetryConfig {
                     max_retries: s3.max_retries,
