@@ -92,7 +92,8 @@ async fn live(config: &Config, db: &Database, head: u64) -> f64 {
     let started = Instant::now();
     let project = {
         let (db, config, stop) = (db.clone(), config.clone(), stop.clone());
-        tokio::spawn(async move { spiced::project::kafka::consume(&db, &config, &stop).await })
+        let stage = spiced::liveness::register("project", Duration::from_secs(60));
+        tokio::spawn(async move { spiced::project::kafka::consume(&db, &config, &stage, &stop).await })
     };
     wait_position(db, head, &project).await;
     let secs = started.elapsed().as_secs_f64();
