@@ -614,8 +614,8 @@ impl Config {
         if k.brokers.trim().is_empty() {
             return Err(invalid("kafka.brokers", "must name at least one broker"));
         }
-        if !matches!(k.compression.as_str(), "none" | "gzip" | "snappy" | "lz4" | "zstd") {
-            return Err(invalid("kafka.compression", "must be none, gzip, snappy, lz4 or zstd"));
+        if k.compression != "none" && !crate::bus::kafka::CODECS.contains(&k.compression.as_str()) {
+            return Err(invalid("kafka.compression", format!("must be none or one this binary is built with: {}", crate::bus::kafka::CODECS.join(", "))));
         }
         if !(1..=5).contains(&k.max_in_flight) {
             return Err(invalid("kafka.max_in_flight", "must be 1 to 5"));

@@ -149,3 +149,34 @@ async fn a_mismatched_tls_pair_stops_serve_at_start() {
     assert!(!out.status.success());
     assert!(stderr.contains("not a usable pair") && stderr.contains("server.key"), "{stderr}");
 }
+
+/// SASL through `kafka.properties`, set from the environment as a deployment would
+/// (`SPICED_KAFKA__PROPERTIES__SASL_PASSWORD` for `sasl.password`): against a broker that
+/// requires authentication, librdkafka runs the SCRAM exchange and the refusal reaches the
+/// operator by name. (The test broker keeps SCRAM users only in the process that created them
+/// and refuses creating them on an authenticating broker, so a login that succeeds cannot be
+/// shown here; README, "Limits".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_sasl_scram_is_spoken_and_a_refused_login_is_named() {
+    let port = free_port();
+    let broker = Broker::start_with(port, &format!("127.0.0.1:{port}"), &["--authentication"]).await;
+    let (mut config, dir) = isolated_config(Backend::LocalSqlite).await;
+    config.kafka.brokers = broker.addr.clone();
+    for (k, v) in [("security.protocol", "SASL_PLAINTEXT"), ("sasl.mechanism", "SCRAM-SHA-256"), ("sasl.username", "spiced")] {
+        config.kafka.properties.insert(k.into(), v.into());
+    }
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_spiced"));
+    let file = dir.path().join("sasl.toml");
+    std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
+    let out = cmd
+        .args(["dlq", "list", "--config"])
+        .arg(&file)
+        .env("SPICED_DATABASE__URL", config.database.url.expose())
+        .env("SPICED_KAFKA__PROPERTIES__SASL_PASSWORD", "not-the-password")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("SASL") && stderr.contains("SCRAM"), "the refusal is named: {stderr}");
+    assert!(!stderr.contains("not-the-password"), "the password is not printed: {stderr}");
+}

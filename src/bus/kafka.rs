@@ -23,6 +23,10 @@ pub enum BusError {
     Unreachable { brokers: String, reason: String },
 }
 
+/// The compression codecs librdkafka is built with here (`kafka.compression`); a test holds
+/// this list against the library's `builtin.features`.
+pub const CODECS: [&str; 4] = ["gzip", "snappy", "lz4", "zstd"];
+
 /// Settings every client shares: brokers and client id.
 pub fn base_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -132,15 +136,45 @@ pub async fn reachable(kafka: &KafkaConfig, timeout: Duration) -> Result<(), Bus
     use rdkafka::config::RDKafkaLogLevel;
     let mut c = with_properties(base_config(kafka), kafka);
     c.set_log_level(RDKafkaLogLevel::Emerg);
-    let probe: rdkafka::consumer::BaseConsumer = c.create()?;
+    let probe: rdkafka::consumer::BaseConsumer<LastError> = c.create_with_context(LastError::default())?;
     let brokers = kafka.brokers.clone();
-    let answer = tokio::task::spawn_blocking(move || probe.fetch_metadata(None, timeout).map(|_| ())).await;
+    let answer = tokio::task::spawn_blocking(move || {
+        let fetched = probe.fetch_metadata(None, timeout).map(|_| ());
+        fetched.map_err(|e| {
+            // The client's errors arrive as events, served by a poll.
+            let _ = probe.poll(Duration::from_millis(100));
+            probe.context().take().unwrap_or_else(|| e.to_string())
+        })
+    })
+    .await;
     match answer {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(BusError::Unreachable { brokers, reason: e.to_string() }),
+        Ok(Err(reason)) => Err(BusError::Unreachable { brokers, reason }),
         Err(e) => Err(BusError::Unreachable { brokers, reason: e.to_string() }),
     }
 }
+
+/// Keeps a client's last error, so a failed probe can say why (a refused SASL login, a TLS
+/// certificate) rather than librdkafka's generic "broker transport failure".
+#[derive(Default)]
+struct LastError(std::sync::Mutex<Option<String>>);
+
+impl LastError {
+    fn take(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl rdkafka::client::ClientContext for LastError {
+    fn log(&self, _level: rdkafka::config::RDKafkaLogLevel, _facility: &str, _message: &str) {}
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let reason = if reason.is_empty() { error.to_string() } else { reason.to_string() };
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LastError {}
 
 /// Every topic a role may produce to, from the config.
 pub fn all_topics(config: &Config) -> Vec<String> {
@@ -299,4 +333,17 @@ pub fn log_position<M: rdkafka::Message>(m: &M) -> Option<u64> {
     let headers = m.headers()?;
     let header = headers.iter().find(|h| h.key == POSITION_HEADER)?;
     std::str::from_utf8(header.value?).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn librdkafka_is_built_with_tls_sasl_and_every_codec_spiced_offers() {
+        let native = rdkafka::ClientConfig::new().create_native_config().unwrap();
+        let features = native.get("builtin.features").unwrap();
+        let built: Vec<&str> = features.split(',').collect();
+        for wanted in super::CODECS.iter().chain(&["ssl", "sasl_plain", "sasl_scram"]) {
+            assert!(built.contains(wanted), "{wanted} is not in builtin.features {features}");
+        }
+    }
 }

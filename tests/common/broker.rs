@@ -23,6 +23,12 @@ impl Broker {
     /// A broker listening on `port` that tells clients to connect to `advertised` (a TLS
     /// proxy in front of it, say). `addr` is where the broker itself listens.
     pub async fn start_advertising(port: u16, advertised: &str) -> Broker {
+        Self::start_with(port, advertised, &[]).await
+    }
+
+    /// A broker on `port` advertising `advertised`, with extra tansu arguments
+    /// (`--authentication`, say).
+    pub async fn start_with(port: u16, advertised: &str, extra: &[&str]) -> Broker {
         let bin = std::env::var("SPICED_TEST_TANSU_BIN")
             .expect("SPICED_TEST_TANSU_BIN is not set: run the tests through scripts/test.sh");
         let addr = format!("127.0.0.1:{port}");
@@ -33,6 +39,7 @@ impl Broker {
         let child = Command::new(bin)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised])
             .args(["--storage-engine", "memory://tansu/"])
+            .args(extra)
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
