@@ -46,6 +46,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let connections = TaskTracker::new();
+    // Fires at the end of the grace period: connections still open are dropped, with the
+    // requests on them, so nothing they hold (a writer handle) outlives the server.
+    let deadline = CancellationToken::new();
     let limits = Arc::new(limits);
     loop {
         let stream = tokio::select! {
@@ -62,9 +65,10 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let (tls, limits, stop) = (tls.clone(), limits.clone(), shutdown.clone());
+        let (tls, limits) = (tls.clone(), limits.clone());
+        let ends = Ends { graceful: shutdown.clone(), deadline: deadline.clone() };
         match permits.clone().try_acquire_owned() {
-            Ok(permit) => connections.spawn(connection(stream, app.clone(), tls, limits, stop, permit)),
+            Ok(permit) => connections.spawn(connection(stream, app.clone(), tls, limits, ends, permit)),
             Err(_) => connections.spawn(refuse(stream, tls, limits)),
         };
     }
@@ -72,8 +76,18 @@ pub async fn serve(
     connections.close();
     if tokio::time::timeout(limits.grace, connections.wait()).await.is_err() {
         tracing::warn!(grace = ?limits.grace, "grace period over; closing the remaining connections");
+        deadline.cancel();
+        connections.wait().await;
     }
     Ok(())
+}
+
+/// How a connection ends when the server stops: `graceful` finishes the request in progress,
+/// `deadline` drops it.
+#[derive(Clone)]
+struct Ends {
+    graceful: CancellationToken,
+    deadline: CancellationToken,
 }
 
 /// One accepted connection, holding its permit until it closes.
@@ -82,20 +96,20 @@ async fn connection(
     app: Router,
     tls: Option<ServerTls>,
     limits: Arc<Limits>,
-    shutdown: CancellationToken,
+    ends: Ends,
     _permit: OwnedSemaphorePermit,
 ) {
     match tls {
-        None => serve_http(stream, app, &limits, shutdown).await,
+        None => serve_http(stream, app, &limits, ends).await,
         Some(tls) => match tokio::time::timeout(limits.header_read_timeout, tls.acceptor().accept(stream)).await {
-            Ok(Ok(stream)) => serve_http(stream, app, &limits, shutdown).await,
+            Ok(Ok(stream)) => serve_http(stream, app, &limits, ends).await,
             Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
             Err(_) => tracing::debug!("TLS handshake timed out"),
         },
     }
 }
 
-async fn serve_http<S>(stream: S, app: Router, limits: &Limits, shutdown: CancellationToken)
+async fn serve_http<S>(stream: S, app: Router, limits: &Limits, ends: Ends)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -105,10 +119,13 @@ where
     let mut conn = std::pin::pin!(conn);
     let served = tokio::select! {
         served = conn.as_mut() => served,
-        _ = shutdown.cancelled() => {
+        _ = ends.graceful.cancelled() => {
             // Finish the request in progress, then close; an idle connection closes now.
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                served = conn.as_mut() => served,
+                _ = ends.deadline.cancelled() => return,
+            }
         }
     };
     if let Err(e) = served {
