@@ -8,7 +8,6 @@ use common::percentile;
 use serde_json::json;
 use spiced::config::Config;
 use spiced::relay::{run_with, RelayOptions};
-use spiced::serve::open_storage;
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -81,7 +80,7 @@ async fn start() -> Pipeline {
 
 /// Outcomes in the log per command id, with the outcome's time.
 async fn outcomes(config: &Config) -> HashMap<Uuid, chrono::DateTime<chrono::Utc>> {
-    let (db, log) = open_storage(config).await.unwrap();
+    let (db, log) = spiced::storage::open(config).await.unwrap();
     let head = db.index.head().await.unwrap();
     let mut out = HashMap::new();
     for p in 1..=head {

@@ -125,7 +125,7 @@ async fn pages(base: &str, filter: &str, requests: usize) -> (f64, f64, usize) {
 async fn main() {
     let mut config = common::production_config().await;
     config.project.group = format!("{}-projection", config.worker.group_prefix);
-    let (db, log) = spiced::serve::open_storage(&config).await.unwrap();
+    let (db, log) = spiced::storage::open(&config).await.unwrap();
     let started = Instant::now();
     let head = fill(&config, &db, log).await;
     println!(

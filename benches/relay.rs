@@ -13,7 +13,6 @@ use spiced::domain::{AggregateKey, Command, CommandType};
 use spiced::log::plan::{AppendCommand, PendingEvent};
 use spiced::log::writer::LogWriter;
 use spiced::relay::{run_with, RelayOptions, RelayStats};
-use spiced::serve::open_storage;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -25,7 +24,7 @@ use uuid::Uuid;
 
 async fn throughput() {
     let config = common::production_config().await;
-    let (db, log) = open_storage(&config).await.unwrap();
+    let (db, log) = spiced::storage::open(&config).await.unwrap();
     let tasks = TaskTracker::new();
     let writer = LogWriter::start(log, db.index.clone(), config.writer.clone(), &tasks).await.unwrap();
     let routing = Routing { kafka_topic: config.topics.ontology_commands.clone(), service: "bench".into() };

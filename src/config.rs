@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The embedded default: what `spiced dev` and every tool run with when no file is given.
 pub const DEV_TOML: &str = include_str!("../config/dev.toml");
@@ -99,6 +99,11 @@ pub struct ProjectConfig {
     /// With events waiting and none applied for this long, the projection is stalled: its
     /// `/readyz` answers 503 and the systemd watchdog stops being fed.
     pub stall_timeout_ms: u64,
+    /// `source = "log"`: how often it looks for new segments when the log has nothing new, in
+    /// ms.
+    pub poll_interval_ms: u64,
+    /// `source = "kafka"`: Kafka `session.timeout.ms` of its consumer.
+    pub session_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +140,9 @@ pub struct WorkerConfig {
     pub instance_dead_letter_topic: String,
     /// Kafka `session.timeout.ms` of the worker consumers.
     pub session_timeout_ms: u64,
+    /// The embedded workers of `spiced dev`: how often they look for new segments of the log
+    /// when it has nothing new, in ms.
+    pub poll_interval_ms: u64,
     /// On SIGTERM, how long in-flight commands may go on before they are abandoned and their
     /// claims given back, in ms.
     pub shutdown_grace_ms: u64,
@@ -446,6 +454,40 @@ impl fmt::Debug for KafkaProperties {
     }
 }
 
+/// The compression codecs librdkafka is built with here (`kafka.compression`, besides
+/// `none`); a test holds this list against the library's `builtin.features`.
+pub const KAFKA_CODECS: [&str; 4] = ["gzip", "snappy", "lz4", "zstd"];
+
+/// Where the log lives, parsed from `log.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogLocation {
+    S3 { bucket: String, prefix: String },
+    Local { dir: PathBuf },
+}
+
+impl LogLocation {
+    pub fn parse(url: &str) -> Result<LogLocation, String> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err("s3:// URL needs a bucket, e.g. s3://bucket/prefix".into());
+            }
+            return Ok(LogLocation::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+            });
+        }
+        let path = url.strip_prefix("file://").unwrap_or(url);
+        if path.is_empty() {
+            return Err("must name an s3:// URL or a directory".into());
+        }
+        if url.contains("://") && !url.starts_with("file://") {
+            return Err(format!("unsupported scheme in {url:?}; use s3:// or file://"));
+        }
+        Ok(LogLocation::Local { dir: PathBuf::from(path) })
+    }
+}
+
 /// A configuration problem, naming the key or source it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -497,7 +539,7 @@ impl Config {
 
     /// Checks values that types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        crate::log::LogLocation::parse(&self.log.url).map_err(|e| invalid("log.url", e))?;
+        LogLocation::parse(&self.log.url).map_err(|e| invalid("log.url", e))?;
         let db = self.database.url.expose();
         if !(db.starts_with("postgres://")
             || db.starts_with("postgresql://")
@@ -546,6 +588,9 @@ impl Config {
         }
         if self.project.stall_timeout_ms == 0 {
             return Err(invalid("project.stall_timeout_ms", "must be at least 1"));
+        }
+        if self.project.poll_interval_ms == 0 || self.worker.poll_interval_ms == 0 {
+            return Err(invalid("project.poll_interval_ms", "poll intervals (project, worker) must be at least 1"));
         }
         if self.project.batch_events == 0 {
             return Err(invalid("project.batch_events", "must be at least 1"));
@@ -614,8 +659,8 @@ impl Config {
         if k.brokers.trim().is_empty() {
             return Err(invalid("kafka.brokers", "must name at least one broker"));
         }
-        if k.compression != "none" && !crate::bus::kafka::CODECS.contains(&k.compression.as_str()) {
-            return Err(invalid("kafka.compression", format!("must be none or one this binary is built with: {}", crate::bus::kafka::CODECS.join(", "))));
+        if k.compression != "none" && !KAFKA_CODECS.contains(&k.compression.as_str()) {
+            return Err(invalid("kafka.compression", format!("must be none or one this binary is built with: {}", KAFKA_CODECS.join(", "))));
         }
         if !(1..=5).contains(&k.max_in_flight) {
             return Err(invalid("kafka.max_in_flight", "must be 1 to 5"));

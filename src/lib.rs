@@ -5,19 +5,23 @@
 //! commands out, and [`project`] maintains read models.
 
 pub mod cli;
+pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod db;
 pub mod dev;
 pub mod domain;
 pub mod envelope;
+pub mod http;
 pub mod liveness;
 pub mod log;
 pub mod ops;
 pub mod project;
 pub mod relay;
+pub mod routing;
 pub mod serve;
 pub mod shutdown;
+pub mod storage;
 pub mod systemd;
 pub mod telemetry;
 pub mod worker;

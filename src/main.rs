@@ -94,7 +94,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             use spiced::cli::DlqAction;
             use spiced::ops::dlq;
             let role = |name: &str| {
-                spiced::worker::Role::parse(name).ok_or_else(|| anyhow::anyhow!("unknown role {name:?} (ontology, instance)"))
+                spiced::routing::Role::parse(name).ok_or_else(|| anyhow::anyhow!("unknown role {name:?} (ontology, instance)"))
             };
             match action {
                 DlqAction::List { role: r } => dlq::list(&config, role(&r)?).await,
@@ -106,7 +106,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config { action: ConfigAction::Check } => {
             println!("# The effective configuration, secrets redacted.");
             println!("# `spiced dev` runs its workers and projection from the log itself: it uses no");
-            println!("# [kafka], [topics] or [relay] key, nor project.source and project.group.");
+            println!("# [kafka], [topics] or [relay] key, nor project.source, project.group and");
+            println!("# project.session_timeout_ms.");
             print!("{}", config.to_redacted_toml());
             Ok(())
         }

@@ -27,17 +27,7 @@ pub fn metrics() -> &'static PrometheusHandle {
     })
 }
 
-/// `GET /metrics`.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "health",
-    responses(
-        (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
-        crate::serve::openapi::AuthErrors,
-    ),
-    security(("bearer" = ["admin"]))
-)]
+/// `GET /metrics` of every role: the Prometheus text.
 pub async fn render() -> impl IntoResponse {
     crate::liveness::export();
     ([("content-type", "text/plain; version=0.0.4")], metrics().render())
@@ -52,7 +42,9 @@ pub async fn track_http(request: Request, next: Next) -> Response {
         .unwrap_or_else(|| "unmatched".into());
     let method = request.method().to_string();
     let started = Instant::now();
-    let response = next.run(request).await;
+    // Every log line of the request carries its route; a command adds its id (`serve::commands`).
+    let span = tracing::info_span!("request", method = %method, route = %route);
+    let response = tracing::Instrument::instrument(next.run(request), span).await;
     let status = response.status().as_u16().to_string();
     metrics::counter!("spiced_http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
         .increment(1);
@@ -119,7 +111,7 @@ impl Drop for OpsGuard {
 }
 
 /// The operations endpoints answer probes and scrapers: a few connections, quick requests.
-const OPS_LIMITS: crate::serve::http::Limits = crate::serve::http::Limits {
+const OPS_LIMITS: crate::http::Limits = crate::http::Limits {
     header_read_timeout: std::time::Duration::from_secs(10),
     max_connections: 64,
     retry_after_secs: 1,
@@ -134,7 +126,7 @@ async fn serve_ops(listener: tokio::net::TcpListener, readiness: Readiness, shut
         .route("/readyz", get(ready))
         .with_state(readiness);
     tracing::info!(addr = %listener.local_addr()?, "operations endpoints listening");
-    crate::serve::http::serve(listener, app, None, OPS_LIMITS, shutdown).await?;
+    crate::http::serve(listener, app, None, OPS_LIMITS, shutdown).await?;
     Ok(())
 }
 

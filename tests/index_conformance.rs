@@ -6,7 +6,7 @@ use common::{isolated_config, Backend};
 use spiced::db::{Database, DbError, LookupRequest};
 use spiced::domain::AggregateKey;
 use spiced::envelope::Kind;
-use spiced::log::plan::IndexRow;
+use spiced::db::IndexRow;
 use std::time::Duration;
 use uuid::Uuid;
 

@@ -51,7 +51,7 @@ pub fn use_s3(c: &mut Config) {
 /// The command and query API in this process on port 0; returns its `/api/v1` base URL and
 /// the log handle it writes through (for request counts).
 pub async fn start_api(config: &Config) -> (String, spiced::log::EventLog) {
-    let (db, log) = spiced::serve::open_storage(config).await.expect("storage");
+    let (db, log) = spiced::storage::open(config).await.expect("storage");
     let tasks = tokio_util::task::TaskTracker::new();
     let writer = spiced::log::writer::LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks)
         .await

@@ -1,7 +1,7 @@
 //! Kafka clients built from `[kafka]`: the idempotent producer, topic bootstrap, and the
 //! consumer-lag metric every consuming role exports.
 
-use crate::config::{Config, KafkaConfig};
+use crate::config::KafkaConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, ConsumerContext};
@@ -22,10 +22,6 @@ pub enum BusError {
     #[error("cannot reach a Kafka broker at {brokers} (kafka.brokers): {reason}")]
     Unreachable { brokers: String, reason: String },
 }
-
-/// The compression codecs librdkafka is built with here (`kafka.compression`); a test holds
-/// this list against the library's `builtin.features`.
-pub const CODECS: [&str; 4] = ["gzip", "snappy", "lz4", "zstd"];
 
 /// Settings every client shares: brokers and client id.
 pub fn base_config(kafka: &KafkaConfig) -> ClientConfig {
@@ -176,22 +172,6 @@ impl rdkafka::client::ClientContext for LastError {
 
 impl rdkafka::consumer::ConsumerContext for LastError {}
 
-/// Every topic a role may produce to, from the config.
-pub fn all_topics(config: &Config) -> Vec<String> {
-    let t = &config.topics;
-    let mut topics = vec![
-        t.ontology_commands.clone(),
-        t.instance_commands.clone(),
-        t.ontology_events.clone(),
-        t.instance_events.clone(),
-        config.relay.dead_letter_topic.clone(),
-        config.worker.ontology_dead_letter_topic.clone(),
-        config.worker.instance_dead_letter_topic.clone(),
-    ];
-    topics.sort();
-    topics.dedup();
-    topics
-}
 
 /// Creates the topics that do not exist yet; an existing topic is fine, any other refusal is
 /// an error naming the topic. Another process may be creating the same topics at the same
@@ -199,7 +179,7 @@ pub fn all_topics(config: &Config) -> Vec<String> {
 pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(), BusError> {
     let admin: AdminClient<DefaultClientContext> =
         with_properties(base_config(kafka), kafka).create()?;
-    let mut last_error = None;
+    let (mut last_error, mut retry) = (None, crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(2)));
     for attempt in 0..5u64 {
         let missing = missing_topics(&admin, topics)?;
         if missing.is_empty() {
@@ -210,7 +190,7 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(),
             Err(e) => {
                 tracing::warn!(error = %e, attempt, "topic creation failed; checking again");
                 last_error = Some(e);
-                tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+                tokio::time::sleep(retry.next_delay()).await;
             }
         }
     }
@@ -342,7 +322,7 @@ mod tests {
         let native = rdkafka::ClientConfig::new().create_native_config().unwrap();
         let features = native.get("builtin.features").unwrap();
         let built: Vec<&str> = features.split(',').collect();
-        for wanted in super::CODECS.iter().chain(&["ssl", "sasl_plain", "sasl_scram"]) {
+        for wanted in crate::config::KAFKA_CODECS.iter().chain(&["ssl", "sasl_plain", "sasl_scram"]) {
             assert!(built.contains(wanted), "{wanted} is not in builtin.features {features}");
         }
     }

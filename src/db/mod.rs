@@ -14,7 +14,6 @@ pub mod sqlite;
 use crate::config::DatabaseConfig;
 use crate::domain::AggregateKey;
 use crate::envelope::Kind;
-use crate::log::plan::IndexRow;
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -180,6 +179,34 @@ pub struct Lookup {
     /// Sequence of the last outcome per aggregate (absent = none yet).
     pub outcomes: HashMap<AggregateKey, u64>,
 }
+
+/// One envelope's row in the log index: where it is, and what it answered for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexRow {
+    pub event_id: Uuid,
+    pub command_id: Uuid,
+    pub fingerprint: String,
+    pub key: AggregateKey,
+    pub kind: Kind,
+    pub seq: u64,
+    pub position: u64,
+}
+
+/// `[prefix, prefix + 1)` in byte order: every string starting with `prefix`.
+pub fn prefix_range(prefix: &str) -> (String, String) {
+    let mut high = prefix.as_bytes().to_vec();
+    while let Some(last) = high.pop() {
+        if last < 0xff {
+            high.push(last + 1);
+            break;
+        }
+    }
+    (prefix.to_string(), String::from_utf8_lossy(&high).into_owned())
+}
+
+/// The embedded workers' cursor over the log (`spiced dev`), a named checkpoint in
+/// `relay_state`.
+pub const EMBEDDED_WORKERS_CHECKPOINT: &str = "embedded-workers";
 
 /// An open database: the log index over PostgreSQL or SQLite.
 #[derive(Clone)]

@@ -7,7 +7,7 @@
 use super::{DbError, IndexTx, LogIndex, Lookup, LookupRequest, Migration};
 use crate::domain::{AggregateKey, AggregateType};
 use crate::envelope::Kind;
-use crate::log::plan::IndexRow;
+use crate::db::IndexRow;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use std::collections::HashMap;
@@ -181,17 +181,6 @@ fn key_map(rows: &[Row]) -> HashMap<AggregateKey, u64> {
         .collect()
 }
 
-/// `[prefix, prefix + 1)` in byte order: every string starting with `prefix`.
-pub fn prefix_range(prefix: &str) -> (String, String) {
-    let mut high = prefix.as_bytes().to_vec();
-    while let Some(last) = high.pop() {
-        if last < 0xff {
-            high.push(last + 1);
-            break;
-        }
-    }
-    (prefix.to_string(), String::from_utf8_lossy(&high).into_owned())
-}
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).expect("positions and sequences stay below 2^63")
@@ -320,7 +309,7 @@ impl LogIndex for Pg {
         prefix: &str,
     ) -> Result<Vec<String>, DbError> {
         let client = self.pool.get().await?;
-        let (low, high) = prefix_range(prefix);
+        let (low, high) = super::prefix_range(prefix);
         let rows = client
             .query(SELECT_PREFIXED, &[&aggregate_type.as_str(), &low, &high])
             .await?;

@@ -8,7 +8,7 @@
 use super::{DbError, IndexTx, LogIndex, Lookup, LookupRequest, Migration};
 use crate::domain::{AggregateKey, AggregateType};
 use crate::envelope::Kind;
-use crate::log::plan::IndexRow;
+use super::IndexRow;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
@@ -268,7 +268,7 @@ impl LogIndex for Lite {
         prefix: &str,
     ) -> Result<Vec<String>, DbError> {
         let conn = self.conn.lock().await;
-        let (low, high) = super::postgres::prefix_range(prefix);
+        let (low, high) = super::prefix_range(prefix);
         let mut stmt = conn.prepare_cached(SELECT_PREFIXED)?;
         let ids = stmt
             .query_map(params![aggregate_type.as_str(), low, high], |r| r.get(0))?

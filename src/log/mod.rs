@@ -13,7 +13,7 @@ pub mod writer;
 
 pub use segment::Segment;
 
-use crate::config::LogConfig;
+use crate::config::{LogConfig, LogLocation};
 use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
@@ -23,36 +23,6 @@ use std::time::Duration;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-/// Where the log lives, parsed from `log.url`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LogLocation {
-    S3 { bucket: String, prefix: String },
-    Local { dir: PathBuf },
-}
-
-impl LogLocation {
-    pub fn parse(url: &str) -> Result<LogLocation, String> {
-        if let Some(rest) = url.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err("s3:// URL needs a bucket, e.g. s3://bucket/prefix".into());
-            }
-            return Ok(LogLocation::S3 {
-                bucket: bucket.to_string(),
-                prefix: prefix.trim_matches('/').to_string(),
-            });
-        }
-        let path = url.strip_prefix("file://").unwrap_or(url);
-        if path.is_empty() {
-            return Err("must name an s3:// URL or a directory".into());
-        }
-        if url.contains("://") && !url.starts_with("file://") {
-            return Err(format!("unsupported scheme in {url:?}; use s3:// or file://"));
-        }
-        Ok(LogLocation::Local { dir: PathBuf::from(path) })
-    }
-}
 
 /// Log failures. `AlreadyExists` is the put-if-absent fence that the commit protocol relies on.
 #[derive(Debug, thiserror::Error)]

@@ -3,6 +3,7 @@
 //!
 //! Pure functions, so every rule here is unit-tested without a database.
 
+use crate::db::IndexRow;
 use crate::domain::AggregateKey;
 use crate::envelope::{EventEnvelope, Kind};
 use std::collections::HashMap;
@@ -79,18 +80,6 @@ pub fn lookup_request(commands: &[AppendCommand], check_all_ids: bool) -> crate:
         command_keys: command_keys.into_iter().collect(),
         outcome_keys: outcome_keys.into_iter().collect(),
     }
-}
-
-/// One envelope's row in the log index: where it is, and what it answered for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IndexRow {
-    pub event_id: Uuid,
-    pub command_id: Uuid,
-    pub fingerprint: String,
-    pub key: AggregateKey,
-    pub kind: Kind,
-    pub seq: u64,
-    pub position: u64,
 }
 
 /// The sequence an accepted envelope received.

@@ -9,6 +9,7 @@ use crate::db::LogIndex;
 use futures::{StreamExt, TryStreamExt};
 use std::sync::Arc;
 use std::time::Duration;
+use crate::backoff::{pause, Backoff};
 use tokio_util::sync::CancellationToken;
 
 /// Segments fetched concurrently when catching up.
@@ -76,11 +77,12 @@ pub struct Follower {
     batch: usize,
     poll: Duration,
     progress: Option<std::sync::Arc<crate::liveness::Stage>>,
+    retry: Backoff,
 }
 
 impl Follower {
     pub fn new(tail: Tail, from: u64, batch: usize, poll: Duration) -> Self {
-        Follower { tail, next: from.max(1), batch, poll, progress: None }
+        Follower { tail, next: from.max(1), batch, poll, progress: None, retry: crate::backoff::STORAGE }
     }
 
     /// Reports to `progress`: idle when the log has nothing new, waiting when it has (or
@@ -99,6 +101,7 @@ impl Follower {
             let progress = self.progress.as_deref();
             match self.tail.read(self.next, self.batch).await {
                 Ok(segments) if !segments.is_empty() => {
+                    self.retry.reset();
                     if let Some(p) = progress {
                         p.work_waiting();
                     }
@@ -115,7 +118,7 @@ impl Follower {
                     if let Some(p) = progress {
                         p.failed(&e);
                     }
-                    pause(shutdown, Duration::from_secs(1)).await;
+                    self.retry.wait(shutdown).await;
                 }
             }
         }
@@ -130,10 +133,3 @@ impl Follower {
     }
 }
 
-/// Sleeps for `duration`, or until `shutdown`.
-pub async fn pause(shutdown: &CancellationToken, duration: Duration) {
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = tokio::time::sleep(duration) => {}
-    }
-}

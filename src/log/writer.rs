@@ -188,14 +188,13 @@ impl Writer {
 
     /// Records, without waiting for the next append, segments whose index commit failed.
     async fn catch_up(&self) {
-        let mut pause = Duration::from_millis(100);
+        let mut retry = crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while self.behind.load(Ordering::Relaxed) {
             match self.recover().await {
                 Ok(_) => self.behind.store(false, Ordering::Relaxed),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot bring the index up to the log yet; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(retry.next_delay()).await;
                 }
             }
         }
@@ -281,10 +280,15 @@ impl Writer {
         metrics::gauge!("spiced_log_head_position").set(position as f64);
         // The segment is durable: the commands are accepted whatever the index does next. If
         // the commit fails, the next batch finds position `p` taken and repairs the index.
-        if let Err(e) = record_and_commit(tx, position, &plan.rows).await {
-            tracing::warn!(position, error = %e, "segment written but index commit failed; repairing from the log");
-            self.behind.store(true, Ordering::Relaxed);
-        }
+        let span = tracing::info_span!("commit", position, events = plan.envelopes.len(), commands = commands.len());
+        let committed = tracing::Instrument::instrument(record_and_commit(tx, position, &plan.rows), span.clone()).await;
+        span.in_scope(|| match committed {
+            Ok(()) => tracing::debug!("segment written and indexed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "segment written but index commit failed; repairing from the log");
+                self.behind.store(true, Ordering::Relaxed);
+            }
+        });
         self.crash_point("after_commit");
         Ok(Step::Done(plan.outcomes))
     }
@@ -330,7 +334,7 @@ impl Writer {
 async fn record_and_commit(
     mut tx: Box<dyn IndexTx>,
     position: u64,
-    rows: &[super::plan::IndexRow],
+    rows: &[crate::db::IndexRow],
 ) -> Result<(), DbError> {
     tx.record(position, rows).await?;
     tx.commit().await

@@ -5,7 +5,7 @@
 
 use crate::bus::kafka::{base_config, producer, with_properties};
 use crate::config::Config;
-use crate::worker::Role;
+use crate::routing::Role;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
 use rdkafka::Message;

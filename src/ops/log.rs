@@ -38,6 +38,9 @@ async fn open(config: &Config) -> anyhow::Result<Tail> {
     Ok(Tail::new(EventLog::open(&config.log)?, db.index.clone()))
 }
 
+
+/// `tail`: how often it looks for new segments when the log has nothing new.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
 pub async fn get(config: &Config, position: u64) -> anyhow::Result<()> {
     let log = EventLog::open(&config.log)?;
     let segment = log.get_segment(position).await?.ok_or_else(|| anyhow::anyhow!("position {position} is not written"))?;
@@ -82,10 +85,7 @@ pub async fn tail(config: &Config, from: Option<u64>, shutdown: CancellationToke
         out.flush()?;
         drop(out);
         if segments.is_empty() {
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(Duration::from_millis(config.relay.poll_interval_ms)) => {}
-            }
+            crate::backoff::pause(&shutdown, FOLLOW_POLL).await;
         }
     }
     Ok(())

@@ -45,7 +45,7 @@ pub async fn read(config: &Config) -> anyhow::Result<Status> {
         index_head,
         log_head,
         relay_checkpoint: db.checkpoint(&config.relay.name).await?,
-        embedded_checkpoint: db.checkpoint(crate::worker::embedded::CHECKPOINT).await?,
+        embedded_checkpoint: db.checkpoint(crate::db::EMBEDDED_WORKERS_CHECKPOINT).await?,
         dev: db.postgres().is_none(),
         projection: projection_position(&db).await,
         projection_failures: projection_failures(&db).await,

@@ -9,7 +9,7 @@ use crate::db::read::{ProjectionFailure, ReadSchema};
 use crate::db::Database;
 use crate::domain::{AggregateKey, AggregateType};
 use crate::envelope::Kind;
-use crate::log::plan::IndexRow;
+use crate::db::IndexRow;
 use crate::log::{EventLog, Segment};
 use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, HashMap, HashSet};

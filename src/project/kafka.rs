@@ -22,7 +22,6 @@ use crate::db::read::{Progress, ReadBatch, ReadSchema, HANDLER};
 use crate::db::Database;
 use crate::envelope::EventEnvelope;
 use crate::liveness::Stage;
-use crate::log::tail::pause;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -75,7 +74,7 @@ fn consumer(config: &Config) -> anyhow::Result<StreamConsumer> {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", config.worker.session_timeout_ms.to_string());
+        .set("session.timeout.ms", config.project.session_timeout_ms.to_string());
     Ok(with_properties(c, &config.kafka).create()?)
 }
 
@@ -152,12 +151,13 @@ async fn batch_of(db: &Database, messages: &[Received]) -> Result<ReadBatch, cra
 /// [`batch_of`], retried while the index cannot be read; `None` on shutdown (nothing applied
 /// or committed, so the messages come again).
 async fn build(db: &Database, messages: &[Received], shutdown: &CancellationToken) -> Option<ReadBatch> {
+    let mut retry = crate::backoff::STORAGE;
     loop {
         match batch_of(db, messages).await {
             Ok(batch) => return Some(batch),
             Err(e) => tracing::warn!(error = %e, "cannot look up log positions; retrying"),
         }
-        pause(shutdown, Duration::from_secs(1)).await;
+        retry.wait(shutdown).await;
         if shutdown.is_cancelled() {
             return None;
         }
@@ -179,6 +179,7 @@ async fn apply(db: &Database, schema: &ReadSchema, batch: &ReadBatch, progress: 
 }
 
 async fn apply_until_done(db: &Database, schema: &ReadSchema, batch: &ReadBatch, progress: &Stage, shutdown: &CancellationToken) -> bool {
+    let mut retry = crate::backoff::STORAGE;
     loop {
         match db.apply_read_batch(schema, batch).await {
             Ok(applied) => {
@@ -191,7 +192,7 @@ async fn apply_until_done(db: &Database, schema: &ReadSchema, batch: &ReadBatch,
                 progress.failed(&e);
             }
         }
-        pause(shutdown, Duration::from_secs(1)).await;
+        retry.wait(shutdown).await;
         if shutdown.is_cancelled() {
             return false;
         }

@@ -19,7 +19,7 @@ use crate::config::{Config, ProjectSource};
 use crate::db::read::{Change, Progress, ReadBatch, ReadKind, ReadRow, ReadSchema, Refused};
 use crate::db::Database;
 use crate::envelope::{EventEnvelope, Kind};
-use crate::log::tail::{pause, Follower, Tail};
+use crate::log::tail::{Follower, Tail};
 use crate::liveness::Stage;
 use crate::log::{EventLog, Segment};
 use std::sync::Arc;
@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (db, log) = crate::serve::open_storage(&config).await?;
+    let (db, log) = crate::storage::open(&config).await?;
     let progress = register(&config);
     let _ops = crate::telemetry::start_ops(
         &config.metrics.project_listen,
@@ -63,13 +63,15 @@ pub async fn follow(
     let tail = Tail::new(log.clone(), db.index.clone());
     let from = db.schema_position(&schema).await? + 1;
     tracing::info!(from, "projection following the log");
-    let poll = Duration::from_millis(config.relay.poll_interval_ms);
+    let poll = Duration::from_millis(config.project.poll_interval_ms);
     let mut follower = Follower::new(tail, from, 64, poll).reporting(progress.clone());
     let failures = spawn_failures_export(db.clone(), shutdown.clone());
+    let mut retry = crate::backoff::STORAGE;
     while let Some(segments) = follower.next(shutdown).await {
         match db.apply_read_batch(&schema, &batch_of(&segments)).await {
             // The schema's position, which a swapped-in rebuild may have moved past this batch.
             Ok(applied) => {
+                retry.reset();
                 note_refused(&applied.refused);
                 follower.done(applied.position);
                 metrics::gauge!("spiced_projection_position").set(applied.position as f64);
@@ -78,7 +80,7 @@ pub async fn follow(
                 // Not applied: the follower reads these segments again after the pause.
                 tracing::warn!(error = %e, "cannot apply to the read models; retrying");
                 progress.failed(&e);
-                pause(shutdown, Duration::from_secs(1)).await;
+                retry.wait(shutdown).await;
             }
         }
     }
@@ -137,6 +139,10 @@ pub fn change_of(e: &EventEnvelope, position: u64) -> Option<Change> {
     if e.kind() != Some(Kind::Domain) {
         return None;
     }
+    tracing::debug!(
+        position, event_id = %e.event_id, command_id = e.command_id().map(tracing::field::display), aggregate_id = %e.aggregate_id,
+        sequence_number = e.sequence_number, "outcome for the read models"
+    );
     let kind = match e.aggregate_type.as_str() {
         "Database" => ReadKind::Database,
         "OntologyClass" => ReadKind::Class,

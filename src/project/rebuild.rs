@@ -79,7 +79,7 @@ impl Report {
 }
 
 pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
-    let (db, log) = crate::serve::open_storage(config).await?;
+    let (db, log) = crate::storage::open(config).await?;
     let target = match &options.target {
         Some(name) => ReadSchema::named(name)?,
         None => ReadSchema::named(&format!("spiced_read_rebuild_{}", Utc::now().format("%Y%m%d%H%M%S")))?,

@@ -14,7 +14,9 @@
 
 pub mod lease;
 
-use crate::bus::kafka::{all_topics, ensure_topics, Publisher};
+use crate::backoff::{pause, Backoff};
+use crate::bus::kafka::{ensure_topics, Publisher};
+use crate::routing::all_topics;
 use crate::liveness::Stage;
 use crate::config::Config;
 use crate::db::Database;
@@ -32,6 +34,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// A failed step is retried after 100 ms, doubling to 5 s.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
 /// How the relay should start, from the command line.
 #[derive(Debug, Clone, Default)]
@@ -71,7 +76,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
     stats: Arc<RelayStats>,
 ) -> anyhow::Result<()> {
-    let (db, log) = crate::serve::open_storage(&config).await?;
+    let (db, log) = crate::storage::open(&config).await?;
     let log = log.with_counts(stats.log_requests.clone());
     let relay = Relay::new(&config, &db, log.clone(), stats)?;
     let _ops = if options.republish.is_none() {
@@ -296,7 +301,7 @@ impl Relay {
         self.stats.published_position.store(checkpoint, Ordering::Relaxed);
         // Leading starts the clock: the time spent standing by was not a stall.
         self.progress.progressed();
-        let mut backoff = Backoff::default();
+        let mut backoff = RETRY;
         loop {
             if shutdown.is_cancelled() {
                 return Ok(Stop::Shutdown);
@@ -311,10 +316,7 @@ impl Relay {
                 Ok(Step::Idle) => {
                     self.progress.idle();
                     self.stats.lag_seconds.store(0, Ordering::Relaxed);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {}
-                        _ = tokio::time::sleep(Duration::from_millis(self.config.relay.poll_interval_ms)) => {}
-                    }
+                    pause(shutdown, Duration::from_millis(self.config.relay.poll_interval_ms)).await;
                 }
                 Ok(Step::Published(last)) => {
                     backoff.reset();
@@ -432,6 +434,11 @@ impl Relay {
             for (i, envelope) in segment.events.iter().enumerate() {
                 let payload = segment.raw_event(i);
                 let route = self.route(envelope);
+                tracing::debug!(
+                    position = segment.position, event_id = %envelope.event_id, command_id = envelope.command_id().map(tracing::field::display),
+                    aggregate_id = %envelope.aggregate_id, sequence_number = envelope.sequence_number, topic = route.topic(),
+                    "publishing"
+                );
                 // The log position lets consumers (the projection) say how far they are.
                 let mut headers = OwnedHeaders::new().insert(Header { key: POSITION_HEADER, value: Some(position.as_str()) });
                 if let Route::DeadLetter { reason, .. } = &route {
@@ -547,33 +554,3 @@ async fn settle(delivery: DeliveryFuture) -> Result<(), KafkaError> {
     }
 }
 
-/// Exponential backoff with jitter, 100 ms to 5 s.
-#[derive(Default)]
-struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    async fn wait(&mut self, shutdown: &CancellationToken) {
-        let base = 100u64.saturating_mul(1 << self.attempt.min(6)).min(5_000);
-        let jitter = jitter(base / 2);
-        self.attempt += 1;
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(Duration::from_millis(base / 2 + jitter)) => {}
-        }
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-/// A cheap jitter in `0..=max` from the clock's nanoseconds; no RNG dependency needed.
-pub fn jitter(max: u64) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u64)
-        .unwrap_or(0);
-    if max == 0 { 0 } else { nanos % (max + 1) }
-}

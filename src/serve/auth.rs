@@ -141,7 +141,7 @@ fn bearer(value: &str) -> Option<&str> {
 /// shows nothing of the data) need nothing.
 fn required(method: &Method, path: &str) -> Option<Scope> {
     match path {
-        "/healthz" | "/readyz" | super::openapi::PATH => None,
+        "/healthz" | "/readyz" | super::schema::OPENAPI_PATH => None,
         "/metrics" => Some(Scope::Admin),
         _ if method == Method::GET || method == Method::HEAD => Some(Scope::Read),
         _ => Some(Scope::Write),

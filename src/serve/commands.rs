@@ -2,7 +2,7 @@
 //! them through the group-commit writer and answers 202 only once they are durably in the log.
 
 use super::error::ApiError;
-use super::openapi::{ApiErrors, BodyErrors, ClassPath, CommandBody, CommandErrors, CreateSeq, DbPath, ExpectedSeq, IdempotencyKey, InstancePath, Name};
+use super::schema::{ApiErrors, BodyErrors, ClassPath, CommandBody, CommandErrors, CreateSeq, DbPath, ExpectedSeq, IdempotencyKey, InstancePath, Name};
 use super::extract::{idempotency_key, json_body, path, query};
 use super::auth::Caller;
 use super::AppState;
@@ -640,14 +640,20 @@ async fn submit_with_id(
         })
         .collect();
     let append = AppendCommand { command_id, id_from_client: from_client, fingerprint, events };
-    let outcome = state.writer.append(append).await.map_err(|e| match e {
+    let span = tracing::info_span!("command", %command_id, command_type = request.command_type.as_str());
+    let outcome = tracing::Instrument::instrument(state.writer.append(append), span.clone()).await.map_err(|e| match e {
         AppendError::Overloaded => {
             ApiError::unavailable(&"log writer queue full (writer.queue_depth)", state.retry_after())
         }
         other => ApiError::unavailable(&other, state.retry_after()),
     })?;
     match outcome {
-        AppendOutcome::Accepted { events, .. } => {
+        AppendOutcome::Accepted { events, position, duplicate } => {
+            span.in_scope(|| {
+                for e in &events {
+                    tracing::debug!(position, aggregate_id = %e.key.aggregate_id, sequence_number = e.seq, duplicate, "command in the log");
+                }
+            });
             let body = accepted_body(command_id, bulk, &events);
             Ok((StatusCode::ACCEPTED, Json(body)).into_response())
         }

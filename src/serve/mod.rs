@@ -4,12 +4,11 @@ pub mod auth;
 pub mod commands;
 pub mod error;
 pub mod extract;
-pub mod http;
 pub mod openapi;
 pub mod position_watch;
 pub mod queries;
 pub mod reads;
-pub mod tls;
+pub mod schema;
 
 use crate::config::Config;
 use crate::db::{Database, LogIndex};
@@ -63,13 +62,7 @@ impl AppState {
 
     /// `metadata.kafka_topic` of a command's envelope.
     pub fn topic_for(&self, command_type: CommandType) -> &str {
-        let topics = &self.config.topics;
-        match command_type.aggregate_type() {
-            crate::domain::AggregateType::Database | crate::domain::AggregateType::OntologyClass => {
-                &topics.ontology_commands
-            }
-            crate::domain::AggregateType::Instance => &topics.instance_commands,
-        }
+        crate::routing::command_topic(&self.config, command_type)
     }
 }
 
@@ -122,7 +115,7 @@ pub fn routes() -> Vec<Route> {
         at(Method::GET, openapi::PATH, openapi::document),
         at(Method::GET, "/healthz", healthz),
         at(Method::GET, "/readyz", readyz),
-        at(Method::GET, "/metrics", crate::telemetry::render),
+        at(Method::GET, "/metrics", metrics),
     ]
 }
 
@@ -169,19 +162,6 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
 }
 
-/// Opens the database (migrating if configured) and the log.
-pub async fn open_storage(config: &Config) -> anyhow::Result<(Database, EventLog)> {
-    let db = Database::open(&config.database).await?;
-    if config.database.migrate_on_start {
-        let applied = db.migrate().await?;
-        if !applied.is_empty() {
-            tracing::info!(?applied, "applied database migrations");
-        }
-    }
-    let log = EventLog::open(&config.log)?;
-    Ok((db, log))
-}
-
 /// Runs the API on `config.serve.listen` until `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listener = bind(&config).await?;
@@ -209,7 +189,7 @@ pub async fn run_with_ops(
     ops: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (db, log) = open_storage(&config).await?;
+    let (db, log) = crate::storage::open(&config).await?;
     let _ops = crate::telemetry::start_ops_on(ops, crate::telemetry::storage_readiness(db.clone(), log.clone()));
     let tasks = TaskTracker::new();
     let writer = LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), &tasks).await?;
@@ -228,7 +208,7 @@ pub async fn serve_state(state: AppState, listener: TcpListener, shutdown: Cance
     crate::telemetry::metrics();
     let serve = &state.config.serve;
     let tls = load_tls(serve, &shutdown)?;
-    let limits = http::Limits {
+    let limits = crate::http::Limits {
         header_read_timeout: Duration::from_millis(serve.header_read_timeout_ms),
         max_connections: serve.max_connections,
         retry_after_secs: serve.retry_after_secs,
@@ -240,16 +220,16 @@ pub async fn serve_state(state: AppState, listener: TcpListener, shutdown: Cance
         tracing::warn!(%addr, "serve.listen is not loopback and serve.tls is off: bearer tokens cross the network in clear unless a TLS-terminating proxy is in front");
     }
     crate::systemd::ready();
-    http::serve(listener, router(state), tls, limits, shutdown).await?;
+    crate::http::serve(listener, router(state), tls, limits, shutdown).await?;
     Ok(())
 }
 
 /// `serve.tls`, loaded (a bad pair stops the start) and reloaded on SIGHUP; `None` when off.
-fn load_tls(serve: &crate::config::ServeConfig, shutdown: &CancellationToken) -> anyhow::Result<Option<tls::ServerTls>> {
+fn load_tls(serve: &crate::config::ServeConfig, shutdown: &CancellationToken) -> anyhow::Result<Option<crate::http::tls::ServerTls>> {
     if !serve.tls.enabled() {
         return Ok(None);
     }
-    let tls = tls::ServerTls::load(serve.tls.cert_file.as_ref(), serve.tls.key_file.as_ref())?;
+    let tls = crate::http::tls::ServerTls::load(serve.tls.cert_file.as_ref(), serve.tls.key_file.as_ref())?;
     tls.reload_on_sighup(shutdown.clone())?;
     Ok(Some(tls))
 }

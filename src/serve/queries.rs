@@ -9,7 +9,7 @@
 
 use super::error::ApiError;
 use super::extract::{path, query};
-use super::openapi::{ApiErrors, ClassPath, DbPath, InstancePath, Item, Key, Name, NotFound, Page, TooEarly};
+use super::schema::{ApiErrors, ClassPath, DbPath, InstancePath, Item, Key, Name, NotFound, Page, TooEarly};
 use super::AppState;
 use crate::db::read::filter::{self, Condition};
 use crate::db::read::{Page as ReadPage, ReadKind, ReadRow, Snapshot};

@@ -4,7 +4,7 @@
 use super::commands::accepted_body;
 use super::error::ApiError;
 use super::extract::{path, query};
-use super::openapi::{AggregatePath, AggregateVersion, ApiErrors, CommandBody, EventsPage, Health, LogErrors, NotFound, Readiness};
+use super::schema::{AggregatePath, AggregateVersion, ApiErrors, CommandBody, EventsPage, Health, LogErrors, NotFound, Readiness};
 use super::AppState;
 use crate::domain::AggregateKey;
 use crate::envelope::{EventEnvelope, Kind};
@@ -83,7 +83,7 @@ struct EventStatus {
 async fn command_statuses(
     state: &AppState,
     command_id: Uuid,
-    rows: &[crate::log::plan::IndexRow],
+    rows: &[crate::db::IndexRow],
 ) -> Result<Vec<EventStatus>, ApiError> {
     let outcomes = state.index().outcomes(command_id).await.map_err(|e| state.unavailable(&e))?;
     let mut statuses = Vec::with_capacity(rows.len());
@@ -100,7 +100,7 @@ async fn command_statuses(
     Ok(statuses)
 }
 
-async fn outcome_status(state: &AppState, outcome: &crate::log::plan::IndexRow) -> Result<EventStatus, ApiError> {
+async fn outcome_status(state: &AppState, outcome: &crate::db::IndexRow) -> Result<EventStatus, ApiError> {
     let (events, _) = read_events(state, &outcome.key, Kind::Domain, &[(outcome.seq, outcome.position)]).await?;
     let envelope = events.first().ok_or_else(|| ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR, "internal", "log index and log disagree; run `spiced verify`",
@@ -307,6 +307,21 @@ async fn read_events(
         }
     }
     Ok((events, None))
+}
+
+/// `GET /metrics`: the process's metrics, Prometheus text.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    responses(
+        (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
+        super::schema::AuthErrors,
+    ),
+    security(("bearer" = ["admin"]))
+)]
+pub async fn metrics() -> impl IntoResponse {
+    crate::telemetry::render().await
 }
 
 /// Liveness: the process answers.

@@ -10,24 +10,24 @@ use super::handler::{Disposition, Interrupted};
 use super::{Role, Shared};
 use crate::domain::CommandType;
 use crate::envelope::Kind;
-use crate::log::tail::{pause, Follower, Tail};
+use crate::log::tail::{Follower, Tail};
 use crate::log::Segment;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// The checkpoint's name in `relay_state`.
-pub const CHECKPOINT: &str = "embedded-workers";
+use crate::db::EMBEDDED_WORKERS_CHECKPOINT as CHECKPOINT;
 
 pub async fn run(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let tail = Tail::new(shared.log.clone(), shared.state.index().clone());
     let handlers = [shared.handler(Role::Ontology), shared.handler(Role::Instance)];
+    let mut retry = crate::backoff::STORAGE;
     let from = loop {
         match shared.db.checkpoint(CHECKPOINT).await {
             Ok(p) => break p + 1,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the workers' checkpoint; retrying");
-                pause(shutdown, Duration::from_secs(1)).await;
+                retry.wait(shutdown).await;
                 if shutdown.is_cancelled() {
                     return Ok(());
                 }
@@ -36,7 +36,7 @@ pub async fn run(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Resul
     };
     tracing::info!(from, "embedded workers following the log");
     let graceful = crate::shutdown::Graceful::new(shutdown.clone(), Duration::from_millis(shared.config.worker.shutdown_grace_ms));
-    let poll = Duration::from_millis(shared.config.relay.poll_interval_ms);
+    let poll = Duration::from_millis(shared.config.worker.poll_interval_ms);
     let mut follower = Follower::new(tail, from, 16, poll);
     while let Some(segments) = follower.next(shutdown).await {
         for segment in &segments {

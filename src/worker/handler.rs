@@ -128,7 +128,7 @@ impl CommandHandler {
             Err(reason) => return Ok(Disposition::DeadLetter { reason, attempts: 0 }),
         };
         let span = tracing::info_span!("command",
-            handler = self.role.handler(), event_id = %parsed.envelope.event_id,
+            handler = self.role.handler(), event_id = %parsed.envelope.event_id, command_id = parsed.envelope.command_id().map(tracing::field::display),
             aggregate_id = %parsed.key.aggregate_id, sequence_number = parsed.seq);
         self.handle_parsed(&parsed, shutdown).instrument(span).await
     }
@@ -153,7 +153,10 @@ impl CommandHandler {
             }
             let attempt = match claim {
                 Ok(Claim::Claimed { attempt }) => attempt,
-                Ok(Claim::DuplicateDone | Claim::Stale) => return Ok(Disposition::Done),
+                Ok(Claim::DuplicateDone | Claim::Stale) => {
+                    tracing::debug!("done before: nothing to do");
+                    return Ok(Disposition::Done);
+                }
                 // Failed before, and delivered again: the dead letter may never have gone out
                 // (a crash or a shutdown between marking it failed and publishing it), so send
                 // it again. A second letter is harmless; a missing one would lose the command.
@@ -182,7 +185,10 @@ impl CommandHandler {
             };
             self.crash_point("after_claim");
             match self.run_leased(parsed, &work, shutdown).await {
-                Ok(()) => return Ok(Disposition::Done),
+                Ok(()) => {
+                    tracing::debug!(attempt, "outcome in the log");
+                    return Ok(Disposition::Done);
+                }
                 Err(Failure::Interrupted) => {
                     self.release(&work).await;
                     return Err(Interrupted);
@@ -428,13 +434,8 @@ impl CommandHandler {
     /// Exponential backoff with jitter, or until shutdown.
     async fn pause(&self, attempt: u32, shutdown: &CancellationToken) {
         let w = &self.config.worker;
-        let exp = w.backoff_base_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(16));
-        let capped = exp.min(w.backoff_cap_ms);
-        let jitter = crate::relay::jitter(capped / 2);
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(Duration::from_millis(capped / 2 + jitter)) => {}
-        }
+        let (base, cap) = (Duration::from_millis(w.backoff_base_ms), Duration::from_millis(w.backoff_cap_ms));
+        crate::backoff::pause(shutdown, crate::backoff::delay(base, cap, attempt.saturating_sub(1))).await;
     }
 
     pub fn crash_point(&self, name: &str) {

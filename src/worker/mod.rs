@@ -11,11 +11,12 @@ pub mod facts;
 pub mod handler;
 pub mod offsets;
 
+pub use crate::routing::Role;
+
 use crate::bus::kafka::{base_config, ensure_topics, with_properties, Publisher};
 use crate::liveness::Stage;
 use crate::config::Config;
 use crate::shutdown::Graceful;
-use crate::domain::{AggregateType, CommandType};
 use facts::LogState;
 use handler::{CommandHandler, Disposition};
 use offsets::Offsets;
@@ -29,71 +30,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-/// A worker role: which commands it carries out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Databases and ontology classes.
-    Ontology,
-    /// Instances.
-    Instance,
-}
-
-impl Role {
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "ontology" => Some(Role::Ontology),
-            "instance" => Some(Role::Instance),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Ontology => "ontology",
-            Role::Instance => "instance",
-        }
-    }
-
-    /// The registry's handler name.
-    pub fn handler(self) -> &'static str {
-        match self {
-            Role::Ontology => "ontology-worker",
-            Role::Instance => "instance-worker",
-        }
-    }
-
-    pub fn handles(self, command_type: CommandType) -> bool {
-        let instance = command_type.aggregate_type() == AggregateType::Instance;
-        instance == (self == Role::Instance)
-    }
-
-    pub fn for_command(command_type: CommandType) -> Role {
-        if Role::Instance.handles(command_type) { Role::Instance } else { Role::Ontology }
-    }
-
-    pub fn command_topics(self, config: &Config) -> Vec<String> {
-        let t = &config.topics;
-        match self {
-            Role::Ontology => vec![t.ontology_commands.clone()],
-            Role::Instance => vec![t.instance_commands.clone()],
-        }
-    }
-
-    pub fn events_topic(self, config: &Config) -> &str {
-        match self {
-            Role::Ontology => &config.topics.ontology_events,
-            Role::Instance => &config.topics.instance_events,
-        }
-    }
-
-    pub fn dead_letter_topic(self, config: &Config) -> &str {
-        match self {
-            Role::Ontology => &config.worker.ontology_dead_letter_topic,
-            Role::Instance => &config.worker.instance_dead_letter_topic,
-        }
-    }
-}
 
 /// Roles from `--role` arguments, else from `worker.roles`.
 pub fn roles(config: &Config, requested: &[String]) -> anyhow::Result<Vec<Role>> {
@@ -121,7 +57,7 @@ pub struct Shared {
 
 impl Shared {
     pub async fn open(config: &Config, tasks: &TaskTracker) -> anyhow::Result<Shared> {
-        let (db, log) = crate::serve::open_storage(config).await?;
+        let (db, log) = crate::storage::open(config).await?;
         let writer = crate::log::writer::LogWriter::start(log.clone(), db.index.clone(), config.writer.clone(), tasks).await?;
         Ok(Shared {
             config: Arc::new(config.clone()),
@@ -156,7 +92,7 @@ pub async fn run_roles(config: Config, requested: &[String], shutdown: Cancellat
     let shutdown = Graceful::new(shutdown, Duration::from_millis(config.worker.shutdown_grace_ms));
     let tasks = TaskTracker::new();
     let shared = Shared::open(&config, &tasks).await?;
-    let mut topics = crate::bus::kafka::all_topics(&config);
+    let mut topics = crate::routing::all_topics(&config);
     topics.extend(roles.iter().map(|r| r.dead_letter_topic(&config).to_string()));
     ensure_topics(&config.kafka, &topics).await?;
     let dead_letters = Arc::new(Publisher::new(&config.kafka)?);

@@ -44,6 +44,8 @@ pub async fn isolated_config(backend: Backend) -> (Config, tempfile::TempDir) {
     let mut config = Config::dev();
     config.serve.listen = "127.0.0.1:0".parse().unwrap();
     config.relay.poll_interval_ms = 20;
+    config.worker.poll_interval_ms = 20;
+    config.project.poll_interval_ms = 20;
     config.metrics.relay_listen = "127.0.0.1:0".into();
     config.metrics.worker_listen = "127.0.0.1:0".into();
     config.metrics.project_listen = "127.0.0.1:0".into();

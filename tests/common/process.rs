@@ -22,6 +22,16 @@ impl Spiced {
         Spiced { child: cmd.spawn().expect("spawn spiced") }
     }
 
+    /// As [`Spiced::spawn`], with the process's log (stderr) written to `log`.
+    pub fn spawn_logging(args: &[&str], config: &Config, dir: &Path, env: &[(&str, String)], log: &Path) -> Spiced {
+        let mut cmd = command(args, config, dir);
+        cmd.stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Spiced { child: cmd.spawn().expect("spawn spiced") }
+    }
+
     /// Runs a tool (`spiced status`, `spiced project failures`, ...) to its end, for its output.
     pub fn output(args: &[&str], config: &Config, dir: &Path) -> std::process::Output {
         command(args, config, dir).env("SPICED_LOG", "warn").output().expect("run spiced")

@@ -13,7 +13,6 @@
 //! rest commits with the batch's progress, so one event can never hold the projection back.
 //! Any other error fails the batch as before (the caller retries it whole).
 
-use super::failures::{lite_record, pg_record, Refused};
 use super::{ReadKind, ReadRow, ReadSchema, HANDLER};
 use crate::db::{Backend, Database, DbError};
 use chrono::SecondsFormat;
@@ -517,6 +516,48 @@ pub(super) fn lite_apply_all(tx: &rusqlite::Connection, schema: &ReadSchema, bat
     Ok(all)
 }
 
+
+// Refused events are recorded in `projection_failures` ([`super::failures`] lists and
+// re-applies them) in the transaction of the batch that refused them.
+
+/// An event the read store refused, as the projection saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    pub event_id: Uuid,
+    pub position: u64,
+    pub aggregate_id: String,
+    pub error: String,
+}
+
+impl Refused {
+    pub(super) fn of(c: &Change, e: &DbError) -> Refused {
+        Refused { event_id: c.event_id, position: c.row.position, aggregate_id: c.row.key.clone(), error: e.to_string() }
+    }
+}
+
+const PG_RECORD: &str = "INSERT INTO projection_failures (schema_name, event_id, position, aggregate_id, error) \
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (schema_name, event_id) DO UPDATE \
+     SET attempts = projection_failures.attempts + 1, error = EXCLUDED.error, last_seen_at = now()";
+const LITE_RECORD: &str = "INSERT INTO projection_failures (schema_name, event_id, position, aggregate_id, error) \
+     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (schema_name, event_id) DO UPDATE \
+     SET attempts = attempts + 1, error = excluded.error, last_seen_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+/// Records refused events in the open transaction of the batch that refused them.
+pub(super) async fn pg_record(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, refused: &[Refused]) -> Result<(), DbError> {
+    for r in refused {
+        // The error and the id may echo the very NUL that was refused.
+        let (aggregate, error) = (crate::db::storable(&r.aggregate_id), crate::db::storable(&r.error));
+        tx.execute(PG_RECORD, &[&schema.name(), &r.event_id, &(r.position as i64), &aggregate.as_ref(), &error.as_ref()]).await?;
+    }
+    Ok(())
+}
+
+pub(super) fn lite_record(tx: &rusqlite::Connection, schema: &ReadSchema, refused: &[Refused]) -> Result<(), DbError> {
+    for r in refused {
+        let params = rusqlite::params![schema.name(), r.event_id.to_string(), r.position as i64, r.aggregate_id, r.error];
+        tx.execute(LITE_RECORD, params)?;
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {

@@ -8,26 +8,11 @@
 //! upsert as any late event: a newer version of the row already applied wins. Success deletes
 //! the row; another refusal keeps it with one more attempt.
 
-use super::apply::{lite_apply_change, lite_settle, pg_apply_change, pg_settle, Change, Tried};
+use super::apply::{lite_apply_change, lite_record, lite_settle, pg_apply_change, pg_record, pg_settle, Change, Refused, Tried};
 use super::ReadSchema;
-use crate::db::{storable, Backend, Database, DbError};
+use crate::db::{Backend, Database, DbError};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
-
-/// An event the read store refused, as the projection saw it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Refused {
-    pub event_id: Uuid,
-    pub position: u64,
-    pub aggregate_id: String,
-    pub error: String,
-}
-
-impl Refused {
-    pub(super) fn of(c: &Change, e: &DbError) -> Refused {
-        Refused { event_id: c.event_id, position: c.row.position, aggregate_id: c.row.key.clone(), error: e.to_string() }
-    }
-}
 
 /// A recorded failure.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,36 +30,12 @@ pub struct ProjectionFailure {
     pub last_seen_at: DateTime<Utc>,
 }
 
-const PG_RECORD: &str = "INSERT INTO projection_failures (schema_name, event_id, position, aggregate_id, error) \
-     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (schema_name, event_id) DO UPDATE \
-     SET attempts = projection_failures.attempts + 1, error = EXCLUDED.error, last_seen_at = now()";
-const LITE_RECORD: &str = "INSERT INTO projection_failures (schema_name, event_id, position, aggregate_id, error) \
-     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (schema_name, event_id) DO UPDATE \
-     SET attempts = attempts + 1, error = excluded.error, last_seen_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 const PG_LIST: &str = "SELECT schema_name, event_id, position, aggregate_id, error, attempts, first_seen_at, last_seen_at \
      FROM projection_failures WHERE schema_name = $1 ORDER BY position, event_id";
 const LITE_LIST: &str = "SELECT schema_name, event_id, position, aggregate_id, error, attempts, first_seen_at, last_seen_at \
      FROM projection_failures WHERE schema_name = ?1 ORDER BY position, event_id";
 const PG_DELETE: &str = "DELETE FROM projection_failures WHERE schema_name = $1 AND event_id = $2";
 const LITE_DELETE: &str = "DELETE FROM projection_failures WHERE schema_name = ?1 AND event_id = ?2";
-
-/// Records refused events in the open transaction of the batch that refused them.
-pub(super) async fn pg_record(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, refused: &[Refused]) -> Result<(), DbError> {
-    for r in refused {
-        // The error and the id may echo the very NUL that was refused.
-        let (aggregate, error) = (storable(&r.aggregate_id), storable(&r.error));
-        tx.execute(PG_RECORD, &[&schema.name(), &r.event_id, &(r.position as i64), &aggregate.as_ref(), &error.as_ref()]).await?;
-    }
-    Ok(())
-}
-
-pub(super) fn lite_record(tx: &rusqlite::Connection, schema: &ReadSchema, refused: &[Refused]) -> Result<(), DbError> {
-    for r in refused {
-        let params = rusqlite::params![schema.name(), r.event_id.to_string(), r.position as i64, r.aggregate_id, r.error];
-        tx.execute(LITE_RECORD, params)?;
-    }
-    Ok(())
-}
 
 /// The swap's renaming of the two schemas' failures, as of the schemas themselves (names are
 /// checked identifiers, see [`ReadSchema::named`]). Same SQL on both backends.

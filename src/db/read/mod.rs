@@ -13,7 +13,8 @@ mod query;
 mod swap;
 
 pub use apply::{Applied, Change, Progress, ReadBatch};
-pub use failures::{ProjectionFailure, Refused};
+pub use apply::Refused;
+pub use failures::ProjectionFailure;
 pub use query::{Page, Snapshot};
 
 use super::DbError;

@@ -1,4 +1,4 @@
-//! The HTTP server under the API and the operations endpoints: plain or TLS connections, each
+//! The HTTP server under the API (`serve`) and every role's operations endpoints: plain or TLS connections, each
 //! bounded.
 //!
 //! `axum::serve` has no header read timeout, connection limit or TLS, so connections are
@@ -10,9 +10,11 @@
 //!   line holds its connection for no longer.
 //!
 //! The time a request may take once its head is in is bounded by the router's request timeout
-//! (`serve::request_timeout`), not here.
+//! (`serve.request_timeout_ms`, a layer of the API's router), not here.
 
-use super::tls::ServerTls;
+pub mod tls;
+
+use tls::ServerTls;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
