@@ -17,7 +17,7 @@ use axum::Json;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use utoipa::IntoParams;
 use uuid::Uuid;
 
@@ -62,8 +62,9 @@ pub async fn get_command(
     body["status"] = json!(status);
     body["error"] = error;
     if let Some(instances) = body.get_mut("instances").and_then(Value::as_array_mut) {
+        let by_aggregate: HashMap<&str, &EventStatus> = statuses.iter().map(|s| (s.aggregate_id.as_str(), s)).collect();
         for instance in instances {
-            let s = statuses.iter().find(|s| instance["aggregate_id"] == s.aggregate_id.as_str());
+            let s = instance["aggregate_id"].as_str().and_then(|a| by_aggregate.get(a));
             if let Some(s) = s {
                 instance["status"] = json!(s.status);
                 instance["error"] = s.error.clone();
@@ -86,10 +87,12 @@ async fn command_statuses(
     rows: &[crate::db::IndexRow],
 ) -> Result<Vec<EventStatus>, ApiError> {
     let outcomes = state.index().outcomes(command_id).await.map_err(|e| state.unavailable(&e))?;
+    let by_member: HashMap<(&AggregateKey, u64), &crate::db::IndexRow> = outcomes.iter().map(|o| ((&o.key, o.seq), o)).collect();
+    let envelopes = outcome_envelopes(state, &outcomes).await?;
     let mut statuses = Vec::with_capacity(rows.len());
     for row in rows {
-        let status = match outcomes.iter().find(|o| o.key == row.key && o.seq == row.seq) {
-            Some(outcome) => outcome_status(state, outcome).await?,
+        let status = match by_member.get(&(&row.key, row.seq)) {
+            Some(outcome) => outcome_status(envelopes.get(&outcome.event_id))?,
             None => {
                 let processed = state.db.registry.rows(row.event_id).await.map_err(|e| state.unavailable(&e))?;
                 registry_status(&processed)
@@ -100,11 +103,29 @@ async fn command_statuses(
     Ok(statuses)
 }
 
-async fn outcome_status(state: &AppState, outcome: &crate::db::IndexRow) -> Result<EventStatus, ApiError> {
-    let (events, _) = read_events(state, &outcome.key, Kind::Domain, &[(outcome.seq, outcome.position)]).await?;
-    let envelope = events.first().ok_or_else(|| ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR, "internal", "log index and log disagree; run `spiced verify`",
-    ))?;
+/// The outcome envelopes of a command by event id, each segment read once: a bulk command's
+/// thousand outcomes share a few segments.
+async fn outcome_envelopes(state: &AppState, outcomes: &[crate::db::IndexRow]) -> Result<HashMap<Uuid, EventEnvelope>, ApiError> {
+    let wanted: HashSet<Uuid> = outcomes.iter().map(|o| o.event_id).collect();
+    let positions: BTreeSet<u64> = outcomes.iter().map(|o| o.position).collect();
+    let mut segments = futures::stream::iter(positions)
+        .map(|p| async move { state.log.get_segment(p).await })
+        .buffered(8);
+    let mut found = HashMap::with_capacity(wanted.len());
+    while let Some(segment) = segments.next().await {
+        let Some(segment) = segment.map_err(|e| state.unavailable(&e))? else { return Err(disagree()) };
+        found.extend(segment.events.into_iter().filter(|e| wanted.contains(&e.event_id)).map(|e| (e.event_id, e)));
+    }
+    Ok(found)
+}
+
+fn disagree() -> ApiError {
+    tracing::error!("the index names a log position or event the log does not hold");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "log index and log disagree; run `spiced verify`")
+}
+
+fn outcome_status(envelope: Option<&EventEnvelope>) -> Result<EventStatus, ApiError> {
+    let envelope = envelope.ok_or_else(disagree)?;
     let failed = envelope.event_type == "COMMAND_FAILED";
     Ok(EventStatus {
         aggregate_id: String::new(),
