@@ -291,6 +291,13 @@ async fn a_stalled_projection_starves_the_watchdog_and_recovers() {
     wait_ready(&ops).await;
     let http = reqwest::Client::new();
     create_shop(&http, &base).await;
+    // The projection must be applying before its database freezes: one still joining its
+    // consumer group has no work yet, so nothing of it could stall.
+    let deadline = Instant::now() + RECOVERY;
+    while !http.get(format!("{base}/databases/shop")).send().await.is_ok_and(|r| r.status() == 200) {
+        assert!(Instant::now() < deadline, "the projection never applied the shop database");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let load = Load::start(&http, &base, 2, Duration::from_millis(20));
     while load.count() < 20 {
         tokio::time::sleep(Duration::from_millis(20)).await;
