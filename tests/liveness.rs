@@ -32,10 +32,16 @@ struct Stack {
     pg: Proxy,
     _dir: tempfile::TempDir,
     _storage: tempfile::TempDir,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
 }
+
+/// One stack at a time: each test freezes a dependency and times the recovery, and three
+/// stacks of five processes on two cores would time each other's scheduling instead.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Stack {
     async fn new() -> Stack {
+        let serial = SERIAL.lock().await;
         let (mut direct, storage) = isolated_config(Backend::S3Postgres).await;
         isolate_topics(&mut direct);
         let broker = Broker::start().await;
@@ -54,7 +60,7 @@ impl Stack {
         let pg = Proxy::start(&format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))).await;
         url.set_port(Some(pg.addr.port())).unwrap();
         config.database.url = Secret::new(url.to_string());
-        Stack { config, direct, broker, s3, pg, _dir: tempfile::tempdir().unwrap(), _storage: storage }
+        Stack { config, direct, broker, s3, pg, _dir: tempfile::tempdir().unwrap(), _storage: storage, _serial: serial }
     }
 
     fn spawn(&self, args: &[&str], env: &[(&str, String)]) -> Spiced {
@@ -174,6 +180,12 @@ async fn a_lone_relay_recovers_from_a_broker_stall() {
     wait_ready(&ops).await;
     let db = Database::open(&stack.direct.database).await.unwrap();
     let load = Load::start(&http, &base, 2, Duration::from_millis(10));
+    // The relay must be publishing the load when the broker freezes.
+    let deadline = Instant::now() + RECOVERY;
+    while clocks(&db).await.1 < 3 {
+        assert!(Instant::now() < deadline, "the relay never published the load");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stack.broker.pause();
     let paused = Instant::now();
     let (mut unready, mut errors, mut reported) = (false, 0.0, false);
