@@ -43,8 +43,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    let mut config = Config::load(cli.config.as_deref(), std::env::vars())?;
+    let mut config = Config::load_unvalidated(cli.config.as_deref(), std::env::vars())?;
     config.auth.insecure_no_auth = cli.insecure_no_auth;
+    config.validate()?;
     let shutdown = CancellationToken::new();
     spiced::shutdown::install(shutdown.clone())?;
     spiced::systemd::spawn_watchdog(shutdown.clone());

@@ -8,7 +8,7 @@ use serde_json::json;
 use spiced::config::{Secret, TokenConfig};
 
 fn token(name: &str, scope: &str, secret: &str) -> TokenConfig {
-    TokenConfig { name: name.into(), scope: scope.into(), token: Secret::new(secret) }
+    TokenConfig { name: name.into(), scope: spiced::config::Scope::parse(scope).unwrap(), token: Secret::new(secret) }
 }
 
 const READER: &str = "reader-secret-0123456789";

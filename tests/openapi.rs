@@ -18,7 +18,7 @@ async fn app_with_tokens() -> TestApp {
     let (mut config, dir) = isolated_config(Backend::LocalSqlite).await;
     config.auth.tokens = SCOPES
         .iter()
-        .map(|(scope, secret)| TokenConfig { name: scope.to_string(), scope: scope.to_string(), token: Secret::new(*secret) })
+        .map(|(scope, secret)| TokenConfig { name: scope.to_string(), scope: spiced::config::Scope::parse(scope).unwrap(), token: Secret::new(*secret) })
         .collect();
     spawn_with(config, dir).await
 }

@@ -52,7 +52,7 @@ async fn get_ok(http: &reqwest::Client, url: &str) -> String {
 async fn serve_answers_metrics_without_a_token_on_its_operations_listener() {
     common::init_tracing();
     let (mut config, _dir) = isolated_config(Backend::LocalSqlite).await;
-    config.auth.tokens = vec![TokenConfig { name: "ops".into(), scope: "admin".into(), token: Secret::new(ADMIN) }];
+    config.auth.tokens = vec![TokenConfig { name: "ops".into(), scope: spiced::config::Scope::Admin, token: Secret::new(ADMIN) }];
     let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (api_addr, ops_addr) = (api.local_addr().unwrap(), ops.local_addr().unwrap());

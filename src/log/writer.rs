@@ -15,7 +15,7 @@
 
 use super::plan::{lookup_request, plan, rows_of_segment, AppendCommand, AppendOutcome};
 use super::{EventLog, LogError, Segment};
-use crate::config::WriterConfig;
+use crate::config::{WriterConfig, WriterCrash};
 use crate::db::{DbError, IndexTx, LogIndex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -257,7 +257,7 @@ impl Writer {
             tx.rollback().await?;
             return Ok(Step::Done(plan.outcomes));
         }
-        self.crash_point("before_put");
+        self.crash_point(WriterCrash::BeforePut);
         match self.log.put_segment(position, Segment::encode(&plan.envelopes)).await {
             Ok(()) => {}
             Err(LogError::AlreadyExists(_)) => {
@@ -271,7 +271,7 @@ impl Writer {
                 return Err(e.into());
             }
         }
-        self.crash_point("after_put");
+        self.crash_point(WriterCrash::AfterPut);
         self.stats.segments.fetch_add(1, Ordering::Relaxed);
         self.stats.events.fetch_add(plan.envelopes.len() as u64, Ordering::Relaxed);
         metrics::counter!("spiced_log_segments_total").increment(1);
@@ -289,7 +289,7 @@ impl Writer {
                 self.behind.store(true, Ordering::Relaxed);
             }
         });
-        self.crash_point("after_commit");
+        self.crash_point(WriterCrash::AfterCommit);
         Ok(Step::Done(plan.outcomes))
     }
 
@@ -323,9 +323,9 @@ impl Writer {
         }
     }
 
-    fn crash_point(&self, name: &str) {
-        if self.config.crash_at == name {
-            eprintln!("spiced: writer.crash_at = {name}: aborting as configured (testing only)");
+    fn crash_point(&self, point: WriterCrash) {
+        if self.config.crash_at == point {
+            eprintln!("spiced: writer.crash_at = {point:?}: aborting as configured (testing only)");
             std::process::abort();
         }
     }

@@ -18,7 +18,7 @@ use crate::backoff::{pause, Backoff};
 use crate::bus::kafka::{ensure_topics, Publisher};
 use crate::routing::all_topics;
 use crate::liveness::Stage;
-use crate::config::Config;
+use crate::config::{Config, RelayCrash};
 use crate::db::Database;
 use crate::envelope::EventEnvelope;
 use crate::log::tail::Tail;
@@ -362,8 +362,8 @@ impl Relay {
             self.producer.recover(&e);
             return Err(StepError::Deliver(e));
         }
-        self.crash_point("after_delivery");
-        let crash = || self.crash_point("during_checkpoint");
+        self.crash_point(RelayCrash::AfterDelivery);
+        let crash = || self.crash_point(RelayCrash::DuringCheckpoint);
         let written = tokio::time::timeout(bound, self.leases.checkpoint(lease, last, crash))
             .await
             .map_err(|_| StepError::Timeout("the checkpoint write"))?;
@@ -454,7 +454,7 @@ impl Relay {
                 pending.push_back(delivery);
             }
         }
-        self.crash_point("after_produce");
+        self.crash_point(RelayCrash::AfterProduce);
         let count = pending.len() as u64;
         while let Some(delivery) = pending.pop_front() {
             settle(delivery).await?;
@@ -516,9 +516,9 @@ impl Relay {
         Ok(())
     }
 
-    fn crash_point(&self, name: &str) {
-        if self.config.relay.crash_at == name {
-            eprintln!("spiced: relay.crash_at = {name}: aborting as configured (testing only)");
+    fn crash_point(&self, point: RelayCrash) {
+        if self.config.relay.crash_at == point {
+            eprintln!("spiced: relay.crash_at = {point:?}: aborting as configured (testing only)");
             std::process::abort();
         }
     }

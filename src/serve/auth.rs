@@ -11,23 +11,7 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Scope {
-    Read,
-    Write,
-    Admin,
-}
-
-impl Scope {
-    pub fn parse(s: &str) -> Option<Scope> {
-        match s {
-            "read" => Some(Scope::Read),
-            "write" => Some(Scope::Write),
-            "admin" => Some(Scope::Admin),
-            _ => None,
-        }
-    }
-}
+pub use crate::config::Scope;
 
 /// Who made a request, for `actor`.
 #[derive(Debug, Clone)]
@@ -62,7 +46,7 @@ impl Auth {
             tokens.push(Token {
                 name: t.name.clone(),
                 digest: digest(t.token.expose()),
-                scope: Scope::parse(&t.scope).expect("validated in config"),
+                scope: t.scope,
             });
         }
         if !config.token_file.is_empty() {

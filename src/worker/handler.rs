@@ -15,7 +15,7 @@
 
 use super::facts::{FactsError, LogState};
 use super::Role;
-use crate::config::Config;
+use crate::config::{Config, WorkerCrash};
 use crate::db::registry::{Claim, Registry, Work};
 use crate::db::storable;
 use crate::domain::apply::{decide, Decision};
@@ -183,7 +183,7 @@ impl CommandHandler {
                     continue;
                 }
             };
-            self.crash_point("after_claim");
+            self.crash_point(WorkerCrash::AfterClaim);
             match self.run_leased(parsed, &work, shutdown).await {
                 Ok(()) => {
                     tracing::debug!(attempt, "outcome in the log");
@@ -311,7 +311,7 @@ impl CommandHandler {
         self.wait_for_dependencies(p, &payload, stop).await?;
         let facts = self.state.facts(p.command_type, &payload, current.clone()).await?;
         let decision = decide(p.command_type, &payload, &facts);
-        self.crash_point("after_effect");
+        self.crash_point(WorkerCrash::AfterEffect);
         // Fencing: confirm the lease right before the effect, so a worker that was frozen past
         // its lease (and has not heard from its heartbeat yet) commits nothing.
         if lost.is_cancelled() || !self.registry.heartbeat(work).await? {
@@ -327,7 +327,7 @@ impl CommandHandler {
             }
             Err(e) => return Err(Failure::Retryable(e.to_string())),
         }
-        self.crash_point("after_outcome");
+        self.crash_point(WorkerCrash::AfterOutcome);
         self.finish(work).await
     }
 
@@ -438,15 +438,15 @@ impl CommandHandler {
         crate::backoff::pause(shutdown, crate::backoff::delay(base, cap, attempt.saturating_sub(1))).await;
     }
 
-    pub fn crash_point(&self, name: &str) {
-        if name == "after_claim" && self.config.worker.crash_at == "stop_after_claim" {
+    pub fn crash_point(&self, point: WorkerCrash) {
+        if point == WorkerCrash::AfterClaim && self.config.worker.crash_at == WorkerCrash::StopAfterClaim {
             // Testing only: freeze this process (SIGSTOP) while it holds a claim.
             eprintln!("spiced: worker.crash_at = stop_after_claim: stopping as configured (testing only)");
             let _ = std::process::Command::new("kill").args(["-STOP", &std::process::id().to_string()]).status();
             return;
         }
-        if self.config.worker.crash_at == name {
-            eprintln!("spiced: worker.crash_at = {name}: aborting as configured (testing only)");
+        if self.config.worker.crash_at == point {
+            eprintln!("spiced: worker.crash_at = {point:?}: aborting as configured (testing only)");
             std::process::abort();
         }
     }

@@ -246,7 +246,7 @@ async fn run_lane(
                 return;
             }
         }
-        handler.crash_point("before_commit");
+        handler.crash_point(crate::config::WorkerCrash::BeforeCommit);
         if let Some(position) = job.position {
             handler.note_processed(position);
         }
