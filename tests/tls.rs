@@ -180,3 +180,23 @@ async fn kafka_sasl_scram_is_spoken_and_a_refused_login_is_named() {
     assert!(stderr.contains("SASL") && stderr.contains("SCRAM"), "the refusal is named: {stderr}");
     assert!(!stderr.contains("not-the-password"), "the password is not printed: {stderr}");
 }
+
+/// `systemctl reload spiced-serve` (SIGHUP) with `serve.tls` off says there is nothing to reload
+/// and leaves serve running: SIGHUP's default action would end the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_tls_leaves_serve_running() {
+    let (config, dir) = isolated_config(Backend::LocalSqlite).await;
+    let port = free_port();
+    let log = dir.path().join("serve.log");
+    let mut serve = Spiced::spawn_logging(&["serve"], &config, dir.path(), &[("SPICED_SERVE__LISTEN", format!("127.0.0.1:{port}"))], &log);
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    common::load::wait_ready(&format!("http://127.0.0.1:{port}")).await;
+    serve.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("nothing to reload") {
+        assert!(serve.is_running() && std::time::Instant::now() < deadline, "SIGHUP was not handled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(serve.is_running(), "serve still runs after SIGHUP");
+    assert!(healthy(&reqwest::Client::new(), &url).await);
+}

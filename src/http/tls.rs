@@ -43,28 +43,33 @@ impl ServerTls {
     pub fn reload(&self) -> anyhow::Result<()> {
         self.pair.reload()
     }
+}
 
-    /// Reloads on every SIGHUP until `stop`.
-    pub fn reload_on_sighup(&self, stop: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-        let tls = self.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = hup.recv() => {}
-                    _ = stop.cancelled() => return,
-                }
-                match tls.reload() {
-                    Ok(()) => tracing::info!(cert_file = %tls.pair.cert_file.display(), "SIGHUP: reloaded serve.tls"),
-                    Err(e) => {
-                        metrics::counter!("spiced_tls_reload_failures_total").increment(1);
-                        tracing::error!(error = %e, "SIGHUP: serve.tls not reloaded; the certificate in use stays");
-                    }
+/// Handles SIGHUP until `stop`: reloads `tls` if there is one, else says there is nothing to
+/// reload. Either way the signal never ends the process (its default action would), so
+/// `systemctl reload` is safe whether TLS is on or not.
+pub fn reload_on_sighup(tls: Option<ServerTls>, stop: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {}
+                _ = stop.cancelled() => return,
+            }
+            let Some(tls) = &tls else {
+                tracing::info!("SIGHUP: nothing to reload (serve.tls is off)");
+                continue;
+            };
+            match tls.reload() {
+                Ok(()) => tracing::info!(cert_file = %tls.pair.cert_file.display(), "SIGHUP: reloaded serve.tls"),
+                Err(e) => {
+                    metrics::counter!("spiced_tls_reload_failures_total").increment(1);
+                    tracing::error!(error = %e, "SIGHUP: serve.tls not reloaded; the certificate in use stays");
                 }
             }
-        });
-        Ok(())
-    }
+        }
+    });
+    Ok(())
 }
 
 /// The certificate and key in use, swapped whole on reload.

@@ -226,10 +226,10 @@ pub async fn serve_state(state: AppState, listener: TcpListener, shutdown: Cance
 
 /// `serve.tls`, loaded (a bad pair stops the start) and reloaded on SIGHUP; `None` when off.
 fn load_tls(serve: &crate::config::ServeConfig, shutdown: &CancellationToken) -> anyhow::Result<Option<crate::http::tls::ServerTls>> {
-    if !serve.tls.enabled() {
-        return Ok(None);
-    }
-    let tls = crate::http::tls::ServerTls::load(serve.tls.cert_file.as_ref(), serve.tls.key_file.as_ref())?;
-    tls.reload_on_sighup(shutdown.clone())?;
-    Ok(Some(tls))
+    let tls = match serve.tls.enabled() {
+        true => Some(crate::http::tls::ServerTls::load(serve.tls.cert_file.as_ref(), serve.tls.key_file.as_ref())?),
+        false => None,
+    };
+    crate::http::tls::reload_on_sighup(tls.clone(), shutdown.clone())?;
+    Ok(tls)
 }
