@@ -643,9 +643,9 @@ async fn submit_with_id(
     let span = tracing::info_span!("command", %command_id, command_type = request.command_type.as_str());
     let outcome = tracing::Instrument::instrument(state.writer.append(append), span.clone()).await.map_err(|e| match e {
         AppendError::Overloaded => {
-            ApiError::unavailable(&"log writer queue full (writer.queue_depth)", state.retry_after())
+            ApiError::unavailable(&"log writer queue full (writer.queue_depth)")
         }
-        other => ApiError::unavailable(&other, state.retry_after()),
+        other => ApiError::unavailable(&other),
     })?;
     match outcome {
         AppendOutcome::Accepted { events, position, duplicate } => {

@@ -1,9 +1,12 @@
 //! The API's one error type: every failure becomes a status and a JSON body
-//! `{error, message, ...}`; infrastructure failures become 503 with `Retry-After` and a generic
-//! message, their cause going to the log.
+//! `{error, message, ...}`; infrastructure failures (a [`DbError`] or [`LogError`] converts by
+//! `?`) become 503 with a generic message, their cause going to the log. Every 503 gets
+//! `Retry-After: serve.retry_after_secs` from the router unless it set its own.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use crate::db::DbError;
+use crate::log::LogError;
 use serde_json::{json, Map, Value};
 
 #[derive(Debug)]
@@ -34,15 +37,13 @@ impl ApiError {
     }
 
     /// A dependency failed; `cause` is logged, never sent.
-    pub fn unavailable(cause: &dyn std::fmt::Display, retry_after: u64) -> Self {
+    pub fn unavailable(cause: &dyn std::fmt::Display) -> Self {
         tracing::warn!(error = %cause, "request failed on a dependency");
-        let mut e = Self::new(
+        Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "a dependency of spiced is unavailable; retry later (with the same Idempotency-Key for commands)",
-        );
-        e.retry_after = Some(retry_after);
-        e
+        )
     }
 
     /// Adds a field to the body.
@@ -71,6 +72,18 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        ApiError::unavailable(&e)
+    }
+}
+
+impl From<LogError> for ApiError {
+    fn from(e: LogError) -> Self {
+        ApiError::unavailable(&e)
     }
 }
 

@@ -56,10 +56,6 @@ impl AppState {
         self.config.serve.retry_after_secs
     }
 
-    pub fn unavailable(&self, cause: &dyn std::fmt::Display) -> ApiError {
-        ApiError::unavailable(cause, self.retry_after())
-    }
-
     /// `metadata.kafka_topic` of a command's envelope.
     pub fn topic_for(&self, command_type: CommandType) -> &str {
         crate::routing::command_topic(&self.config, command_type)
@@ -127,9 +123,23 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.serve.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(state.auth.clone(), auth::check))
+        .layer(axum::middleware::map_response_with_state(state.clone(), retry_after_on_503))
         .layer(axum::middleware::from_fn_with_state(state.clone(), request_timeout))
         .layer(axum::middleware::from_fn(crate::telemetry::track_http))
         .with_state(state)
+}
+
+/// Every 503 asks the client to come back after `serve.retry_after_secs`, unless its handler
+/// chose another wait.
+async fn retry_after_on_503(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    use axum::http::{header, HeaderValue, StatusCode};
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE && !response.headers().contains_key(header::RETRY_AFTER) {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(state.retry_after()));
+    }
+    response
 }
 
 /// Bounds a request once its head is in (`serve.request_timeout_ms`): reading its body and the

@@ -47,7 +47,7 @@ pub async fn get_command(
     let raw = path(p)?;
     let id = Uuid::parse_str(&raw)
         .map_err(|_| ApiError::bad_request("invalid_command_id", format!("{raw:?} is not a UUID")))?;
-    let rows = state.index().command(id).await.map_err(|e| state.unavailable(&e))?;
+    let rows = state.index().command(id).await?;
     if rows.is_empty() {
         return Err(ApiError::not_found(format!("no command {id}")));
     }
@@ -86,7 +86,7 @@ async fn command_statuses(
     command_id: Uuid,
     rows: &[crate::db::IndexRow],
 ) -> Result<Vec<EventStatus>, ApiError> {
-    let outcomes = state.index().outcomes(command_id).await.map_err(|e| state.unavailable(&e))?;
+    let outcomes = state.index().outcomes(command_id).await?;
     let by_member: HashMap<(&AggregateKey, u64), &crate::db::IndexRow> = outcomes.iter().map(|o| ((&o.key, o.seq), o)).collect();
     let envelopes = outcome_envelopes(state, &outcomes).await?;
     let mut statuses = Vec::with_capacity(rows.len());
@@ -94,7 +94,7 @@ async fn command_statuses(
         let status = match by_member.get(&(&row.key, row.seq)) {
             Some(outcome) => outcome_status(envelopes.get(&outcome.event_id))?,
             None => {
-                let processed = state.db.registry.rows(row.event_id).await.map_err(|e| state.unavailable(&e))?;
+                let processed = state.db.registry.rows(row.event_id).await?;
                 registry_status(&processed)
             }
         };
@@ -113,7 +113,7 @@ async fn outcome_envelopes(state: &AppState, outcomes: &[crate::db::IndexRow]) -
         .buffered(8);
     let mut found = HashMap::with_capacity(wanted.len());
     while let Some(segment) = segments.next().await {
-        let Some(segment) = segment.map_err(|e| state.unavailable(&e))? else { return Err(disagree()) };
+        let Some(segment) = segment? else { return Err(disagree()) };
         found.extend(segment.events.into_iter().filter(|e| wanted.contains(&e.event_id)).map(|e| (e.event_id, e)));
     }
     Ok(found)
@@ -222,7 +222,7 @@ pub async fn get_aggregate(
 ) -> Result<Json<Value>, ApiError> {
     let (ty, id) = path(p)?;
     let key = AggregateKey::parse(&ty, &id)?;
-    let version = state.index().version(&key).await.map_err(|e| state.unavailable(&e))?;
+    let version = state.index().version(&key).await?;
     Ok(Json(json!({
         "aggregate_type": key.aggregate_type.as_str(),
         "aggregate_id": key.aggregate_id,
@@ -276,8 +276,7 @@ pub async fn get_events(
     let found = state
         .index()
         .positions(&key, kind, from, capped_to)
-        .await
-        .map_err(|e| state.unavailable(&e))?;
+        .await?;
     let (events, cut) = read_events(&state, &key, kind, &found).await?;
     let next = cut.or_else(|| (capped_to < to && found.len() as u64 == MAX_EVENTS_PER_READ).then(|| capped_to + 1));
     Ok(Json(json!({
@@ -306,7 +305,7 @@ async fn read_events(
         .buffered(8);
     let (mut events, mut bytes) = (Vec::with_capacity(found.len()), 0usize);
     while let Some(next) = segments.next().await {
-        let (position, segment) = next.map_err(|e| state.unavailable(&e))?;
+        let (position, segment) = next?;
         let segment = segment.ok_or_else(|| {
             tracing::error!(position, "the index names a log position that does not exist");
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "log index and log disagree; run `spiced verify`")
