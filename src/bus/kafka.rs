@@ -172,7 +172,6 @@ impl rdkafka::client::ClientContext for LastError {
 
 impl rdkafka::consumer::ConsumerContext for LastError {}
 
-
 /// Creates the topics that do not exist yet; an existing topic is fine, any other refusal is
 /// an error naming the topic. Another process may be creating the same topics at the same
 /// moment, so a failed attempt is checked against the broker's metadata and retried.

@@ -123,8 +123,8 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.serve.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(state.auth.clone(), auth::check))
-        .layer(axum::middleware::map_response_with_state(state.clone(), retry_after_on_503))
         .layer(axum::middleware::from_fn_with_state(state.clone(), request_timeout))
+        .layer(axum::middleware::map_response_with_state(state.clone(), retry_after_on_503))
         .layer(axum::middleware::from_fn(crate::telemetry::track_http))
         .with_state(state)
 }
@@ -157,9 +157,7 @@ async fn request_timeout(
         Err(_) => {
             metrics::counter!("spiced_http_request_timeouts_total").increment(1);
             let message = "the request took longer than serve.request_timeout_ms; retry (a command with the same Idempotency-Key)";
-            ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "timeout", message)
-                .retry_after(state.retry_after())
-                .into_response()
+            ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "timeout", message).into_response()
         }
     }
 }

@@ -7,7 +7,6 @@
 //! wait at once: past it a read gets 503 with `Retry-After` instead of a place in the queue.
 
 use crate::db::Database;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -17,22 +16,16 @@ const POLL: Duration = Duration::from_millis(20);
 
 pub struct PositionWatch {
     position: watch::Sender<u64>,
+    /// One permit per waiter: those taken are the reads waiting now.
     slots: Arc<Semaphore>,
-    waiting: AtomicUsize,
+    max_waiters: usize,
     wake: Arc<Notify>,
 }
 
-/// A waiter's place: it holds one of the slots and keeps the watcher polling.
+/// A waiter's place: it holds one of the slots, which keeps the watcher polling.
 pub struct Waiter {
     pub moves: watch::Receiver<u64>,
-    watch: Arc<PositionWatch>,
     _slot: OwnedSemaphorePermit,
-}
-
-impl Drop for Waiter {
-    fn drop(&mut self) {
-        self.watch.waiting.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 impl PositionWatch {
@@ -41,7 +34,7 @@ impl PositionWatch {
         let watch = Arc::new(PositionWatch {
             position: watch::channel(0).0,
             slots: Arc::new(Semaphore::new(max_waiters)),
-            waiting: AtomicUsize::new(0),
+            max_waiters,
             wake: Arc::new(Notify::new()),
         });
         tokio::spawn(poll(Arc::downgrade(&watch), db));
@@ -49,11 +42,14 @@ impl PositionWatch {
     }
 
     /// A place among the waiters; `None` when all `serve.max_version_waiters` are taken.
-    pub fn join(self: &Arc<Self>) -> Option<Waiter> {
+    pub fn join(&self) -> Option<Waiter> {
         let slot = self.slots.clone().try_acquire_owned().ok()?;
-        self.waiting.fetch_add(1, Ordering::AcqRel);
         self.wake.notify_one();
-        Some(Waiter { moves: self.position.subscribe(), watch: self.clone(), _slot: slot })
+        Some(Waiter { moves: self.position.subscribe(), _slot: slot })
+    }
+
+    fn anyone_waiting(&self) -> bool {
+        self.slots.available_permits() < self.max_waiters
     }
 }
 
@@ -61,7 +57,7 @@ impl PositionWatch {
 async fn poll(watch: Weak<PositionWatch>, db: Database) {
     loop {
         let Some(w) = watch.upgrade() else { return };
-        if w.waiting.load(Ordering::Acquire) == 0 {
+        if !w.anyone_waiting() {
             let wake = w.wake.clone();
             drop(w);
             // A join in between left a permit, so this returns at once. Re-checked every

@@ -147,7 +147,6 @@ async fn wait_for_version(state: &AppState, kind: ReadKind, key: &str, wanted: u
         if waiter.is_none() {
             let joined = state.positions.join().ok_or_else(|| {
                 ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "unavailable", "too many reads are waiting for the read models (serve.max_version_waiters); retry")
-                    .retry_after(state.retry_after())
             })?;
             waiter = Some(joined);
             // The position may have moved between the read and joining: read once more.

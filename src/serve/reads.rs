@@ -92,7 +92,7 @@ async fn command_statuses(
     let mut statuses = Vec::with_capacity(rows.len());
     for row in rows {
         let status = match by_member.get(&(&row.key, row.seq)) {
-            Some(outcome) => outcome_status(envelopes.get(&outcome.event_id))?,
+            Some(outcome) => outcome_status(envelopes.get(&outcome.event_id).ok_or_else(|| disagree(outcome.position))?),
             None => {
                 let processed = state.db.registry.rows(row.event_id).await?;
                 registry_status(&processed)
@@ -109,29 +109,30 @@ async fn outcome_envelopes(state: &AppState, outcomes: &[crate::db::IndexRow]) -
     let wanted: HashSet<Uuid> = outcomes.iter().map(|o| o.event_id).collect();
     let positions: BTreeSet<u64> = outcomes.iter().map(|o| o.position).collect();
     let mut segments = futures::stream::iter(positions)
-        .map(|p| async move { state.log.get_segment(p).await })
+        .map(|p| async move { state.log.get_segment(p).await.map(|s| (p, s)) })
         .buffered(8);
     let mut found = HashMap::with_capacity(wanted.len());
-    while let Some(segment) = segments.next().await {
-        let Some(segment) = segment? else { return Err(disagree()) };
+    while let Some(next) = segments.next().await {
+        let (position, segment) = next?;
+        let segment = segment.ok_or_else(|| disagree(position))?;
         found.extend(segment.events.into_iter().filter(|e| wanted.contains(&e.event_id)).map(|e| (e.event_id, e)));
     }
     Ok(found)
 }
 
-fn disagree() -> ApiError {
-    tracing::error!("the index names a log position or event the log does not hold");
+/// The index names a log position (or an event at it) that the log does not hold.
+fn disagree(position: u64) -> ApiError {
+    tracing::error!(position, "the index names a log position or event the log does not hold");
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "log index and log disagree; run `spiced verify`")
 }
 
-fn outcome_status(envelope: Option<&EventEnvelope>) -> Result<EventStatus, ApiError> {
-    let envelope = envelope.ok_or_else(disagree)?;
+fn outcome_status(envelope: &EventEnvelope) -> EventStatus {
     let failed = envelope.event_type == "COMMAND_FAILED";
-    Ok(EventStatus {
+    EventStatus {
         aggregate_id: String::new(),
         status: if failed { "FAILED" } else { "COMPLETED" },
         error: if failed { envelope.data.get("error").cloned().unwrap_or(Value::Null) } else { Value::Null },
-    })
+    }
 }
 
 fn registry_status(rows: &[crate::db::registry::Processed]) -> EventStatus {
@@ -306,10 +307,7 @@ async fn read_events(
     let (mut events, mut bytes) = (Vec::with_capacity(found.len()), 0usize);
     while let Some(next) = segments.next().await {
         let (position, segment) = next?;
-        let segment = segment.ok_or_else(|| {
-            tracing::error!(position, "the index names a log position that does not exist");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "log index and log disagree; run `spiced verify`")
-        })?;
+        let segment = segment.ok_or_else(|| disagree(position))?;
         for (i, e) in segment.events.iter().enumerate() {
             let mine = e.aggregate_id == key.aggregate_id
                 && e.aggregate_type == key.aggregate_type.as_str()
