@@ -74,7 +74,7 @@ async fn fill(config: &Config, db: &Database, log: spiced::log::EventLog) -> u64
 }
 
 async fn wait_position(db: &Database, head: u64, task: &tokio::task::JoinHandle<anyhow::Result<()>>) {
-    while db.projection_position().await.unwrap() < head {
+    while db.read.live_position().await.unwrap() < head {
         assert!(!task.is_finished(), "the projection stopped");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

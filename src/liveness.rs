@@ -196,10 +196,10 @@ pub fn instance() -> String {
 }
 
 impl Stage {
-    fn report(&self, instance: &str) -> crate::db::liveness::StageReport {
+    fn report(&self, instance: &str) -> crate::db::StageReport {
         let now = chrono::Utc::now();
         let since = chrono::Duration::from_std(self.since_progress()).unwrap_or_default();
-        crate::db::liveness::StageReport {
+        crate::db::StageReport {
             stage: self.stage.clone(),
             instance: instance.to_string(),
             progressed_at: now - since,
@@ -248,7 +248,7 @@ fn spawn_reporter(db: crate::db::Database, stages: Vec<Arc<Stage>>, shutdown: to
             for s in &stages {
                 s.export();
             }
-            match tokio::time::timeout(REPORT_EVERY, db.report_stages(&reports)).await {
+            match tokio::time::timeout(REPORT_EVERY, db.stages.report(&reports)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(error = %e, "cannot record stage liveness this round"),
                 Err(_) => tracing::debug!("recording stage liveness did not finish this round"),
@@ -258,7 +258,7 @@ fn spawn_reporter(db: crate::db::Database, stages: Vec<Arc<Stage>>, shutdown: to
                 _ = tokio::time::sleep(REPORT_EVERY) => {}
             }
         }
-        if let Ok(Err(e)) = tokio::time::timeout(REPORT_EVERY, db.forget_stages(&instance)).await {
+        if let Ok(Err(e)) = tokio::time::timeout(REPORT_EVERY, db.stages.forget(&instance)).await {
             tracing::debug!(error = %e, "cannot remove this process's stage liveness rows");
         }
     })

@@ -83,7 +83,7 @@ async fn every_role_restarted_under_load_loses_and_duplicates_nothing() {
     let db = spiced::db::Database::open(&config.database).await.unwrap();
     let head = db.index.head().await.unwrap();
     let deadline = Instant::now() + WAIT;
-    while db.projection_position().await.unwrap() < head {
+    while db.read.live_position().await.unwrap() < head {
         assert!(Instant::now() < deadline, "projection stuck below the log head {head}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -80,8 +80,8 @@ impl Stack {
 /// Where the pipeline stands, read directly from PostgreSQL.
 async fn clocks(db: &Database) -> (u64, u64, u64) {
     let head = db.index.head().await.unwrap();
-    let relayed = db.checkpoint("relay").await.unwrap();
-    let projected = db.projection_position().await.unwrap_or(0);
+    let relayed = db.checkpoints.position("relay").await.unwrap();
+    let projected = db.read.live_position().await.unwrap_or(0);
     (head, relayed, projected)
 }
 
@@ -229,9 +229,9 @@ async fn a_lone_relay_recovers_from_a_broker_stall() {
 }
 
 /// The relay's row of `spiced status`.
-async fn relay_report(config: &Config) -> Option<spiced::db::liveness::StageReport> {
+async fn relay_report(config: &Config) -> Option<spiced::db::StageReport> {
     let db = Database::open(&config.database).await.ok()?;
-    db.stage_reports().await.ok()?.into_iter().find(|r| r.stage == "relay")
+    db.stages.all().await.ok()?.into_iter().find(|r| r.stage == "relay")
 }
 
 /// One metric's value from a Prometheus text page (0 when absent).

@@ -2,17 +2,15 @@
 
 mod common;
 
+use common::readmodel::change;
 use common::{isolated_config, spawn_app, spawn_dev, Backend, TestApp};
 use serde_json::{json, Value};
-use spiced::db::read::{Change, Page, Progress, ReadBatch, ReadKind, ReadRow, ReadSchema};
-use spiced::db::Database;
+use spiced::db::read::{Progress, ReadBatch, ReadSchema};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
-use uuid::Uuid;
 
 backend_tests! {
     read_models_follow_the_log,
-    versioned_rows_converge_whatever_the_order,
     filters_select_exactly_what_they_say,
     reads_wait_for_their_own_writes,
     a_rebuild_swaps_in_under_the_live_projection,
@@ -78,67 +76,6 @@ async fn read_models_follow_the_log(backend: Backend) {
     assert_eq!(db["description"], "d");
     let (s, e) = app.get("/databases/shop/classes/Item/instances?limit=5000").await;
     assert_eq!((s, e["error"].as_str()), (400, Some("invalid_query")));
-}
-
-fn change(key: &str, version: u64, position: u64, n: i64, deleted: bool) -> Change {
-    let kind = if key.contains(':') { ReadKind::Instance } else { ReadKind::Database };
-    Change {
-        event_id: Uuid::new_v4(),
-        cascade: kind == ReadKind::Database && deleted,
-        row: ReadRow {
-            kind,
-            key: key.into(),
-            parent: key.rsplit_once(':').map(|(p, _)| p.to_string()).unwrap_or_default(),
-            db: key.split(':').next().unwrap().into(),
-            state: (!deleted).then(|| json!({"instance_id": key.rsplit(':').next().unwrap(), "data": {"n": n}})),
-            version,
-            position,
-            deleted,
-            created_at: chrono::Utc::now(),
-            updated_at: chrono::Utc::now(),
-        },
-    }
-}
-
-/// Batches as Kafka delivers them: any order across partitions, duplicates included.
-async fn versioned_rows_converge_whatever_the_order(backend: Backend) {
-    let (config, _dir) = isolated_config(backend).await;
-    let db = Database::open(&config.database).await.unwrap();
-    db.migrate().await.unwrap();
-    let live = ReadSchema::live();
-    let apply = |changes: Vec<Change>, partition: i32, position: u64| {
-        let db = db.clone();
-        let live = live.clone();
-        async move {
-            let progress = Progress::Kafka(vec![("t".into(), partition, position)]);
-            db.apply_read_batch(&live, &ReadBatch { changes, progress }).await.unwrap()
-        }
-    };
-    let key = "d:main:C:x";
-    let second = change(key, 2, 20, 20, false);
-    apply(vec![change("d", 1, 1, 0, false)], 0, 1).await;
-    apply(vec![second.clone()], 1, 20).await;
-    apply(vec![change(key, 1, 10, 10, false)], 1, 10).await; // older, delivered late: ignored
-    apply(vec![second.clone()], 1, 20).await; // the same event again: claimed already
-    let r = db.read_one(ReadKind::Instance, key).await.unwrap().rows.remove(0);
-    assert_eq!((r.version, r.state.unwrap()["data"]["n"].as_i64()), (2, Some(20)));
-    assert_eq!(db.projection_position().await.unwrap(), 1, "the lowest partition position");
-    apply(vec![change(key, 3, 30, 0, true)], 1, 30).await;
-    assert!(db.read_one(ReadKind::Instance, key).await.unwrap().rows.remove(0).deleted);
-
-    // The database is deleted at position 50: what was written under it before goes, and
-    // an older event arriving afterwards on another partition does not bring it back.
-    apply(vec![change("d:main:C:y", 1, 40, 1, false)], 1, 40).await;
-    apply(vec![change("d", 2, 50, 0, true)], 0, 50).await;
-    apply(vec![change("d:main:C:z", 1, 45, 1, false)], 2, 45).await;
-    let page = Page { kind: ReadKind::Instance, parent: "d:main:C", after: None, limit: 10, filter: &[] };
-    assert!(db.read_page(&page).await.unwrap().rows.is_empty());
-    assert!(db.read_one(ReadKind::Instance, "d:main:C:y").await.unwrap().rows.is_empty());
-    // Written after the deletion: kept.
-    apply(vec![change("d", 3, 60, 0, false), change("d:main:C:w", 1, 61, 1, false)], 0, 61).await;
-    let keys: Vec<String> = db.read_page(&page).await.unwrap().rows.into_iter().map(|r| r.key).collect();
-    assert_eq!(keys, ["d:main:C:w"]);
-    assert_eq!(db.projection_position().await.unwrap(), 40, "partition 1 is the lowest");
 }
 
 /// Every id of a class's instances through pages of `limit`, following cursors; also checks
@@ -286,7 +223,7 @@ async fn pages_under_inserts(backend: Backend) {
         ReadBatch { changes, progress: Progress::Kafka(vec![]) }
     };
     for chunk in 0..10 {
-        db.apply_read_batch(&ReadSchema::live(), &rows((0..1000).map(|i| (chunk * 1000 + i) * 2).collect())).await.unwrap();
+        db.read.apply(&ReadSchema::live(), &rows((0..1000).map(|i| (chunk * 1000 + i) * 2).collect())).await.unwrap();
     }
     // Odd ids arrive while the pages are read, spread over the whole key range.
     let writer = {
@@ -294,7 +231,7 @@ async fn pages_under_inserts(backend: Backend) {
         tokio::spawn(async move {
             for round in 0..50 {
                 let ids: Vec<u32> = (0..100).map(|i| (i * 50 + round) * 2 + 1).collect();
-                db.apply_read_batch(&ReadSchema::live(), &rows(ids)).await.unwrap();
+                db.read.apply(&ReadSchema::live(), &rows(ids)).await.unwrap();
             }
         })
     };
@@ -341,7 +278,7 @@ async fn a_rebuild_swaps_in_under_the_live_projection(backend: Backend) {
     assert!(report.swapped && report.events >= 23, "{report:?}");
     assert_eq!(instances(&app, "/databases/s/classes/C").await, before, "the rebuilt read models answer the same");
     let (db, _) = app.storage().await;
-    assert!(db.read_schema_exists(&ReadSchema::named("swapped_out").unwrap()).await.unwrap());
+    assert!(db.read.schema_exists(&ReadSchema::named("swapped_out").unwrap()).await.unwrap());
 
     done(&app, app.post("/databases/s/classes/C/instances", json!({"id": "late", "data": {"n": 99}})).await).await;
     caught_up(&app).await;

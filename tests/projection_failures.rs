@@ -66,7 +66,7 @@ async fn done(app: &TestApp, (s, b): (u16, Value)) -> u64 {
 
 async fn recorded(app: &TestApp) -> Vec<ProjectionFailure> {
     let (db, _) = app.storage().await;
-    db.projection_failures(&ReadSchema::live()).await.unwrap()
+    db.read.failures(&ReadSchema::live()).await.unwrap()
 }
 
 fn attempts(failures: &[ProjectionFailure]) -> Vec<(String, u32)> {
@@ -167,7 +167,7 @@ async fn the_log_follower_sets_a_refused_event_aside_and_goes_on(backend: Backen
     let report = spiced::project::rebuild::run(&app.config, options).await.unwrap();
     let (db, _) = app.storage().await;
     assert_eq!(report.position, db.index.head().await.unwrap(), "{report:?}");
-    let old = db.projection_failures(&ReadSchema::named("before_rebuild").unwrap()).await.unwrap();
+    let old = db.read.failures(&ReadSchema::named("before_rebuild").unwrap()).await.unwrap();
     assert_eq!(attempts(&old), [("evil".into(), 4)], "the previous live schema keeps its list");
     let (s, _) = app.get("/databases/fixable").await;
     assert_eq!(s, 200, "the rebuilt read models hold what the retry applied");
@@ -219,20 +219,20 @@ async fn a_kafka_batch_commits_around_a_refused_change(backend: Backend) {
     let changes = vec![change("a", 1), bad.clone(), change("a:main:C:x", 3), bad.clone()];
     let batch = ReadBatch { changes, progress: Progress::Kafka(vec![("t".into(), 0, 3)]) };
     let live = ReadSchema::live();
-    let applied = db.apply_read_batch(&live, &batch).await.unwrap();
+    let applied = db.read.apply(&live, &batch).await.unwrap();
     assert_eq!(applied.position, 3, "the partition's position, as for a whole batch");
     let refused: Vec<_> = applied.refused.iter().map(|r| (r.event_id, r.position, r.aggregate_id.as_str())).collect();
     assert_eq!(refused, [(bad.event_id, 2, "fixable")], "recorded once although delivered twice");
     for (kind, key) in [(ReadKind::Database, "a"), (ReadKind::Instance, "a:main:C:x")] {
-        assert_eq!(db.read_one(kind, key).await.unwrap().rows.len(), 1, "{key} applied");
+        assert_eq!(db.read.one(kind, key).await.unwrap().rows.len(), 1, "{key} applied");
     }
-    assert!(db.read_one(ReadKind::Database, "fixable").await.unwrap().rows.is_empty());
+    assert!(db.read.one(ReadKind::Database, "fixable").await.unwrap().rows.is_empty());
     let claims = db.registry.rows(bad.event_id).await.unwrap();
     assert_eq!(claims.iter().map(|c| (c.handler.as_str(), c.status.as_str())).collect::<Vec<_>>(), [("projection", "done")]);
 
-    let again = db.apply_read_batch(&live, &batch).await.unwrap();
+    let again = db.read.apply(&live, &batch).await.unwrap();
     assert!(again.refused.is_empty(), "claimed: a redelivery changes nothing: {again:?}");
-    let failures = db.projection_failures(&live).await.unwrap();
+    let failures = db.read.failures(&live).await.unwrap();
     assert_eq!(attempts(&failures), [("fixable".into(), 1)]);
 }
 

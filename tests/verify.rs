@@ -109,7 +109,7 @@ async fn finds_every_planted_corruption(backend: Backend) {
     assert!(report(&app).await.failed(verify::HEAD));
     let app = populated(backend).await;
     let (db, _) = storage(&app).await;
-    db.set_checkpoint(&app.config.relay.name, 10_000).await.unwrap();
+    db.checkpoints.advance(&app.config.relay.name, 10_000).await.unwrap();
     assert!(report(&app).await.failed(verify::RELAY));
 }
 

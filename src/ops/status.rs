@@ -1,6 +1,6 @@
 //! `spiced status`: where each stage of the pipeline is, as one table of its clocks, each a
 //! log position: committed (the log itself), allocated (the index head), published (the relay
-//! checkpoint; no relay runs on SQLite, i.e. under `spiced dev`), processed by the embedded
+//! checkpoint; none under `spiced dev`), processed by the embedded
 //! workers (only `spiced dev` has them), and applied to the read models (the projection),
 //! with how many events the read store refused (recorded in `projection_failures`, missing
 //! from the read models); then how many commands have their outcome, and each running stage.
@@ -15,8 +15,8 @@ pub struct Status {
     pub log_head: u64,
     pub relay_checkpoint: u64,
     pub embedded_checkpoint: u64,
-    /// The database is SQLite: a `spiced dev` directory, where no relay can run (its lease
-    /// needs PostgreSQL) and the embedded workers are the only ones.
+    /// The embedded workers (`spiced dev`) have a cursor and no relay ever ran: the relay's
+    /// clock is not used here.
     pub dev: bool,
     /// Log position the read models have applied; `None` when they cannot be read (no
     /// projection has set them up yet).
@@ -27,7 +27,7 @@ pub struct Status {
     pub commands: usize,
     pub outcomes: usize,
     /// What each running stage of each process last reported (`stage_liveness`).
-    pub stages: Vec<crate::db::liveness::StageReport>,
+    pub stages: Vec<crate::db::StageReport>,
 }
 
 /// Reads every clock. The log head is found by probing past the index head (one GET each),
@@ -41,24 +41,26 @@ pub async fn read(config: &Config) -> anyhow::Result<Status> {
         log_head += 1;
     }
     let rows = db.index.all_rows().await?;
+    let relay = db.checkpoints.get(&config.relay.name).await?;
+    let embedded = db.checkpoints.get(crate::db::EMBEDDED_WORKERS_CHECKPOINT).await?;
     Ok(Status {
         index_head,
         log_head,
-        relay_checkpoint: db.checkpoint(&config.relay.name).await?,
-        embedded_checkpoint: db.checkpoint(crate::db::EMBEDDED_WORKERS_CHECKPOINT).await?,
-        dev: db.postgres().is_none(),
+        relay_checkpoint: relay.unwrap_or(0),
+        embedded_checkpoint: embedded.unwrap_or(0),
+        dev: relay.is_none() && embedded.is_some(),
         projection: projection_position(&db).await,
         projection_failures: projection_failures(&db).await,
         commands: rows.iter().filter(|r| r.kind == Kind::Command).count(),
         outcomes: rows.iter().filter(|r| r.kind == Kind::Domain).count(),
-        stages: db.stage_reports().await?,
+        stages: db.stages.all().await?,
     })
 }
 
 /// The read models' position; a missing read-model schema is reported, not fatal, since the
 /// other clocks are still worth printing.
 async fn projection_position(db: &Database) -> Option<u64> {
-    match db.projection_position().await {
+    match db.read.live_position().await {
         Ok(p) => Some(p),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the projection's position");
@@ -69,7 +71,7 @@ async fn projection_position(db: &Database) -> Option<u64> {
 
 /// The live read models' recorded failures, reported like their position when unreadable.
 async fn projection_failures(db: &Database) -> Option<usize> {
-    match db.projection_failures(&crate::db::read::ReadSchema::live()).await {
+    match db.read.failures(&crate::db::read::ReadSchema::live()).await {
         Ok(f) => Some(f.len()),
         Err(e) => {
             tracing::warn!(error = %e, "cannot count the projection's recorded failures");
@@ -115,7 +117,7 @@ const STALE: chrono::TimeDelta = chrono::TimeDelta::seconds(3 * crate::liveness:
 
 /// One line per running stage: how long since it last moved, whether work waits, and whether
 /// its process still reports at all.
-fn print_stages(stages: &[crate::db::liveness::StageReport], now: chrono::DateTime<chrono::Utc>) {
+fn print_stages(stages: &[crate::db::StageReport], now: chrono::DateTime<chrono::Utc>) {
     println!();
     if stages.is_empty() {
         println!("stages: none reporting (no relay, worker or projection running against this database)");
@@ -130,7 +132,7 @@ fn print_stages(stages: &[crate::db::liveness::StageReport], now: chrono::DateTi
     }
 }
 
-fn stage_state(r: &crate::db::liveness::StageReport, now: chrono::DateTime<chrono::Utc>) -> String {
+fn stage_state(r: &crate::db::StageReport, now: chrono::DateTime<chrono::Utc>) -> String {
     let silent = now - r.reported_at;
     if silent > STALE {
         return format!("not reporting for {} s (stopped, frozen or cut off)", silent.num_seconds());
@@ -147,7 +149,7 @@ fn stage_state(r: &crate::db::liveness::StageReport, now: chrono::DateTime<chron
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::liveness::StageReport;
+    use crate::db::StageReport;
 
     fn report(now: chrono::DateTime<chrono::Utc>, stalled: bool, waiting: bool, error: Option<&str>, reported_secs_ago: i64) -> StageReport {
         StageReport {

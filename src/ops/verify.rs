@@ -218,8 +218,8 @@ pub async fn run(config: &Config, from: u64) -> anyhow::Result<Report> {
         index_head: db.index.head().await?,
         index_rows: db.index.all_rows().await?,
         versions: db.index.all_versions().await?,
-        relay_checkpoint: db.checkpoint(&config.relay.name).await?,
-        projection_failures: db.projection_failures(&ReadSchema::live()).await?,
+        relay_checkpoint: db.checkpoints.position(&config.relay.name).await?,
+        projection_failures: db.read.failures(&ReadSchema::live()).await?,
     };
     Ok(check(&inputs))
 }

@@ -30,7 +30,7 @@ pub struct RetryReport {
 /// Prints the recorded failures of `schema`, in log order.
 pub async fn list(config: &Config, schema: &ReadSchema) -> anyhow::Result<()> {
     let db = Database::open(&config.database).await?;
-    let failures = db.projection_failures(schema).await?;
+    let failures = db.read.failures(schema).await?;
     println!("{} event(s) missing from the read models in {} (refused by the read store)", failures.len(), schema.name());
     for f in &failures {
         println!(
@@ -54,7 +54,7 @@ pub async fn list(config: &Config, schema: &ReadSchema) -> anyhow::Result<()> {
 pub async fn retry(config: &Config, schema: &ReadSchema, event_id: Option<Uuid>) -> anyhow::Result<RetryReport> {
     let db = Database::open(&config.database).await?;
     let log = EventLog::open(&config.log)?;
-    let failures = db.projection_failures(schema).await?;
+    let failures = db.read.failures(schema).await?;
     let wanted: Vec<_> = failures.iter().filter(|f| event_id.is_none_or(|id| f.event_id == id)).collect();
     if let (Some(id), true) = (event_id, wanted.is_empty()) {
         anyhow::bail!("no recorded projection failure for event {id} in {}", schema.name());
@@ -69,7 +69,7 @@ pub async fn retry(config: &Config, schema: &ReadSchema, event_id: Option<Uuid>)
             report.not_in_log.push((f.event_id, f.position));
             continue;
         };
-        match db.reapply(schema, &change).await? {
+        match db.read.reapply(schema, &change).await? {
             None => report.applied.push(f.event_id),
             Some(refused) => report.refused.push(refused),
         }

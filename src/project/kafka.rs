@@ -181,7 +181,7 @@ async fn apply(db: &Database, schema: &ReadSchema, batch: &ReadBatch, progress: 
 async fn apply_until_done(db: &Database, schema: &ReadSchema, batch: &ReadBatch, progress: &Stage, shutdown: &CancellationToken) -> bool {
     let mut retry = crate::backoff::STORAGE;
     loop {
-        match db.apply_read_batch(schema, batch).await {
+        match db.read.apply(schema, batch).await {
             Ok(applied) => {
                 super::note_refused(&applied.refused);
                 metrics::gauge!("spiced_projection_position").set(applied.position as f64);
@@ -238,14 +238,14 @@ async fn register_partitions(db: &Database, consumer: &Arc<StreamConsumer>, topi
     })
     .await??;
     let batch = ReadBatch { changes: Vec::new(), progress: kafka_progress(partitions) };
-    db.apply_read_batch(&ReadSchema::live(), &batch).await?;
+    db.read.apply(&ReadSchema::live(), &batch).await?;
     Ok(())
 }
 
 /// With nothing to read: the assigned partitions that are at their high watermark are
 /// complete up to the relay checkpoint read first.
 async fn caught_up(db: &Database, consumer: &Arc<StreamConsumer>, config: &Config, progress: &Stage) -> Option<ReadBatch> {
-    let relayed = match db.checkpoint(&config.relay.name).await {
+    let relayed = match db.checkpoints.position(&config.relay.name).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the relay checkpoint");

@@ -61,14 +61,14 @@ pub async fn follow(
 ) -> anyhow::Result<()> {
     let schema = ReadSchema::live();
     let tail = Tail::new(log.clone(), db.index.clone());
-    let from = db.schema_position(&schema).await? + 1;
+    let from = db.read.position(&schema).await? + 1;
     tracing::info!(from, "projection following the log");
     let poll = Duration::from_millis(config.project.poll_interval_ms);
     let mut follower = Follower::new(tail, from, 64, poll).reporting(progress.clone());
     let failures = spawn_failures_export(db.clone(), shutdown.clone());
     let mut retry = crate::backoff::STORAGE;
     while let Some(segments) = follower.next(shutdown).await {
-        match db.apply_read_batch(&schema, &batch_of(&segments)).await {
+        match db.read.apply(&schema, &batch_of(&segments)).await {
             // The schema's position, which a swapped-in rebuild may have moved past this batch.
             Ok(applied) => {
                 retry.reset();
@@ -110,7 +110,7 @@ const FAILURES_EVERY: Duration = Duration::from_secs(5);
 fn spawn_failures_export(db: Database, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            match db.projection_failures(&ReadSchema::live()).await {
+            match db.read.failures(&ReadSchema::live()).await {
                 Ok(recorded) => metrics::gauge!("spiced_projection_failures").set(recorded.len() as f64),
                 Err(e) => tracing::warn!(error = %e, "cannot count the recorded projection failures"),
             }

@@ -84,7 +84,7 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
         Some(name) => ReadSchema::named(name)?,
         None => ReadSchema::named(&format!("spiced_read_rebuild_{}", Utc::now().format("%Y%m%d%H%M%S")))?,
     };
-    db.create_read_schema(&target).await?;
+    db.read.create_schema(&target).await?;
     let tail = Tail::new(log, db.index.clone());
     let started = Instant::now();
     let head = tail.head().await?;
@@ -97,7 +97,7 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
     let swap = options.until == Until::Head && !options.no_swap;
     // The swap applies what was written since `end` (a few segments) under its lock.
     let position = if swap {
-        let applied = db.swap_read_schema(&target, |from, to| segments_batches(&tail, from, to)).await?;
+        let applied = db.read.swap(&target, &|from, to| Box::pin(segments_batches(&tail, from, to))).await?;
         super::note_refused(&applied.refused);
         refused += applied.refused.len();
         applied.position
@@ -118,7 +118,7 @@ async fn fill(
     end: u64,
     meter: &mut Meter,
 ) -> anyhow::Result<(u64, u64, usize)> {
-    let mut next = db.schema_position(target).await? + 1;
+    let mut next = db.read.position(target).await? + 1;
     let (mut events, mut refused) = (0, 0);
     while next <= end {
         let mut segments = next_segments(tail, next, end).await?;
@@ -128,7 +128,7 @@ async fn fill(
         }
         if !segments.is_empty() {
             events += segments.iter().map(|s| s.events.len() as u64).sum::<u64>();
-            let applied = db.apply_read_batch(target, &batch_of(&segments)).await?;
+            let applied = db.read.apply(target, &batch_of(&segments)).await?;
             super::note_refused(&applied.refused);
             refused += applied.refused.len();
             next = applied.position + 1;

@@ -123,7 +123,7 @@ async fn export_lag_events(db: Database, name: String, every: Duration, shutdown
 }
 
 async fn lag_events(db: &Database, name: &str) -> Result<u64, crate::db::DbError> {
-    let checkpoint = db.checkpoint(name).await?;
+    let checkpoint = db.checkpoints.position(name).await?;
     db.index.events_after(checkpoint).await
 }
 
@@ -159,12 +159,9 @@ enum StepError {
 
 impl Relay {
     fn new(config: &Config, db: &Database, log: EventLog, stats: Arc<RelayStats>) -> anyhow::Result<Relay> {
-        let pg = db.postgres().ok_or_else(|| {
-            anyhow::anyhow!("the relay keeps its lease in PostgreSQL: database.url must be postgres:// (spiced dev needs no relay)")
-        })?;
         let me = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
         let leases = LeaseStore::new(
-            pg.pool().clone(),
+            db.leases.clone(),
             &config.relay.name,
             me,
             Duration::from_millis(config.relay.lease_ms),
@@ -364,7 +361,7 @@ impl Relay {
         }
         self.crash_point(RelayCrash::AfterDelivery);
         let crash = || self.crash_point(RelayCrash::DuringCheckpoint);
-        let written = tokio::time::timeout(bound, self.leases.checkpoint(lease, last, crash))
+        let written = tokio::time::timeout(bound, self.leases.checkpoint(lease, last, &crash))
             .await
             .map_err(|_| StepError::Timeout("the checkpoint write"))?;
         match written {

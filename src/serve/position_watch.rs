@@ -65,7 +65,7 @@ async fn poll(watch: Weak<PositionWatch>, db: Database) {
             let _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
             continue;
         }
-        match db.projection_position().await {
+        match db.read.live_position().await {
             Ok(p) => {
                 w.position.send_if_modified(|old| std::mem::replace(old, p) != p);
             }

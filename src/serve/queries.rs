@@ -102,7 +102,7 @@ async fn page(state: &AppState, kind: ReadKind, parent: &str, q: &PageQuery, fil
         validate_cursor(cursor)?;
     }
     let page = ReadPage { kind, parent, after: q.cursor.as_deref(), limit, filter };
-    let Snapshot { position, rows } = state.db.read_page(&page).await?;
+    let Snapshot { position, rows } = state.db.read.page(&page).await?;
     let next = (rows.len() == limit).then(|| rows.last().map(|r| r.key.clone())).flatten();
     let items: Vec<Value> = rows.iter().map(item).collect();
     Ok(with_position(position, json!({"items": items, "next_cursor": next})))
@@ -125,7 +125,7 @@ fn no_filter(q: &PageQuery) -> Result<(), ApiError> {
 async fn one(state: &AppState, kind: ReadKind, key: &str, min_version: Option<u64>) -> Result<Response, ApiError> {
     let found = match min_version {
         Some(wanted) => wait_for_version(state, kind, key, wanted).await?,
-        None => state.db.read_one(kind, key).await?,
+        None => state.db.read.one(kind, key).await?,
     };
     let row = found.rows.first().filter(|r| !r.deleted);
     let row = row.ok_or_else(|| ApiError::not_found(format!("no {} {key} (or not projected yet)", kind.as_str())))?;
@@ -139,7 +139,7 @@ async fn wait_for_version(state: &AppState, kind: ReadKind, key: &str, wanted: u
     let deadline = tokio::time::Instant::now() + Duration::from_millis(state.config.serve.min_version_wait_ms);
     let mut waiter = None;
     loop {
-        let found = state.db.read_one(kind, key).await?;
+        let found = state.db.read.one(kind, key).await?;
         let version = found.rows.first().map(|r| r.version).unwrap_or(0);
         if version >= wanted {
             return Ok(found);
@@ -174,7 +174,7 @@ async fn class_properties(state: &AppState, class_key_prefix: &str, class_id: &s
     while let Some(id) = next.take() {
         seen += 1;
         let key = format!("{class_key_prefix}:{id}");
-        let found = state.db.read_one(ReadKind::Class, &key).await?;
+        let found = state.db.read.one(ReadKind::Class, &key).await?;
         let Some(class) = found.rows.into_iter().next().filter(|r| !r.deleted).and_then(|r| r.state) else {
             return Err(ApiError::not_found(format!("no class {id} (or not projected yet)")));
         };

@@ -23,7 +23,7 @@ pub async fn run(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Resul
     let handlers = [shared.handler(Role::Ontology), shared.handler(Role::Instance)];
     let mut retry = crate::backoff::STORAGE;
     let from = loop {
-        match shared.db.checkpoint(CHECKPOINT).await {
+        match shared.db.checkpoints.position(CHECKPOINT).await {
             Ok(p) => break p + 1,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the workers' checkpoint; retrying");
@@ -45,7 +45,7 @@ pub async fn run(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Resul
             }
             // The segment's commands are done; a checkpoint that cannot be written now is
             // written later (or the segment is re-run: the registry makes that harmless).
-            if let Err(e) = shared.db.set_checkpoint(CHECKPOINT, segment.position).await {
+            if let Err(e) = shared.db.checkpoints.advance(CHECKPOINT, segment.position).await {
                 tracing::warn!(error = %e, position = segment.position, "cannot record the workers' checkpoint");
             }
             follower.done(segment.position);

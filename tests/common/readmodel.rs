@@ -3,7 +3,9 @@
 
 use super::{read_whole_log, TestApp};
 use chrono::{DateTime, Utc};
-use serde_json::Value;
+use serde_json::{json, Value};
+use spiced::db::read::{Change, ReadKind, ReadRow};
+use uuid::Uuid;
 use spiced::config::Config;
 use spiced::envelope::Kind;
 use std::collections::BTreeMap;
@@ -94,5 +96,27 @@ pub async fn caught_up(app: &TestApp, timeout: Duration) {
         }
         assert!(Instant::now() < deadline, "projection at {position}, log head {head}");
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A change of `key` (an instance when it has a `:`, else a database) to version `version` at
+/// log position `position`, its data `{"n": n}`.
+pub fn change(key: &str, version: u64, position: u64, n: i64, deleted: bool) -> Change {
+    let kind = if key.contains(':') { ReadKind::Instance } else { ReadKind::Database };
+    Change {
+        event_id: Uuid::new_v4(),
+        cascade: kind == ReadKind::Database && deleted,
+        row: ReadRow {
+            kind,
+            key: key.into(),
+            parent: key.rsplit_once(':').map(|(p, _)| p.to_string()).unwrap_or_default(),
+            db: key.split(':').next().unwrap().into(),
+            state: (!deleted).then(|| json!({"instance_id": key.rsplit(':').next().unwrap(), "data": {"n": n}})),
+            version,
+            position,
+            deleted,
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        },
     }
 }

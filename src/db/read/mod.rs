@@ -3,22 +3,27 @@
 //!
 //! They live in a schema of their own (`spiced_read` on PostgreSQL; tables named
 //! `spiced_read__*` on SQLite), never in the registry's tables: a rebuild fills a fresh schema
-//! from the log and swaps it in by renaming, so every statement here names its tables through
+//! from the log and swaps it in by renaming, so every statement names its tables through
 //! [`ReadSchema`] and is sent unprepared (a cached plan could outlive the rename).
+//!
+//! This module holds the contract ([`ReadStore`]) and what does not depend on the backend (the
+//! rows, the batch's order of application, the filter language); the SQL is in
+//! [`crate::db::postgres`] and [`crate::db::sqlite`], held to the contract by
+//! `tests/read_conformance.rs`.
 
-mod apply;
-mod failures;
+pub(crate) mod batch;
+pub(crate) mod failures;
 pub mod filter;
-mod query;
-mod swap;
+pub(crate) mod query;
 
-pub use apply::{Applied, Change, Progress, ReadBatch};
-pub use apply::Refused;
+pub use batch::{Applied, Change, Progress, ReadBatch, Refused};
 pub use failures::ProjectionFailure;
 pub use query::{Page, Snapshot};
 
 use super::DbError;
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use serde_json::Value;
 
 /// The schema the query API reads and the live projection writes.
@@ -93,66 +98,78 @@ impl ReadSchema {
     pub fn name(&self) -> &str {
         &self.0
     }
+}
 
-    /// The qualified name of one of the schema's tables.
-    fn pg(&self, table: &str) -> String {
-        format!("\"{}\".{table}", self.0)
+/// `template` with its table placeholders (`{rm}` read models, `{proj}` projection, `{parts}`
+/// partitions) replaced by a backend's names of the schema's tables.
+pub(crate) fn spliced(template: &str, table: impl Fn(&str) -> String) -> String {
+    template
+        .replace("{rm}", &table("read_models"))
+        .replace("{proj}", &table("projection"))
+        .replace("{parts}", &table("projection_partitions"))
+}
+
+/// The rebuild's catch-up: the batches of the log positions `from..=to`.
+pub type CatchUp<'a> = dyn Fn(u64, u64) -> BoxFuture<'a, Result<Vec<ReadBatch>, DbError>> + Send + Sync + 'a;
+
+/// The read models of one backend.
+///
+/// Applying is equivalent to applying the events one by one in log order, whatever order
+/// batches arrive in (Kafka partitions interleave): within a batch, databases first (a deleted
+/// database records the log position of its deletion), then the deletion cascades (classes and
+/// instances of that database written before it are removed), then classes and instances, each
+/// refused when its database was deleted after it. A batch the store refuses for its content
+/// ([`DbError::refuses_content`]) is applied again in the same transaction one change at a time,
+/// each in a savepoint, in the same order; the changes it refuses are set aside in
+/// `projection_failures` and the rest commits with the batch's progress, so one event can
+/// never hold the projection back. Any other error fails the batch whole (the caller retries).
+#[async_trait]
+pub trait ReadStore: Send + Sync + 'static {
+    /// Applies a batch to `schema` and records its progress, atomically. The part of a
+    /// `Progress::Log` batch at or below the schema's position is skipped (already applied, or
+    /// a rebuilt schema was swapped in ahead of this follower).
+    async fn apply(&self, schema: &ReadSchema, batch: &ReadBatch) -> Result<Applied, DbError>;
+    /// One row of the live schema, deleted or not (a deleted row still has its version).
+    async fn one(&self, kind: ReadKind, key: &str) -> Result<Snapshot, DbError>;
+    /// A page of the live schema.
+    async fn page(&self, page: &Page<'_>) -> Result<Snapshot, DbError>;
+    /// How far `schema` has applied the log: every outcome event at or below this position is
+    /// in it, or recorded as refused in `projection_failures`.
+    async fn position(&self, schema: &ReadSchema) -> Result<u64, DbError>;
+    /// The events `schema` is missing because the store refused them, in log order.
+    async fn failures(&self, schema: &ReadSchema) -> Result<Vec<ProjectionFailure>, DbError>;
+    /// Applies a set-aside event again to `schema` (read from the log, which keeps it) through
+    /// the same versioned upsert as any late event: a newer version of the row already applied
+    /// wins. `None` when it applied (its failure row is deleted), else the new refusal (its row
+    /// keeps it, one attempt more).
+    async fn reapply(&self, schema: &ReadSchema, change: &Change) -> Result<Option<Refused>, DbError>;
+    /// Creates the schema's tables where missing.
+    async fn create_tables(&self, schema: &ReadSchema) -> Result<(), DbError>;
+    async fn schema_exists(&self, schema: &ReadSchema) -> Result<bool, DbError>;
+    /// Exchanges `target` and the live schema (the old live tables end up under the target's
+    /// name), after catching the target up to the log head, in one transaction: it blocks the
+    /// live projection, reads the log head, applies to the target what `catch_up` returns
+    /// beyond the target's position (the live projection can only have applied events at or
+    /// below that head), carries over the live Kafka partition positions, and exchanges the
+    /// two names and those of their recorded failures (each schema keeps the list of events it
+    /// is missing). Queries read the live schema until the commit. Returns the live position
+    /// afterwards and the catch-up's refused events (recorded, like any).
+    async fn swap(&self, target: &ReadSchema, catch_up: &CatchUp<'_>) -> Result<Applied, DbError>;
+
+    /// Creates a rebuild target; refuses a name already in use.
+    async fn create_schema(&self, schema: &ReadSchema) -> Result<(), DbError> {
+        if self.schema_exists(schema).await? {
+            return Err(DbError::Setup(format!(
+                "schema {} already exists; pick another --target-schema or drop it first",
+                schema.name()
+            )));
+        }
+        self.create_tables(schema).await
     }
 
-    fn lite(&self, table: &str) -> String {
-        format!("\"{}__{table}\"", self.0)
-    }
-
-    /// DDL creating the schema's tables if they do not exist (PostgreSQL).
-    pub fn pg_ddl(&self) -> String {
-        let s = &self.0;
-        format!(
-            "CREATE SCHEMA IF NOT EXISTS \"{s}\";
-             CREATE TABLE IF NOT EXISTS \"{s}\".read_models (
-                 kind text COLLATE \"C\" NOT NULL,
-                 key text COLLATE \"C\" NOT NULL,
-                 parent text COLLATE \"C\" NOT NULL,
-                 db text COLLATE \"C\" NOT NULL,
-                 state jsonb,
-                 version bigint NOT NULL,
-                 position bigint NOT NULL,
-                 cascade_position bigint NOT NULL DEFAULT 0,
-                 deleted boolean NOT NULL DEFAULT false,
-                 created_at timestamptz NOT NULL,
-                 updated_at timestamptz NOT NULL,
-                 PRIMARY KEY (kind, key));
-             CREATE INDEX IF NOT EXISTS read_models_page ON \"{s}\".read_models (kind, parent, key) WHERE NOT deleted;
-             CREATE INDEX IF NOT EXISTS read_models_db ON \"{s}\".read_models (db);
-             CREATE INDEX IF NOT EXISTS read_models_data ON \"{s}\".read_models
-                 USING gin ((state -> 'data') jsonb_path_ops) WHERE kind = 'instance';
-             CREATE TABLE IF NOT EXISTS \"{s}\".projection (
-                 id int PRIMARY KEY CHECK (id = 1), position bigint NOT NULL);
-             INSERT INTO \"{s}\".projection VALUES (1, 0) ON CONFLICT DO NOTHING;
-             CREATE TABLE IF NOT EXISTS \"{s}\".projection_partitions (
-                 topic text NOT NULL, partition int NOT NULL, position bigint NOT NULL,
-                 PRIMARY KEY (topic, partition));"
-        )
-    }
-
-    /// DDL creating the schema's tables if they do not exist (SQLite).
-    pub fn lite_ddl(&self) -> String {
-        let s = &self.0;
-        format!(
-            "CREATE TABLE IF NOT EXISTS \"{s}__read_models\" (
-                 kind TEXT NOT NULL, key TEXT NOT NULL, parent TEXT NOT NULL, db TEXT NOT NULL,
-                 state TEXT, version INTEGER NOT NULL, position INTEGER NOT NULL,
-                 cascade_position INTEGER NOT NULL DEFAULT 0, deleted INTEGER NOT NULL DEFAULT 0,
-                 created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
-                 PRIMARY KEY (kind, key));
-             CREATE INDEX IF NOT EXISTS \"{s}__read_models_page\" ON \"{s}__read_models\" (kind, parent, key) WHERE deleted = 0;
-             CREATE INDEX IF NOT EXISTS \"{s}__read_models_db\" ON \"{s}__read_models\" (db);
-             CREATE TABLE IF NOT EXISTS \"{s}__projection\" (
-                 id INTEGER PRIMARY KEY CHECK (id = 1), position INTEGER NOT NULL);
-             INSERT INTO \"{s}__projection\" VALUES (1, 0) ON CONFLICT DO NOTHING;
-             CREATE TABLE IF NOT EXISTS \"{s}__projection_partitions\" (
-                 topic TEXT NOT NULL, partition INTEGER NOT NULL, position INTEGER NOT NULL,
-                 PRIMARY KEY (topic, partition));"
-        )
+    /// The live schema's position.
+    async fn live_position(&self) -> Result<u64, DbError> {
+        self.position(&ReadSchema::live()).await
     }
 }
 

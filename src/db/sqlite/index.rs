@@ -5,48 +5,15 @@
 //! for the length of one segment write, mirroring the PostgreSQL head lock. Calls are made on
 //! the async thread: they are local and sub-millisecond in WAL mode.
 
-use super::{DbError, IndexTx, LogIndex, Lookup, LookupRequest, Migration};
+use super::Lite;
+use crate::db::{prefix_range, DbError, IndexRow, IndexTx, LogIndex, Lookup, LookupRequest};
 use crate::domain::{AggregateKey, AggregateType};
 use crate::envelope::Kind;
-use super::IndexRow;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
-
-pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        name: "0001_log_index",
-        sql: include_str!("../../migrations/sqlite/0001_log_index.sql"),
-    },
-    Migration {
-        name: "0002_processed_events",
-        sql: include_str!("../../migrations/sqlite/0002_processed_events.sql"),
-    },
-    Migration {
-        name: "0003_relay",
-        sql: include_str!("../../migrations/sqlite/0003_relay.sql"),
-    },
-    Migration {
-        name: "0004_read_models",
-        sql: include_str!("../../migrations/sqlite/0004_read_models.sql"),
-    },
-    Migration {
-        name: "0005_read_schema",
-        sql: include_str!("../../migrations/sqlite/0005_read_schema.sql"),
-    },
-    Migration {
-        name: "0006_projection_failures",
-        sql: include_str!("../../migrations/sqlite/0006_projection_failures.sql"),
-    },
-    Migration {
-        name: "0007_stage_liveness",
-        sql: include_str!("../../migrations/sqlite/0007_stage_liveness.sql"),
-    },
-];
 
 const SELECT_HEAD: &str = "SELECT position FROM log_head WHERE id = 1";
 const SELECT_COMMAND_ROWS: &str = "SELECT event_id, command_id, fingerprint, aggregate_type, \
@@ -74,60 +41,6 @@ const INSERT_ROW: &str = "INSERT INTO log_index (event_id, command_id, fingerpri
 const RAISE_VERSION: &str = "INSERT INTO aggregate_versions (aggregate_type, aggregate_id, last_seq) \
      VALUES (?1, ?2, ?3) ON CONFLICT (aggregate_type, aggregate_id) \
      DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)";
-
-/// The SQLite database file.
-#[derive(Clone)]
-pub struct Lite {
-    conn: Arc<Mutex<Connection>>,
-}
-
-impl Lite {
-    pub fn open(path: &str) -> Result<Lite, DbError> {
-        if let Some(dir) = std::path::Path::new(path).parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| DbError::Setup(format!("cannot create {}: {e}", dir.display())))?;
-            }
-        }
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: a committed batch survives power loss, like the fsynced log segment it indexes.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        Ok(Lite { conn: Arc::new(Mutex::new(conn)) })
-    }
-
-    pub async fn migrate(&self) -> Result<Vec<String>, DbError> {
-        let mut conn = self.conn.lock().await;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute_batch(
-            "CREATE TABLE IF NOT EXISTS spiced_migrations (
-                 name TEXT PRIMARY KEY,
-                 applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
-        )?;
-        let mut applied = Vec::new();
-        for m in MIGRATIONS {
-            let done: Option<String> = tx
-                .query_row("SELECT name FROM spiced_migrations WHERE name = ?1", [m.name], |r| r.get(0))
-                .optional()?;
-            if done.is_none() {
-                tx.execute_batch(m.sql)?;
-                tx.execute("INSERT INTO spiced_migrations (name) VALUES (?1)", [m.name])?;
-                applied.push(m.name.to_string());
-            }
-        }
-        // The live read models are not a numbered migration: a rebuild creates the same tables
-        // under another name.
-        tx.execute_batch(&crate::db::read::ReadSchema::live().lite_ddl())?;
-        tx.commit()?;
-        Ok(applied)
-    }
-
-    /// Gives the connection to code outside this module (the registry) under the same lock.
-    pub fn connection(&self) -> Arc<Mutex<Connection>> {
-        self.conn.clone()
-    }
-}
 
 fn parse_uuid(s: String) -> Result<Uuid, DbError> {
     Uuid::parse_str(&s).map_err(|e| DbError::Inconsistent(format!("bad uuid {s:?}: {e}")))
@@ -268,7 +181,7 @@ impl LogIndex for Lite {
         prefix: &str,
     ) -> Result<Vec<String>, DbError> {
         let conn = self.conn.lock().await;
-        let (low, high) = super::prefix_range(prefix);
+        let (low, high) = prefix_range(prefix);
         let mut stmt = conn.prepare_cached(SELECT_PREFIXED)?;
         let ids = stmt
             .query_map(params![aggregate_type.as_str(), low, high], |r| r.get(0))?

@@ -4,50 +4,16 @@
 //! the head are pipelined (one round trip), the two look-ups are pipelined (one), and the three
 //! writes of `record` plus `COMMIT` take two. That is per segment, not per command.
 
-use super::{DbError, IndexTx, LogIndex, Lookup, LookupRequest, Migration};
+use super::Pg;
+use crate::db::{prefix_range, DbError, IndexRow, IndexTx, LogIndex, Lookup, LookupRequest};
 use crate::domain::{AggregateKey, AggregateType};
 use crate::envelope::Kind;
-use crate::db::IndexRow;
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Object;
 use std::collections::HashMap;
-use std::str::FromStr;
-use std::time::Duration;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 use uuid::Uuid;
-
-/// Migrations, applied in order.
-pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        name: "0001_log_index",
-        sql: include_str!("../../migrations/postgres/0001_log_index.sql"),
-    },
-    Migration {
-        name: "0002_processed_events",
-        sql: include_str!("../../migrations/postgres/0002_processed_events.sql"),
-    },
-    Migration {
-        name: "0003_relay",
-        sql: include_str!("../../migrations/postgres/0003_relay.sql"),
-    },
-    Migration {
-        name: "0004_read_models",
-        sql: include_str!("../../migrations/postgres/0004_read_models.sql"),
-    },
-    Migration {
-        name: "0005_read_schema",
-        sql: include_str!("../../migrations/postgres/0005_read_schema.sql"),
-    },
-    Migration {
-        name: "0006_projection_failures",
-        sql: include_str!("../../migrations/postgres/0006_projection_failures.sql"),
-    },
-    Migration {
-        name: "0007_stage_liveness",
-        sql: include_str!("../../migrations/postgres/0007_stage_liveness.sql"),
-    },
-];
 
 const LOCK_HEAD: &str = "SELECT position FROM log_head WHERE id = 1 FOR UPDATE";
 const SELECT_HEAD: &str = "SELECT position FROM log_head WHERE id = 1";
@@ -93,79 +59,6 @@ const RAISE_VERSIONS: &str = "INSERT INTO aggregate_versions (aggregate_type, ag
      GROUP BY t, i \
      ON CONFLICT (aggregate_type, aggregate_id) \
      DO UPDATE SET last_seq = GREATEST(aggregate_versions.last_seq, EXCLUDED.last_seq)";
-
-/// A pooled PostgreSQL connection set.
-#[derive(Clone)]
-pub struct Pg {
-    pool: Pool,
-}
-
-impl Pg {
-    /// A pool for `url`, with TLS as its `sslmode` and `sslrootcert` say ([`super::pg_tls`]).
-    pub fn connect(url: &str, pool_size: usize) -> Result<Pg, DbError> {
-        let tls = super::pg_tls::PgTls::from_url(url)?;
-        let mut config = tokio_postgres::Config::from_str(&tls.url)?;
-        config.connect_timeout(Duration::from_secs(5));
-        // Plan every execution with the table as it is now. A prepared statement's generic plan
-        // is cached after a few runs; made while `aggregate_versions` was empty, the version
-        // look-up became a hash join over a full scan of the table, on every batch, for ever
-        // where autovacuum is off (2.4x fewer commands/s measured). Custom plans cost a few
-        // tens of microseconds of planning per statement.
-        let options = match config.get_options() {
-            Some(o) if !o.is_empty() => format!("{o} -c plan_cache_mode=force_custom_plan"),
-            _ => "-c plan_cache_mode=force_custom_plan".to_string(),
-        };
-        config.options(&options);
-        let recycling = || ManagerConfig { recycling_method: RecyclingMethod::Fast };
-        let manager = match tls.client_config()? {
-            None => Manager::from_config(config, NoTls, recycling()),
-            Some(rustls) => Manager::from_config(config, tokio_postgres_rustls::MakeRustlsConnect::new(rustls), recycling()),
-        };
-        let pool = Pool::builder(manager)
-            .max_size(pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(5)))
-            .build()
-            .map_err(|e| DbError::Setup(e.to_string()))?;
-        Ok(Pg { pool })
-    }
-
-    pub fn pool(&self) -> &Pool {
-        &self.pool
-    }
-
-    /// Applies pending migrations under an advisory lock, so concurrent starts do not race.
-    pub async fn migrate(&self) -> Result<Vec<String>, DbError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        tx.batch_execute(
-            "SET LOCAL client_min_messages = warning;
-             SELECT pg_advisory_xact_lock(7363697065640001);
-             CREATE TABLE IF NOT EXISTS spiced_migrations (
-                 name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await?;
-        let done: Vec<String> = tx
-            .query("SELECT name FROM spiced_migrations", &[])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let mut applied = Vec::new();
-        for m in MIGRATIONS.iter().filter(|m| !done.iter().any(|d| d == m.name)) {
-            tx.batch_execute(m.sql).await?;
-            tx.execute("INSERT INTO spiced_migrations (name) VALUES ($1)", &[&m.name])
-                .await?;
-            applied.push(m.name.to_string());
-        }
-        // The live read models are not a numbered migration: a rebuild creates the same tables
-        // under another name.
-        tx.batch_execute(&crate::db::read::ReadSchema::live().pg_ddl()).await?;
-        tx.commit().await?;
-        Ok(applied)
-    }
-}
 
 fn key_arrays(keys: &[AggregateKey]) -> (Vec<&str>, Vec<&str>) {
     keys.iter().map(|k| (k.aggregate_type.as_str(), k.aggregate_id.as_str())).unzip()
@@ -309,7 +202,7 @@ impl LogIndex for Pg {
         prefix: &str,
     ) -> Result<Vec<String>, DbError> {
         let client = self.pool.get().await?;
-        let (low, high) = super::prefix_range(prefix);
+        let (low, high) = prefix_range(prefix);
         let rows = client
             .query(SELECT_PREFIXED, &[&aggregate_type.as_str(), &low, &high])
             .await?;

@@ -1,0 +1,135 @@
+//! Reading the read models on PostgreSQL: each query is one statement that returns the rows
+//! and the projection position together (one snapshot), filters as jsonb containment where the
+//! GIN index serves them.
+
+use super::{table, Pg};
+use crate::db::read::filter::{render, Binder, CmpOp, Condition, Param, Test, ValueType};
+use crate::db::read::query::{kind_of, COLUMNS};
+use crate::db::read::{Page, ReadKind, ReadRow, ReadSchema, Snapshot};
+use crate::db::DbError;
+use serde_json::{json, Value};
+use tokio_postgres::types::ToSql;
+
+pub(super) async fn one(pg: &Pg, kind: ReadKind, key: &str) -> Result<Snapshot, DbError> {
+    let schema = ReadSchema::live();
+    let rows = format!("SELECT {COLUMNS} FROM {} WHERE kind = $1 AND key = $2", table(&schema, "read_models"));
+    rows_at(pg, &with_position(&schema, &rows), vec![Box::new(kind.as_str()), Box::new(key.to_string())]).await
+}
+
+pub(super) async fn page(pg: &Pg, page: &Page<'_>) -> Result<Snapshot, DbError> {
+    let schema = ReadSchema::live();
+    let after = page.after.unwrap_or("").to_string();
+    let (filter, params) = render(page.filter, 5, '$', clause);
+    let rows = format!(
+        "SELECT {COLUMNS} FROM {} WHERE kind = $1 AND parent = $2 AND NOT deleted AND key > $3{filter} ORDER BY key LIMIT $4",
+        table(&schema, "read_models")
+    );
+    let mut bound: Vec<Box<dyn ToSql + Sync + Send>> =
+        vec![Box::new(page.kind.as_str()), Box::new(page.parent.to_string()), Box::new(after), Box::new(page.limit as i64)];
+    bound.extend(params.into_iter().map(param));
+    rows_at(pg, &with_position(&schema, &rows), bound).await
+}
+
+async fn rows_at(pg: &Pg, sql: &str, params: Vec<Box<dyn ToSql + Sync + Send>>) -> Result<Snapshot, DbError> {
+    let client = pg.pool().get().await?;
+    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+    let found = client.query(sql, &refs).await?;
+    let position = found.first().map(|r| r.get::<_, i64>(0) as u64).unwrap_or(0);
+    // With no matching row, the one result row has the position and NULLs.
+    let rows = found.iter().filter(|r| r.get::<_, Option<&str>>(1).is_some()).map(row).collect::<Result<_, _>>()?;
+    Ok(Snapshot { position, rows })
+}
+
+/// Wraps a row query so that one statement (one snapshot) also returns the position, even
+/// when no row matches.
+fn with_position(schema: &ReadSchema, rows_sql: &str) -> String {
+    format!(
+        "SELECT p.position, r.* FROM {} p LEFT JOIN LATERAL ({rows_sql}) r ON true WHERE p.id = 1 ORDER BY r.key",
+        table(schema, "projection")
+    )
+}
+
+fn param(p: Param) -> Box<dyn ToSql + Sync + Send> {
+    match p {
+        Param::Text(s) => Box::new(s),
+        Param::Json(v) => Box::new(v),
+        Param::Number(n) => Box::new(n),
+    }
+}
+
+fn row(r: &tokio_postgres::Row) -> Result<ReadRow, DbError> {
+    Ok(ReadRow {
+        kind: kind_of(r.get(1))?,
+        key: r.get(2),
+        parent: r.get(3),
+        db: r.get(4),
+        state: r.get(5),
+        version: r.get::<_, i64>(6) as u64,
+        position: r.get::<_, i64>(7) as u64,
+        deleted: r.get(8),
+        created_at: r.get(9),
+        updated_at: r.get(10),
+    })
+}
+
+fn pg_type(ty: ValueType) -> &'static str {
+    match ty {
+        ValueType::Number => "number",
+        ValueType::Text => "string",
+        ValueType::Bool => "boolean",
+        ValueType::Json => "object",
+    }
+}
+
+fn clause(c: &Condition, b: &mut Binder) -> String {
+    // Containment, so the GIN index on the data serves equality and `in`.
+    let doc = |v: &Value| json!({ c.property.clone(): v });
+    match &c.test {
+        Test::Cmp(CmpOp::Eq, v) => {
+            let d = b.bind(Param::Json(doc(v)));
+            return format!("(state -> 'data') @> {d}::jsonb");
+        }
+        Test::In(values) => {
+            // One containment per value, OR-ed: each is a GIN index scan (`@> ANY(…)` is not).
+            let any: Vec<String> = values
+                .iter()
+                .map(|v| format!("(state -> 'data') @> {}::jsonb", b.bind(Param::Json(doc(v)))))
+                .collect();
+            return format!("({})", any.join(" OR "));
+        }
+        _ => {}
+    }
+    let name = b.bind(Param::Text(c.property.clone()));
+    let x = format!("(state -> 'data' -> {name}::text)");
+    let typed = format!("jsonb_typeof({x}) = '{}'", pg_type(c.ty));
+    match &c.test {
+        Test::Cmp(CmpOp::Eq, _) | Test::In(_) => unreachable!("answered above"),
+        Test::Exists(present) => {
+            let op = if *present { "<>" } else { "=" };
+            format!("coalesce(jsonb_typeof({x}), 'null') {op} 'null'")
+        }
+        Test::Cmp(op, v) if c.ty == ValueType::Text => {
+            let v = b.bind(Param::Text(v.as_str().unwrap_or_default().to_string()));
+            format!("{typed} AND ({x} #>> '{{}}') COLLATE \"C\" {} {v}::text", op.sql())
+        }
+        Test::Cmp(op, v) => {
+            let v = b.bind(Param::Json(v.clone()));
+            format!("{typed} AND {x} {} {v}::jsonb", op.sql())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::read::filter::parse;
+    use std::collections::HashMap;
+
+    #[test]
+    fn filters_render_as_containment_with_numbered_parameters() {
+        let props: HashMap<String, String> = [("age", "integer"), ("name", "string")].map(|(k, v)| (k.to_string(), v.to_string())).into();
+        let (sql, params) = render(&parse("age>3,name=in:(a|b)", &props).unwrap(), 5, '$', clause);
+        assert!(sql.contains("$5::text") && sql.contains("> $6::jsonb") && sql.contains("@> $7::jsonb OR (state -> 'data') @> $8::jsonb)"), "{sql}");
+        assert_eq!(params.len(), 4);
+    }
+}

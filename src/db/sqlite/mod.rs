@@ -1,0 +1,148 @@
+//! The SQLite backend, for the embedded single-node default: every store of [`crate::db`] in
+//! one file, over one connection behind an async mutex.
+//!
+//! Calls are made on the async thread: they are local and sub-millisecond in WAL mode. A write
+//! transaction is `BEGIN IMMEDIATE`, SQLite's write lock, which also serialises other processes
+//! on the same file.
+
+mod index;
+mod query;
+mod read;
+mod registry;
+mod state;
+
+use super::read::ReadSchema;
+use super::{Database, DbError, Migration, Schema};
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// The stores over the file at `path`, created if missing.
+pub(super) fn open(path: &str) -> Result<Database, DbError> {
+    let lite = Lite::open(path)?;
+    let store = Arc::new(lite.clone());
+    Ok(Database {
+        index: store.clone(),
+        registry: Arc::new(registry::LiteRegistry { conn: lite.connection() }),
+        read: store.clone(),
+        checkpoints: store.clone(),
+        leases: store.clone(),
+        stages: store.clone(),
+        schema: store,
+        postgres: None,
+    })
+}
+
+/// The timestamp format stored on SQLite: fixed width, so text order is time order.
+fn time_text(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "0001_log_index",
+        sql: include_str!("../../../migrations/sqlite/0001_log_index.sql"),
+    },
+    Migration {
+        name: "0002_processed_events",
+        sql: include_str!("../../../migrations/sqlite/0002_processed_events.sql"),
+    },
+    Migration {
+        name: "0003_relay",
+        sql: include_str!("../../../migrations/sqlite/0003_relay.sql"),
+    },
+    Migration {
+        name: "0004_read_models",
+        sql: include_str!("../../../migrations/sqlite/0004_read_models.sql"),
+    },
+    Migration {
+        name: "0005_read_schema",
+        sql: include_str!("../../../migrations/sqlite/0005_read_schema.sql"),
+    },
+    Migration {
+        name: "0006_projection_failures",
+        sql: include_str!("../../../migrations/sqlite/0006_projection_failures.sql"),
+    },
+    Migration {
+        name: "0007_stage_liveness",
+        sql: include_str!("../../../migrations/sqlite/0007_stage_liveness.sql"),
+    },
+];
+/// The SQLite database file.
+#[derive(Clone)]
+pub struct Lite {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Lite {
+    pub fn open(path: &str) -> Result<Lite, DbError> {
+        if let Some(dir) = std::path::Path::new(path).parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| DbError::Setup(format!("cannot create {}: {e}", dir.display())))?;
+            }
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a committed batch survives power loss, like the fsynced log segment it indexes.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        Ok(Lite { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    pub async fn migrate(&self) -> Result<Vec<String>, DbError> {
+        let mut conn = self.conn.lock().await;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS spiced_migrations (
+                 name TEXT PRIMARY KEY,
+                 applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
+        )?;
+        let mut applied = Vec::new();
+        for m in MIGRATIONS {
+            let done: Option<String> = tx
+                .query_row("SELECT name FROM spiced_migrations WHERE name = ?1", [m.name], |r| r.get(0))
+                .optional()?;
+            if done.is_none() {
+                tx.execute_batch(m.sql)?;
+                tx.execute("INSERT INTO spiced_migrations (name) VALUES (?1)", [m.name])?;
+                applied.push(m.name.to_string());
+            }
+        }
+        // The live read models are not a numbered migration: a rebuild creates the same tables
+        // under another name.
+        tx.execute_batch(&read::ddl(&ReadSchema::live()))?;
+        tx.commit()?;
+        Ok(applied)
+    }
+
+    /// Gives the connection to code outside this module (the registry) under the same lock.
+    pub fn connection(&self) -> Arc<Mutex<Connection>> {
+        self.conn.clone()
+    }
+}
+
+
+#[async_trait]
+impl Schema for Lite {
+    fn backend_name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn migrate(&self) -> Result<Vec<String>, DbError> {
+        Lite::migrate(self).await
+    }
+}
+
+/// The name of one of the schema's tables.
+fn table(schema: &ReadSchema, table: &str) -> String {
+    format!("\"{}__{table}\"", schema.name())
+}
+
+/// A read-model schema's position, inside the caller's transaction or hold.
+fn position(tx: &Connection, schema: &ReadSchema) -> Result<u64, DbError> {
+    let sql = format!("SELECT position FROM {} WHERE id = 1", table(schema, "projection"));
+    Ok(tx.query_row(&sql, [], |r| r.get::<_, i64>(0))? as u64)
+}

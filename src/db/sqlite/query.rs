@@ -1,0 +1,118 @@
+//! Reading the read models on SQLite: the position and the rows under one hold of the
+//! connection (one snapshot), filters through SQLite's JSON functions.
+
+use super::{position, table, Lite};
+use crate::db::read::filter::{render, Binder, Condition, Param, Test, ValueType};
+use crate::db::read::query::{kind_of, COLUMNS};
+use crate::db::read::{Page, ReadKind, ReadRow, ReadSchema, Snapshot};
+use crate::db::DbError;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+pub(super) async fn one(lite: &Lite, kind: ReadKind, key: &str) -> Result<Snapshot, DbError> {
+    let sql = format!("SELECT {COLUMNS} FROM {} WHERE kind = ?1 AND key = ?2", table(&ReadSchema::live(), "read_models"));
+    rows_at(lite, sql, vec![kind.as_str().to_string().into(), key.to_string().into()]).await
+}
+
+pub(super) async fn page(lite: &Lite, page: &Page<'_>) -> Result<Snapshot, DbError> {
+    let after = page.after.unwrap_or("").to_string();
+    let (filter, params) = render(page.filter, 5, '?', clause);
+    let sql = format!(
+        "SELECT {COLUMNS} FROM {} WHERE kind = ?1 AND parent = ?2 AND deleted = 0 AND key > ?3{filter} ORDER BY key LIMIT ?4",
+        table(&ReadSchema::live(), "read_models")
+    );
+    let mut bound: Vec<rusqlite::types::Value> =
+        vec![page.kind.as_str().to_string().into(), page.parent.to_string().into(), after.into(), (page.limit as i64).into()];
+    bound.extend(params.into_iter().map(param));
+    rows_at(lite, sql, bound).await
+}
+
+/// The position and the rows under one hold of the connection, so no write comes between.
+async fn rows_at(lite: &Lite, sql: String, params: Vec<rusqlite::types::Value>) -> Result<Snapshot, DbError> {
+    let conn = lite.conn.lock().await;
+    let position = position(&conn, &ReadSchema::live())?;
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(params), row)?.collect::<Result<Vec<_>, _>>()?;
+    Ok(Snapshot { position, rows })
+}
+
+fn param(p: Param) -> rusqlite::types::Value {
+    match p {
+        Param::Text(s) => s.into(),
+        Param::Number(n) => n.into(),
+        Param::Json(v) => v.to_string().into(),
+    }
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReadRow> {
+    let time = |i: usize| -> rusqlite::Result<DateTime<Utc>> {
+        let s: String = r.get(i)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e)))
+    };
+    let kind: String = r.get(0)?;
+    let state: Option<String> = r.get(4)?;
+    Ok(ReadRow {
+        kind: kind_of(&kind).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?,
+        key: r.get(1)?,
+        parent: r.get(2)?,
+        db: r.get(3)?,
+        state: state
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(4, rusqlite::types::Type::Text, Box::new(e)))?,
+        version: r.get::<_, i64>(5)? as u64,
+        position: r.get::<_, i64>(6)? as u64,
+        deleted: r.get(7)?,
+        created_at: time(8)?,
+        updated_at: time(9)?,
+    })
+}
+
+fn types(ty: ValueType) -> &'static str {
+    match ty {
+        ValueType::Number => "('integer', 'real')",
+        ValueType::Text => "('text')",
+        ValueType::Bool => "('true', 'false')",
+        ValueType::Json => "('object', 'array')",
+    }
+}
+
+fn clause(c: &Condition, b: &mut Binder) -> String {
+    let path = b.bind(Param::Text(format!("$.data.\"{}\"", c.property)));
+    let typed = format!("json_type(state, {path}) IN {}", types(c.ty));
+    let x = format!("json_extract(state, {path})");
+    let mut value = |v: &Value| match v {
+        Value::Number(n) => b.bind(Param::Number(n.as_f64().unwrap_or(f64::NAN))),
+        // Booleans compare as SQLite's 0/1.
+        Value::Bool(t) => b.bind(Param::Number(if *t { 1.0 } else { 0.0 })),
+        other => b.bind(Param::Text(other.as_str().unwrap_or_default().to_string())),
+    };
+    match &c.test {
+        Test::Exists(present) => {
+            let op = if *present { "<>" } else { "=" };
+            format!("coalesce(json_type(state, {path}), 'null') {op} 'null'")
+        }
+        Test::Cmp(op, v) => format!("{typed} AND {x} {} {}", op.sql(), value(v)),
+        Test::In(values) => {
+            let list: Vec<String> = values.iter().map(&mut value).collect();
+            format!("{typed} AND {x} IN ({})", list.join(", "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::read::filter::parse;
+    use std::collections::HashMap;
+
+    #[test]
+    fn filters_render_as_json_functions_with_numbered_parameters() {
+        let props: HashMap<String, String> = [("age", "integer"), ("name", "string")].map(|(k, v)| (k.to_string(), v.to_string())).into();
+        let (sql, params) = render(&parse("age>3,name=in:(a|b)", &props).unwrap(), 5, '?', clause);
+        assert!(sql.contains("json_extract(state, ?5) > ?6") && sql.contains("IN (?8, ?9)"), "{sql}");
+        assert_eq!(params[0], Param::Text("$.data.\"age\"".into()));
+    }
+}

@@ -1,0 +1,167 @@
+//! One conformance suite for the read store ([`ReadStore`]), run against PostgreSQL and SQLite:
+//! each test takes the store as `&dyn ReadStore`, so a third backend is one more line in
+//! `backend_tests!`. Refused content (savepoints, `projection_failures`) is held to the same
+//! behaviour by `tests/projection_failures.rs`, whose refusals need backend-specific triggers.
+
+mod common;
+
+use common::readmodel::change;
+use common::{isolated_config, Backend};
+use futures::future::BoxFuture;
+use spiced::db::read::filter;
+use spiced::db::read::{Change, Page, Progress, ReadBatch, ReadKind, ReadSchema, ReadStore};
+use spiced::db::{Database, DbError};
+use std::collections::HashMap;
+
+backend_tests! {
+    versioned_rows_converge_whatever_the_order,
+    a_log_batch_applies_once_and_moves_the_position,
+    pages_follow_keys_and_filters,
+    a_swap_catches_the_target_up_and_exchanges_the_names,
+}
+
+async fn open(backend: Backend) -> (Database, tempfile::TempDir) {
+    let (config, dir) = isolated_config(backend).await;
+    let db = Database::open(&config.database).await.unwrap();
+    db.migrate().await.unwrap();
+    (db, dir)
+}
+
+fn log_batch(changes: Vec<Change>, to: u64) -> ReadBatch {
+    ReadBatch { changes, progress: Progress::Log { to } }
+}
+
+fn page<'a>(parent: &'a str, after: Option<&'a str>, limit: usize, filter: &'a [filter::Condition]) -> Page<'a> {
+    Page { kind: ReadKind::Instance, parent, after, limit, filter }
+}
+
+async fn keys(store: &dyn ReadStore, page: &Page<'_>) -> Vec<String> {
+    store.page(page).await.unwrap().rows.into_iter().map(|r| r.key).collect()
+}
+
+/// Batches as Kafka delivers them: any order across partitions, duplicates included.
+async fn versioned_rows_converge_whatever_the_order(backend: Backend) {
+    let (db, _dir) = open(backend).await;
+    let store: &dyn ReadStore = db.read.as_ref();
+    let live = ReadSchema::live();
+    let apply = |changes: Vec<Change>, partition: i32, position: u64| {
+        let live = live.clone();
+        async move {
+            let progress = Progress::Kafka(vec![("t".into(), partition, position)]);
+            store.apply(&live, &ReadBatch { changes, progress }).await.unwrap()
+        }
+    };
+    let key = "d:main:C:x";
+    let second = change(key, 2, 20, 20, false);
+    apply(vec![change("d", 1, 1, 0, false)], 0, 1).await;
+    apply(vec![second.clone()], 1, 20).await;
+    apply(vec![change(key, 1, 10, 10, false)], 1, 10).await; // older, delivered late: ignored
+    apply(vec![second.clone()], 1, 20).await; // the same event again: claimed already
+    let r = store.one(ReadKind::Instance, key).await.unwrap().rows.remove(0);
+    assert_eq!((r.version, r.state.unwrap()["data"]["n"].as_i64()), (2, Some(20)));
+    assert_eq!(store.live_position().await.unwrap(), 1, "the lowest partition position");
+    apply(vec![change(key, 3, 30, 0, true)], 1, 30).await;
+    assert!(store.one(ReadKind::Instance, key).await.unwrap().rows.remove(0).deleted);
+
+    // The database is deleted at position 50: what was written under it before goes, and
+    // an older event arriving afterwards on another partition does not bring it back.
+    apply(vec![change("d:main:C:y", 1, 40, 1, false)], 1, 40).await;
+    apply(vec![change("d", 2, 50, 0, true)], 0, 50).await;
+    apply(vec![change("d:main:C:z", 1, 45, 1, false)], 2, 45).await;
+    let all = page("d:main:C", None, 10, &[]);
+    assert!(store.page(&all).await.unwrap().rows.is_empty());
+    assert!(store.one(ReadKind::Instance, "d:main:C:y").await.unwrap().rows.is_empty());
+    // Written after the deletion: kept.
+    apply(vec![change("d", 3, 60, 0, false), change("d:main:C:w", 1, 61, 1, false)], 0, 61).await;
+    assert_eq!(keys(store, &all).await, ["d:main:C:w"]);
+    assert_eq!(store.live_position().await.unwrap(), 40, "partition 1 is the lowest");
+}
+
+/// Following the log: a batch moves the position to its end, and the part of a later batch
+/// at or below the position is skipped, whatever it holds.
+async fn a_log_batch_applies_once_and_moves_the_position(backend: Backend) {
+    let (db, _dir) = open(backend).await;
+    let store: &dyn ReadStore = db.read.as_ref();
+    let live = ReadSchema::live();
+    assert_eq!(store.position(&live).await.unwrap(), 0);
+    let snapshot = store.one(ReadKind::Instance, "d:main:C:a").await.unwrap();
+    assert_eq!((snapshot.position, snapshot.rows.len()), (0, 0), "no row yet, at position 0");
+
+    let applied = store.apply(&live, &log_batch(vec![change("d", 1, 1, 0, false), change("d:main:C:a", 1, 2, 1, false)], 3)).await.unwrap();
+    assert_eq!((applied.position, applied.refused.len()), (3, 0));
+    // Positions 1..=3 again, with other content: already applied, so nothing changes.
+    let again = store.apply(&live, &log_batch(vec![change("d:main:C:a", 2, 2, 99, false)], 3)).await.unwrap();
+    assert_eq!(again.position, 3);
+    let a = store.one(ReadKind::Instance, "d:main:C:a").await.unwrap();
+    assert_eq!((a.position, a.rows[0].version, a.rows[0].state.as_ref().unwrap()["data"]["n"].as_i64()), (3, 1, Some(1)));
+    // A batch reaching past the position applies only what lies beyond it.
+    let overlap = vec![change("d:main:C:a", 2, 3, 99, false), change("d:main:C:b", 1, 5, 5, false)];
+    assert_eq!(store.apply(&live, &log_batch(overlap, 5)).await.unwrap().position, 5);
+    assert_eq!(store.one(ReadKind::Instance, "d:main:C:a").await.unwrap().rows[0].version, 1);
+    assert_eq!(keys(store, &page("d:main:C", None, 10, &[])).await, ["d:main:C:a", "d:main:C:b"]);
+    assert_eq!(store.live_position().await.unwrap(), 5);
+}
+
+/// Keyset pages in byte order after a cursor, with typed filters on the data.
+async fn pages_follow_keys_and_filters(backend: Backend) {
+    let (db, _dir) = open(backend).await;
+    let store: &dyn ReadStore = db.read.as_ref();
+    let mut changes = vec![change("d", 1, 1, 0, false)];
+    changes.extend((0..12).map(|i| change(&format!("d:main:C:i{i:02}"), 1, 2 + i, i as i64, false)));
+    changes.push(change("d:main:D:other", 1, 20, 100, false));
+    store.apply(&ReadSchema::live(), &log_batch(changes, 20)).await.unwrap();
+
+    let first = keys(store, &page("d:main:C", None, 5, &[])).await;
+    assert_eq!(first, ["d:main:C:i00", "d:main:C:i01", "d:main:C:i02", "d:main:C:i03", "d:main:C:i04"]);
+    let next = keys(store, &page("d:main:C", Some("d:main:C:i04"), 5, &[])).await;
+    assert_eq!(next.first().map(String::as_str), Some("d:main:C:i05"));
+    assert_eq!(keys(store, &page("d:main:C", Some("d:main:C:i09"), 5, &[])).await.len(), 2);
+
+    let properties: HashMap<String, String> = [("n".to_string(), "integer".to_string())].into();
+    let cases: [(&str, Vec<i64>); 4] = [
+        ("n>=9", vec![9, 10, 11]),
+        ("n=in:(1|3|40)", vec![1, 3]),
+        ("n!=0,n<3", vec![1, 2]),
+        ("n=exists:false", vec![]),
+    ];
+    for (text, want) in cases {
+        let conditions = filter::parse(text, &properties).unwrap();
+        let found = store.page(&page("d:main:C", None, 50, &conditions)).await.unwrap();
+        let ns: Vec<i64> = found.rows.iter().map(|r| r.state.as_ref().unwrap()["data"]["n"].as_i64().unwrap()).collect();
+        assert_eq!((ns, found.position), (want, 20), "{text}");
+    }
+}
+
+/// The rebuild's swap: the target is caught up to the log head from its own position, then
+/// takes the live name; the old live tables stay under the target's name.
+async fn a_swap_catches_the_target_up_and_exchanges_the_names(backend: Backend) {
+    let (db, _dir) = open(backend).await;
+    let store: &dyn ReadStore = db.read.as_ref();
+    let live = ReadSchema::live();
+    let target = ReadSchema::named("rebuild_target").unwrap();
+    store.apply(&live, &log_batch(vec![change("d", 1, 1, 0, false), change("d:main:C:old", 1, 2, 0, false)], 2)).await.unwrap();
+    // The index head the swap catches up to.
+    let mut tx = db.index.begin().await.unwrap();
+    for position in tx.next_position()..=4 {
+        tx.record(position, &[]).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    assert!(!store.schema_exists(&target).await.unwrap());
+    store.create_schema(&target).await.unwrap();
+    assert!(store.schema_exists(&target).await.unwrap());
+    let taken = store.create_schema(&target).await.unwrap_err();
+    assert!(matches!(&taken, DbError::Setup(m) if m.contains("already exists")), "{taken}");
+    store.apply(&target, &log_batch(vec![change("d", 1, 1, 0, false), change("d:main:C:new", 1, 2, 2, false)], 2)).await.unwrap();
+
+    let asked = std::sync::Mutex::new(Vec::new());
+    let catch_up = |from: u64, to: u64| -> BoxFuture<'_, Result<Vec<ReadBatch>, DbError>> {
+        asked.lock().unwrap().push((from, to));
+        Box::pin(async move { Ok(vec![log_batch(vec![change("d:main:C:late", 1, 4, 4, false)], to)]) })
+    };
+    let applied = store.swap(&target, &catch_up).await.unwrap();
+    assert_eq!(*asked.lock().unwrap(), [(3, 4)], "from past the target's position to the head");
+    assert_eq!((applied.position, store.live_position().await.unwrap()), (4, 4));
+    assert_eq!(keys(store, &page("d:main:C", None, 10, &[])).await, ["d:main:C:late", "d:main:C:new"]);
+    assert_eq!(store.position(&target).await.unwrap(), 2, "the old live schema, under the target's name");
+}
