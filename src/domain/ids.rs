@@ -10,6 +10,18 @@ use std::fmt;
 /// The longest name accepted for a database, branch, class or instance.
 pub const MAX_NAME_LEN: usize = 128;
 
+/// A name (database, branch, class or instance id): 1 to 128 characters of `[A-Za-z0-9_.-]`,
+/// starting with a letter or digit.
+#[derive(utoipa::ToSchema)]
+#[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+pub struct Name(pub String);
+
+/// An aggregate id or a row key: 1 to 4 names joined by `:`, `{db}`, `{db}:{branch}:{class_id}`
+/// or `{db}:{branch}:{class_id}:{instance_id}`.
+#[derive(utoipa::ToSchema)]
+#[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(:[A-Za-z0-9][A-Za-z0-9_.-]{0,127}){0,3}$")]
+pub struct Key(pub String);
+
 /// The kinds of aggregate; each has its own sequence per id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum AggregateType {

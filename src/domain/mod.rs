@@ -1,8 +1,10 @@
-//! The domain the pipeline carries: aggregates, their ids, and the commands that act on them.
+//! The domain the pipeline carries: aggregates, their ids, the commands that act on them (one
+//! file each under `commands/`), the rules they share, and the envelopes of both sides.
 
-pub mod apply;
 pub mod commands;
+pub mod envelopes;
 pub mod ids;
+pub mod rules;
 
 pub use commands::{Command, CommandType};
 pub use ids::{AggregateKey, AggregateType, IdError};

@@ -87,6 +87,15 @@ impl From<LogError> for ApiError {
     }
 }
 
+impl From<crate::domain::commands::Invalid> for ApiError {
+    fn from(e: crate::domain::commands::Invalid) -> Self {
+        match e {
+            crate::domain::commands::Invalid::Id(e) => e.into(),
+            crate::domain::commands::Invalid::Request { code, message } => ApiError::bad_request(code, message),
+        }
+    }
+}
+
 impl From<crate::domain::IdError> for ApiError {
     fn from(e: crate::domain::IdError) -> Self {
         ApiError::bad_request("invalid_id", e.to_string()).with("field", json!(e.field))

@@ -187,17 +187,7 @@ pub struct Readiness {
     pub database: String,
 }
 
-/// A name (database, branch, class or instance id): 1 to 128 characters of `[A-Za-z0-9_.-]`,
-/// starting with a letter or digit.
-#[derive(ToSchema)]
-#[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
-pub struct Name(pub String);
-
-/// An aggregate id or a row key: 1 to 4 names joined by `:`, `{db}`, `{db}:{branch}:{class_id}`
-/// or `{db}:{branch}:{class_id}:{instance_id}`.
-#[derive(ToSchema)]
-#[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(:[A-Za-z0-9][A-Za-z0-9_.-]{0,127}){0,3}$")]
-pub struct Key(pub String);
+pub use crate::domain::ids::{Key, Name};
 
 #[derive(IntoParams)]
 #[into_params(parameter_in = Path)]

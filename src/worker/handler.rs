@@ -18,13 +18,15 @@ use super::Role;
 use crate::config::{Config, WorkerCrash};
 use crate::db::registry::{Claim, Registry, Work};
 use crate::db::storable;
-use crate::domain::apply::{decide, Decision};
+use crate::domain::commands::outcome_envelope;
+use crate::domain::envelopes::OutcomeRouting;
+use crate::domain::rules::Decision;
 use crate::domain::{AggregateKey, AggregateType, CommandType};
-use crate::envelope::{domain_event_id, EventEnvelope, Kind, SCHEMA_VERSION};
+use crate::envelope::{EventEnvelope, Kind};
 use crate::log::plan::{AppendCommand, AppendOutcome};
 use crate::log::writer::LogWriter;
 use crate::shutdown::Graceful;
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -309,8 +311,8 @@ impl CommandHandler {
         };
         let payload = p.envelope.data.get("payload").cloned().unwrap_or(Value::Null);
         self.wait_for_dependencies(p, &payload, stop).await?;
-        let facts = self.state.facts(p.command_type, &payload, current.clone()).await?;
-        let decision = decide(p.command_type, &payload, &facts);
+        let facts = p.command_type.facts(&payload, current.clone(), &self.state).await?;
+        let decision = p.command_type.decide(&payload, &facts);
         self.crash_point(WorkerCrash::AfterEffect);
         // Fencing: confirm the lease right before the effect, so a worker that was frozen past
         // its lease (and has not heard from its heartbeat yet) commits nothing.
@@ -371,7 +373,7 @@ impl CommandHandler {
     /// Waits (bounded) until the commands on other aggregates that this one reads, accepted
     /// before it, have their outcomes.
     async fn wait_for_dependencies(&self, p: &Parsed, payload: &Value, stop: &CancellationToken) -> Result<(), Failure> {
-        let deps = self.state.dependencies(p.command_type, payload).await?;
+        let deps = p.command_type.dependencies(payload, &self.state).await?;
         if deps.is_empty() {
             return Ok(());
         }
@@ -396,39 +398,9 @@ impl CommandHandler {
     }
 
     fn outcome_envelope(&self, p: &Parsed, decision: Decision, current: Option<Value>) -> EventEnvelope {
-        let command_id = p.envelope.command_id().expect("checked in parse");
-        let mut data = Map::new();
-        data.insert("command_id".into(), json!(command_id));
-        data.insert("command_type".into(), json!(p.command_type.as_str()));
-        data.insert("command_event_id".into(), json!(p.envelope.event_id));
-        let event_type = match decision {
-            Decision::Event { event_type, state } => {
-                data.insert("state".into(), state);
-                event_type
-            }
-            Decision::Failed { code, message } => {
-                data.insert("error".into(), json!({"code": code, "message": message}));
-                data.insert("state".into(), current.unwrap_or(Value::Null));
-                "COMMAND_FAILED"
-            }
-        };
-        let mut metadata = Map::new();
-        metadata.insert("kind".into(), json!("domain"));
-        metadata.insert("kafka_topic".into(), json!(self.role.events_topic(&self.config)));
-        metadata.insert("service".into(), json!(self.role.handler()));
-        metadata.insert("worker".into(), json!(self.owner));
-        EventEnvelope {
-            event_id: domain_event_id(command_id, event_type, &p.envelope.aggregate_id),
-            event_type: event_type.to_string(),
-            aggregate_type: p.envelope.aggregate_type.clone(),
-            aggregate_id: p.envelope.aggregate_id.clone(),
-            occurred_at: chrono::Utc::now(),
-            actor: p.envelope.actor.clone(),
-            data,
-            metadata,
-            schema_version: SCHEMA_VERSION.to_string(),
-            sequence_number: Some(p.seq),
-        }
+        let topic = self.role.events_topic(&self.config);
+        let routing = OutcomeRouting { kafka_topic: &topic, service: self.role.handler(), worker: &self.owner };
+        outcome_envelope(&p.envelope, p.command_type, p.seq, decision, current, &routing)
     }
 
     /// Exponential backoff with jitter, or until shutdown.

@@ -1,60 +1,13 @@
-//! Commands: what a client asks for, as it is stored in the log.
+//! The envelopes of the domain: a command as the API stores it in the log, and the outcome a
+//! worker appends for it. Both are built here, so their fields are named in one place.
 
-use super::ids::{AggregateKey, AggregateType};
-use crate::envelope::{EventEnvelope, SCHEMA_VERSION};
+use super::commands::CommandType;
+use super::ids::AggregateKey;
+use super::rules::Decision;
+use crate::envelope::{domain_event_id, EventEnvelope, SCHEMA_VERSION};
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
-
-/// Every command the API accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum CommandType {
-    CreateDatabase,
-    DeleteDatabase,
-    CreateOntologyClass,
-    UpdateOntologyClass,
-    DeleteOntologyClass,
-    CreateInstance,
-    UpdateInstance,
-    DeleteInstance,
-    BulkCreateInstances,
-}
-
-impl CommandType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CommandType::CreateDatabase => "CREATE_DATABASE",
-            CommandType::DeleteDatabase => "DELETE_DATABASE",
-            CommandType::CreateOntologyClass => "CREATE_ONTOLOGY_CLASS",
-            CommandType::UpdateOntologyClass => "UPDATE_ONTOLOGY_CLASS",
-            CommandType::DeleteOntologyClass => "DELETE_ONTOLOGY_CLASS",
-            CommandType::CreateInstance => "CREATE_INSTANCE",
-            CommandType::UpdateInstance => "UPDATE_INSTANCE",
-            CommandType::DeleteInstance => "DELETE_INSTANCE",
-            CommandType::BulkCreateInstances => "BULK_CREATE_INSTANCES",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<CommandType> {
-        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
-    }
-
-    /// The aggregate type the command acts on.
-    pub fn aggregate_type(self) -> AggregateType {
-        match self {
-            CommandType::CreateDatabase | CommandType::DeleteDatabase => AggregateType::Database,
-            CommandType::CreateOntologyClass
-            | CommandType::UpdateOntologyClass
-            | CommandType::DeleteOntologyClass => AggregateType::OntologyClass,
-            CommandType::CreateInstance
-            | CommandType::UpdateInstance
-            | CommandType::DeleteInstance
-            | CommandType::BulkCreateInstances => AggregateType::Instance,
-        }
-    }
-}
 
 /// One command against one aggregate, before it has a sequence number.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,6 +67,61 @@ impl Command {
 /// The event id of one instance's envelope inside a bulk command.
 pub fn bulk_member_event_id(command_id: Uuid, aggregate_id: &str) -> Uuid {
     Uuid::new_v5(&command_id, aggregate_id.as_bytes())
+}
+
+/// Where an outcome is published and who decided it.
+#[derive(Debug, Clone)]
+pub struct OutcomeRouting<'a> {
+    pub kafka_topic: &'a str,
+    pub service: &'a str,
+    pub worker: &'a str,
+}
+
+/// The outcome of the command in `command` (its `sequence_number` set): the domain event with
+/// the aggregate's full resulting state, or `COMMAND_FAILED` with the error and the state left
+/// as it was (`current`). Its event id is derived from the command id, so a retry appends the
+/// same outcome, which the index refuses as a duplicate.
+pub fn outcome_envelope(
+    command: &EventEnvelope,
+    command_type: CommandType,
+    seq: u64,
+    decision: Decision,
+    current: Option<Value>,
+    routing: &OutcomeRouting<'_>,
+) -> EventEnvelope {
+    let command_id = command.command_id().expect("a command envelope names its command");
+    let mut data = Map::new();
+    data.insert("command_id".into(), json!(command_id));
+    data.insert("command_type".into(), json!(command_type.as_str()));
+    data.insert("command_event_id".into(), json!(command.event_id));
+    let event_type = match decision {
+        Decision::Event { event_type, state } => {
+            data.insert("state".into(), state);
+            event_type
+        }
+        Decision::Failed { code, message } => {
+            data.insert("error".into(), json!({"code": code, "message": message}));
+            data.insert("state".into(), current.unwrap_or(Value::Null));
+            "COMMAND_FAILED"
+        }
+    };
+    let mut metadata = Map::new();
+    metadata.insert("kind".into(), json!("domain"));
+    metadata.insert("kafka_topic".into(), json!(routing.kafka_topic));
+    metadata.insert("service".into(), json!(routing.service));
+    metadata.insert("worker".into(), json!(routing.worker));
+    EventEnvelope {
+        event_id: domain_event_id(command_id, event_type, &command.aggregate_id),
+        event_type: event_type.to_string(),
+        aggregate_type: command.aggregate_type.clone(),
+        aggregate_id: command.aggregate_id.clone(),
+        occurred_at: chrono::Utc::now(),
+        actor: command.actor.clone(),
+        data,
+        metadata,
+        schema_version: SCHEMA_VERSION.to_string(),
+        sequence_number: Some(seq),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,46 @@
+//! DELETE_DATABASE: deletes an empty database. Reads its classes: it fails while any is live.
+
+use super::{class_ids, text, Context, Invalid, Request, StateReader};
+use crate::domain::ids::{validate_name, AggregateKey, AggregateType};
+use crate::domain::rules::{fail, Decision, Facts};
+use crate::domain::{Command, CommandType};
+use serde_json::{json, Value};
+
+pub const EVENT_TYPE: &str = "DATABASE_DELETED";
+
+pub fn request(ctx: &Context, db: &str) -> Result<Request, Invalid> {
+    validate_name("db", db)?;
+    Ok(Request::single(Command {
+        command_type: CommandType::DeleteDatabase,
+        aggregate: AggregateKey::database(db),
+        expected_seq: ctx.expected_for_update()?,
+        payload: json!({"db": db}),
+    }))
+}
+
+/// Every class of the database: a class command accepted before this one decides whether the
+/// database is still in use.
+pub async fn dependencies<R: StateReader>(payload: &Value, log: &R) -> Result<Vec<AggregateKey>, R::Error> {
+    let ids = class_ids(log, &text(payload, "db")).await?;
+    Ok(ids.into_iter().map(|id| AggregateKey::new(AggregateType::OntologyClass, id)).collect())
+}
+
+pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
+    for id in class_ids(log, &text(payload, "db")).await? {
+        if log.state(&AggregateKey::new(AggregateType::OntologyClass, id)).await?.is_some() {
+            facts.database_has_classes = true;
+            break;
+        }
+    }
+    Ok(())
+}
+
+pub fn decide(facts: &Facts) -> Decision {
+    if facts.current.is_none() {
+        return fail("database_not_found", "the database does not exist");
+    }
+    if facts.database_has_classes {
+        return fail("database_not_empty", "the database still has classes; delete them first");
+    }
+    Decision::Event { event_type: EVENT_TYPE, state: Value::Null }
+}

@@ -1,0 +1,348 @@
+//! Every command the API accepts, one file each. A command's file owns its request body (the
+//! typed payload the API documents), its validation, the other aggregates it reads, its
+//! decision and its event type; this module only dispatches on [`CommandType`], so adding a
+//! command is its file, its variant here (the compiler then points at every match to extend)
+//! and its route.
+
+pub mod bulk_create_instances;
+pub mod create_class;
+pub mod create_database;
+pub mod create_instance;
+pub mod delete_class;
+pub mod delete_database;
+pub mod delete_instance;
+pub mod update_class;
+pub mod update_instance;
+
+pub use super::envelopes::{bulk_member_event_id, outcome_envelope, Command, Routing};
+pub use bulk_create_instances::BulkCreateBody;
+pub use create_class::CreateClassBody;
+pub use create_database::CreateDatabaseBody;
+pub use create_instance::CreateInstanceBody;
+pub use update_class::{ClassPatch, UpdateClassBody};
+pub use update_instance::UpdateInstanceBody;
+pub use super::rules::PropertyDef;
+
+use super::ids::{AggregateKey, AggregateType, IdError};
+use super::rules::{Decision, Facts};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Every command the API accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CommandType {
+    CreateDatabase,
+    DeleteDatabase,
+    CreateOntologyClass,
+    UpdateOntologyClass,
+    DeleteOntologyClass,
+    CreateInstance,
+    UpdateInstance,
+    DeleteInstance,
+    BulkCreateInstances,
+}
+
+impl CommandType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandType::CreateDatabase => "CREATE_DATABASE",
+            CommandType::DeleteDatabase => "DELETE_DATABASE",
+            CommandType::CreateOntologyClass => "CREATE_ONTOLOGY_CLASS",
+            CommandType::UpdateOntologyClass => "UPDATE_ONTOLOGY_CLASS",
+            CommandType::DeleteOntologyClass => "DELETE_ONTOLOGY_CLASS",
+            CommandType::CreateInstance => "CREATE_INSTANCE",
+            CommandType::UpdateInstance => "UPDATE_INSTANCE",
+            CommandType::DeleteInstance => "DELETE_INSTANCE",
+            CommandType::BulkCreateInstances => "BULK_CREATE_INSTANCES",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CommandType> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+
+    /// The aggregate type the command acts on.
+    pub fn aggregate_type(self) -> AggregateType {
+        match self {
+            CommandType::CreateDatabase | CommandType::DeleteDatabase => AggregateType::Database,
+            CommandType::CreateOntologyClass
+            | CommandType::UpdateOntologyClass
+            | CommandType::DeleteOntologyClass => AggregateType::OntologyClass,
+            CommandType::CreateInstance
+            | CommandType::UpdateInstance
+            | CommandType::DeleteInstance
+            | CommandType::BulkCreateInstances => AggregateType::Instance,
+        }
+    }
+
+    /// The domain event type of a successful command.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            CommandType::CreateDatabase => create_database::EVENT_TYPE,
+            CommandType::DeleteDatabase => delete_database::EVENT_TYPE,
+            CommandType::CreateOntologyClass => create_class::EVENT_TYPE,
+            CommandType::UpdateOntologyClass => update_class::EVENT_TYPE,
+            CommandType::DeleteOntologyClass => delete_class::EVENT_TYPE,
+            CommandType::CreateInstance => create_instance::EVENT_TYPE,
+            CommandType::UpdateInstance => update_instance::EVENT_TYPE,
+            CommandType::DeleteInstance => delete_instance::EVENT_TYPE,
+            CommandType::BulkCreateInstances => bulk_create_instances::EVENT_TYPE,
+        }
+    }
+
+    /// The other aggregates whose state the command reads: commands on them that were accepted
+    /// before this one must have their outcomes first (causal order across aggregates: an
+    /// instance created right after its class sees the class).
+    pub async fn dependencies<R: StateReader>(self, payload: &Value, log: &R) -> Result<Vec<AggregateKey>, R::Error> {
+        Ok(match self {
+            CommandType::CreateDatabase => Vec::new(),
+            CommandType::DeleteDatabase => delete_database::dependencies(payload, log).await?,
+            CommandType::CreateOntologyClass => create_class::dependencies(payload),
+            CommandType::UpdateOntologyClass => update_class::dependencies(payload),
+            CommandType::DeleteOntologyClass => Vec::new(),
+            CommandType::CreateInstance => create_instance::dependencies(payload),
+            CommandType::UpdateInstance => update_instance::dependencies(payload),
+            CommandType::DeleteInstance => Vec::new(),
+            CommandType::BulkCreateInstances => create_instance::dependencies(payload),
+        })
+    }
+
+    /// Everything the command needs to be decided besides the aggregate's own state.
+    pub async fn facts<R: StateReader>(self, payload: &Value, current: Option<Value>, log: &R) -> Result<Facts, R::Error> {
+        let mut facts = Facts { current, ..Default::default() };
+        match self {
+            CommandType::CreateDatabase | CommandType::DeleteOntologyClass | CommandType::DeleteInstance => {}
+            CommandType::DeleteDatabase => delete_database::facts(payload, log, &mut facts).await?,
+            CommandType::CreateOntologyClass => create_class::facts(payload, log, &mut facts).await?,
+            CommandType::UpdateOntologyClass => update_class::facts(payload, log, &mut facts).await?,
+            CommandType::CreateInstance | CommandType::BulkCreateInstances => {
+                create_instance::facts(payload, log, &mut facts).await?
+            }
+            CommandType::UpdateInstance => update_instance::facts(payload, log, &mut facts).await?,
+        }
+        Ok(facts)
+    }
+
+    /// The command's one outcome, from its payload and the facts read for it.
+    pub fn decide(self, payload: &Value, facts: &Facts) -> Decision {
+        match self {
+            CommandType::CreateDatabase => create_database::decide(payload, facts),
+            CommandType::DeleteDatabase => delete_database::decide(facts),
+            CommandType::CreateOntologyClass => create_class::decide(payload, facts),
+            CommandType::UpdateOntologyClass => update_class::decide(payload, facts),
+            CommandType::DeleteOntologyClass => delete_class::decide(facts),
+            CommandType::CreateInstance | CommandType::BulkCreateInstances => create_instance::decide(payload, facts),
+            CommandType::UpdateInstance => update_instance::decide(payload, facts),
+            CommandType::DeleteInstance => delete_instance::decide(facts),
+        }
+    }
+}
+
+/// What deciding a command may read of the log: aggregates' current states (the worker's
+/// implementation reads each aggregate's last outcome).
+#[async_trait::async_trait]
+pub trait StateReader: Sync {
+    type Error: Send;
+    /// The aggregate's current state; `None` if it was never created or is deleted.
+    async fn state(&self, key: &AggregateKey) -> Result<Option<Value>, Self::Error>;
+    /// The ids of the aggregates of one type whose id starts with `prefix`.
+    async fn aggregates_with_prefix(&self, aggregate_type: AggregateType, prefix: &str) -> Result<Vec<String>, Self::Error>;
+}
+
+/// A request the API refuses before anything is appended: a 400 with `code`.
+#[derive(Debug, thiserror::Error)]
+pub enum Invalid {
+    #[error(transparent)]
+    Id(#[from] IdError),
+    #[error("{message}")]
+    Request { code: &'static str, message: String },
+}
+
+impl Invalid {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Invalid::Request { code, message: message.into() }
+    }
+}
+
+/// One route's command(s), validated and ready to append: one command, or the members of a
+/// bulk command (all or nothing).
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub command_type: CommandType,
+    pub commands: Vec<Command>,
+}
+
+impl Request {
+    pub fn single(command: Command) -> Self {
+        Request { command_type: command.command_type, commands: vec![command] }
+    }
+}
+
+/// What the client sent besides the body: the branch (`main` when absent), the version it saw,
+/// and the command id (its `Idempotency-Key`, or a fresh one), from which ids not given are
+/// derived.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    pub branch: Option<String>,
+    pub expected_seq: Option<u64>,
+    pub command_id: Uuid,
+}
+
+impl Context {
+    pub fn branch(&self) -> Result<String, Invalid> {
+        let branch = self.branch.clone().unwrap_or_else(|| "main".to_string());
+        super::ids::validate_name("branch", &branch)?;
+        Ok(branch)
+    }
+
+    /// Updates and deletes name the version they act on.
+    pub fn expected_for_update(&self) -> Result<u64, Invalid> {
+        self.expected_seq.ok_or_else(|| {
+            Invalid::new(
+                "missing_expected_seq",
+                "updates and deletes require ?expected_seq=N (the aggregate's current version)",
+            )
+        })
+    }
+
+    /// A create implies `expected_seq = 0`.
+    pub fn expected_for_create(&self) -> Result<u64, Invalid> {
+        match self.expected_seq {
+            None | Some(0) => Ok(0),
+            Some(n) => Err(Invalid::new("invalid_expected_seq", format!("a create implies expected_seq=0, got {n}"))),
+        }
+    }
+}
+
+/// A payload's text field (empty when absent: the API always sets them).
+fn text(payload: &Value, key: &str) -> String {
+    payload[key].as_str().unwrap_or_default().to_string()
+}
+
+/// The parent class a class command names, in a create's payload or an update's patch.
+fn parent_class(payload: &Value) -> Option<&str> {
+    payload
+        .get("parent_class")
+        .or_else(|| payload["patch"].get("parent_class"))
+        .and_then(Value::as_str)
+}
+
+/// Ancestor classes followed at most (a cycle in parent links stops here).
+const MAX_CLASS_DEPTH: usize = 8;
+
+/// The class and its ancestors' states, nearest first; empty if the class does not exist.
+async fn class_chain<R: StateReader>(log: &R, db: &str, branch: &str, class_id: &str) -> Result<Vec<Value>, R::Error> {
+    let mut chain = Vec::new();
+    let mut next = Some(class_id.to_string());
+    while let Some(id) = next.take() {
+        if chain.len() >= MAX_CLASS_DEPTH {
+            break;
+        }
+        let Some(state) = log.state(&AggregateKey::class(db, branch, &id)).await? else {
+            break;
+        };
+        next = state["parent_class"].as_str().map(str::to_string);
+        chain.push(state);
+    }
+    Ok(chain)
+}
+
+/// The ids of a database's classes, live or deleted.
+async fn class_ids<R: StateReader>(log: &R, db: &str) -> Result<Vec<String>, R::Error> {
+    log.aggregates_with_prefix(AggregateType::OntologyClass, &format!("{db}:")).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn class(props: Value) -> Value {
+        json!({"class_id": "C", "properties": props, "abstract": false})
+    }
+
+    #[test]
+    fn update_is_a_merge_patch_on_the_full_state() {
+        let classes = vec![class(json!([{"name": "a", "type": "integer"}, {"name": "b", "type": "integer"}]))];
+        let facts = Facts {
+            current: Some(json!({"db": "d", "data": {"a": 1, "b": 2}})),
+            classes,
+            ..Default::default()
+        };
+        let payload = json!({"db": "d", "branch": "main", "class_id": "C", "instance_id": "i", "data": {"b": null, "a": 5}});
+        match CommandType::UpdateInstance.decide(&payload, &facts) {
+            Decision::Event { event_type, state } => {
+                assert_eq!(event_type, "INSTANCE_UPDATED");
+                assert_eq!(state["data"], json!({"a": 5}));
+                assert_eq!(state["instance_id"], "i");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn class_updates_keep_every_field() {
+        let facts = Facts {
+            current: Some(json!({"class_id": "C", "label": "L", "description": "D", "properties": []})),
+            database: Some(json!({})),
+            ..Default::default()
+        };
+        let d = CommandType::UpdateOntologyClass.decide(&json!({"patch": {"label": "M"}}), &facts);
+        assert_eq!(
+            d,
+            Decision::Event {
+                event_type: "ONTOLOGY_CLASS_UPDATED",
+                state: json!({"class_id": "C", "label": "M", "description": "D", "properties": []})
+            }
+        );
+    }
+
+    #[test]
+    fn failures_have_codes() {
+        let none = Facts::default();
+        let cases = [
+            (CommandType::CreateOntologyClass, "database_not_found"),
+            (CommandType::DeleteDatabase, "database_not_found"),
+            (CommandType::CreateInstance, "class_not_found"),
+            (CommandType::UpdateInstance, "instance_not_found"),
+            (CommandType::DeleteInstance, "instance_not_found"),
+        ];
+        for (ty, code) in cases {
+            match ty.decide(&json!({"data": {}}), &none) {
+                Decision::Failed { code: c, .. } => assert_eq!(c, code, "{ty:?}"),
+                other => panic!("{ty:?}: {other:?}"),
+            }
+        }
+        let non_empty = Facts { current: Some(json!({})), database_has_classes: true, ..Default::default() };
+        assert!(matches!(
+            CommandType::DeleteDatabase.decide(&json!({}), &non_empty),
+            Decision::Failed { code: "database_not_empty", .. }
+        ));
+        let abstract_class = Facts { classes: vec![json!({"abstract": true})], ..Default::default() };
+        assert!(matches!(
+            CommandType::CreateInstance.decide(&json!({"data": {}}), &abstract_class),
+            Decision::Failed { code: "class_is_abstract", .. }
+        ));
+    }
+
+    #[test]
+    fn every_success_has_its_event_type() {
+        let all = [
+            CommandType::CreateDatabase,
+            CommandType::DeleteDatabase,
+            CommandType::CreateOntologyClass,
+            CommandType::UpdateOntologyClass,
+            CommandType::DeleteOntologyClass,
+            CommandType::CreateInstance,
+            CommandType::UpdateInstance,
+            CommandType::DeleteInstance,
+            CommandType::BulkCreateInstances,
+        ];
+        for ty in all {
+            assert_eq!(CommandType::parse(ty.as_str()), Some(ty));
+            assert!(ty.event_type().starts_with(ty.aggregate_type().as_str().to_ascii_uppercase().get(..4).unwrap()), "{ty:?}");
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! UPDATE_INSTANCE: a JSON merge patch (RFC 7386) on an instance's data, the result checked
+//! against its class chain, which it reads.
+
+use super::{Context, Invalid, Request};
+use crate::domain::ids::{validate_name, AggregateKey};
+use crate::domain::rules::{fail, instance_key, merge_patch, validate, validate_data_keys, Decision, Facts};
+use crate::domain::{Command, CommandType};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
+
+pub const EVENT_TYPE: &str = "INSTANCE_UPDATED";
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateInstanceBody {
+    data: Map<String, Value>,
+}
+
+pub fn request(ctx: &Context, db: &str, class_id: &str, instance_id: &str, body: UpdateInstanceBody) -> Result<Request, Invalid> {
+    for (field, value) in [("db", db), ("class_id", class_id), ("instance_id", instance_id)] {
+        validate_name(field, value)?;
+    }
+    validate_data_keys(&body.data)?;
+    let branch = ctx.branch()?;
+    Ok(Request::single(Command {
+        command_type: CommandType::UpdateInstance,
+        aggregate: AggregateKey::instance(db, &branch, class_id, instance_id),
+        expected_seq: ctx.expected_for_update()?,
+        payload: json!({
+            "db": db, "branch": branch, "class_id": class_id,
+            "instance_id": instance_id, "data": body.data,
+        }),
+    }))
+}
+
+pub use super::create_instance::{dependencies, facts};
+
+pub fn decide(payload: &Value, facts: &Facts) -> Decision {
+    let Some(current) = &facts.current else {
+        return fail("instance_not_found", "the instance does not exist");
+    };
+    if facts.classes.is_empty() {
+        return fail("class_not_found", format!("class {} does not exist", payload["class_id"]));
+    }
+    let mut data = current["data"].as_object().cloned().unwrap_or_default();
+    merge_patch(&mut data, payload["data"].as_object().cloned().unwrap_or_default());
+    if let Err(message) = validate(&data, &facts.classes) {
+        return fail("invalid_instance", message);
+    }
+    let mut state = instance_key(payload);
+    state.insert("data".into(), Value::Object(data));
+    Decision::Event { event_type: EVENT_TYPE, state: Value::Object(state) }
+}

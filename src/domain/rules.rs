@@ -1,0 +1,227 @@
+//! The rules every command shares: the facts a decision is made from, the decision itself,
+//! and what a class's properties and an instance's data must be. Pure functions.
+//!
+//! Domain events carry the aggregate's full resulting state in `data.state` (`null` once
+//! deleted), so the state of any aggregate is its last outcome's `data.state`, and a
+//! projection never has to merge patches (the reference lost fields that way).
+
+use super::commands::Invalid;
+use super::ids::{validate_name, MAX_NAME_LEN};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+/// What the log says, as needed by a command.
+#[derive(Debug, Default, Clone)]
+pub struct Facts {
+    /// The aggregate's current state (`None`: never created, or deleted).
+    pub current: Option<Value>,
+    /// The state of the database the aggregate belongs to.
+    pub database: Option<Value>,
+    /// The instance's class, then its ancestors (for instance commands), or the parent class
+    /// a class command names (for class commands).
+    pub classes: Vec<Value>,
+    /// Whether the database still has live classes (for DELETE_DATABASE).
+    pub database_has_classes: bool,
+}
+
+/// A command's one outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// A domain event: its type and the aggregate's resulting state.
+    Event { event_type: &'static str, state: Value },
+    /// `COMMAND_FAILED` with a machine-readable code and a message.
+    Failed { code: &'static str, message: String },
+}
+
+pub fn fail(code: &'static str, message: impl Into<String>) -> Decision {
+    Decision::Failed { code, message: message.into() }
+}
+
+/// A property of an ontology class.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PropertyDef {
+    #[schema(pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+    pub name: String,
+    /// `string`, `integer`, `number`, `boolean`, `datetime`, `json` or `ref:<ClassId>`.
+    #[serde(rename = "type")]
+    #[schema(pattern = "^(string|integer|number|boolean|datetime|json|ref:[A-Za-z0-9][A-Za-z0-9_.-]{0,127})$")]
+    pub ty: String,
+    #[serde(default)]
+    pub required: bool,
+}
+
+const SCALAR_TYPES: &[&str] = &["string", "integer", "number", "boolean", "datetime", "json"];
+
+/// Property names are identifiers: they become JSON keys and filter fields.
+fn validate_property_name(name: &str) -> Result<(), Invalid> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid::new(
+            "invalid_property",
+            format!("property name {name:?} must match [A-Za-z_][A-Za-z0-9_]* (at most 128)"),
+        ))
+    }
+}
+
+/// Most properties one class may declare: each instance is checked against every property of
+/// its class and ancestors, and a class is read whole on every instance command.
+pub const MAX_PROPERTIES: usize = 1000;
+
+pub fn validate_properties(props: &[PropertyDef]) -> Result<(), Invalid> {
+    if props.len() > MAX_PROPERTIES {
+        return Err(Invalid::new(
+            "invalid_property",
+            format!("{} properties declared; a class may have at most {MAX_PROPERTIES}", props.len()),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for p in props {
+        validate_property_name(&p.name)?;
+        if !seen.insert(p.name.as_str()) {
+            return Err(Invalid::new(
+                "invalid_property",
+                format!("property {:?} is declared twice", p.name),
+            ));
+        }
+        match p.ty.strip_prefix("ref:") {
+            Some(target) => validate_name("properties.type", target)?,
+            None if SCALAR_TYPES.contains(&p.ty.as_str()) => {}
+            None => {
+                return Err(Invalid::new(
+                    "invalid_property",
+                    format!(
+                        "property {:?} has unknown type {:?}; use one of {} or ref:<ClassId>",
+                        p.name,
+                        p.ty,
+                        SCALAR_TYPES.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn validate_data_keys(data: &Map<String, Value>) -> Result<(), Invalid> {
+    data.keys().try_for_each(|k| validate_property_name(k))
+}
+
+/// The ids an instance's state carries.
+pub fn instance_key(payload: &Value) -> Map<String, Value> {
+    ["db", "branch", "class_id", "instance_id"]
+        .iter()
+        .map(|k| (k.to_string(), payload[*k].clone()))
+        .collect()
+}
+
+/// RFC 7386 merge patch: `null` removes a key, objects merge, anything else replaces.
+pub fn merge_patch(target: &mut Map<String, Value>, patch: Map<String, Value>) {
+    for (k, v) in patch {
+        match v {
+            Value::Null => {
+                target.remove(&k);
+            }
+            Value::Object(p) => match target.get_mut(&k) {
+                Some(Value::Object(t)) => merge_patch(t, p),
+                _ => {
+                    let mut fresh = Map::new();
+                    merge_patch(&mut fresh, p);
+                    target.insert(k, Value::Object(fresh));
+                }
+            },
+            other => {
+                target.insert(k, other);
+            }
+        }
+    }
+}
+
+/// Instance data against its class and ancestors: known properties only, right types, every
+/// required property present.
+pub fn validate(data: &Map<String, Value>, classes: &[Value]) -> Result<(), String> {
+    let props: Vec<&Value> = classes
+        .iter()
+        .flat_map(|c| c["properties"].as_array().into_iter().flatten())
+        .collect();
+    // By name, so a large object costs one lookup a key, not a scan of the class.
+    let by_name: std::collections::HashMap<&str, &Value> =
+        props.iter().rev().filter_map(|p| Some((p["name"].as_str()?, *p))).collect();
+    for (key, value) in data {
+        let Some(prop) = by_name.get(key.as_str()) else {
+            return Err(format!("unknown property {key:?}"));
+        };
+        let ty = prop["type"].as_str().unwrap_or("json");
+        if !value.is_null() && !type_matches(ty, value) {
+            return Err(format!("property {key:?} must be {ty}, got {value}"));
+        }
+    }
+    for prop in &props {
+        let name = prop["name"].as_str().unwrap_or_default();
+        if prop["required"].as_bool() == Some(true) && data.get(name).is_none_or(Value::is_null) {
+            return Err(format!("required property {name:?} is missing"));
+        }
+    }
+    Ok(())
+}
+
+fn type_matches(ty: &str, value: &Value) -> bool {
+    match ty {
+        "string" => value.is_string(),
+        "integer" => value.is_i64() || value.is_u64(),
+        "number" => value.is_number(),
+        "boolean" => value.is_boolean(),
+        "datetime" => value
+            .as_str()
+            .is_some_and(|s| chrono::DateTime::parse_from_rfc3339(s).is_ok()),
+        "json" => true,
+        t if t.starts_with("ref:") => value.is_string(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn class(props: Value) -> Value {
+        json!({"class_id": "C", "properties": props, "abstract": false})
+    }
+
+    #[test]
+    fn instances_are_validated_against_their_class() {
+        let classes = vec![class(json!([
+            {"name": "name", "type": "string", "required": true},
+            {"name": "n", "type": "integer"},
+            {"name": "at", "type": "datetime"},
+            {"name": "owner", "type": "ref:Person"}
+        ]))];
+        let ok = json!({"name": "x", "n": 3, "at": "2025-01-01T00:00:00Z", "owner": "p1"});
+        assert!(validate(ok.as_object().unwrap(), &classes).is_ok());
+        for bad in [
+            json!({"n": 1}),
+            json!({"name": "x", "n": 1.5}),
+            json!({"name": "x", "at": "yesterday"}),
+            json!({"name": "x", "extra": 1}),
+            json!({"name": 5}),
+        ] {
+            assert!(validate(bad.as_object().unwrap(), &classes).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn inherited_properties_count() {
+        let child = class(json!([{"name": "a", "type": "string"}]));
+        let parent = class(json!([{"name": "b", "type": "boolean", "required": true}]));
+        let data = json!({"a": "x", "b": true});
+        assert!(validate(data.as_object().unwrap(), &[child.clone(), parent.clone()]).is_ok());
+        assert!(validate(json!({"a": "x"}).as_object().unwrap(), &[child, parent]).is_err());
+    }
+}
