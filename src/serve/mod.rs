@@ -16,9 +16,8 @@ use crate::domain::CommandType;
 use crate::log::writer::LogWriter;
 use crate::log::EventLog;
 use axum::extract::DefaultBodyLimit;
-use axum::handler::Handler;
 use axum::http::Method;
-use axum::routing::{on, MethodFilter, MethodRouter};
+use axum::routing::MethodRouter;
 use axum::Router;
 use error::ApiError;
 use std::sync::Arc;
@@ -62,63 +61,72 @@ impl AppState {
     }
 }
 
-/// One route: a method on a path, and its handler.
+/// One route: a method on a path, its handler, and its operation in the OpenAPI document with
+/// the schemas it references, all from the handler's `#[utoipa::path]` annotation, so a path
+/// is written once.
 pub struct Route {
     pub method: Method,
-    pub path: &'static str,
+    pub path: String,
     handler: MethodRouter<AppState>,
+    operation: utoipa::openapi::path::Paths,
+    schemas: Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>,
 }
 
-fn at<H, T>(method: Method, path: &'static str, handler: H) -> Route
-where
-    H: Handler<T, AppState>,
-    T: 'static,
-{
-    let filter = MethodFilter::try_from(method.clone()).expect("every method in the table is routable");
-    Route { method, path, handler: on(filter, handler) }
+impl From<utoipa_axum::router::UtoipaMethodRouter<AppState>> for Route {
+    fn from((schemas, operation, handler): utoipa_axum::router::UtoipaMethodRouter<AppState>) -> Self {
+        let (path, item) = operation.paths.iter().next().expect("a route has one path");
+        let method = [
+            (Method::GET, item.get.is_some()),
+            (Method::POST, item.post.is_some()),
+            (Method::PUT, item.put.is_some()),
+            (Method::DELETE, item.delete.is_some()),
+            (Method::PATCH, item.patch.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(method, used)| used.then_some(method))
+        .expect("a route has one of the methods the API uses");
+        Route { method, path: path.clone(), handler, operation, schemas }
+    }
 }
 
-/// Every route of the API: the API under `/api/v1`, plus health and metrics. `router` is built
-/// from this table alone, so the OpenAPI test can hold the document against what is served.
+/// Every route of the API: the API under `/api/v1`, plus health and metrics, each one handler
+/// (its path and method are in its annotation). `router` and the OpenAPI document are built
+/// from this table alone, so what is documented is what is served.
 pub fn routes() -> Vec<Route> {
     use commands::*;
     use queries::*;
     use reads::*;
-    const DB: &str = "/api/v1/databases/{db}";
-    const CLASS: &str = "/api/v1/databases/{db}/classes/{class_id}";
-    const INSTANCES: &str = "/api/v1/databases/{db}/classes/{class_id}/instances";
-    const INSTANCE: &str = "/api/v1/databases/{db}/classes/{class_id}/instances/{instance_id}";
-    const AGGREGATE: &str = "/api/v1/aggregates/{aggregate_type}/{aggregate_id}";
+    use utoipa_axum::routes as one;
     vec![
-        at(Method::POST, "/api/v1/databases", create_database),
-        at(Method::GET, "/api/v1/databases", list_databases),
-        at(Method::GET, DB, get_database),
-        at(Method::DELETE, DB, delete_database),
-        at(Method::POST, "/api/v1/databases/{db}/classes", create_class),
-        at(Method::GET, "/api/v1/databases/{db}/classes", list_classes),
-        at(Method::GET, CLASS, get_class),
-        at(Method::PUT, CLASS, update_class),
-        at(Method::DELETE, CLASS, delete_class),
-        at(Method::POST, INSTANCES, create_instance),
-        at(Method::GET, INSTANCES, list_instances),
-        at(Method::POST, "/api/v1/databases/{db}/classes/{class_id}/instances/bulk", bulk_create_instances),
-        at(Method::GET, INSTANCE, get_instance),
-        at(Method::PUT, INSTANCE, update_instance),
-        at(Method::DELETE, INSTANCE, delete_instance),
-        at(Method::GET, "/api/v1/commands/{command_id}", get_command),
-        at(Method::GET, AGGREGATE, get_aggregate),
-        at(Method::GET, "/api/v1/aggregates/{aggregate_type}/{aggregate_id}/events", get_events),
-        at(Method::GET, openapi::PATH, openapi::document),
-        at(Method::GET, "/healthz", healthz),
-        at(Method::GET, "/readyz", readyz),
-        at(Method::GET, "/metrics", metrics),
+        one!(create_database).into(),
+        one!(list_databases).into(),
+        one!(get_database).into(),
+        one!(delete_database).into(),
+        one!(create_class).into(),
+        one!(list_classes).into(),
+        one!(get_class).into(),
+        one!(update_class).into(),
+        one!(delete_class).into(),
+        one!(create_instance).into(),
+        one!(list_instances).into(),
+        one!(bulk_create_instances).into(),
+        one!(get_instance).into(),
+        one!(update_instance).into(),
+        one!(delete_instance).into(),
+        one!(get_command).into(),
+        one!(get_aggregate).into(),
+        one!(get_events).into(),
+        one!(openapi::document).into(),
+        one!(healthz).into(),
+        one!(readyz).into(),
+        one!(metrics).into(),
     ]
 }
 
 /// The HTTP API: `routes()` behind the auth, body-limit and metrics layers.
 pub fn router(state: AppState) -> Router {
     // Two routes on one path merge into one method router.
-    let api = routes().into_iter().fold(Router::new(), |r, route| r.route(route.path, route.handler));
+    let api = routes().into_iter().fold(Router::new(), |r, route| r.route(&route.path, route.handler));
     api.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.serve.max_body_bytes))

@@ -1,17 +1,16 @@
 //! The OpenAPI 3.1 document of the HTTP API, served at `GET /api/v1/openapi.json`. It is
-//! assembled here, and only here, from the handlers' `#[utoipa::path]` annotations, the request
-//! types' derives, the body shapes of [`super::schema`] and the bearer-token scheme.
+//! assembled here, and only here, from the route table (`super::routes()`: each handler's
+//! `#[utoipa::path]` annotation and the schemas it references), the body shapes of
+//! [`super::schema`] and the bearer-token scheme.
 //! `tests/openapi.rs` holds the document against `super::routes()`.
 
-use super::commands;
-use super::queries;
-use super::reads;
+use super::Route;
 use axum::Json;
+use std::sync::OnceLock;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use super::schema::{ErrorBody, Key, Name};
 use utoipa::{Modify, OpenApi};
 
-pub use super::schema::OPENAPI_PATH as PATH;
 
 /// The name of the bearer-token scheme in the document; its scopes are `read`, `write` and
 /// `admin` (see `auth`).
@@ -23,30 +22,6 @@ pub const BEARER: &str = "bearer";
         title = "spiced",
         description = "Commands are appended to the event log (202 once durable); queries read the \
                        read models; reads of the write side answer from the log index."
-    ),
-    paths(
-        commands::create_database,
-        queries::list_databases,
-        queries::get_database,
-        commands::delete_database,
-        commands::create_class,
-        queries::list_classes,
-        queries::get_class,
-        commands::update_class,
-        commands::delete_class,
-        commands::create_instance,
-        queries::list_instances,
-        commands::bulk_create_instances,
-        queries::get_instance,
-        commands::update_instance,
-        commands::delete_instance,
-        reads::get_command,
-        reads::get_aggregate,
-        reads::get_events,
-        document,
-        reads::healthz,
-        reads::readyz,
-        reads::metrics,
     ),
     // Referenced only from parameters, which utoipa does not collect by itself.
     components(schemas(ErrorBody, Name, Key, crate::domain::AggregateType)),
@@ -71,6 +46,19 @@ impl Modify for BearerAuth {
     responses((status = 200, description = "The OpenAPI document of this API", body = Object))
 )]
 pub async fn document() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+    static DOCUMENT: OnceLock<utoipa::openapi::OpenApi> = OnceLock::new();
+    Json(DOCUMENT.get_or_init(|| assemble(&super::routes())).clone())
+}
+
+/// [`ApiDoc`] (info, the schemas parameters reference, the bearer scheme) with every route's
+/// operation and the schemas its bodies reference.
+pub fn assemble(routes: &[Route]) -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    let components = doc.components.get_or_insert_with(Default::default);
+    for route in routes {
+        doc.paths.merge(route.operation.clone());
+        components.schemas.extend(route.schemas.iter().cloned());
+    }
+    doc
 }
 
