@@ -1,8 +1,7 @@
 //! The domain the pipeline carries: aggregates, their ids, the commands that act on them (one
-//! file each under `commands/`), the rules they share, and the envelopes of both sides.
+//! file each under `commands/`), the rules they share; `commands/envelopes.rs` builds the envelopes of both sides.
 
 pub mod commands;
-pub mod envelopes;
 pub mod ids;
 pub mod rules;
 

@@ -5,11 +5,25 @@
 //! deleted), so the state of any aggregate is its last outcome's `data.state`, and a
 //! projection never has to merge patches (the reference lost fields that way).
 
-use super::commands::Invalid;
-use super::ids::{validate_name, MAX_NAME_LEN};
+use super::ids::{validate_name, IdError, MAX_NAME_LEN};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
+
+/// A request the API refuses before anything is appended: a 400 with `code`.
+#[derive(Debug, thiserror::Error)]
+pub enum Invalid {
+    #[error(transparent)]
+    Id(#[from] IdError),
+    #[error("{message}")]
+    Request { code: &'static str, message: String },
+}
+
+impl Invalid {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Invalid::Request { code, message: message.into() }
+    }
+}
 
 /// What the log says, as needed by a command.
 #[derive(Debug, Default, Clone)]

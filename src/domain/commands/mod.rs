@@ -11,19 +11,20 @@ pub mod create_instance;
 pub mod delete_class;
 pub mod delete_database;
 pub mod delete_instance;
+pub mod envelopes;
 pub mod update_class;
 pub mod update_instance;
 
-pub use super::envelopes::{bulk_member_event_id, outcome_envelope, Command, Routing};
+pub use envelopes::{bulk_member_event_id, outcome_envelope, Command, OutcomeRouting, Routing};
 pub use bulk_create_instances::BulkCreateBody;
 pub use create_class::CreateClassBody;
 pub use create_database::CreateDatabaseBody;
 pub use create_instance::CreateInstanceBody;
 pub use update_class::{ClassPatch, UpdateClassBody};
 pub use update_instance::UpdateInstanceBody;
-pub use super::rules::PropertyDef;
+pub use super::rules::{Invalid, PropertyDef};
 
-use super::ids::{AggregateKey, AggregateType, IdError};
+use super::ids::{AggregateKey, AggregateType};
 use super::rules::{Decision, Facts};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -149,21 +150,6 @@ pub trait StateReader: Sync {
     async fn state(&self, key: &AggregateKey) -> Result<Option<Value>, Self::Error>;
     /// The ids of the aggregates of one type whose id starts with `prefix`.
     async fn aggregates_with_prefix(&self, aggregate_type: AggregateType, prefix: &str) -> Result<Vec<String>, Self::Error>;
-}
-
-/// A request the API refuses before anything is appended: a 400 with `code`.
-#[derive(Debug, thiserror::Error)]
-pub enum Invalid {
-    #[error(transparent)]
-    Id(#[from] IdError),
-    #[error("{message}")]
-    Request { code: &'static str, message: String },
-}
-
-impl Invalid {
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Invalid::Request { code, message: message.into() }
-    }
 }
 
 /// One route's command(s), validated and ready to append: one command, or the members of a

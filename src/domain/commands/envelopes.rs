@@ -1,9 +1,9 @@
 //! The envelopes of the domain: a command as the API stores it in the log, and the outcome a
 //! worker appends for it. Both are built here, so their fields are named in one place.
 
-use super::commands::CommandType;
-use super::ids::AggregateKey;
-use super::rules::Decision;
+use super::CommandType;
+use crate::domain::ids::AggregateKey;
+use crate::domain::rules::Decision;
 use crate::envelope::{domain_event_id, EventEnvelope, SCHEMA_VERSION};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Map, Value};
