@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
+use crate::domain::Role;
 
 /// Shown after `spiced --help`: what the environment can set, and what exit codes mean.
 const ENVIRONMENT: &str = "\
@@ -59,7 +60,7 @@ pub enum Command {
     Worker {
         /// Role to run (`ontology`, `instance`); repeat for several. Default: `worker.roles`.
         #[arg(long = "role")]
-        roles: Vec<String>,
+        roles: Vec<Role>,
     },
     /// Run the projection worker, rebuild the read models from the log, or list and re-apply
     /// the events the read store refused (`failures`).
@@ -185,19 +186,19 @@ pub enum DlqAction {
     /// List the dead letters of a role.
     List {
         #[arg(long, default_value = "instance")]
-        role: String,
+        role: Role,
     },
     /// Print one dead letter in full.
     Show {
         event_id: uuid::Uuid,
         #[arg(long, default_value = "instance")]
-        role: String,
+        role: Role,
     },
     /// Make a failed command runnable again and publish it to its topic.
     Redrive {
         event_id: uuid::Uuid,
         #[arg(long, default_value = "instance")]
-        role: String,
+        role: Role,
     },
 }
 

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use crate::domain::Role;
 
 /// The embedded default: what `spiced dev` and every tool run with when no file is given.
 pub const DEV_TOML: &str = include_str!("../config/dev.toml");
@@ -118,7 +119,7 @@ pub enum ProjectSource {
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
     /// Roles a `spiced worker` runs when `--role` is not given: `ontology`, `instance`.
-    pub roles: Vec<String>,
+    pub roles: Vec<Role>,
     /// Consumer groups are named `{group_prefix}-{role}-worker`.
     pub group_prefix: String,
     /// Aggregates processed concurrently per process (one aggregate stays in order).
@@ -776,9 +777,6 @@ impl Config {
         // Longer than an hour is a unit mistake, and systemd's stop timeout must exceed it.
         if w.shutdown_grace_ms > 3_600_000 {
             return Err(invalid("worker.shutdown_grace_ms", "must be at most 3600000 (one hour)"));
-        }
-        if let Some(role) = w.roles.iter().find(|r| !matches!(r.as_str(), "ontology" | "instance")) {
-            return Err(invalid("worker.roles", format!("unknown role {role:?}; roles are ontology and instance")));
         }
         Ok(())
     }

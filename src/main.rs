@@ -94,13 +94,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq { action } => {
             use spiced::cli::DlqAction;
             use spiced::ops::dlq;
-            let role = |name: &str| {
-                spiced::routing::Role::parse(name).ok_or_else(|| anyhow::anyhow!("unknown role {name:?} (ontology, instance)"))
-            };
             match action {
-                DlqAction::List { role: r } => dlq::list(&config, role(&r)?).await,
-                DlqAction::Show { event_id, role: r } => dlq::show(&config, role(&r)?, event_id).await,
-                DlqAction::Redrive { event_id, role: r } => dlq::redrive(&config, role(&r)?, event_id).await,
+                DlqAction::List { role } => dlq::list(&config, role).await,
+                DlqAction::Show { event_id, role } => dlq::show(&config, role, event_id).await,
+                DlqAction::Redrive { event_id, role } => dlq::redrive(&config, role, event_id).await,
             }
         }
         Command::Completions { .. } | Command::Man => Ok(()),

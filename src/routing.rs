@@ -6,48 +6,10 @@
 use crate::config::Config;
 use crate::domain::{AggregateType, CommandType};
 
-/// A worker role: which commands it carries out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Databases and ontology classes.
-    Ontology,
-    /// Instances.
-    Instance,
-}
+pub use crate::domain::Role;
 
+/// Each role's topics, from the config.
 impl Role {
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "ontology" => Some(Role::Ontology),
-            "instance" => Some(Role::Instance),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Ontology => "ontology",
-            Role::Instance => "instance",
-        }
-    }
-
-    /// The registry's handler name.
-    pub fn handler(self) -> &'static str {
-        match self {
-            Role::Ontology => "ontology-worker",
-            Role::Instance => "instance-worker",
-        }
-    }
-
-    pub fn handles(self, command_type: CommandType) -> bool {
-        let instance = command_type.aggregate_type() == AggregateType::Instance;
-        instance == (self == Role::Instance)
-    }
-
-    pub fn for_command(command_type: CommandType) -> Role {
-        if Role::Instance.handles(command_type) { Role::Instance } else { Role::Ontology }
-    }
-
     pub fn command_topics(self, config: &Config) -> Vec<String> {
         let t = &config.topics;
         match self {

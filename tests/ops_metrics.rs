@@ -172,7 +172,7 @@ async fn workers_export_the_log_position_they_have_processed() {
     let relay = tokio::spawn(run_with(config.clone(), RelayOptions::default(), stop.clone(), Default::default()));
     let workers = {
         let (config, stop) = (config.clone(), stop.clone());
-        tokio::spawn(async move { spiced::worker::run_roles(config, &["ontology".to_string()], stop).await })
+        tokio::spawn(async move { spiced::worker::run_roles(config, &[spiced::routing::Role::Ontology], stop).await })
     };
     let mut last = String::new();
     for name in ["p", "q", "r"] {

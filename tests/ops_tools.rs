@@ -102,3 +102,20 @@ async fn tools_work_on_a_dev_data_directory() {
     let out = spiced(dir.path(), &["log", "get", "999"]);
     assert!(!out.status.success(), "a missing position is an error");
 }
+
+/// Enum settings are parsed once, at start-up: an unknown worker role in the file, the
+/// environment or on the command line stops the process with the key that names it.
+#[test]
+fn an_unknown_worker_role_is_refused_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("spiced.toml");
+    std::fs::write(&file, "[worker]\nroles = [\"ontology\", \"bogus\"]\n").unwrap();
+    let out = spiced(dir.path(), &["config", "check", "--config", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("worker.roles[1]") && stderr.contains("`bogus`"), "{stderr}");
+    let out = spiced(dir.path(), &["worker", "--role", "bogus"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a command line that does not parse: {stderr}");
+    assert!(stderr.contains("unknown worker role \"bogus\""), "{stderr}");
+}

@@ -3,7 +3,9 @@
 
 pub mod commands;
 pub mod ids;
+pub mod role;
 pub mod rules;
 
 pub use commands::{Command, CommandType};
 pub use ids::{AggregateKey, AggregateType, IdError};
+pub use role::Role;

@@ -32,13 +32,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Roles from `--role` arguments, else from `worker.roles`.
-pub fn roles(config: &Config, requested: &[String]) -> anyhow::Result<Vec<Role>> {
-    let names = if requested.is_empty() { &config.worker.roles } else { requested };
+pub fn roles(config: &Config, requested: &[Role]) -> anyhow::Result<Vec<Role>> {
+    let chosen = if requested.is_empty() { &config.worker.roles } else { requested };
     let mut roles = Vec::new();
-    for name in names {
-        let role = Role::parse(name).ok_or_else(|| anyhow::anyhow!("unknown worker role {name:?} (ontology, instance)"))?;
-        if !roles.contains(&role) {
-            roles.push(role);
+    for role in chosen {
+        if !roles.contains(role) {
+            roles.push(*role);
         }
     }
     anyhow::ensure!(!roles.is_empty(), "no worker role to run");
@@ -87,7 +86,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
 /// Runs the given roles (or `worker.roles`) against Kafka until `shutdown`, then stops
 /// gracefully within `worker.shutdown_grace_ms`.
-pub async fn run_roles(config: Config, requested: &[String], shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run_roles(config: Config, requested: &[Role], shutdown: CancellationToken) -> anyhow::Result<()> {
     let roles = roles(&config, requested)?;
     let shutdown = Graceful::new(shutdown, Duration::from_millis(config.worker.shutdown_grace_ms));
     let tasks = TaskTracker::new();
