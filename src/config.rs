@@ -549,12 +549,23 @@ pub enum LogLocation {
     Local { dir: PathBuf },
 }
 
+/// Why `log.url` names no log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadLogUrl {
+    #[error("s3:// URL needs a bucket, e.g. s3://bucket/prefix")]
+    NoBucket,
+    #[error("must name an s3:// URL or a directory")]
+    Empty,
+    #[error("unsupported scheme in {0:?}; use s3:// or file://")]
+    Scheme(String),
+}
+
 impl LogLocation {
-    pub fn parse(url: &str) -> Result<LogLocation, String> {
+    pub fn parse(url: &str) -> Result<LogLocation, BadLogUrl> {
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
-                return Err("s3:// URL needs a bucket, e.g. s3://bucket/prefix".into());
+                return Err(BadLogUrl::NoBucket);
             }
             return Ok(LogLocation::S3 {
                 bucket: bucket.to_string(),
@@ -563,10 +574,10 @@ impl LogLocation {
         }
         let path = url.strip_prefix("file://").unwrap_or(url);
         if path.is_empty() {
-            return Err("must name an s3:// URL or a directory".into());
+            return Err(BadLogUrl::Empty);
         }
         if url.contains("://") && !url.starts_with("file://") {
-            return Err(format!("unsupported scheme in {url:?}; use s3:// or file://"));
+            return Err(BadLogUrl::Scheme(url.to_string()));
         }
         Ok(LogLocation::Local { dir: PathBuf::from(path) })
     }
@@ -632,7 +643,7 @@ impl Config {
 
     /// Checks values that types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        LogLocation::parse(&self.log.url).map_err(|e| invalid("log.url", e))?;
+        LogLocation::parse(&self.log.url).map_err(|e| invalid("log.url", e.to_string()))?;
         let db = self.database.url.expose();
         if !(db.starts_with("postgres://")
             || db.starts_with("postgresql://")

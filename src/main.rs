@@ -140,7 +140,7 @@ async fn failures(config: &Config, action: Option<spiced::cli::FailuresAction>, 
 async fn rebuild(config: &Config, args: spiced::cli::ProjectArgs) -> anyhow::Result<()> {
     use spiced::project::rebuild::{run, Options, Until};
     let until = match args.until.as_deref() {
-        Some(s) => Until::parse(s).map_err(anyhow::Error::msg)?,
+        Some(s) => Until::parse(s)?,
         None => Until::Head,
     };
     let report = run(config, Options { until, target: args.target_schema, no_swap: args.no_swap }).await?;

@@ -54,7 +54,19 @@ pub async fn track_http(request: Request, next: Next) -> Response {
 }
 
 /// A readiness check: `Ok` when the role's dependencies answer.
-pub type Readiness = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+pub type Readiness = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), NotReady>> + Send>> + Send + Sync>;
+
+/// Why a role is not ready: written to its log, never into the probe's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error("{dependency}: {reason}")]
+    Failed { dependency: &'static str, reason: String },
+    #[error("{dependency}: no answer within {PING_TIMEOUT:?}")]
+    NoAnswer { dependency: &'static str },
+    /// A stage that cannot make progress now (`liveness::Stage::trouble`).
+    #[error("{0}")]
+    Stage(String),
+}
 
 async fn ready(State(check): State<Readiness>) -> Response {
     match check().await {
@@ -144,9 +156,8 @@ pub fn readiness(db: crate::db::Database, log: crate::log::EventLog, stages: Vec
     Arc::new(move || {
         let (db, log, stages) = (db.clone(), log.clone(), stages.clone());
         Box::pin(async move {
-            let (l, d) = tokio::join!(answers(log.ping()), answers(db.index.ping()));
-            l.map_err(|e| format!("log: {e}"))?;
-            d.map_err(|e| format!("database: {e}"))?;
+            let (l, d) = tokio::join!(answers("log", log.ping()), answers("database", db.index.ping()));
+            l.and(d)?;
             stages_live(&stages)
         })
     })
@@ -154,17 +165,20 @@ pub fn readiness(db: crate::db::Database, log: crate::log::EventLog, stages: Vec
 
 /// A dependency check, bounded: one that does not answer is not ready either, and a probe
 /// must not hang.
-pub(crate) async fn answers<E: std::fmt::Display>(ping: impl Future<Output = Result<(), E>>) -> Result<(), String> {
+pub(crate) async fn answers<E: std::fmt::Display>(
+    dependency: &'static str,
+    ping: impl Future<Output = Result<(), E>>,
+) -> Result<(), NotReady> {
     match tokio::time::timeout(PING_TIMEOUT, ping).await {
-        Ok(result) => result.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {PING_TIMEOUT:?}")),
+        Ok(result) => result.map_err(|e| NotReady::Failed { dependency, reason: e.to_string() }),
+        Err(_) => Err(NotReady::NoAnswer { dependency }),
     }
 }
 
 /// `Err` naming the first stage that cannot make progress now.
-pub fn stages_live(stages: &[Arc<crate::liveness::Stage>]) -> Result<(), String> {
+pub fn stages_live(stages: &[Arc<crate::liveness::Stage>]) -> Result<(), NotReady> {
     match stages.iter().find_map(|s| s.trouble()) {
-        Some(trouble) => Err(trouble),
+        Some(trouble) => Err(NotReady::Stage(trouble)),
         None => Ok(()),
     }
 }

@@ -157,9 +157,20 @@ pub fn merge_patch(target: &mut Map<String, Value>, patch: Map<String, Value>) {
     }
 }
 
+/// Why instance data does not fit its class: an `invalid_instance` outcome's message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidData {
+    #[error("unknown property {0:?}")]
+    UnknownProperty(String),
+    #[error("property {property:?} must be {expected}, got {got}")]
+    WrongType { property: String, expected: String, got: Value },
+    #[error("required property {0:?} is missing")]
+    MissingRequired(String),
+}
+
 /// Instance data against its class and ancestors: known properties only, right types, every
 /// required property present.
-pub fn validate(data: &Map<String, Value>, classes: &[Value]) -> Result<(), String> {
+pub fn validate(data: &Map<String, Value>, classes: &[Value]) -> Result<(), InvalidData> {
     let props: Vec<&Value> = classes
         .iter()
         .flat_map(|c| c["properties"].as_array().into_iter().flatten())
@@ -169,17 +180,17 @@ pub fn validate(data: &Map<String, Value>, classes: &[Value]) -> Result<(), Stri
         props.iter().rev().filter_map(|p| Some((p["name"].as_str()?, *p))).collect();
     for (key, value) in data {
         let Some(prop) = by_name.get(key.as_str()) else {
-            return Err(format!("unknown property {key:?}"));
+            return Err(InvalidData::UnknownProperty(key.clone()));
         };
         let ty = prop["type"].as_str().unwrap_or("json");
         if !value.is_null() && !type_matches(ty, value) {
-            return Err(format!("property {key:?} must be {ty}, got {value}"));
+            return Err(InvalidData::WrongType { property: key.clone(), expected: ty.to_string(), got: value.clone() });
         }
     }
     for prop in &props {
         let name = prop["name"].as_str().unwrap_or_default();
         if prop["required"].as_bool() == Some(true) && data.get(name).is_none_or(Value::is_null) {
-            return Err(format!("required property {name:?} is missing"));
+            return Err(InvalidData::MissingRequired(name.to_string()));
         }
     }
     Ok(())

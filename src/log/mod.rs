@@ -84,7 +84,7 @@ fn ca_bundle(path: &str) -> Result<Vec<object_store::Certificate>, LogError> {
 
 impl EventLog {
     pub fn open(config: &LogConfig) -> Result<EventLog, LogError> {
-        match LogLocation::parse(&config.url).map_err(LogError::Setup)? {
+        match LogLocation::parse(&config.url).map_err(|e| LogError::Setup(e.to_string()))? {
             LogLocation::S3 { bucket, prefix } => {
                 // object_store's HTTP client takes the process's rustls provider; spiced has
                 // ring alone. Installed once; later calls find it there.

@@ -34,15 +34,26 @@ pub struct PendingEvent {
     pub envelope: EventEnvelope,
 }
 
+/// Why an envelope cannot be appended as an outcome.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAnOutcome {
+    #[error("unknown aggregate type {0}")]
+    AggregateType(String),
+    #[error("an outcome is a domain envelope with a sequence number")]
+    Kind,
+    #[error("an outcome names its command_id")]
+    CommandId,
+}
+
 impl AppendCommand {
     /// An outcome envelope answering a command, as its own append.
-    pub fn outcome(envelope: EventEnvelope) -> Result<AppendCommand, String> {
+    pub fn outcome(envelope: EventEnvelope) -> Result<AppendCommand, NotAnOutcome> {
         let aggregate_type = crate::domain::AggregateType::parse(&envelope.aggregate_type)
-            .ok_or_else(|| format!("unknown aggregate type {}", envelope.aggregate_type))?;
+            .ok_or_else(|| NotAnOutcome::AggregateType(envelope.aggregate_type.clone()))?;
         if envelope.kind() != Some(Kind::Domain) || envelope.sequence_number.is_none() {
-            return Err("an outcome is a domain envelope with a sequence number".into());
+            return Err(NotAnOutcome::Kind);
         }
-        let command_id = envelope.command_id().ok_or("an outcome names its command_id")?;
+        let command_id = envelope.command_id().ok_or(NotAnOutcome::CommandId)?;
         let key = AggregateKey::new(aggregate_type, envelope.aggregate_id.clone());
         Ok(AppendCommand {
             command_id,

@@ -17,6 +17,10 @@ use std::time::{Duration, Instant};
 const SEGMENTS_PER_BATCH: usize = 256;
 
 /// Where a rebuild stops.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--until {0:?}: expected a log position or an RFC 3339 time")]
+pub struct BadUntil(String);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Until {
     /// The log head when the rebuild starts (then the swap catches up the rest).
@@ -29,13 +33,13 @@ pub enum Until {
 
 impl Until {
     /// A position or an RFC 3339 time.
-    pub fn parse(s: &str) -> Result<Until, String> {
+    pub fn parse(s: &str) -> Result<Until, BadUntil> {
         if let Ok(p) = s.parse::<u64>() {
             return Ok(Until::Position(p));
         }
         DateTime::parse_from_rfc3339(s)
             .map(|t| Until::Time(t.with_timezone(&Utc)))
-            .map_err(|_| format!("--until {s:?}: expected a log position or an RFC 3339 time"))
+            .map_err(|_| BadUntil(s.to_string()))
     }
 
     /// Whether a segment is past the end.
@@ -220,6 +224,6 @@ mod tests {
     fn until_takes_a_position_or_a_time() {
         assert_eq!(Until::parse("42"), Ok(Until::Position(42)));
         assert!(matches!(Until::parse("2026-11-26T10:00:00Z"), Ok(Until::Time(_))));
-        assert!(Until::parse("yesterday").unwrap_err().contains("RFC 3339"));
+        assert!(Until::parse("yesterday").unwrap_err().to_string().contains("RFC 3339"));
     }
 }

@@ -96,6 +96,12 @@ impl From<crate::domain::commands::Invalid> for ApiError {
     }
 }
 
+impl From<crate::db::read::filter::InvalidFilter> for ApiError {
+    fn from(e: crate::db::read::filter::InvalidFilter) -> Self {
+        ApiError::bad_request("invalid_filter", e.to_string())
+    }
+}
+
 impl From<crate::domain::IdError> for ApiError {
     fn from(e: crate::domain::IdError) -> Self {
         ApiError::bad_request("invalid_id", e.to_string()).with("field", json!(e.field))

@@ -299,7 +299,7 @@ pub async fn list_instances(
     let conditions = match &q.filter {
         Some(text) => {
             let properties = class_properties(&state, &classes, &class_id).await?;
-            filter::parse(text, &properties).map_err(|e| ApiError::bad_request("invalid_filter", e))?
+            filter::parse(text, &properties)?
         }
         None => Vec::new(),
     };

@@ -360,22 +360,22 @@ pub async fn healthz() -> Json<Value> {
 )]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let (log, db) = tokio::join!(
-        crate::telemetry::answers(state.log.ping()),
-        crate::telemetry::answers(state.index().ping())
+        crate::telemetry::answers("log", state.log.ping()),
+        crate::telemetry::answers("database", state.index().ping())
     );
     // Anyone may ask: the answer says which dependency fails, never how (the log has that).
-    let describe = |what: &str, r: &Result<(), String>| match r {
+    let describe = |r: &Result<(), crate::telemetry::NotReady>| match r {
         Ok(()) => json!("ok"),
         Err(e) => {
-            tracing::debug!(dependency = what, error = %e, "not ready");
+            tracing::debug!(error = %e, "not ready");
             json!("unavailable")
         }
     };
     let ready = log.is_ok() && db.is_ok();
     let body = json!({
         "status": if ready { "ready" } else { "unavailable" },
-        "log": describe("log", &log),
-        "database": describe("database", &db),
+        "log": describe(&log),
+        "database": describe(&db),
     });
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()

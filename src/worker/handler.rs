@@ -44,6 +44,26 @@ pub enum Disposition {
 #[derive(Debug)]
 pub struct Interrupted;
 
+/// Why a message on a command topic is no command this worker can carry out: it goes to the
+/// dead-letter topic at once, with this as its reason.
+#[derive(Debug, thiserror::Error)]
+enum Unusable {
+    #[error("not an EventEnvelope: {0}")]
+    NotAnEnvelope(serde_json::Error),
+    #[error("metadata.kind is {0:?}, not \"command\"")]
+    Kind(Option<Value>),
+    #[error("data.command_type is missing or unknown")]
+    CommandType,
+    #[error("{} is not a {} command", command_type.as_str(), role.name())]
+    OtherRole { command_type: CommandType, role: Role },
+    #[error("aggregate_type {aggregate_type} does not fit {}", command_type.as_str())]
+    AggregateType { aggregate_type: String, command_type: CommandType },
+    #[error("sequence_number is missing")]
+    SequenceNumber,
+    #[error("data.command_id is missing")]
+    CommandId,
+}
+
 enum Failure {
     Retryable(String),
     /// The database refused a statement for the data the command carries (e.g. a payload id
@@ -126,7 +146,7 @@ impl CommandHandler {
     pub async fn handle(&self, raw: &[u8], shutdown: &Graceful) -> Result<Disposition, Interrupted> {
         let parsed = match self.parse(raw) {
             Ok(p) => p,
-            Err(reason) => return Ok(Disposition::DeadLetter { reason, attempts: 0 }),
+            Err(unusable) => return Ok(Disposition::DeadLetter { reason: unusable.to_string(), attempts: 0 }),
         };
         let span = tracing::info_span!("command",
             handler = self.role.handler(), event_id = %parsed.envelope.event_id, command_id = parsed.envelope.command_id().map(tracing::field::display),
@@ -234,27 +254,26 @@ impl CommandHandler {
         Disposition::DeadLetter { reason: error, attempts: attempt }
     }
 
-    fn parse(&self, raw: &[u8]) -> Result<Parsed, String> {
-        let envelope: EventEnvelope =
-            serde_json::from_slice(raw).map_err(|e| format!("not an EventEnvelope: {e}"))?;
+    fn parse(&self, raw: &[u8]) -> Result<Parsed, Unusable> {
+        let envelope: EventEnvelope = serde_json::from_slice(raw).map_err(Unusable::NotAnEnvelope)?;
         if envelope.kind() != Some(Kind::Command) {
-            return Err(format!("metadata.kind is {:?}, not \"command\"", envelope.metadata.get("kind")));
+            return Err(Unusable::Kind(envelope.metadata.get("kind").cloned()));
         }
         let command_type = envelope
             .data
             .get("command_type")
             .and_then(Value::as_str)
             .and_then(CommandType::parse)
-            .ok_or("data.command_type is missing or unknown")?;
+            .ok_or(Unusable::CommandType)?;
         if !self.role.handles(command_type) {
-            return Err(format!("{} is not a {} command", command_type.as_str(), self.role.name()));
+            return Err(Unusable::OtherRole { command_type, role: self.role });
         }
         let aggregate_type = AggregateType::parse(&envelope.aggregate_type)
             .filter(|t| *t == command_type.aggregate_type())
-            .ok_or_else(|| format!("aggregate_type {} does not fit {}", envelope.aggregate_type, command_type.as_str()))?;
-        let seq = envelope.sequence_number.filter(|s| *s >= 1).ok_or("sequence_number is missing")?;
+            .ok_or_else(|| Unusable::AggregateType { aggregate_type: envelope.aggregate_type.clone(), command_type })?;
+        let seq = envelope.sequence_number.filter(|s| *s >= 1).ok_or(Unusable::SequenceNumber)?;
         if envelope.command_id().is_none() {
-            return Err("data.command_id is missing".into());
+            return Err(Unusable::CommandId);
         }
         let key = AggregateKey::new(aggregate_type, envelope.aggregate_id.clone());
         Ok(Parsed { envelope, command_type, key, seq })
@@ -319,7 +338,7 @@ impl CommandHandler {
             return Err(Failure::LeaseLost);
         }
         let outcome = self.outcome_envelope(p, decision, current);
-        let append = AppendCommand::outcome(outcome).map_err(Failure::Retryable)?;
+        let append = AppendCommand::outcome(outcome).map_err(|e| Failure::Retryable(e.to_string()))?;
         match self.writer.append(append).await {
             Ok(AppendOutcome::Accepted { .. }) => {}
             Ok(other) => {

@@ -15,6 +15,22 @@
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
+/// Why a filter was refused: what a 400 `invalid_filter` says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidFilter(String);
+
+impl InvalidFilter {
+    fn new(reason: impl Into<String>) -> InvalidFilter {
+        InvalidFilter(reason.into())
+    }
+
+    /// The same reason, prefixed with the condition it is about.
+    fn in_condition(self, text: &str) -> InvalidFilter {
+        InvalidFilter(format!("{text:?}: {}", self.0))
+    }
+}
+
 /// Most conditions in one filter, and most values in one `in`.
 pub const MAX_CONDITIONS: usize = 16;
 pub const MAX_IN_VALUES: usize = 100;
@@ -89,52 +105,52 @@ pub struct Condition {
 
 /// Parses a filter against the class's properties (name -> declared type). The error says
 /// what is wrong, for a 400.
-pub fn parse(input: &str, properties: &HashMap<String, String>) -> Result<Vec<Condition>, String> {
+pub fn parse(input: &str, properties: &HashMap<String, String>) -> Result<Vec<Condition>, InvalidFilter> {
     let parts: Vec<&str> = input.split(',').collect();
     if parts.len() > MAX_CONDITIONS {
-        return Err(format!("at most {MAX_CONDITIONS} conditions"));
+        return Err(InvalidFilter::new(format!("at most {MAX_CONDITIONS} conditions")));
     }
     parts.into_iter().map(|p| condition(p, properties)).collect()
 }
 
-fn condition(text: &str, properties: &HashMap<String, String>) -> Result<Condition, String> {
+fn condition(text: &str, properties: &HashMap<String, String>) -> Result<Condition, InvalidFilter> {
     let (property, op, raw) = split(text)?;
     let declared = properties
         .get(property)
-        .ok_or_else(|| format!("{property:?} is not a property of this class"))?;
+        .ok_or_else(|| InvalidFilter::new(format!("{property:?} is not a property of this class")))?;
     if property.contains('"') || property.chars().any(char::is_control) {
-        return Err(format!("property {property:?} cannot be filtered on"));
+        return Err(InvalidFilter::new(format!("property {property:?} cannot be filtered on")));
     }
     if raw.contains('\0') {
         // PostgreSQL cannot bind it (text or jsonb): a 400 here, not a failed query.
-        return Err(format!("{property}: the value contains U+0000 (NUL), which no stored value holds"));
+        return Err(InvalidFilter::new(format!("{property}: the value contains U+0000 (NUL), which no stored value holds")));
     }
     let ty = ValueType::of_property(declared);
-    let test = test_of(op, raw, ty).map_err(|e| format!("{text:?}: {e}"))?;
+    let test = test_of(op, raw, ty).map_err(|e| e.in_condition(text))?;
     Ok(Condition { property: property.to_string(), ty, test })
 }
 
 /// `name op value`, at the first operator character.
-fn split(text: &str) -> Result<(&str, &str, &str), String> {
+fn split(text: &str) -> Result<(&str, &str, &str), InvalidFilter> {
     let at = text
         .find(['=', '!', '<', '>'])
-        .ok_or_else(|| format!("{text:?}: expected property, operator and value, e.g. age>=30"))?;
+        .ok_or_else(|| InvalidFilter::new(format!("{text:?}: expected property, operator and value, e.g. age>=30")))?;
     let (property, rest) = text.split_at(at);
     let op_len = if rest.starts_with("!=") || rest.starts_with(">=") || rest.starts_with("<=") { 2 } else { 1 };
     let (op, value) = rest.split_at(op_len);
     if property.is_empty() || op == "!" {
-        return Err(format!("{text:?}: expected property, operator and value, e.g. age>=30"));
+        return Err(InvalidFilter::new(format!("{text:?}: expected property, operator and value, e.g. age>=30")));
     }
     Ok((property, op, value))
 }
 
-fn test_of(op: &str, raw: &str, ty: ValueType) -> Result<Test, String> {
+fn test_of(op: &str, raw: &str, ty: ValueType) -> Result<Test, InvalidFilter> {
     if op == "=" {
         if let Some(flag) = raw.strip_prefix("exists:") {
             return match flag {
                 "true" => Ok(Test::Exists(true)),
                 "false" => Ok(Test::Exists(false)),
-                _ => Err("exists takes true or false".into()),
+                _ => Err(InvalidFilter::new("exists takes true or false")),
             };
         }
         if let Some(list) = raw.strip_prefix("in:(").and_then(|r| r.strip_suffix(')')) {
@@ -148,39 +164,39 @@ fn test_of(op: &str, raw: &str, ty: ValueType) -> Result<Test, String> {
         ">=" => CmpOp::Ge,
         "<" => CmpOp::Lt,
         "<=" => CmpOp::Le,
-        _ => return Err(format!("unknown operator {op:?}")),
+        _ => return Err(InvalidFilter::new(format!("unknown operator {op:?}"))),
     };
     match ty {
-        ValueType::Json => Err("json properties can only be tested with exists".into()),
-        ValueType::Bool if !matches!(cmp, CmpOp::Eq | CmpOp::Ne) => Err("booleans take = and != only".into()),
+        ValueType::Json => Err(InvalidFilter::new("json properties can only be tested with exists")),
+        ValueType::Bool if !matches!(cmp, CmpOp::Eq | CmpOp::Ne) => Err(InvalidFilter::new("booleans take = and != only")),
         _ => Ok(Test::Cmp(cmp, value_of(raw, ty)?)),
     }
 }
 
-fn in_list(list: &str, ty: ValueType) -> Result<Test, String> {
+fn in_list(list: &str, ty: ValueType) -> Result<Test, InvalidFilter> {
     if !matches!(ty, ValueType::Number | ValueType::Text) {
-        return Err(format!("in takes numbers or strings, the property is {}", ty.name()));
+        return Err(InvalidFilter::new(format!("in takes numbers or strings, the property is {}", ty.name())));
     }
     let values: Vec<Value> = list.split('|').map(|v| value_of(v, ty)).collect::<Result<_, _>>()?;
     if values.len() > MAX_IN_VALUES {
-        return Err(format!("at most {MAX_IN_VALUES} values in in:(...)"));
+        return Err(InvalidFilter::new(format!("at most {MAX_IN_VALUES} values in in:(...)")));
     }
     Ok(Test::In(values))
 }
 
-fn value_of(raw: &str, ty: ValueType) -> Result<Value, String> {
+fn value_of(raw: &str, ty: ValueType) -> Result<Value, InvalidFilter> {
     match ty {
         ValueType::Text => Ok(json!(raw)),
         ValueType::Number => {
-            let n: serde_json::Number = raw.parse().map_err(|_| format!("{raw:?} is not a number"))?;
+            let n: serde_json::Number = raw.parse().map_err(|_| InvalidFilter::new(format!("{raw:?} is not a number")))?;
             Ok(Value::Number(n))
         }
         ValueType::Bool => match raw {
             "true" => Ok(json!(true)),
             "false" => Ok(json!(false)),
-            _ => Err(format!("{raw:?} is not true or false")),
+            _ => Err(InvalidFilter::new(format!("{raw:?} is not true or false"))),
         },
-        ValueType::Json => Err("json properties can only be tested with exists".into()),
+        ValueType::Json => Err(InvalidFilter::new("json properties can only be tested with exists")),
     }
 }
 
@@ -259,7 +275,7 @@ mod tests {
         ];
         for (input, want) in cases {
             let err = parse(input, &props()).unwrap_err();
-            assert!(err.contains(want), "{input}: {err}");
+            assert!(err.to_string().contains(want), "{input}: {err}");
         }
     }
 }

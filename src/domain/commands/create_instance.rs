@@ -100,8 +100,8 @@ pub fn decide(payload: &Value, facts: &Facts) -> Decision {
         return fail("instance_exists", "the instance already exists");
     }
     let data = payload["data"].as_object().cloned().unwrap_or_default();
-    if let Err(message) = validate(&data, &facts.classes) {
-        return fail("invalid_instance", message);
+    if let Err(invalid) = validate(&data, &facts.classes) {
+        return fail("invalid_instance", invalid.to_string());
     }
     let mut state = instance_key(payload);
     state.insert("data".into(), Value::Object(data));
