@@ -10,6 +10,7 @@ use std::time::Duration;
 backend_tests! {
     commands_complete_or_fail_with_the_right_reason,
     a_later_sequence_waits_for_the_earlier_one,
+    outcomes_follow_log_order_not_processing_order,
 }
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -144,6 +145,79 @@ async fn a_later_sequence_waits_for_the_earlier_one(backend: Backend) {
     assert_eq!(labels[..3], [(1, String::new()), (2, "v2".into()), (3, "v3".into())], "{labels:?}");
     if fourth == Disposition::Done {
         assert_eq!(labels.get(3), Some(&(4, "v4".to_string())));
+    }
+}
+
+/// The outcome of the command `bytes` after handling it, as (event type, error code).
+async fn outcome_of(app: &TestApp, bytes: &[u8]) -> (String, String) {
+    let command: Value = serde_json::from_slice(bytes).unwrap();
+    let status = app.wait_command(command["data"]["command_id"].as_str().unwrap(), WAIT).await;
+    let code = status["error"]["code"].as_str().unwrap_or_default().to_string();
+    (status["status"].as_str().unwrap().to_string(), code)
+}
+
+/// A command is decided against the other aggregates as of its place in the log: handled
+/// after a later command on its class (the class's delete, or its create), it still sees the
+/// class as it was when the command was accepted. Within one segment, "before" is the order of
+/// the segment's events.
+async fn outcomes_follow_log_order_not_processing_order(backend: Backend) {
+    use spiced::domain::{AggregateKey, CommandType};
+    use spiced::worker::handler::Disposition;
+    use spiced::worker::{Role, Shared};
+    let (mut config, dir) = common::isolated_config(backend).await;
+    config.worker.max_attempts = 1;
+    config.worker.gap_wait_ms = 300;
+    let app = common::spawn_with(config.clone(), dir).await;
+    app.post("/databases", json!({"name": "o"})).await;
+    app.post("/databases/o/classes", json!({"id": "C"})).await;
+    // Accepted while C exists; C's delete is accepted after it.
+    accepted(&app, app.post("/databases/o/classes/C/instances", json!({"id": "before", "data": {}})).await).await;
+    accepted(&app, app.delete("/databases/o/classes/C?expected_seq=1").await).await;
+    accepted(&app, app.post("/databases/o/classes/C/instances", json!({"id": "after", "data": {}})).await).await;
+    // Accepted before its class D exists; D is created after it.
+    accepted(&app, app.post("/databases/o/classes/D/instances", json!({"id": "early", "data": {}})).await).await;
+    accepted(&app, app.post("/databases/o/classes", json!({"id": "D"})).await).await;
+    // One segment: class E then an instance of E; an instance of F then class F.
+    let plant = |command_type, key, payload| common::plant::command(&app.config, command_type, key, 1, payload);
+    let class = |id: &str| json!({"db": "o", "branch": "main", "class_id": id, "label": null, "description": null,
+                                  "properties": [], "parent_class": null, "abstract": false});
+    let instance = |class_id: &str, id: &str| json!({"db": "o", "branch": "main", "class_id": class_id, "instance_id": id, "data": {}});
+    let segment = [
+        plant(CommandType::CreateOntologyClass, AggregateKey::class("o", "main", "E"), class("E")),
+        plant(CommandType::CreateInstance, AggregateKey::instance("o", "main", "E", "e"), instance("E", "e")),
+        plant(CommandType::CreateInstance, AggregateKey::instance("o", "main", "F", "f"), instance("F", "f")),
+        plant(CommandType::CreateOntologyClass, AggregateKey::class("o", "main", "F"), class("F")),
+    ];
+    common::plant::segment(&app, &segment).await;
+    accepted(&app, app.post("/databases", json!({"name": "records-the-planted-segment"})).await).await;
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    let shared = Shared::open(&config, &tasks).await.unwrap();
+    let (ontology, instances) = (shared.handler(Role::Ontology), shared.handler(Role::Instance));
+    let stop = spiced::shutdown::Graceful::new(tokio_util::sync::CancellationToken::new(), Duration::from_secs(10));
+    let bytes = |e: &spiced::envelope::EventEnvelope| serde_json::to_vec(e).unwrap();
+    // Every ontology command first, then the instance commands: the opposite of log order
+    // for the instances of C and D.
+    let mut ontology_commands = command_bytes(&app, "Database/o").await;
+    ontology_commands.extend(command_bytes(&app, "OntologyClass/o:main:C").await);
+    ontology_commands.extend(command_bytes(&app, "OntologyClass/o:main:D").await);
+    ontology_commands.extend([bytes(&segment[0]), bytes(&segment[3])]);
+    for command in &ontology_commands {
+        assert_eq!(ontology.handle(command, &stop).await.unwrap(), Disposition::Done);
+    }
+    let cases = [
+        ("Instance/o:main:C:before", "COMPLETED", ""),
+        ("Instance/o:main:C:after", "FAILED", "class_not_found"),
+        ("Instance/o:main:D:early", "FAILED", "class_not_found"),
+    ];
+    for (aggregate, status, code) in cases {
+        let command = &command_bytes(&app, aggregate).await[0];
+        instances.handle(command, &stop).await.unwrap();
+        assert_eq!(outcome_of(&app, command).await, (status.to_string(), code.to_string()), "{aggregate}");
+    }
+    for (command, status, code) in [(&segment[1], "COMPLETED", ""), (&segment[2], "FAILED", "class_not_found")] {
+        instances.handle(&bytes(command), &stop).await.unwrap();
+        assert_eq!(outcome_of(&app, &bytes(command)).await, (status.to_string(), code.to_string()), "{}", command.aggregate_id);
     }
 }
 

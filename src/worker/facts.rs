@@ -1,6 +1,8 @@
-//! Reading aggregate state from the log for the commands' decisions (`StateReader`): an
-//! aggregate's state is its last outcome's `data.state`. Segments never change, so they are
-//! cached.
+//! Reading aggregate state from the log for the commands' decisions: an aggregate's state is
+//! an outcome's `data.state`. A command is decided against the other aggregates *as of its
+//! place in the log* ([`AsOf`]): for each, the outcome of its last command before that place,
+//! waited for if it is not there yet, never a later one. Outcomes are then a function of the
+//! command log, not of how fast the workers ran. Segments never change, so they are cached.
 
 use crate::db::LogIndex;
 use crate::domain::commands::StateReader;
@@ -8,8 +10,12 @@ use crate::domain::{AggregateKey, AggregateType};
 use crate::envelope::Kind;
 use crate::log::{EventLog, LogError, Segment};
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// Segments kept in memory; the newest positions are the likeliest to be read again.
 const CACHED_SEGMENTS: usize = 512;
@@ -22,6 +28,12 @@ pub enum FactsError {
     Db(#[from] crate::db::DbError),
     #[error("the index names position {0} but the log has no such outcome there")]
     Missing(u64),
+    #[error("the command is not in the log index yet")]
+    NotIndexed,
+    #[error("{key} sequence {seq} has no outcome yet; this command reads its state")]
+    NotYet { key: AggregateKey, seq: u64 },
+    #[error("interrupted by shutdown")]
+    Interrupted,
 }
 
 #[derive(Clone)]
@@ -58,42 +70,121 @@ impl LogState {
         let Some((seq, position)) = self.index.last(key, Kind::Domain).await? else {
             return Ok((0, None));
         };
+        Ok((seq, self.outcome_at(key, seq, position).await?))
+    }
+
+    /// The state the outcome of the aggregate's command `seq` left, if that outcome is in the
+    /// log yet.
+    async fn outcome(&self, key: &AggregateKey, seq: u64) -> Result<Option<Option<Value>>, FactsError> {
+        match self.index.positions(key, Kind::Domain, seq, seq).await?.first() {
+            Some(&(_, position)) => Ok(Some(self.outcome_at(key, seq, position).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn outcome_at(&self, key: &AggregateKey, seq: u64, position: u64) -> Result<Option<Value>, FactsError> {
         let segment = self.segment(position).await?;
         let envelope = segment
             .events
             .iter()
-            .find(|e| {
-                e.aggregate_id == key.aggregate_id
-                    && e.aggregate_type == key.aggregate_type.as_str()
-                    && e.kind() == Some(Kind::Domain)
-                    && e.sequence_number == Some(seq)
-            })
+            .find(|e| is_event_of(e, key, Kind::Domain) && e.sequence_number == Some(seq))
             .ok_or(FactsError::Missing(position))?;
         let state = envelope.data.get("state").cloned().unwrap_or(Value::Null);
-        Ok((seq, (!state.is_null()).then_some(state)))
+        Ok((!state.is_null()).then_some(state))
     }
 
-    /// Whether every command on `dependency` accepted before log position `position` has its
-    /// outcome.
-    pub async fn caught_up(&self, dependency: &AggregateKey, position: u64) -> Result<bool, FactsError> {
-        let needed = self.index.command_seq_before(dependency, position).await?;
-        if needed == 0 {
-            return Ok(true);
+    /// The states the command `event_id` is decided against; reads wait for a missing outcome
+    /// until `wait` has passed or `stop` is cancelled.
+    pub fn as_of<'a>(&'a self, event_id: Uuid, wait: Duration, stop: &'a CancellationToken) -> AsOf<'a> {
+        AsOf { log: self, event_id, deadline: Instant::now() + wait, stop, place: tokio::sync::OnceCell::new() }
+    }
+}
+
+fn is_event_of(e: &crate::envelope::EventEnvelope, key: &AggregateKey, kind: Kind) -> bool {
+    e.aggregate_id == key.aggregate_id && e.aggregate_type == key.aggregate_type.as_str() && e.kind() == Some(kind)
+}
+
+/// The log as one command sees it: each aggregate at the outcome of its last command before
+/// the command's place (its segment's position, and its index within that segment).
+pub struct AsOf<'a> {
+    log: &'a LogState,
+    event_id: Uuid,
+    deadline: Instant,
+    stop: &'a CancellationToken,
+    place: tokio::sync::OnceCell<Place>,
+}
+
+/// Where a command sits: its segment, and the last sequence of each aggregate commanded
+/// earlier in that same segment.
+struct Place {
+    position: u64,
+    earlier_in_segment: HashMap<AggregateKey, u64>,
+}
+
+impl AsOf<'_> {
+    /// Read on first use: a command that reads no other aggregate costs no look-up.
+    async fn place(&self) -> Result<&Place, FactsError> {
+        self.place
+            .get_or_try_init(|| async {
+                let position = self.log.index.position_of(self.event_id).await?.ok_or(FactsError::NotIndexed)?;
+                let segment = self.log.segment(position).await?;
+                let mut earlier_in_segment = HashMap::new();
+                for e in segment.events.iter().take_while(|e| e.event_id != self.event_id) {
+                    let (Some(seq), Some(aggregate_type)) = (e.sequence_number, AggregateType::parse(&e.aggregate_type)) else {
+                        continue;
+                    };
+                    if e.kind() == Some(Kind::Command) {
+                        let key = AggregateKey::new(aggregate_type, e.aggregate_id.clone());
+                        let last = earlier_in_segment.entry(key).or_insert(0);
+                        *last = seq.max(*last);
+                    }
+                }
+                Ok(Place { position, earlier_in_segment })
+            })
+            .await
+    }
+
+    /// The sequence of the aggregate's last command before this one (0 if none).
+    async fn seq_before(&self, key: &AggregateKey) -> Result<u64, FactsError> {
+        let place = self.place().await?;
+        match place.earlier_in_segment.get(key) {
+            Some(seq) => Ok(*seq),
+            None => Ok(self.log.index.command_seq_before(key, place.position).await?),
         }
-        let done = self.index.last(dependency, Kind::Domain).await?.map(|(s, _)| s).unwrap_or(0);
-        Ok(done >= needed)
     }
 }
 
 #[async_trait::async_trait]
-impl StateReader for LogState {
+impl StateReader for AsOf<'_> {
     type Error = FactsError;
 
     async fn state(&self, key: &AggregateKey) -> Result<Option<Value>, FactsError> {
-        Ok(LogState::state(self, key).await?.1)
+        let seq = self.seq_before(key).await?;
+        if seq == 0 {
+            return Ok(None);
+        }
+        let mut logged = false;
+        loop {
+            if let Some(state) = self.log.outcome(key, seq).await? {
+                return Ok(state);
+            }
+            if !logged {
+                tracing::info!(dependency = %key, seq, "waiting for the outcome of an earlier command this one reads");
+                logged = true;
+            }
+            if Instant::now() >= self.deadline {
+                return Err(FactsError::NotYet { key: key.clone(), seq });
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return Err(FactsError::Interrupted),
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
     }
 
     async fn aggregates_with_prefix(&self, aggregate_type: AggregateType, prefix: &str) -> Result<Vec<String>, FactsError> {
-        Ok(self.index.aggregates_with_prefix(aggregate_type, prefix).await?)
+        // Aggregates first commanded after this command come back too; as of its place they
+        // have no state, which `state` answers.
+        Ok(self.log.index.aggregates_with_prefix(aggregate_type, prefix).await?)
     }
 }

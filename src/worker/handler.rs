@@ -78,6 +78,7 @@ impl From<FactsError> for Failure {
     fn from(e: FactsError) -> Self {
         match e {
             FactsError::Db(e) => e.into(),
+            FactsError::Interrupted => Failure::Interrupted,
             other => Failure::Retryable(other.to_string()),
         }
     }
@@ -328,8 +329,11 @@ impl CommandHandler {
             return self.finish(work).await;
         };
         let payload = p.envelope.data.get("payload").cloned().unwrap_or(Value::Null);
-        self.wait_for_dependencies(p, &payload, stop).await?;
-        let facts = p.command_type.facts(&payload, current.clone(), &self.state).await?;
+        // Other aggregates as of this command's place in the log (waiting, bounded, for an
+        // earlier command's outcome), so the decision follows log order, not timing.
+        let wait = Duration::from_millis(self.config.worker.gap_wait_ms);
+        let log = self.state.as_of(p.envelope.event_id, wait, stop);
+        let facts = p.command_type.facts(&payload, current.clone(), &log).await?;
         let decision = p.command_type.decide(&payload, &facts);
         self.crash_point(WorkerCrash::AfterEffect);
         // Fencing: confirm the lease right before the effect, so a worker that was frozen past
@@ -386,33 +390,6 @@ impl CommandHandler {
             }
             poll_pause(stop).await?;
         }
-    }
-
-    /// Waits (bounded) until the commands on other aggregates that this one reads, accepted
-    /// before it, have their outcomes.
-    async fn wait_for_dependencies(&self, p: &Parsed, payload: &Value, stop: &CancellationToken) -> Result<(), Failure> {
-        let deps = p.command_type.dependencies(payload, &self.state).await?;
-        if deps.is_empty() {
-            return Ok(());
-        }
-        let Some(position) = self.state.index().position_of(p.envelope.event_id).await? else {
-            return Err(Failure::Retryable("the command is not in the log index yet".into()));
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.worker.gap_wait_ms);
-        for dep in &deps {
-            let mut logged = false;
-            while !self.state.caught_up(dep, position).await? {
-                if !logged {
-                    tracing::info!(dependency = %dep, "waiting for earlier commands on a dependency");
-                    logged = true;
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(Failure::Retryable(format!("earlier commands on {dep} have no outcome yet")));
-                }
-                poll_pause(stop).await?;
-            }
-        }
-        Ok(())
     }
 
     fn outcome_envelope(&self, p: &Parsed, decision: Decision, current: Option<Value>) -> EventEnvelope {

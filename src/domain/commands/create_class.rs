@@ -49,14 +49,6 @@ pub fn request(ctx: &Context, db: &str, body: CreateClassBody) -> Result<Request
     }))
 }
 
-/// The database, and the parent class if one is named (create or update).
-pub fn dependencies(payload: &Value) -> Vec<AggregateKey> {
-    let (db, branch) = (text(payload, "db"), text(payload, "branch"));
-    let mut deps = vec![AggregateKey::database(&db)];
-    deps.extend(parent_class(payload).map(|p| AggregateKey::class(&db, &branch, p)));
-    deps
-}
-
 /// The database's state, and the parent's chain if one is named (create or update).
 pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
     let (db, branch) = (text(payload, "db"), text(payload, "branch"));

@@ -77,11 +77,6 @@ fn instance_id(class_id: &str, body: &CreateInstanceBody, command_id: Uuid, inde
     Ok(id)
 }
 
-/// The instance's class (create, bulk create or update).
-pub fn dependencies(payload: &Value) -> Vec<AggregateKey> {
-    vec![AggregateKey::class(&text(payload, "db"), &text(payload, "branch"), &text(payload, "class_id"))]
-}
-
 /// The class chain the data is checked against (create, bulk create or update).
 pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
     let (db, branch) = (text(payload, "db"), text(payload, "branch"));

@@ -18,13 +18,6 @@ pub fn request(ctx: &Context, db: &str) -> Result<Request, Invalid> {
     }))
 }
 
-/// Every class of the database: a class command accepted before this one decides whether the
-/// database is still in use.
-pub async fn dependencies<R: StateReader>(payload: &Value, log: &R) -> Result<Vec<AggregateKey>, R::Error> {
-    let ids = class_ids(log, &text(payload, "db")).await?;
-    Ok(ids.into_iter().map(|id| AggregateKey::new(AggregateType::OntologyClass, id)).collect())
-}
-
 pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
     for id in class_ids(log, &text(payload, "db")).await? {
         if log.state(&AggregateKey::new(AggregateType::OntologyClass, id)).await?.is_some() {

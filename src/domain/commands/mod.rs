@@ -93,23 +93,6 @@ impl CommandType {
         }
     }
 
-    /// The other aggregates whose state the command reads: commands on them that were accepted
-    /// before this one must have their outcomes first (causal order across aggregates: an
-    /// instance created right after its class sees the class).
-    pub async fn dependencies<R: StateReader>(self, payload: &Value, log: &R) -> Result<Vec<AggregateKey>, R::Error> {
-        Ok(match self {
-            CommandType::CreateDatabase => Vec::new(),
-            CommandType::DeleteDatabase => delete_database::dependencies(payload, log).await?,
-            CommandType::CreateOntologyClass => create_class::dependencies(payload),
-            CommandType::UpdateOntologyClass => update_class::dependencies(payload),
-            CommandType::DeleteOntologyClass => Vec::new(),
-            CommandType::CreateInstance => create_instance::dependencies(payload),
-            CommandType::UpdateInstance => update_instance::dependencies(payload),
-            CommandType::DeleteInstance => Vec::new(),
-            CommandType::BulkCreateInstances => create_instance::dependencies(payload),
-        })
-    }
-
     /// Everything the command needs to be decided besides the aggregate's own state.
     pub async fn facts<R: StateReader>(self, payload: &Value, current: Option<Value>, log: &R) -> Result<Facts, R::Error> {
         let mut facts = Facts { current, ..Default::default() };
@@ -141,12 +124,13 @@ impl CommandType {
     }
 }
 
-/// What deciding a command may read of the log: aggregates' current states (the worker's
-/// implementation reads each aggregate's last outcome).
+/// What deciding a command may read of the log: other aggregates' states as of the command's
+/// place in the log (the worker's `AsOf` answers each with the outcome of that aggregate's last
+/// command before it, so a decision never depends on commands accepted after it).
 #[async_trait::async_trait]
 pub trait StateReader: Sync {
     type Error: Send;
-    /// The aggregate's current state; `None` if it was never created or is deleted.
+    /// The aggregate's state; `None` if it was not created, or was deleted, by then.
     async fn state(&self, key: &AggregateKey) -> Result<Option<Value>, Self::Error>;
     /// The ids of the aggregates of one type whose id starts with `prefix`.
     async fn aggregates_with_prefix(&self, aggregate_type: AggregateType, prefix: &str) -> Result<Vec<String>, Self::Error>;

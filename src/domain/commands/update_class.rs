@@ -57,7 +57,7 @@ pub fn request(ctx: &Context, db: &str, class_id: &str, body: UpdateClassBody) -
     }))
 }
 
-pub use super::create_class::{dependencies, facts};
+pub use super::create_class::facts;
 
 pub fn decide(payload: &Value, facts: &Facts) -> Decision {
     let Some(current) = &facts.current else {

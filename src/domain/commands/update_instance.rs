@@ -34,7 +34,7 @@ pub fn request(ctx: &Context, db: &str, class_id: &str, instance_id: &str, body:
     }))
 }
 
-pub use super::create_instance::{dependencies, facts};
+pub use super::create_instance::facts;
 
 pub fn decide(payload: &Value, facts: &Facts) -> Decision {
     let Some(current) = &facts.current else {
