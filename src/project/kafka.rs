@@ -15,6 +15,7 @@
 //! the partition's high watermark is fetched (everything the relay checkpointed was delivered,
 //! so it is below that watermark).
 
+use tracing::Instrument;
 use super::change_of;
 use crate::bus::kafka::{base_config, ensure_topics, with_properties};
 use crate::config::Config;
@@ -181,7 +182,7 @@ async fn apply(db: &Database, schema: &ReadSchema, batch: &ReadBatch, progress: 
 async fn apply_until_done(db: &Database, schema: &ReadSchema, batch: &ReadBatch, progress: &Stage, shutdown: &CancellationToken) -> bool {
     let mut retry = crate::backoff::STORAGE;
     loop {
-        match db.read.apply(schema, batch).await {
+        match db.read.apply(schema, batch).instrument(batch.span()).await {
             Ok(applied) => {
                 super::note_refused(&applied.refused);
                 metrics::gauge!("spiced_projection_position").set(applied.position as f64);

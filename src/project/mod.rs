@@ -15,6 +15,7 @@ pub mod failures;
 pub mod kafka;
 pub mod rebuild;
 
+use tracing::Instrument;
 use crate::config::{Config, ProjectSource};
 use crate::db::read::{Change, Progress, ReadBatch, ReadKind, ReadRow, ReadSchema, Refused};
 use crate::db::Database;
@@ -68,7 +69,8 @@ pub async fn follow(
     let failures = spawn_failures_export(db.clone(), shutdown.clone());
     let mut retry = crate::backoff::STORAGE;
     while let Some(segments) = follower.next(shutdown).await {
-        match db.read.apply(&schema, &batch_of(&segments)).await {
+        let batch = batch_of(&segments);
+        match db.read.apply(&schema, &batch).instrument(batch.span()).await {
             // The schema's position, which a swapped-in rebuild may have moved past this batch.
             Ok(applied) => {
                 retry.reset();

@@ -423,6 +423,8 @@ impl Relay {
     }
 
     /// Produces every envelope of `segments` in order and waits for every delivery report.
+    #[tracing::instrument(name = "publish", skip_all, fields(
+        from = segments.first().map(|s| s.position), to = segments.last().map(|s| s.position)))]
     async fn publish_batch(&self, segments: &[Segment]) -> Result<(), KafkaError> {
         let mut pending: VecDeque<DeliveryFuture> = VecDeque::new();
         let mut dead = 0;

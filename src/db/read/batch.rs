@@ -34,6 +34,20 @@ pub struct ReadBatch {
     pub progress: Progress,
 }
 
+impl ReadBatch {
+    /// The span a role applies this batch in: its size and how far it reaches in the log (each
+    /// event's id, aggregate and sequence are on its own line, written as the batch is built).
+    pub fn span(&self) -> tracing::Span {
+        match &self.progress {
+            Progress::Log { to } => tracing::info_span!("apply", events = self.changes.len(), position = to),
+            Progress::Kafka(partitions) => {
+                let position = partitions.iter().map(|(_, _, p)| *p).max();
+                tracing::info_span!("apply", events = self.changes.len(), position)
+            }
+        }
+    }
+}
+
 /// What applying a batch did.
 #[derive(Debug, Clone, Default)]
 pub struct Applied {
