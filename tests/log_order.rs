@@ -15,7 +15,7 @@ use common::{isolated_config, spawn_with, Backend, TestApp};
 use serde_json::{json, Value};
 use spiced::relay::{run_with, RelayOptions};
 use spiced::routing::Role;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -125,7 +125,8 @@ fn command_for(target: &Target, version: u64, rng: &mut Rng) -> (&'static str, S
 #[derive(Default)]
 struct Model {
     databases: HashSet<String>,
-    classes: HashSet<(String, String)>,
+    /// Live classes, with the parent each names.
+    classes: HashMap<(String, String), Option<String>>,
     instances: HashSet<(String, String, String)>,
 }
 
@@ -139,35 +140,36 @@ impl Model {
             "CREATE_DATABASE" if !self.databases.insert(db.clone()) => Err("database_exists"),
             "CREATE_DATABASE" => Ok(()),
             "DELETE_DATABASE" if !self.databases.contains(&db) => Err("database_not_found"),
-            "DELETE_DATABASE" if self.classes.iter().any(|(d, _)| *d == db) => Err("database_not_empty"),
+            "DELETE_DATABASE" if self.classes.keys().any(|(d, _)| *d == db) => Err("database_not_empty"),
             "DELETE_DATABASE" => {
                 self.databases.remove(&db);
                 Ok(())
             }
             "CREATE_ONTOLOGY_CLASS" => {
-                let parent = p["parent_class"].as_str().map(|parent| (db.clone(), parent.to_string()));
+                let parent = p["parent_class"].as_str().map(str::to_string);
                 if !self.databases.contains(&db) {
                     Err("database_not_found")
-                } else if self.classes.contains(&class) {
+                } else if self.classes.contains_key(&class) {
                     Err("class_exists")
-                } else if parent.is_some_and(|parent| !self.classes.contains(&parent)) {
+                } else if parent.as_ref().is_some_and(|parent| !self.classes.contains_key(&(db.clone(), parent.clone()))) {
                     Err("parent_class_not_found")
                 } else {
-                    self.classes.insert(class);
+                    self.classes.insert(class, parent);
                     Ok(())
                 }
             }
-            "UPDATE_ONTOLOGY_CLASS" | "DELETE_ONTOLOGY_CLASS" if !self.classes.contains(&class) => Err("class_not_found"),
+            "UPDATE_ONTOLOGY_CLASS" | "DELETE_ONTOLOGY_CLASS" if !self.classes.contains_key(&class) => Err("class_not_found"),
             "UPDATE_ONTOLOGY_CLASS" => Ok(()),
+            "DELETE_ONTOLOGY_CLASS" if self.in_use(&class) => Err("class_in_use"),
             "DELETE_ONTOLOGY_CLASS" => {
                 self.classes.remove(&class);
                 Ok(())
             }
-            "CREATE_INSTANCE" if !self.classes.contains(&class) => Err("class_not_found"),
+            "CREATE_INSTANCE" if !self.classes.contains_key(&class) => Err("class_not_found"),
             "CREATE_INSTANCE" if !self.instances.insert(instance.clone()) => Err("instance_exists"),
             "CREATE_INSTANCE" => Ok(()),
             "UPDATE_INSTANCE" | "DELETE_INSTANCE" if !self.instances.contains(&instance) => Err("instance_not_found"),
-            "UPDATE_INSTANCE" if !self.classes.contains(&class) => Err("class_not_found"),
+            "UPDATE_INSTANCE" if !self.classes.contains_key(&class) => Err("class_not_found"),
             "UPDATE_INSTANCE" => Ok(()),
             "DELETE_INSTANCE" => {
                 self.instances.remove(&instance);
@@ -175,6 +177,12 @@ impl Model {
             }
             other => panic!("the test sends no {other}"),
         }
+    }
+
+    /// A live child class or a live instance keeps a class from being deleted.
+    fn in_use(&self, (db, class): &(String, String)) -> bool {
+        let child = self.classes.iter().any(|((d, _), parent)| d == db && parent.as_ref() == Some(class));
+        child || self.instances.iter().any(|(d, c, _)| d == db && c == class)
     }
 }
 

@@ -11,6 +11,7 @@ backend_tests! {
     commands_complete_or_fail_with_the_right_reason,
     a_later_sequence_waits_for_the_earlier_one,
     outcomes_follow_log_order_not_processing_order,
+    classes_in_use_cycles_and_missing_ref_targets_are_refused,
 }
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -85,6 +86,40 @@ async fn commands_complete_or_fail_with_the_right_reason(backend: Backend) {
     let state = &events["events"].as_array().unwrap().last().unwrap()["data"]["state"];
     assert_eq!(state["label"], "Products");
     assert_eq!(state["properties"].as_array().unwrap().len(), 3, "no field lost on update: {state}");
+}
+
+/// Integrity of the ontology: a class with a live child class or a live instance cannot be
+/// deleted (`class_in_use`, until they are gone); a parent that would make a class its own
+/// ancestor is `invalid_parent_class`; a `ref:` to a class that does not exist is
+/// `class_not_found` naming the property (a class may refer to itself).
+async fn classes_in_use_cycles_and_missing_ref_targets_are_refused(backend: Backend) {
+    let app = spawn_dev(backend).await;
+    completes(&app, app.post("/databases", json!({"name": "k"})).await).await;
+    completes(&app, app.post("/databases/k/classes", json!({"id": "P"})).await).await;
+    completes(&app, app.post("/databases/k/classes", json!({"id": "C", "parent_class": "P"})).await).await;
+    completes(&app, app.post("/databases/k/classes/C/instances", json!({"id": "c1", "data": {}})).await).await;
+
+    let in_use = |path: &str, expected_seq: u64| format!("/databases/k/classes/{path}?expected_seq={expected_seq}");
+    fails_with(&app, app.delete(&in_use("P", 1)).await, "class_in_use").await;
+    fails_with(&app, app.delete(&in_use("C", 1)).await, "class_in_use").await;
+    // Each failed command still counts as a command on its class.
+    completes(&app, app.delete("/databases/k/classes/C/instances/c1?expected_seq=1").await).await;
+    completes(&app, app.delete(&in_use("C", 2)).await).await;
+    completes(&app, app.delete(&in_use("P", 2)).await).await;
+
+    completes(&app, app.post("/databases/k/classes", json!({"id": "X"})).await).await;
+    completes(&app, app.post("/databases/k/classes", json!({"id": "Y", "parent_class": "X"})).await).await;
+    fails_with(&app, app.put("/databases/k/classes/X?expected_seq=1", json!({"patch": {"parent_class": "Y"}})).await, "invalid_parent_class").await;
+    fails_with(&app, app.put("/databases/k/classes/X?expected_seq=2", json!({"patch": {"parent_class": "X"}})).await, "invalid_parent_class").await;
+
+    let with_ref = |id: &str, target: &str| json!({"id": id, "properties": [{"name": "owner", "type": format!("ref:{target}")}]});
+    let id = accepted(&app, app.post("/databases/k/classes", with_ref("R", "Nope")).await).await;
+    let status = app.wait_command(&id, WAIT).await;
+    assert_eq!(status["error"]["code"], "class_not_found", "{status}");
+    assert!(status["error"]["message"].as_str().unwrap().contains("\"owner\""), "names the property: {status}");
+    completes(&app, app.post("/databases/k/classes", with_ref("S", "S")).await).await;
+    completes(&app, app.post("/databases/k/classes", with_ref("T", "X")).await).await;
+    fails_with(&app, app.put("/databases/k/classes/T?expected_seq=1", json!({"patch": {"properties": [{"name": "o", "type": "ref:Gone"}]}})).await, "class_not_found").await;
 }
 
 /// The envelopes of an aggregate's commands, as stored in the log.

@@ -1,5 +1,7 @@
 //! CREATE_ONTOLOGY_CLASS: a class in a database, optionally under a parent class. Reads its
-//! database (it must exist) and its parent chain (the parent must exist).
+//! database (it must exist), its parent chain (the parent must exist, and the class must not
+//! be among its ancestors) and the target class of each `ref:<ClassId>` property (it must
+//! exist, or be the class itself).
 
 use super::{class_chain, parent_class, text, Context, Invalid, Request, StateReader};
 use crate::domain::ids::{validate_name, AggregateKey, Name};
@@ -56,7 +58,24 @@ pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) 
     if let Some(parent) = parent_class(payload) {
         facts.classes = class_chain(log, &db, &branch, parent).await?;
     }
+    facts.missing_ref = missing_ref_target(payload, log, &db, &branch).await?;
     Ok(())
+}
+
+/// The first `ref:<ClassId>` property (of a create, or an update's patch) whose class does
+/// not exist; a class may refer to itself.
+async fn missing_ref_target<R: StateReader>(payload: &Value, log: &R, db: &str, branch: &str) -> Result<Option<(String, String)>, R::Error> {
+    let class_id = text(payload, "class_id");
+    let properties = payload.get("properties").or_else(|| payload["patch"].get("properties"));
+    for property in properties.and_then(Value::as_array).into_iter().flatten() {
+        let Some(target) = property["type"].as_str().and_then(|t| t.strip_prefix("ref:")) else {
+            continue;
+        };
+        if target != class_id && log.state(&AggregateKey::class(db, branch, target)).await?.is_none() {
+            return Ok(Some((text(property, "name"), target.to_string())));
+        }
+    }
+    Ok(None)
 }
 
 pub fn decide(payload: &Value, facts: &Facts) -> Decision {
@@ -66,7 +85,10 @@ pub fn decide(payload: &Value, facts: &Facts) -> Decision {
     if facts.current.is_some() {
         return fail("class_exists", "the class already exists");
     }
-    if let Some(d) = check_parent(payload.get("parent_class"), facts) {
+    if let Some(d) = check_parent(payload, payload.get("parent_class"), facts) {
+        return d;
+    }
+    if let Some(d) = check_refs(facts) {
         return d;
     }
     let mut state = payload.clone();
@@ -76,11 +98,22 @@ pub fn decide(payload: &Value, facts: &Facts) -> Decision {
     Decision::Event { event_type: EVENT_TYPE, state }
 }
 
-/// A named parent must exist (its chain was read into `facts.classes`).
-pub(super) fn check_parent(parent: Option<&Value>, facts: &Facts) -> Option<Decision> {
+/// A named parent must exist (its chain was read into `facts.classes`), and the class must not
+/// be its own ancestor.
+pub(super) fn check_parent(payload: &Value, parent: Option<&Value>, facts: &Facts) -> Option<Decision> {
     let parent = parent.and_then(Value::as_str)?;
     if facts.classes.is_empty() {
         return Some(fail("parent_class_not_found", format!("parent class {parent} does not exist")));
     }
+    let class_id = &payload["class_id"];
+    if facts.classes.iter().any(|ancestor| ancestor["class_id"] == *class_id) {
+        return Some(fail("invalid_parent_class", format!("parent class {parent} would make a cycle: {class_id} is among its ancestors")));
+    }
     None
+}
+
+/// Every `ref:<ClassId>` target must exist.
+pub(super) fn check_refs(facts: &Facts) -> Option<Decision> {
+    let (property, class) = facts.missing_ref.as_ref()?;
+    Some(fail("class_not_found", format!("property {property:?} refers to class {class}, which does not exist")))
 }

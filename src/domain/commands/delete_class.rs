@@ -1,7 +1,11 @@
-//! DELETE_ONTOLOGY_CLASS: deletes a class. Reads nothing but itself.
+//! DELETE_ONTOLOGY_CLASS: deletes a class nothing uses. Reads the database's classes (none
+//! may name it as `parent_class`) and the class's instances (none may be live).
+//!
+//! Cost: it lists the class's instance aggregates from the index and reads them until it
+//! finds a live one, so deleting a class whose many instances are all deleted reads each.
 
-use super::{Context, Invalid, Request};
-use crate::domain::ids::{validate_name, AggregateKey};
+use super::{text, Context, Invalid, Request, StateReader};
+use crate::domain::ids::{validate_name, AggregateKey, AggregateType};
 use crate::domain::rules::{fail, Decision, Facts};
 use crate::domain::{Command, CommandType};
 use serde_json::{json, Value};
@@ -20,9 +24,35 @@ pub fn request(ctx: &Context, db: &str, class_id: &str) -> Result<Request, Inval
     }))
 }
 
-pub fn decide(facts: &Facts) -> Decision {
+pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
+    let (db, branch, class_id) = (text(payload, "db"), text(payload, "branch"), text(payload, "class_id"));
+    let classes = format!("{db}:{branch}:");
+    for id in log.aggregates_with_prefix(AggregateType::OntologyClass, &classes).await? {
+        let Some(class) = log.state(&AggregateKey::new(AggregateType::OntologyClass, id)).await? else {
+            continue;
+        };
+        if class["parent_class"].as_str() == Some(class_id.as_str()) {
+            facts.in_use = Some(format!("class {} names it as its parent_class", class["class_id"]));
+            return Ok(());
+        }
+    }
+    let instances = format!("{classes}{class_id}:");
+    for id in log.aggregates_with_prefix(AggregateType::Instance, &instances).await? {
+        if log.state(&AggregateKey::new(AggregateType::Instance, id.clone())).await?.is_some() {
+            let instance = id.strip_prefix(&instances).unwrap_or(&id).to_string();
+            facts.in_use = Some(format!("instance {instance:?} of the class is live"));
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+pub fn decide(payload: &Value, facts: &Facts) -> Decision {
     if facts.current.is_none() {
         return fail("class_not_found", "the class does not exist");
+    }
+    if let Some(user) = &facts.in_use {
+        return fail("class_in_use", format!("class {} is in use: {user}; delete that first", payload["class_id"]));
     }
     Decision::Event { event_type: EVENT_TYPE, state: Value::Null }
 }

@@ -97,7 +97,8 @@ impl CommandType {
     pub async fn facts<R: StateReader>(self, payload: &Value, current: Option<Value>, log: &R) -> Result<Facts, R::Error> {
         let mut facts = Facts { current, ..Default::default() };
         match self {
-            CommandType::CreateDatabase | CommandType::DeleteOntologyClass | CommandType::DeleteInstance => {}
+            CommandType::CreateDatabase | CommandType::DeleteInstance => {}
+            CommandType::DeleteOntologyClass => delete_class::facts(payload, log, &mut facts).await?,
             CommandType::DeleteDatabase => delete_database::facts(payload, log, &mut facts).await?,
             CommandType::CreateOntologyClass => create_class::facts(payload, log, &mut facts).await?,
             CommandType::UpdateOntologyClass => update_class::facts(payload, log, &mut facts).await?,
@@ -116,7 +117,7 @@ impl CommandType {
             CommandType::DeleteDatabase => delete_database::decide(facts),
             CommandType::CreateOntologyClass => create_class::decide(payload, facts),
             CommandType::UpdateOntologyClass => update_class::decide(payload, facts),
-            CommandType::DeleteOntologyClass => delete_class::decide(facts),
+            CommandType::DeleteOntologyClass => delete_class::decide(payload, facts),
             CommandType::CreateInstance | CommandType::BulkCreateInstances => create_instance::decide(payload, facts),
             CommandType::UpdateInstance => update_instance::decide(payload, facts),
             CommandType::DeleteInstance => delete_instance::decide(facts),

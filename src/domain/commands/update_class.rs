@@ -1,7 +1,7 @@
 //! UPDATE_ONTOLOGY_CLASS: changes some fields of a class (a patch; absent fields stay). Reads
 //! what a create reads: the database and the parent chain if the patch names a parent.
 
-use super::create_class::check_parent;
+use super::create_class::{check_parent, check_refs};
 use super::{Context, Invalid, Request};
 use crate::domain::ids::{validate_name, AggregateKey, Name};
 use crate::domain::rules::{fail, validate_properties, Decision, Facts, PropertyDef};
@@ -64,7 +64,10 @@ pub fn decide(payload: &Value, facts: &Facts) -> Decision {
         return fail("class_not_found", "the class does not exist");
     };
     let patch = payload["patch"].as_object().cloned().unwrap_or_default();
-    if let Some(d) = check_parent(patch.get("parent_class"), facts) {
+    if let Some(d) = check_parent(payload, patch.get("parent_class"), facts) {
+        return d;
+    }
+    if let Some(d) = check_refs(facts) {
         return d;
     }
     let mut state = current.clone();
