@@ -179,10 +179,9 @@ impl Model {
         }
     }
 
-    /// A live child class or a live instance keeps a class from being deleted.
+    /// A live child class keeps a class from being deleted.
     fn in_use(&self, (db, class): &(String, String)) -> bool {
-        let child = self.classes.iter().any(|((d, _), parent)| d == db && parent.as_ref() == Some(class));
-        child || self.instances.iter().any(|(d, c, _)| d == db && c == class)
+        self.classes.iter().any(|((d, _), parent)| d == db && parent.as_ref() == Some(class))
     }
 }
 

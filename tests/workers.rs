@@ -12,6 +12,7 @@ backend_tests! {
     a_later_sequence_waits_for_the_earlier_one,
     outcomes_follow_log_order_not_processing_order,
     classes_in_use_cycles_and_missing_ref_targets_are_refused,
+    bulk_updates_and_deletes_are_all_or_nothing,
 }
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -88,8 +89,8 @@ async fn commands_complete_or_fail_with_the_right_reason(backend: Backend) {
     assert_eq!(state["properties"].as_array().unwrap().len(), 3, "no field lost on update: {state}");
 }
 
-/// Integrity of the ontology: a class with a live child class or a live instance cannot be
-/// deleted (`class_in_use`, until they are gone); a parent that would make a class its own
+/// Integrity of the ontology: a class with a live child class cannot be deleted
+/// (`class_in_use`, until the child is gone); a parent that would make a class its own
 /// ancestor is `invalid_parent_class`; a `ref:` to a class that does not exist is
 /// `class_not_found` naming the property (a class may refer to itself).
 async fn classes_in_use_cycles_and_missing_ref_targets_are_refused(backend: Backend) {
@@ -97,14 +98,11 @@ async fn classes_in_use_cycles_and_missing_ref_targets_are_refused(backend: Back
     completes(&app, app.post("/databases", json!({"name": "k"})).await).await;
     completes(&app, app.post("/databases/k/classes", json!({"id": "P"})).await).await;
     completes(&app, app.post("/databases/k/classes", json!({"id": "C", "parent_class": "P"})).await).await;
-    completes(&app, app.post("/databases/k/classes/C/instances", json!({"id": "c1", "data": {}})).await).await;
 
     let in_use = |path: &str, expected_seq: u64| format!("/databases/k/classes/{path}?expected_seq={expected_seq}");
     fails_with(&app, app.delete(&in_use("P", 1)).await, "class_in_use").await;
-    fails_with(&app, app.delete(&in_use("C", 1)).await, "class_in_use").await;
-    // Each failed command still counts as a command on its class.
-    completes(&app, app.delete("/databases/k/classes/C/instances/c1?expected_seq=1").await).await;
-    completes(&app, app.delete(&in_use("C", 2)).await).await;
+    completes(&app, app.delete(&in_use("C", 1)).await).await;
+    // The failed command still counts as a command on its class.
     completes(&app, app.delete(&in_use("P", 2)).await).await;
 
     completes(&app, app.post("/databases/k/classes", json!({"id": "X"})).await).await;
@@ -120,6 +118,76 @@ async fn classes_in_use_cycles_and_missing_ref_targets_are_refused(backend: Back
     completes(&app, app.post("/databases/k/classes", with_ref("S", "S")).await).await;
     completes(&app, app.post("/databases/k/classes", with_ref("T", "X")).await).await;
     fails_with(&app, app.put("/databases/k/classes/T?expected_seq=1", json!({"patch": {"properties": [{"name": "o", "type": "ref:Gone"}]}})).await, "class_not_found").await;
+}
+
+async fn version(app: &TestApp, instance: &str) -> u64 {
+    let (s, b) = app.get(&format!("/aggregates/Instance/b:main:P:{instance}")).await;
+    assert_eq!(s, 200, "{b}");
+    b["version"].as_u64().unwrap()
+}
+
+/// BULK_UPDATE_INSTANCES and BULK_DELETE_INSTANCES: every member names its instance's version;
+/// one stale member refuses the whole command with a 409 naming every stale one, and appends
+/// nothing. Accepted, each member is decided on its own and reports its own status.
+async fn bulk_updates_and_deletes_are_all_or_nothing(backend: Backend) {
+    let app = spawn_dev(backend).await;
+    completes(&app, app.post("/databases", json!({"name": "b"})).await).await;
+    completes(&app, app.post("/databases/b/classes", json!({"id": "P", "properties": [{"name": "n", "type": "integer"}]})).await).await;
+    let three = json!({"instances": [{"id": "a", "data": {"n": 0}}, {"id": "b", "data": {"n": 0}}, {"id": "c", "data": {"n": 0}}]});
+    completes(&app, app.post("/databases/b/classes/P/instances/bulk", three).await).await;
+
+    let update = |members: Value| app.post("/databases/b/classes/P/instances/bulk-update", json!({"instances": members}));
+    let done = completes(&app, update(json!([{"id": "a", "expected_seq": 1, "data": {"n": 1}}, {"id": "b", "expected_seq": 1, "data": {"n": 2}}])).await).await;
+    let statuses: Vec<&Value> = done["instances"].as_array().unwrap().iter().map(|i| &i["status"]).collect();
+    assert_eq!(statuses, [&json!("COMPLETED"), &json!("COMPLETED")], "{done}");
+    assert_eq!((version(&app, "a").await, version(&app, "b").await, version(&app, "c").await), (2, 2, 1));
+
+    // a and c are stale, b is right: nothing is appended, and both stale ones are named.
+    let (s, body) = update(json!([
+        {"id": "a", "expected_seq": 1, "data": {"n": 9}},
+        {"id": "b", "expected_seq": 2, "data": {"n": 9}},
+        {"id": "c", "expected_seq": 0, "data": {"n": 9}},
+    ])).await;
+    assert_eq!((s, body["error"].as_str()), (409, Some("optimistic_concurrency_conflict")), "{body}");
+    let named: Vec<(&str, u64)> = body["conflicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["aggregate_id"].as_str().unwrap(), c["actual_seq"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(named, [("b:main:P:a", 2), ("b:main:P:c", 1)], "{body}");
+    assert_eq!((version(&app, "a").await, version(&app, "b").await, version(&app, "c").await), (2, 2, 1), "nothing appended");
+
+    // Each member is decided alone: one that does not exist fails, the others complete.
+    let id = accepted(&app, update(json!([{"id": "c", "expected_seq": 1, "data": {"n": 3}}, {"id": "ghost", "expected_seq": 0, "data": {}}])).await).await;
+    let status = app.wait_command(&id, WAIT).await;
+    let by_id: std::collections::HashMap<&str, (&str, &str)> = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["instance_id"].as_str().unwrap(), (i["status"].as_str().unwrap(), i["error"]["code"].as_str().unwrap_or(""))))
+        .collect();
+    assert_eq!(by_id["c"], ("COMPLETED", ""), "{status}");
+    assert_eq!(by_id["ghost"], ("FAILED", "instance_not_found"), "{status}");
+
+    let delete = |members: Value| app.post("/databases/b/classes/P/instances/bulk-delete", json!({"instances": members}));
+    let (s, body) = delete(json!([{"id": "a", "expected_seq": 2}, {"id": "b", "expected_seq": 1}])).await;
+    assert_eq!((s, body["conflicts"][0]["aggregate_id"].as_str()), (409, Some("b:main:P:b")), "{body}");
+    completes(&app, delete(json!([{"id": "a", "expected_seq": 2}, {"id": "b", "expected_seq": 2}])).await).await;
+    let (_, outcomes) = app.get("/aggregates/Instance/b:main:P:a/events?kind=domain").await;
+    assert_eq!(outcomes["events"].as_array().unwrap().last().unwrap()["event_type"], "INSTANCE_DELETED", "{outcomes}");
+
+    // Bad requests append nothing and say why.
+    for (members, query, code) in [
+        (json!([]), "", "invalid_bulk_size"),
+        (json!([{"id": "c", "expected_seq": 2}, {"id": "c", "expected_seq": 3}]), "", "invalid_request"),
+        (json!([{"id": "c", "expected_seq": 2}]), "?expected_seq=2", "invalid_expected_seq"),
+        (json!([{"id": "c"}]), "", "invalid_body"),
+    ] {
+        let (s, body) = app.post(&format!("/databases/b/classes/P/instances/bulk-delete{query}"), json!({"instances": members})).await;
+        assert_eq!((s, body["error"].as_str()), (400, Some(code)), "{body}");
+    }
+    assert_eq!(version(&app, "c").await, 2, "nothing appended");
 }
 
 /// The envelopes of an aggregate's commands, as stored in the log.

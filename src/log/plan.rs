@@ -101,14 +101,23 @@ pub struct Appended {
     pub event_id: Uuid,
 }
 
+/// An aggregate that is not at the sequence a command expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqConflict {
+    pub key: AggregateKey,
+    pub expected: u64,
+    pub actual: u64,
+}
+
 /// What happened to one command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AppendOutcome {
     /// In the log at `position`; `duplicate` when an earlier append of the same command id
     /// already put it there.
     Accepted { position: u64, events: Vec<Appended>, duplicate: bool },
-    /// `expected_seq` did not match: nothing appended.
-    Conflict { key: AggregateKey, expected: u64, actual: u64 },
+    /// `expected_seq` did not match, for each aggregate listed (a bulk command names every
+    /// one): nothing appended.
+    Conflict(Vec<SeqConflict>),
     /// The command id was used before for a different request: nothing appended.
     KeyReused { command_id: Uuid },
 }
@@ -189,7 +198,7 @@ fn plan_outcome(
     let seq = envelope.sequence_number.unwrap_or(0);
     let head = heads.get(&event.key).copied().unwrap_or(0);
     if seq <= head {
-        return AppendOutcome::Conflict { key: event.key.clone(), expected: seq - 1, actual: head };
+        return AppendOutcome::Conflict(vec![SeqConflict { key: event.key.clone(), expected: seq - 1, actual: head }]);
     }
     heads.insert(event.key.clone(), seq);
     let row = IndexRow {
@@ -237,26 +246,23 @@ fn as_duplicate(outcome: AppendOutcome) -> AppendOutcome {
 }
 
 /// Every envelope's aggregate must be at its expected sequence; a bulk command naming one
-/// aggregate twice conflicts with itself on the second.
+/// aggregate twice conflicts with itself on the second. Every mismatch is reported.
 fn check_sequences(
     command: &AppendCommand,
     versions: &HashMap<AggregateKey, u64>,
 ) -> Result<(), AppendOutcome> {
     let mut seen: HashMap<&AggregateKey, u64> = HashMap::new();
+    let mut conflicts = Vec::new();
     for event in &command.events {
         let actual = *seen
             .get(&event.key)
             .unwrap_or(versions.get(&event.key).unwrap_or(&0));
         if actual != event.expected_seq {
-            return Err(AppendOutcome::Conflict {
-                key: event.key.clone(),
-                expected: event.expected_seq,
-                actual,
-            });
+            conflicts.push(SeqConflict { key: event.key.clone(), expected: event.expected_seq, actual });
         }
         seen.insert(&event.key, actual + 1);
     }
-    Ok(())
+    if conflicts.is_empty() { Ok(()) } else { Err(AppendOutcome::Conflict(conflicts)) }
 }
 
 fn accept(
@@ -380,7 +386,7 @@ mod tests {
         let mut state = lookup(vec![], HashMap::new());
         state.outcomes.insert(AggregateKey::database("a"), 1);
         let p = plan(6, &[other], &state);
-        assert!(matches!(p.outcomes[0], AppendOutcome::Conflict { actual: 1, .. }));
+        assert!(matches!(&p.outcomes[0], AppendOutcome::Conflict(c) if c[0].actual == 1));
     }
 
     fn seq_of(outcome: &AppendOutcome) -> u64 {
@@ -398,7 +404,7 @@ mod tests {
         assert_eq!(seq_of(&p.outcomes[0]), 4);
         assert_eq!(
             p.outcomes[1],
-            AppendOutcome::Conflict { key: AggregateKey::database("a"), expected: 3, actual: 4 }
+            AppendOutcome::Conflict(vec![SeqConflict { key: AggregateKey::database("a"), expected: 3, actual: 4 }])
         );
         assert_eq!(seq_of(&p.outcomes[2]), 5);
         assert_eq!(p.envelopes.len(), 2);
@@ -446,9 +452,14 @@ mod tests {
         let mut second = command("b", 0, "fp").events.remove(0);
         second.envelope.event_id = Uuid::new_v4();
         bulk.events.push(second);
-        let versions = HashMap::from([(AggregateKey::database("b"), 1)]);
+        let mut third = command("c", 0, "fp").events.remove(0);
+        third.envelope.event_id = Uuid::new_v4();
+        bulk.events.push(third);
+        let versions = HashMap::from([(AggregateKey::database("b"), 1), (AggregateKey::database("c"), 2)]);
         let p = plan(1, &[bulk], &lookup(vec![], versions));
-        assert!(matches!(p.outcomes[0], AppendOutcome::Conflict { .. }));
+        let AppendOutcome::Conflict(conflicts) = &p.outcomes[0] else { panic!("{:?}", p.outcomes[0]) };
+        let named: Vec<(&str, u64)> = conflicts.iter().map(|c| (c.key.aggregate_id.as_str(), c.actual)).collect();
+        assert_eq!(named, [("b", 1), ("c", 2)], "every conflicting member is named");
         assert!(p.envelopes.is_empty() && p.rows.is_empty());
     }
 }

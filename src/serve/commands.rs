@@ -9,13 +9,13 @@ use super::extract::{idempotency_key, json_body, path, query};
 use super::schema::{ApiErrors, BodyErrors, ClassPath, CommandBody, CommandErrors, CreateSeq, DbPath, ExpectedSeq, IdempotencyKey, InstancePath, Name};
 use super::AppState;
 use crate::domain::commands::{
-    bulk_create_instances, create_class, create_database, create_instance, delete_class, delete_database,
-    delete_instance, update_class, update_instance, BulkCreateBody, CreateClassBody, CreateDatabaseBody,
-    CreateInstanceBody, UpdateClassBody, UpdateInstanceBody,
+    bulk_create_instances, bulk_delete_instances, bulk_update_instances, create_class, create_database,
+    create_instance, delete_class, delete_database, delete_instance, update_class, update_instance, BulkCreateBody,
+    BulkDeleteBody, BulkUpdateBody, CreateClassBody, CreateDatabaseBody, CreateInstanceBody, UpdateClassBody,
+    UpdateInstanceBody,
 };
 use crate::domain::commands::{bulk_member_event_id, Context, Request, Routing};
-use crate::domain::CommandType;
-use crate::log::plan::{AppendCommand, AppendOutcome, Appended, PendingEvent, FINGERPRINT_KEY};
+use crate::log::plan::{AppendCommand, AppendOutcome, Appended, PendingEvent, SeqConflict, FINGERPRINT_KEY};
 use crate::log::writer::AppendError;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -264,6 +264,54 @@ pub async fn bulk_create_instances(
     submit(&state, &call, caller, bulk_create_instances::request(&call.ctx, &db, &class_id, body, max)?).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/databases/{db}/classes/{class_id}/instances/bulk-update",
+    tag = "commands",
+    params(ClassPath, CommandQuery, IdempotencyKey),
+    request_body = BulkUpdateBody,
+    responses((status = 202, description = "Updating the instances is in the log, as one command", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
+    security(("bearer" = ["write"]))
+)]
+pub async fn bulk_update_instances(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    p: PathR<(String, String)>,
+    q: QueryR<CommandQuery>,
+    headers: HeaderMap,
+    body: BodyR,
+) -> Result<Response, ApiError> {
+    let (db, class_id) = path(p)?;
+    let call = Call::new(q, &headers)?;
+    let body: BulkUpdateBody = json_body(&headers, body)?;
+    let max = state.config.serve.max_bulk_instances;
+    submit(&state, &call, caller, bulk_update_instances::request(&call.ctx, &db, &class_id, body, max)?).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/databases/{db}/classes/{class_id}/instances/bulk-delete",
+    tag = "commands",
+    params(ClassPath, CommandQuery, IdempotencyKey),
+    request_body = BulkDeleteBody,
+    responses((status = 202, description = "Deleting the instances is in the log, as one command", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
+    security(("bearer" = ["write"]))
+)]
+pub async fn bulk_delete_instances(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    p: PathR<(String, String)>,
+    q: QueryR<CommandQuery>,
+    headers: HeaderMap,
+    body: BodyR,
+) -> Result<Response, ApiError> {
+    let (db, class_id) = path(p)?;
+    let call = Call::new(q, &headers)?;
+    let body: BulkDeleteBody = json_body(&headers, body)?;
+    let max = state.config.serve.max_bulk_instances;
+    submit(&state, &call, caller, bulk_delete_instances::request(&call.ctx, &db, &class_id, body, max)?).await
+}
+
 /// Appends the request's envelopes as one command and maps the outcome to the response.
 async fn submit(state: &AppState, call: &Call, caller: Caller, request: Request) -> Result<Response, ApiError> {
     let (command_id, from_client) = (call.ctx.command_id, call.from_client);
@@ -272,7 +320,7 @@ async fn submit(state: &AppState, call: &Call, caller: Caller, request: Request)
         kafka_topic: state.topic_for(request.command_type).to_string(),
         service: state.config.serve.service_name.clone(),
     };
-    let bulk = request.command_type == CommandType::BulkCreateInstances;
+    let bulk = request.command_type.is_bulk();
     let now = chrono::Utc::now();
     let events = request
         .commands
@@ -314,20 +362,32 @@ async fn submit(state: &AppState, call: &Call, caller: Caller, request: Request)
             let body = accepted_body(command_id, bulk, &events);
             Ok((StatusCode::ACCEPTED, Json(body)).into_response())
         }
-        AppendOutcome::Conflict { key, expected, actual } => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "optimistic_concurrency_conflict",
-            format!("{key} is at sequence {actual}, not {expected}"),
-        )
-        .with("aggregate_id", json!(key.aggregate_id))
-        .with("expected_seq", json!(expected))
-        .with("actual_seq", json!(actual))),
+        AppendOutcome::Conflict(conflicts) => Err(conflict(&conflicts)),
         AppendOutcome::KeyReused { command_id } => Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "idempotency_key_reused",
             format!("Idempotency-Key {command_id} was already used for a different request"),
         )),
     }
+}
+
+/// 409: the first conflicting aggregate at the top level (what a single command has), and
+/// every one in `conflicts` (a bulk command names each member that does not match).
+fn conflict(conflicts: &[SeqConflict]) -> ApiError {
+    let first = &conflicts[0];
+    let message = match conflicts.len() {
+        1 => format!("{} is at sequence {}, not {}", first.key, first.actual, first.expected),
+        n => format!("{n} aggregates are not at the sequence expected, first {} at {}, not {}", first.key, first.actual, first.expected),
+    };
+    let all: Vec<Value> = conflicts
+        .iter()
+        .map(|c| json!({"aggregate_id": c.key.aggregate_id, "expected_seq": c.expected, "actual_seq": c.actual}))
+        .collect();
+    ApiError::new(StatusCode::CONFLICT, "optimistic_concurrency_conflict", message)
+        .with("aggregate_id", json!(first.key.aggregate_id))
+        .with("expected_seq", json!(first.expected))
+        .with("actual_seq", json!(first.actual))
+        .with("conflicts", Value::Array(all))
 }
 
 /// What a command asks for, independent of when it was sent: equal requests have equal

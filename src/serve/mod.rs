@@ -110,6 +110,8 @@ pub fn routes() -> Vec<Route> {
         one!(create_instance).into(),
         one!(list_instances).into(),
         one!(bulk_create_instances).into(),
+        one!(bulk_update_instances).into(),
+        one!(bulk_delete_instances).into(),
         one!(get_instance).into(),
         one!(update_instance).into(),
         one!(delete_instance).into(),

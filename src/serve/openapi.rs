@@ -8,7 +8,7 @@ use super::Route;
 use axum::Json;
 use std::sync::OnceLock;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use super::schema::{ErrorBody, Key, Name};
+use super::schema::{ErrorBody, Key, Name, SeqConflictBody};
 use utoipa::{Modify, OpenApi};
 
 
@@ -24,7 +24,7 @@ pub const BEARER: &str = "bearer";
                        read models; reads of the write side answer from the log index."
     ),
     // Referenced only from parameters, which utoipa does not collect by itself.
-    components(schemas(ErrorBody, Name, Key, crate::domain::AggregateType)),
+    components(schemas(ErrorBody, SeqConflictBody, Name, Key, crate::domain::AggregateType)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

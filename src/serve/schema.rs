@@ -26,8 +26,19 @@ pub struct ErrorBody {
     pub aggregate_id: Option<String>,
     /// ... the version the request expected ...
     pub expected_seq: Option<u64>,
-    /// ... and the version it is at.
+    /// ... and the version it is at (the first one, for a bulk command).
     pub actual_seq: Option<u64>,
+    /// `optimistic_concurrency_conflict`: every aggregate not at the version expected (a bulk
+    /// command's members each name their own).
+    pub conflicts: Option<Vec<SeqConflictBody>>,
+}
+
+/// One aggregate of a 409 that is not at the version its command expected.
+#[derive(ToSchema)]
+pub struct SeqConflictBody {
+    pub aggregate_id: String,
+    pub expected_seq: u64,
+    pub actual_seq: u64,
 }
 
 /// Errors of every route behind the bearer token.

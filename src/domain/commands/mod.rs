@@ -5,6 +5,8 @@
 //! and its route.
 
 pub mod bulk_create_instances;
+pub mod bulk_delete_instances;
+pub mod bulk_update_instances;
 pub mod create_class;
 pub mod create_database;
 pub mod create_instance;
@@ -17,6 +19,8 @@ pub mod update_instance;
 
 pub use envelopes::{bulk_member_event_id, outcome_envelope, Command, OutcomeRouting, Routing};
 pub use bulk_create_instances::BulkCreateBody;
+pub use bulk_delete_instances::{BulkDeleteBody, BulkDeleteMember};
+pub use bulk_update_instances::{BulkUpdateBody, BulkUpdateMember};
 pub use create_class::CreateClassBody;
 pub use create_database::CreateDatabaseBody;
 pub use create_instance::CreateInstanceBody;
@@ -43,6 +47,8 @@ pub enum CommandType {
     UpdateInstance,
     DeleteInstance,
     BulkCreateInstances,
+    BulkUpdateInstances,
+    BulkDeleteInstances,
 }
 
 impl CommandType {
@@ -57,6 +63,8 @@ impl CommandType {
             CommandType::UpdateInstance => "UPDATE_INSTANCE",
             CommandType::DeleteInstance => "DELETE_INSTANCE",
             CommandType::BulkCreateInstances => "BULK_CREATE_INSTANCES",
+            CommandType::BulkUpdateInstances => "BULK_UPDATE_INSTANCES",
+            CommandType::BulkDeleteInstances => "BULK_DELETE_INSTANCES",
         }
     }
 
@@ -74,8 +82,19 @@ impl CommandType {
             CommandType::CreateInstance
             | CommandType::UpdateInstance
             | CommandType::DeleteInstance
-            | CommandType::BulkCreateInstances => AggregateType::Instance,
+            | CommandType::BulkCreateInstances
+            | CommandType::BulkUpdateInstances
+            | CommandType::BulkDeleteInstances => AggregateType::Instance,
         }
+    }
+
+    /// Whether the command is one of many members, each its own aggregate with its own event
+    /// id (derived from the command id and the member's aggregate).
+    pub fn is_bulk(self) -> bool {
+        matches!(
+            self,
+            CommandType::BulkCreateInstances | CommandType::BulkUpdateInstances | CommandType::BulkDeleteInstances
+        )
     }
 
     /// The domain event type of a successful command.
@@ -90,6 +109,8 @@ impl CommandType {
             CommandType::UpdateInstance => update_instance::EVENT_TYPE,
             CommandType::DeleteInstance => delete_instance::EVENT_TYPE,
             CommandType::BulkCreateInstances => bulk_create_instances::EVENT_TYPE,
+            CommandType::BulkUpdateInstances => bulk_update_instances::EVENT_TYPE,
+            CommandType::BulkDeleteInstances => bulk_delete_instances::EVENT_TYPE,
         }
     }
 
@@ -97,7 +118,7 @@ impl CommandType {
     pub async fn facts<R: StateReader>(self, payload: &Value, current: Option<Value>, log: &R) -> Result<Facts, R::Error> {
         let mut facts = Facts { current, ..Default::default() };
         match self {
-            CommandType::CreateDatabase | CommandType::DeleteInstance => {}
+            CommandType::CreateDatabase | CommandType::DeleteInstance | CommandType::BulkDeleteInstances => {}
             CommandType::DeleteOntologyClass => delete_class::facts(payload, log, &mut facts).await?,
             CommandType::DeleteDatabase => delete_database::facts(payload, log, &mut facts).await?,
             CommandType::CreateOntologyClass => create_class::facts(payload, log, &mut facts).await?,
@@ -106,6 +127,7 @@ impl CommandType {
                 create_instance::facts(payload, log, &mut facts).await?
             }
             CommandType::UpdateInstance => update_instance::facts(payload, log, &mut facts).await?,
+            CommandType::BulkUpdateInstances => bulk_update_instances::facts(payload, log, &mut facts).await?,
         }
         Ok(facts)
     }
@@ -121,6 +143,8 @@ impl CommandType {
             CommandType::CreateInstance | CommandType::BulkCreateInstances => create_instance::decide(payload, facts),
             CommandType::UpdateInstance => update_instance::decide(payload, facts),
             CommandType::DeleteInstance => delete_instance::decide(facts),
+            CommandType::BulkUpdateInstances => bulk_update_instances::decide(payload, facts),
+            CommandType::BulkDeleteInstances => bulk_delete_instances::decide(facts),
         }
     }
 }
@@ -310,6 +334,8 @@ mod tests {
             CommandType::UpdateInstance,
             CommandType::DeleteInstance,
             CommandType::BulkCreateInstances,
+            CommandType::BulkUpdateInstances,
+            CommandType::BulkDeleteInstances,
         ];
         for ty in all {
             assert_eq!(CommandType::parse(ty.as_str()), Some(ty));

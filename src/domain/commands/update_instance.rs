@@ -23,15 +23,32 @@ pub fn request(ctx: &Context, db: &str, class_id: &str, instance_id: &str, body:
     }
     validate_data_keys(&body.data)?;
     let branch = ctx.branch()?;
-    Ok(Request::single(Command {
-        command_type: CommandType::UpdateInstance,
-        aggregate: AggregateKey::instance(db, &branch, class_id, instance_id),
-        expected_seq: ctx.expected_for_update()?,
+    let expected_seq = ctx.expected_for_update()?;
+    let target = Target { db, branch: &branch, class_id, instance_id };
+    Ok(Request::single(command(target, expected_seq, body.data, CommandType::UpdateInstance)))
+}
+
+/// The instance one command (or one member of a bulk command) names; the caller has checked
+/// the names.
+#[derive(Clone, Copy)]
+pub(super) struct Target<'a> {
+    pub db: &'a str,
+    pub branch: &'a str,
+    pub class_id: &'a str,
+    pub instance_id: &'a str,
+}
+
+/// The command patching one instance (alone, or as a member of a bulk update).
+pub(super) fn command(t: Target<'_>, expected_seq: u64, data: Map<String, Value>, command_type: CommandType) -> Command {
+    Command {
+        command_type,
+        aggregate: AggregateKey::instance(t.db, t.branch, t.class_id, t.instance_id),
+        expected_seq,
         payload: json!({
-            "db": db, "branch": branch, "class_id": class_id,
-            "instance_id": instance_id, "data": body.data,
+            "db": t.db, "branch": t.branch, "class_id": t.class_id,
+            "instance_id": t.instance_id, "data": data,
         }),
-    }))
+    }
 }
 
 pub use super::create_instance::facts;
