@@ -6,7 +6,10 @@
 use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{idempotency_key, json_body, path, query};
-use super::schema::{ApiErrors, BodyErrors, ClassPath, CommandBody, CommandErrors, CreateSeq, DbPath, ExpectedSeq, IdempotencyKey, InstancePath, Name};
+use super::schema::{
+    ApiErrors, BodyErrors, ClassPath, CommandBody, CommandErrors, CreateSeq, DbPath, ExpectedSeq, IdempotencyKey, InstancePath, Name,
+    NeverCreated,
+};
 use super::AppState;
 use crate::domain::commands::{
     bulk_create_instances, bulk_delete_instances, bulk_update_instances, create_class, create_database,
@@ -113,7 +116,7 @@ pub async fn delete_database(
     tag = "commands",
     params(DbPath, CommandQuery, CreateSeq, IdempotencyKey),
     request_body = CreateClassBody,
-    responses((status = 202, description = "Creating the class is in the log", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
+    responses((status = 202, description = "Creating the class is in the log", body = CommandBody), ApiErrors, CommandErrors, NeverCreated, BodyErrors),
     security(("bearer" = ["write"]))
 )]
 pub async fn create_class(
@@ -179,7 +182,7 @@ pub async fn delete_class(
     tag = "commands",
     params(ClassPath, CommandQuery, CreateSeq, IdempotencyKey),
     request_body = CreateInstanceBody,
-    responses((status = 202, description = "Creating the instance is in the log", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
+    responses((status = 202, description = "Creating the instance is in the log", body = CommandBody), ApiErrors, CommandErrors, NeverCreated, BodyErrors),
     security(("bearer" = ["write"]))
 )]
 pub async fn create_instance(
@@ -202,7 +205,7 @@ pub async fn create_instance(
     tag = "commands",
     params(InstancePath, CommandQuery, ExpectedSeq, IdempotencyKey),
     request_body = UpdateInstanceBody,
-    responses((status = 202, description = "Updating the instance is in the log", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
+    responses((status = 202, description = "Updating the instance is in the log", body = CommandBody), ApiErrors, CommandErrors, NeverCreated, BodyErrors),
     security(("bearer" = ["write"]))
 )]
 pub async fn update_instance(
@@ -225,7 +228,7 @@ pub async fn update_instance(
     path = "/api/v1/databases/{db}/classes/{class_id}/instances/{instance_id}",
     tag = "commands",
     params(InstancePath, CommandQuery, ExpectedSeq, IdempotencyKey),
-    responses((status = 202, description = "Deleting the instance is in the log", body = CommandBody), ApiErrors, CommandErrors),
+    responses((status = 202, description = "Deleting the instance is in the log", body = CommandBody), ApiErrors, CommandErrors, NeverCreated),
     security(("bearer" = ["write"]))
 )]
 pub async fn delete_instance(
@@ -246,7 +249,7 @@ pub async fn delete_instance(
     tag = "commands",
     params(ClassPath, CommandQuery, CreateSeq, IdempotencyKey),
     request_body = BulkCreateBody,
-    responses((status = 202, description = "Creating the instances is in the log, as one command", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
+    responses((status = 202, description = "Creating the instances is in the log, as one command", body = CommandBody), ApiErrors, CommandErrors, NeverCreated, BodyErrors),
     security(("bearer" = ["write"]))
 )]
 pub async fn bulk_create_instances(
@@ -270,7 +273,7 @@ pub async fn bulk_create_instances(
     tag = "commands",
     params(ClassPath, CommandQuery, IdempotencyKey),
     request_body = BulkUpdateBody,
-    responses((status = 202, description = "Updating the instances is in the log, as one command", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
+    responses((status = 202, description = "Updating the instances is in the log, as one command", body = CommandBody), ApiErrors, CommandErrors, NeverCreated, BodyErrors),
     security(("bearer" = ["write"]))
 )]
 pub async fn bulk_update_instances(
@@ -294,7 +297,7 @@ pub async fn bulk_update_instances(
     tag = "commands",
     params(ClassPath, CommandQuery, IdempotencyKey),
     request_body = BulkDeleteBody,
-    responses((status = 202, description = "Deleting the instances is in the log, as one command", body = CommandBody), ApiErrors, CommandErrors, BodyErrors),
+    responses((status = 202, description = "Deleting the instances is in the log, as one command", body = CommandBody), ApiErrors, CommandErrors, NeverCreated, BodyErrors),
     security(("bearer" = ["write"]))
 )]
 pub async fn bulk_delete_instances(
@@ -314,6 +317,7 @@ pub async fn bulk_delete_instances(
 
 /// Appends the request's envelopes as one command and maps the outcome to the response.
 async fn submit(state: &AppState, call: &Call, caller: Caller, request: Request) -> Result<Response, ApiError> {
+    never_created(state, &request).await?;
     let (command_id, from_client) = (call.ctx.command_id, call.from_client);
     let fingerprint = fingerprint(&request);
     let routing = Routing {
@@ -369,6 +373,26 @@ async fn submit(state: &AppState, call: &Call, caller: Caller, request: Request)
             format!("Idempotency-Key {command_id} was already used for a different request"),
         )),
     }
+}
+
+/// 404 when the database or class the command needs was never named by any command: it would
+/// only fail in the worker (`CommandType::required`).
+async fn never_created(state: &AppState, request: &Request) -> Result<(), ApiError> {
+    let Some(first) = request.commands.first() else {
+        return Ok(());
+    };
+    let Some((key, code)) = request.command_type.required(&first.payload) else {
+        return Ok(());
+    };
+    if state.index().version(&key).await? > 0 {
+        return Ok(());
+    }
+    let what = match key.aggregate_type {
+        crate::domain::AggregateType::Database => "database",
+        _ => "class",
+    };
+    let name = key.aggregate_id.rsplit(':').next().unwrap_or_default();
+    Err(ApiError::new(StatusCode::NOT_FOUND, code, format!("{what} {name:?} was never created")))
 }
 
 /// 409: the first conflicting aggregate at the top level (what a single command has), and

@@ -80,6 +80,15 @@ pub enum CommandErrors {
     KeyReused(ErrorBody),
 }
 
+/// A command whose database (class commands) or class (instance commands) no command ever
+/// named: refused before appending.
+#[derive(IntoResponses)]
+pub enum NeverCreated {
+    /// `database_not_found` or `class_not_found`.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+}
+
 /// Errors of a command with a JSON body on top of [`CommandErrors`].
 #[derive(IntoResponses)]
 pub enum BodyErrors {

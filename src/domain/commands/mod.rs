@@ -114,6 +114,23 @@ impl CommandType {
         }
     }
 
+    /// The aggregate the command cannot succeed without, and the code it fails with when that
+    /// aggregate was never commanded at all: the API answers 404 then, before appending (one
+    /// index look-up). Whether it exists *as of* the command's place in the log (deleted, or a
+    /// failed create) is still the worker's to decide.
+    pub fn required(self, payload: &Value) -> Option<(AggregateKey, &'static str)> {
+        match self.aggregate_type() {
+            AggregateType::OntologyClass if self == CommandType::CreateOntologyClass => {
+                Some((AggregateKey::database(&text(payload, "db")), "database_not_found"))
+            }
+            AggregateType::Instance => {
+                let class = AggregateKey::class(&text(payload, "db"), &text(payload, "branch"), &text(payload, "class_id"));
+                Some((class, "class_not_found"))
+            }
+            _ => None,
+        }
+    }
+
     /// Everything the command needs to be decided besides the aggregate's own state.
     pub async fn facts<R: StateReader>(self, payload: &Value, current: Option<Value>, log: &R) -> Result<Facts, R::Error> {
         let mut facts = Facts { current, ..Default::default() };
