@@ -13,6 +13,7 @@ backend_tests! {
     outcomes_follow_log_order_not_processing_order,
     classes_in_use_cycles_and_missing_ref_targets_are_refused,
     bulk_updates_and_deletes_are_all_or_nothing,
+    the_new_property_types_are_checked_and_filtered,
 }
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -127,6 +128,34 @@ async fn classes_in_use_cycles_and_missing_ref_targets_are_refused(backend: Back
     completes(&app, app.post("/databases/k/classes", with_ref("S", "S")).await).await;
     completes(&app, app.post("/databases/k/classes", with_ref("T", "X")).await).await;
     fails_with(&app, app.put("/databases/k/classes/T?expected_seq=1", json!({"patch": {"properties": [{"name": "o", "type": "ref:Gone"}]}})).await, "class_not_found").await;
+}
+
+/// `date`, `decimal`, `uuid`, `email` and `url` properties: a value of the right form is
+/// stored, anything else fails `invalid_instance` naming the property; dates filter in date
+/// order, decimals refuse order comparisons.
+async fn the_new_property_types_are_checked_and_filtered(backend: Backend) {
+    let app = spawn_dev(backend).await;
+    completes(&app, app.post("/databases", json!({"name": "t"})).await).await;
+    let props = json!([{"name": "day", "type": "date"}, {"name": "price", "type": "decimal"},
+        {"name": "ref_id", "type": "uuid"}, {"name": "mail", "type": "email"}, {"name": "site", "type": "url"}]);
+    completes(&app, app.post("/databases/t/classes", json!({"id": "T", "properties": props})).await).await;
+    let good = json!({"day": "2026-12-03", "price": "19.90", "ref_id": "6f1c1e1a-58f5-4d57-9a55-4a35e0e0c3b1",
+        "mail": "ops@example.org", "site": "https://example.org"});
+    completes(&app, app.post("/databases/t/classes/T/instances", json!({"id": "late", "data": good})).await).await;
+    completes(&app, app.post("/databases/t/classes/T/instances", json!({"id": "early", "data": {"day": "2025-01-31"}})).await).await;
+    for (property, value) in [("day", "2026-02-30"), ("price", "1e3"), ("ref_id", "nope"), ("mail", "ops@"), ("site", "ftp://x.org")] {
+        let id = accepted(&app, app.post("/databases/t/classes/T/instances", json!({"data": {property: value}})).await).await;
+        let status = app.wait_command(&id, WAIT).await;
+        assert_eq!(status["error"]["code"], "invalid_instance", "{property}={value}: {status}");
+        assert!(status["error"]["message"].as_str().unwrap().contains(property), "names the property: {status}");
+    }
+    common::readmodel::caught_up(&app, WAIT).await;
+    let (s, b) = app.get("/databases/t/classes/T/instances?where=day%3E%3D2026-01-01").await;
+    assert_eq!(s, 200, "{b}");
+    let ids: Vec<&str> = b["items"].as_array().unwrap().iter().map(|i| i["instance_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["late"]);
+    let (s, b) = app.get("/databases/t/classes/T/instances?where=price%3E1").await;
+    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_filter")), "{b}");
 }
 
 async fn version(app: &TestApp, instance: &str) -> u64 {

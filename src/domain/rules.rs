@@ -64,15 +64,18 @@ pub fn fail(code: &'static str, message: impl Into<String>) -> Decision {
 pub struct PropertyDef {
     #[schema(pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
     pub name: String,
-    /// `string`, `integer`, `number`, `boolean`, `datetime`, `json` or `ref:<ClassId>`.
+    /// `string`, `integer`, `number`, `boolean`, `datetime` (RFC 3339), `date` (`YYYY-MM-DD`),
+    /// `decimal` (exact, a string such as `"-12.50"`), `uuid`, `email`, `url` (http or https),
+    /// `json` or `ref:<ClassId>`.
     #[serde(rename = "type")]
-    #[schema(pattern = "^(string|integer|number|boolean|datetime|json|ref:[A-Za-z0-9][A-Za-z0-9_.-]{0,127})$")]
+    #[schema(pattern = "^(string|integer|number|boolean|datetime|date|decimal|uuid|email|url|json|ref:[A-Za-z0-9][A-Za-z0-9_.-]{0,127})$")]
     pub ty: String,
     #[serde(default)]
     pub required: bool,
 }
 
-const SCALAR_TYPES: &[&str] = &["string", "integer", "number", "boolean", "datetime", "json"];
+const SCALAR_TYPES: &[&str] =
+    &["string", "integer", "number", "boolean", "datetime", "date", "decimal", "uuid", "email", "url", "json"];
 
 /// Property names are identifiers: they become JSON keys and filter fields.
 fn validate_property_name(name: &str) -> Result<(), Invalid> {
@@ -202,6 +205,45 @@ pub fn validate(data: &Map<String, Value>, classes: &[Value]) -> Result<(), Inva
     Ok(())
 }
 
+/// `YYYY-MM-DD`, a real calendar day; exactly that form, so dates compare as strings.
+fn is_date(s: &str) -> bool {
+    s.len() == 10 && chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok()
+}
+
+/// An exact decimal: an optional `-`, digits without leading zeros, an optional fraction.
+/// Kept as a string, so no binary float ever rounds it.
+fn is_decimal(s: &str) -> bool {
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    let (whole, fraction) = match digits.split_once('.') {
+        Some((w, f)) => (w, Some(f)),
+        None => (digits, None),
+    };
+    let all_digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    all_digits(whole)
+        && (whole == "0" || !whole.starts_with('0'))
+        && fraction.is_none_or(all_digits)
+        && s.len() <= 64
+}
+
+/// `local@domain.tld`: one `@`, no spaces, a dot in the domain; at most 254 characters. Whether
+/// the mailbox exists is not a type's to say.
+fn is_email(s: &str) -> bool {
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
+    s.len() <= 254
+        && !local.is_empty()
+        && !domain.contains('@')
+        && domain.split('.').count() >= 2
+        && domain.split('.').all(|label| !label.is_empty())
+        && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// An absolute `http` or `https` URL with a host.
+fn is_web_url(s: &str) -> bool {
+    url::Url::parse(s).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+}
+
 fn type_matches(ty: &str, value: &Value) -> bool {
     match ty {
         "string" => value.is_string(),
@@ -211,6 +253,11 @@ fn type_matches(ty: &str, value: &Value) -> bool {
         "datetime" => value
             .as_str()
             .is_some_and(|s| chrono::DateTime::parse_from_rfc3339(s).is_ok()),
+        "date" => value.as_str().is_some_and(is_date),
+        "decimal" => value.as_str().is_some_and(is_decimal),
+        "uuid" => value.as_str().is_some_and(|s| s.len() == 36 && uuid::Uuid::parse_str(s).is_ok()),
+        "email" => value.as_str().is_some_and(is_email),
+        "url" => value.as_str().is_some_and(is_web_url),
         "json" => true,
         t if t.starts_with("ref:") => value.is_string(),
         _ => false,
@@ -244,6 +291,26 @@ mod tests {
             json!({"name": 5}),
         ] {
             assert!(validate(bad.as_object().unwrap(), &classes).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn the_string_shaped_types_take_their_form_only() {
+        let cases: [(&str, &[&str], &[&str]); 5] = [
+            ("date", &["2026-12-03", "2024-02-29"], &["2026-2-3", "2025-02-29", "2026-12-03T00:00:00Z", ""]),
+            ("decimal", &["0", "-12.50", "3.14159265358979323846"], &["01", "1.", ".5", "1e3", "+1", "--1", "1.2.3", ""]),
+            ("uuid", &["6f1c1e1a-58f5-4d57-9a55-4a35e0e0c3b1"], &["6f1c1e1a58f54d579a554a35e0e0c3b1", "not-a-uuid"]),
+            ("email", &["a@b.co", "first.last+tag@example.org"], &["a@b", "@b.co", "a@@b.co", "a b@c.de", "a@b..co"]),
+            ("url", &["https://example.org/x?y=1", "http://127.0.0.1:8080"], &["ftp://example.org", "example.org", "https://", "mailto:a@b.co"]),
+        ];
+        for (ty, good, bad) in cases {
+            for s in good {
+                assert!(type_matches(ty, &json!(s)), "{ty}: {s:?} refused");
+            }
+            for s in bad {
+                assert!(!type_matches(ty, &json!(s)), "{ty}: {s:?} accepted");
+            }
+            assert!(!type_matches(ty, &json!(5)), "{ty}: a number accepted");
         }
     }
 

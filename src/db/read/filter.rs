@@ -6,9 +6,11 @@
 //! ```
 //!
 //! Operators: `=`, `!=`, `>`, `>=`, `<`, `<=`, `=in:(a|b|…)`, `=exists:true|false`. Numbers
-//! (`integer`, `number`) compare as numbers; `string`, `datetime` and `ref:*` properties compare
-//! as strings in byte order (write datetimes in one offset, e.g. UTC `Z`, to compare them);
-//! `boolean` takes `=`, `!=` and `exists`; `json` properties only `exists`. A comparison matches
+//! (`integer`, `number`) compare as numbers; `string`, `datetime`, `date`, `uuid`, `email`, `url`
+//! and `ref:*` properties compare as strings in byte order (write datetimes in one offset, e.g.
+//! UTC `Z`, to compare them; `date` is always `YYYY-MM-DD`, so it orders as dates); `decimal`
+//! takes `=`, `!=`, `in` and `exists` (as exact text: `1.5` is not `1.50`), not order
+//! comparisons; `boolean` takes `=`, `!=` and `exists`; `json` properties only `exists`. A comparison matches
 //! only values of the property's type, so a missing property matches nothing but
 //! `exists:false`. Values cannot contain `,`, `|` or U+0000.
 
@@ -48,7 +50,7 @@ impl ValueType {
     pub fn of_property(ty: &str) -> ValueType {
         match ty {
             "integer" | "number" => ValueType::Number,
-            "string" | "datetime" => ValueType::Text,
+            "string" | "datetime" | "date" | "decimal" | "uuid" | "email" | "url" => ValueType::Text,
             t if t.starts_with("ref:") => ValueType::Text,
             "boolean" => ValueType::Bool,
             _ => ValueType::Json,
@@ -126,6 +128,10 @@ fn condition(text: &str, properties: &HashMap<String, String>) -> Result<Conditi
         return Err(InvalidFilter::new(format!("{property}: the value contains U+0000 (NUL), which no stored value holds")));
     }
     let ty = ValueType::of_property(declared);
+    if declared == "decimal" && matches!(op, ">" | ">=" | "<" | "<=") {
+        // As text, "10" < "9": refused rather than answered wrong.
+        return Err(InvalidFilter::new(format!("{property}: decimal properties take =, !=, in and exists, not order comparisons")));
+    }
     let test = test_of(op, raw, ty).map_err(|e| e.in_condition(text))?;
     Ok(Condition { property: property.to_string(), ty, test })
 }
