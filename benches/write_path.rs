@@ -1,5 +1,6 @@
 //! Write-path benchmark: accepted commands per second over HTTP with 32 concurrent clients,
-//! on distinct aggregates and on one hot aggregate, with p50/p99 latency and S3 requests per
+//! on distinct aggregates (database creates; instance creates, which also pay the API's
+//! class-was-named look-up) and on one hot aggregate, with p50/p99 latency and S3 requests per
 //! accepted command. Run through `scripts/bench.sh` (release build, real services).
 //!
 //! Backends: `local+postgres` (log on local disk), `s3+postgres` (the local S3-compatible
@@ -64,18 +65,35 @@ struct Run {
 
 /// 32 clients, each creating databases with fresh names, for `secs` seconds.
 async fn distinct(server: &Server, http: &reqwest::Client, secs: u64) -> Run {
+    let url = format!("{}/databases", server.base);
+    creates(http, url, secs, |name| json!({"name": name})).await
+}
+
+/// 32 clients creating instances (fresh ids) of one class: each command also costs the API's
+/// look-up that the class was ever named (the 404 `class_not_found` check), so side by side
+/// with `distinct` it shows that look-up's price.
+async fn instances(server: &Server, http: &reqwest::Client, secs: u64) -> Run {
+    let db = format!("inst{}", Uuid::new_v4().simple());
+    http.post(format!("{}/databases", server.base)).json(&json!({"name": db})).send().await.unwrap();
+    let r = http.post(format!("{}/databases/{db}/classes", server.base)).json(&json!({"id": "C"})).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let url = format!("{}/databases/{db}/classes/C/instances", server.base);
+    creates(http, url, secs, |name| json!({"id": name, "data": {}})).await
+}
+
+/// 32 clients POSTing `body(fresh name)` to `url` for `secs` seconds.
+async fn creates(http: &reqwest::Client, url: String, secs: u64, body: fn(&str) -> serde_json::Value) -> Run {
     let stop = Instant::now() + Duration::from_secs(secs);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
-        let http = http.clone();
-        let url = format!("{}/databases", server.base);
+        let (http, url) = (http.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             while Instant::now() < stop {
                 let t = Instant::now();
                 let name = format!("d{}", Uuid::new_v4().simple());
-                let r = http.post(&url).json(&json!({"name": name})).send().await.unwrap();
+                let r = http.post(&url).json(&body(&name)).send().await.unwrap();
                 assert_eq!(r.status(), 202, "{:?}", r.text().await);
                 lat.push(t.elapsed());
             }
@@ -176,11 +194,12 @@ async fn main() {
         let server = start(config_for(backend, dir.path()).await).await;
         let http = reqwest::Client::builder().pool_max_idle_per_host(CLIENTS).build().unwrap();
         distinct(&server, &http, 1).await; // warm-up: connections, prepared statements
-        for workload in ["distinct", "hot"] {
+        for workload in ["distinct", "instances", "hot"] {
             let (p0, g0, _) = server.log.counts().snapshot();
             let cpu0 = s3_pid.as_deref().and_then(cpu_seconds);
             let run = match workload {
                 "distinct" => distinct(&server, &http, secs).await,
+                "instances" => instances(&server, &http, secs).await,
                 _ => hot(&server, &http, secs).await,
             };
             let (p1, g1, _) = server.log.counts().snapshot();
