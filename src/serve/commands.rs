@@ -17,7 +17,7 @@ use crate::domain::commands::{
     BulkDeleteBody, BulkUpdateBody, CreateClassBody, CreateDatabaseBody, CreateInstanceBody, UpdateClassBody,
     UpdateInstanceBody,
 };
-use crate::domain::commands::{bulk_member_event_id, Context, Request, Routing};
+use crate::domain::commands::{bulk_member_event_id, Context, Invalid, Request, Routing};
 use crate::log::plan::{AppendCommand, AppendOutcome, Appended, PendingEvent, SeqConflict, FINGERPRINT_KEY};
 use crate::log::writer::AppendError;
 use axum::body::Bytes;
@@ -26,6 +26,7 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -260,11 +261,7 @@ pub async fn bulk_create_instances(
     headers: HeaderMap,
     body: BodyR,
 ) -> Result<Response, ApiError> {
-    let (db, class_id) = path(p)?;
-    let call = Call::new(q, &headers)?;
-    let body: BulkCreateBody = json_body(&headers, body)?;
-    let max = state.config.serve.max_bulk_instances;
-    submit(&state, &call, caller, bulk_create_instances::request(&call.ctx, &db, &class_id, body, max)?).await
+    bulk::<BulkCreateBody>(state, caller, (p, q, headers, body), bulk_create_instances::request).await
 }
 
 #[utoipa::path(
@@ -284,11 +281,7 @@ pub async fn bulk_update_instances(
     headers: HeaderMap,
     body: BodyR,
 ) -> Result<Response, ApiError> {
-    let (db, class_id) = path(p)?;
-    let call = Call::new(q, &headers)?;
-    let body: BulkUpdateBody = json_body(&headers, body)?;
-    let max = state.config.serve.max_bulk_instances;
-    submit(&state, &call, caller, bulk_update_instances::request(&call.ctx, &db, &class_id, body, max)?).await
+    bulk::<BulkUpdateBody>(state, caller, (p, q, headers, body), bulk_update_instances::request).await
 }
 
 #[utoipa::path(
@@ -308,11 +301,25 @@ pub async fn bulk_delete_instances(
     headers: HeaderMap,
     body: BodyR,
 ) -> Result<Response, ApiError> {
+    bulk::<BulkDeleteBody>(state, caller, (p, q, headers, body), bulk_delete_instances::request).await
+}
+
+/// What a bulk route's file builds its command from: the class path, the body's members and
+/// `serve.max_bulk_instances`.
+type BulkRequest<B> = fn(&Context, &str, &str, B, usize) -> Result<Request, Invalid>;
+
+/// The three bulk routes: a class path, a JSON body of members, one command.
+async fn bulk<B: DeserializeOwned>(
+    state: AppState,
+    caller: Caller,
+    (p, q, headers, body): (PathR<(String, String)>, QueryR<CommandQuery>, HeaderMap, BodyR),
+    build: BulkRequest<B>,
+) -> Result<Response, ApiError> {
     let (db, class_id) = path(p)?;
     let call = Call::new(q, &headers)?;
-    let body: BulkDeleteBody = json_body(&headers, body)?;
+    let body: B = json_body(&headers, body)?;
     let max = state.config.serve.max_bulk_instances;
-    submit(&state, &call, caller, bulk_delete_instances::request(&call.ctx, &db, &class_id, body, max)?).await
+    submit(&state, &call, caller, build(&call.ctx, &db, &class_id, body, max)?).await
 }
 
 /// Appends the request's envelopes as one command and maps the outcome to the response.

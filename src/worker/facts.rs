@@ -17,6 +17,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// The pause between two looks at the log while waiting for an outcome.
+pub const POLL: Duration = Duration::from_millis(50);
+
 /// Segments kept in memory; the newest positions are the likeliest to be read again.
 const CACHED_SEGMENTS: usize = 512;
 
@@ -175,9 +178,9 @@ impl StateReader for AsOf<'_> {
             if Instant::now() >= self.deadline {
                 return Err(FactsError::NotYet { key: key.clone(), seq });
             }
-            tokio::select! {
-                _ = self.stop.cancelled() => return Err(FactsError::Interrupted),
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            crate::backoff::pause(self.stop, POLL).await;
+            if self.stop.is_cancelled() {
+                return Err(FactsError::Interrupted);
             }
         }
     }

@@ -422,10 +422,8 @@ impl CommandHandler {
 /// The pause between two looks at the log while waiting; cut short by shutdown, since waiting
 /// is not progress worth a grace period.
 async fn poll_pause(stop: &CancellationToken) -> Result<(), Failure> {
-    tokio::select! {
-        _ = stop.cancelled() => Err(Failure::Interrupted),
-        _ = tokio::time::sleep(Duration::from_millis(50)) => Ok(()),
-    }
+    crate::backoff::pause(stop, super::facts::POLL).await;
+    if stop.is_cancelled() { Err(Failure::Interrupted) } else { Ok(()) }
 }
 
 #[cfg(test)]
