@@ -189,6 +189,8 @@ async fn a_flood_of_version_waiters_is_bounded_and_the_api_keeps_serving() {
     config.serve.min_version_wait_ms = 2000;
     let app = common::spawn_role_dev(config, dir).await;
     done(&app, app.post("/databases", json!({"name": "w"})).await).await;
+    // The outcome is in the log; the plain read below needs it in the read models too.
+    common::readmodel::caught_up(&app, Duration::from_secs(60)).await;
     let waits: Vec<_> = (0..200)
         .map(|_| {
             let (http, url) = (app.http.clone(), app.url("/databases/w?min_version=99"));
