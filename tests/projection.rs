@@ -102,8 +102,12 @@ async fn all_pages(app: &TestApp, class_path: &str, query: &str, limit: usize) -
     }
 }
 
+/// Every `where=` operator, OR groups and quoted values against a model of the data, through
+/// keyset pages of 3; `count=true` gives the same number, exact up to `serve.max_count`.
 async fn filters_select_exactly_what_they_say(backend: Backend) {
-    let app = spawn_dev(backend).await;
+    let (mut config, dir) = isolated_config(backend).await;
+    config.serve.max_count = 10;
+    let app = common::spawn_role_dev(config, dir).await;
     done(&app, app.post("/databases", json!({"name": "f"})).await).await;
     let props = json!([
         {"name": "n", "type": "integer"}, {"name": "x", "type": "number"}, {"name": "s", "type": "string"},
@@ -155,6 +159,19 @@ async fn filters_select_exactly_what_they_say(backend: Backend) {
         ("n>=4,n<=13,s=exists:true,b=false", |d| {
             d["n"].as_i64().is_some_and(|n| (4..=13).contains(&n)) && d.get("s").is_some() && d["b"] == false
         }),
+        ("n=not_in:(1|2|3)", |d| d["n"].as_i64().is_some_and(|n| !(1..=3).contains(&n))),
+        ("s=not_in:(apple)", |d| d["s"].as_str().is_some_and(|s| s != "apple")),
+        ("s=is_null:true", |d| d.get("s").is_none()),
+        ("s=is_null:false", |d| d.get("s").is_some()),
+        ("s=like:*an*", |d| d["s"].as_str().is_some_and(|s| s.contains("an"))),
+        ("s=like:b*", |d| d["s"].as_str().is_some_and(|s| s.starts_with('b'))),
+        ("s=ilike:b*", |d| d["s"].as_str().is_some_and(|s| s.to_lowercase().starts_with('b'))),
+        ("s=ilike:*RR*", |d| d["s"].as_str().is_some_and(|s| s.contains("rr"))),
+        ("s=like:a_ple", |d| d["s"] == "a_ple"),
+        ("(n=4|s=cherry)", |d| d["n"] == 4 || d["s"] == "cherry"),
+        ("(n<2|n>22),b=true", |d| d["n"].as_i64().is_some_and(|n| !(2..=22).contains(&n)) && d["b"] == true),
+        (r#"s=in:("apple"|"x,y|z")"#, |d| d["s"] == "apple"),
+        (r#"(s="Banana"|extra="yes")"#, |d| d["s"] == "Banana" || d["extra"] == "yes"),
     ];
     for (filter, pick) in cases {
         let want: Vec<String> = (0..24).filter(|i| pick(&data(*i))).map(|i| format!("i{i:02}")).collect();
@@ -162,14 +179,23 @@ async fn filters_select_exactly_what_they_say(backend: Backend) {
         // Pages of 3, so the filter and the cursor work together.
         let got = all_pages(&app, "/databases/f/classes/T", &query, 3).await;
         assert_eq!(got, want, "where={filter}");
+        let (s, page) = app.get(&format!("/databases/f/classes/T/instances?limit=1&count=true{query}")).await;
+        assert_eq!(s, 200, "{page}");
+        let counted = (page["total"].as_u64(), page["total_is_lower_bound"].as_bool());
+        assert_eq!(counted, (Some(want.len().min(10) as u64), Some(want.len() > 10)), "count of where={filter}: {page}");
     }
+    let (_, page) = app.get("/databases/f/classes/T/instances").await;
+    assert!(page.get("total").is_none(), "no count unless asked: {page}");
 
     for (bad, says) in [
         ("nope=1", "not a property"),
         ("n>=many", "not a number"),
         ("b>true", "booleans take"),
         ("j=1", "only be tested with exists"),
-        ("n", "expected property"),
+        ("n", "expected an operator"),
+        ("(n=1,s=a)", "at character 5 (','): expected `|` or `)`"),
+        ("s=\"open", "the quoted value is not closed"),
+        ("n=like:1*", "like and ilike take string properties"),
     ] {
         let (s, e) = app.get(&format!("/databases/f/classes/T/instances?where={}", urlencode(bad))).await;
         assert_eq!((s, e["error"].as_str()), (400, Some("invalid_filter")), "{bad}: {e}");

@@ -31,7 +31,7 @@ fn log_batch(changes: Vec<Change>, to: u64) -> ReadBatch {
     ReadBatch { changes, progress: Progress::Log { to } }
 }
 
-fn page<'a>(parent: &'a str, after: Option<&'a str>, limit: usize, filter: &'a [filter::Condition]) -> Page<'a> {
+fn page<'a>(parent: &'a str, after: Option<&'a str>, limit: usize, filter: &'a [filter::Group]) -> Page<'a> {
     Page { kind: ReadKind::Instance, parent, after, limit, filter }
 }
 
@@ -118,11 +118,14 @@ async fn pages_follow_keys_and_filters(backend: Backend) {
     assert_eq!(keys(store, &page("d:main:C", Some("d:main:C:i09"), 5, &[])).await.len(), 2);
 
     let properties: HashMap<String, String> = [("n".to_string(), "integer".to_string())].into();
-    let cases: [(&str, Vec<i64>); 4] = [
+    let cases: [(&str, Vec<i64>); 7] = [
         ("n>=9", vec![9, 10, 11]),
         ("n=in:(1|3|40)", vec![1, 3]),
         ("n!=0,n<3", vec![1, 2]),
         ("n=exists:false", vec![]),
+        ("(n=1|n=11|n>100)", vec![1, 11]),
+        ("n=not_in:(0|1|2|3|4|5|6|7|8|9)", vec![10, 11]),
+        ("(n<2|n>9),n!=0", vec![1, 10, 11]),
     ];
     for (text, want) in cases {
         let conditions = filter::parse(text, &properties).unwrap();
@@ -130,6 +133,14 @@ async fn pages_follow_keys_and_filters(backend: Backend) {
         let ns: Vec<i64> = found.rows.iter().map(|r| r.state.as_ref().unwrap()["data"]["n"].as_i64().unwrap()).collect();
         assert_eq!((ns, found.position), (want, 20), "{text}");
     }
+
+    // Counts: the filter's rows under the parent, whatever the cursor and limit, stopping at
+    // bound + 1.
+    let from_nine = filter::parse("n>=9", &properties).unwrap();
+    assert_eq!(store.count(&page("d:main:C", Some("d:main:C:i10"), 1, &from_nine), 100).await.unwrap(), 3);
+    assert_eq!(store.count(&page("d:main:C", None, 1, &[]), 100).await.unwrap(), 12);
+    assert_eq!(store.count(&page("d:main:C", None, 1, &[]), 5).await.unwrap(), 6, "stops at bound + 1");
+    assert_eq!(store.count(&page("d:main:D", None, 1, &from_nine), 100).await.unwrap(), 1);
 }
 
 /// The rebuild's swap: the target is caught up to the log head from its own position, then

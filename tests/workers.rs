@@ -14,6 +14,8 @@ backend_tests! {
     classes_in_use_cycles_and_missing_ref_targets_are_refused,
     bulk_updates_and_deletes_are_all_or_nothing,
     the_new_property_types_are_checked_and_filtered,
+    constraints_enums_arrays_objects_and_defaults_are_checked,
+    labels_may_be_translated_and_reads_pick_the_language,
 }
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -156,6 +158,101 @@ async fn the_new_property_types_are_checked_and_filtered(backend: Backend) {
     assert_eq!(ids, ["late"]);
     let (s, b) = app.get("/databases/t/classes/T/instances?where=price%3E1").await;
     assert_eq!((s, b["error"].as_str()), (400, Some("invalid_filter")), "{b}");
+}
+
+/// `enum`, `array<T>` and `object` properties with `min`/`max`, lengths, `pattern` and
+/// `default`: a bad definition is a 400 and appends nothing; an instance that breaks a
+/// constraint fails with that constraint's code, naming the property (a nested one by its
+/// path); a created instance gets the defaults it left out; enums filter as strings.
+async fn constraints_enums_arrays_objects_and_defaults_are_checked(backend: Backend) {
+    let app = spawn_dev(backend).await;
+    completes(&app, app.post("/databases", json!({"name": "c"})).await).await;
+    let (s, b) = app.post("/databases/c/classes", json!({"id": "Bad", "properties": [{"name": "s", "type": "enum"}]})).await;
+    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_property")), "{b}");
+    let (s, b) = app.post("/databases/c/classes", json!({"id": "Bad", "properties": [{"name": "s", "type": "string", "pattern": "("}]})).await;
+    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_property")), "{b}");
+    let (s, b) = app.get("/aggregates/OntologyClass/c:main:Bad").await;
+    assert_eq!((s, b["version"].as_u64()), (200, Some(0)), "nothing appended: {b}");
+
+    let props = json!([
+        {"name": "status", "type": "enum", "values": ["new", "done"], "default": "new"},
+        {"name": "qty", "type": "integer", "min": 1, "max": 10},
+        {"name": "code", "type": "string", "min_length": 2, "max_length": 4, "pattern": "[A-Z]+"},
+        {"name": "tags", "type": "array<string>", "max_length": 2, "pattern": "[a-z]+"},
+        {"name": "due", "type": "date", "min": "2026-01-01"},
+        {"name": "address", "type": "object", "properties": [
+            {"name": "city", "type": "string", "required": true},
+            {"name": "zip", "type": "string", "pattern": "[0-9]{5}"}]}]);
+    completes(&app, app.post("/databases/c/classes", json!({"id": "O", "properties": props})).await).await;
+    let good = json!({"qty": 3, "code": "AB", "tags": ["x", "y"], "due": "2026-06-01",
+        "address": {"city": "Seoul", "zip": "04524"}});
+    completes(&app, app.post("/databases/c/classes/O/instances", json!({"id": "one", "data": good})).await).await;
+    completes(&app, app.post("/databases/c/classes/O/instances", json!({"id": "two", "data": {"status": "done"}})).await).await;
+
+    let cases = [
+        (json!({"status": "lost"}), "not_in_enum", "status"),
+        (json!({"qty": 0}), "out_of_range", "qty"),
+        (json!({"qty": 11}), "out_of_range", "qty"),
+        (json!({"due": "2025-12-31"}), "out_of_range", "due"),
+        (json!({"code": "A"}), "invalid_length", "code"),
+        (json!({"code": "ABCDE"}), "invalid_length", "code"),
+        (json!({"code": "ab"}), "pattern_mismatch", "code"),
+        (json!({"tags": ["a", "b", "c"]}), "invalid_length", "tags"),
+        (json!({"tags": ["a", "B"]}), "pattern_mismatch", "tags[1]"),
+        (json!({"tags": ["a", 1]}), "invalid_instance", "tags[1]"),
+        (json!({"address": {"zip": "04524"}}), "invalid_instance", "address.city"),
+        (json!({"address": {"city": "X", "zip": "4524"}}), "pattern_mismatch", "address.zip"),
+        (json!({"address": {"city": "X", "street": "Y"}}), "invalid_instance", "address.street"),
+        (json!({"address": "Seoul"}), "invalid_instance", "address"),
+    ];
+    for (data, code, property) in cases {
+        let id = accepted(&app, app.post("/databases/c/classes/O/instances", json!({"data": data})).await).await;
+        let status = app.wait_command(&id, WAIT).await;
+        assert_eq!(status["error"]["code"], code, "{data}: {status}");
+        let message = status["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("{property:?}")), "{data}: names {property}: {status}");
+    }
+    // An update is checked against the same constraints; defaults are for creates only.
+    fails_with(&app, app.put("/databases/c/classes/O/instances/one?expected_seq=1", json!({"data": {"qty": 20}})).await, "out_of_range").await;
+
+    common::readmodel::caught_up(&app, WAIT).await;
+    let (s, b) = app.get("/databases/c/classes/O/instances/one").await;
+    assert_eq!((s, &b["data"]["status"]), (200, &json!("new")), "the default was applied: {b}");
+    let (s, b) = app.get("/databases/c/classes/O/instances?where=status=done").await;
+    assert_eq!(s, 200, "{b}");
+    let ids: Vec<&str> = b["items"].as_array().unwrap().iter().map(|i| i["instance_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["two"]);
+}
+
+/// A class's and a property's label and description may be a map of language tags; a class
+/// read returns them as stored plus `localized`, the best match for `Accept-Language`. A
+/// malformed tag is a 400.
+async fn labels_may_be_translated_and_reads_pick_the_language(backend: Backend) {
+    let app = spawn_dev(backend).await;
+    completes(&app, app.post("/databases", json!({"name": "l"})).await).await;
+    let (s, b) = app.post("/databases/l/classes", json!({"id": "Bad", "label": {"en_US": "x"}})).await;
+    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")), "{b}");
+    let label = json!({"en": "Product", "ko": "제품"});
+    let class = json!({"id": "P", "label": label, "description": "Things we sell",
+        "properties": [{"name": "price", "type": "number", "label": {"en": "Price", "ko": "가격"}}]});
+    completes(&app, app.post("/databases/l/classes", class).await).await;
+    common::readmodel::caught_up(&app, WAIT).await;
+
+    let read = |path: &'static str, language: &'static str| {
+        let url = app.url(path);
+        async move {
+            let r = reqwest::Client::new().get(url).header("accept-language", language).send().await.unwrap();
+            common::status_json(r).await
+        }
+    };
+    let (s, b) = read("/databases/l/classes/P", "ko-KR, en;q=0.5").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["label"], label, "the full map is returned as stored: {b}");
+    assert_eq!(b["localized"], json!({"language": "ko", "label": "제품", "description": "Things we sell", "property_labels": {"price": "가격"}}));
+    let (_, b) = read("/databases/l/classes/P", "de").await;
+    assert_eq!((&b["localized"]["label"], &b["localized"]["language"]), (&json!("Product"), &json!("en")), "falls back to en: {b}");
+    let (s, b) = read("/databases/l/classes", "ko").await;
+    assert_eq!((s, &b["items"][0]["localized"]["label"]), (200, &json!("제품")), "{b}");
 }
 
 async fn version(app: &TestApp, instance: &str) -> u64 {

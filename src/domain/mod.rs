@@ -5,6 +5,9 @@ pub mod commands;
 pub mod ids;
 pub mod role;
 pub mod rules;
+pub mod schema;
+pub mod text;
+pub mod values;
 
 pub use commands::{Command, CommandType};
 pub use ids::{AggregateKey, AggregateType, IdError};

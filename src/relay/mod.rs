@@ -191,7 +191,7 @@ impl Relay {
     async fn lead_or_wait(&self, options: &RelayOptions, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let mut start_override = self.start_override(options).await?;
         loop {
-            let Some(lease) = self.acquire(shutdown).await? else { return Ok(()) };
+            let Some(lease) = self.acquire(shutdown).await else { return Ok(()) };
             let mut checkpoint = lease.position;
             if let Some(position) = start_override.take() {
                 if !self.leases.reset(&lease, position).await? {
@@ -211,7 +211,7 @@ impl Relay {
                 },
                 renewer
             );
-            match stop? {
+            match stop {
                 Stop::Shutdown => {
                     self.leases.release(&lease).await?;
                     tracing::info!("relay stopped; lease released");
@@ -251,13 +251,14 @@ impl Relay {
         Ok(lo)
     }
 
-    async fn acquire(&self, shutdown: &CancellationToken) -> anyhow::Result<Option<Lease>> {
+    /// Waits for the lease; `None` on shutdown. Failures to reach the lease table are retried.
+    async fn acquire(&self, shutdown: &CancellationToken) -> Option<Lease> {
         let wait = Duration::from_millis((self.config.relay.lease_ms / 5).max(50));
         let mut announced = false;
         loop {
             // A standby has nothing to do; one that cannot reach the lease table says why.
             match self.leases.try_acquire().await {
-                Ok(Some(lease)) => return Ok(Some(lease)),
+                Ok(Some(lease)) => return Some(lease),
                 Ok(None) if !announced => {
                     tracing::info!("another relay holds the lease; standing by");
                     announced = true;
@@ -270,7 +271,7 @@ impl Relay {
                 }
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(None),
+                _ = shutdown.cancelled() => return None,
                 _ = tokio::time::sleep(wait) => {}
             }
         }
@@ -293,7 +294,9 @@ impl Relay {
         }
     }
 
-    async fn publish(&self, lease: &Lease, checkpoint: u64, shutdown: &CancellationToken) -> anyhow::Result<Stop> {
+    /// Publishes until shutdown, a lost lease or a stall; every failure is retried from the
+    /// checkpoint, so this never fails.
+    async fn publish(&self, lease: &Lease, checkpoint: u64, shutdown: &CancellationToken) -> Stop {
         let mut next = checkpoint + 1;
         self.stats.published_position.store(checkpoint, Ordering::Relaxed);
         // Leading starts the clock: the time spent standing by was not a stall.
@@ -301,13 +304,13 @@ impl Relay {
         let mut backoff = RETRY;
         loop {
             if shutdown.is_cancelled() {
-                return Ok(Stop::Shutdown);
+                return Stop::Shutdown;
             }
             if !lease.valid() {
-                return Ok(Stop::LeaseLost);
+                return Stop::LeaseLost;
             }
             if self.progress.stalled() {
-                return Ok(Stop::Stalled);
+                return Stop::Stalled;
             }
             match self.step(lease, next).await {
                 Ok(Step::Idle) => {
@@ -322,7 +325,7 @@ impl Relay {
                     self.progress.progressed();
                     self.export_metrics();
                 }
-                Ok(Step::LeaseLost) => return Ok(Stop::LeaseLost),
+                Ok(Step::LeaseLost) => return Stop::LeaseLost,
                 Err(e) => {
                     self.progress.failed(&e);
                     if matches!(e, StepError::Deliver(_) | StepError::Timeout("delivery")) {

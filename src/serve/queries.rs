@@ -11,9 +11,11 @@ use super::error::ApiError;
 use super::extract::{path, query};
 use super::schema::{ApiErrors, ClassPath, DbPath, InstancePath, Item, Key, Name, NotFound, Page, TooEarly};
 use super::AppState;
-use crate::db::read::filter::{self, Condition};
+use crate::db::read::filter::{self, Group};
 use crate::db::read::{Page as ReadPage, ReadKind, ReadRow, Snapshot};
 use crate::domain::ids::validate_name;
+use crate::domain::text;
+use axum::http::HeaderMap;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
@@ -41,13 +43,20 @@ pub struct PageQuery {
     /// The `next_cursor` of the previous page.
     #[param(value_type = Option<Key>)]
     cursor: Option<String>,
-    /// Instances only: comma-separated conditions on the instances' properties, all of which
-    /// must hold: `prop=value`, `prop!=value`, `prop>value`, `prop>=value`, `prop<value`,
-    /// `prop<=value`, `prop=in:(a|b|c)`, `prop=exists:true|false`; values are typed by the
-    /// class schema, e.g. `age>=30,name=bob`. An invalid filter is a 400; a filter on the
-    /// instances of a class the read model does not hold is a 404.
+    /// Instances only: conditions on the instances' properties, typed by the class schema.
+    /// `,` joins conditions that must all hold; `(a=1|b=2)` holds when any of its conditions
+    /// does. Operators: `=`, `!=`, `>`, `>=`, `<`, `<=`, `=in:(a|b)`, `=not_in:(a|b)`,
+    /// `=exists:true|false`, `=is_null:true|false`, `=like:pat*`, `=ilike:pat*` (`*`: any
+    /// characters). Quote a value to hold `,|()"`: `name="Smith, J"` (`\"`, `\\` inside).
+    /// e.g. `age>=30,(name=bob|name=like:al*)`. An invalid filter is a 400 naming the
+    /// character it stopped at; a filter on the instances of a class the read model does not
+    /// hold is a 404.
     #[serde(rename = "where")]
     filter: Option<String>,
+    /// Adds `total`: the rows the list (and its filter) matches, exact up to
+    /// `serve.max_count`; past it `total` is that bound and `total_is_lower_bound` is true.
+    #[serde(default)]
+    count: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -79,21 +88,35 @@ fn branch_of(branch: &Option<String>) -> Result<String, ApiError> {
     Ok(b)
 }
 
-fn item(row: &ReadRow) -> Value {
+/// A row as the API shows it; a class also gets its `localized` labels for `languages`.
+fn item(row: &ReadRow, kind: ReadKind, languages: &[String]) -> Value {
     let mut v = row.state.clone().unwrap_or(json!({}));
+    let localized = (kind == ReadKind::Class).then(|| text::localized(&v, languages));
     if let Some(obj) = v.as_object_mut() {
         obj.insert("version".into(), json!(row.version));
         obj.insert("created_at".into(), json!(row.created_at));
         obj.insert("updated_at".into(), json!(row.updated_at));
+        if let Some(localized) = localized {
+            obj.insert("localized".into(), localized);
+        }
     }
     v
+}
+
+/// The caller's `Accept-Language`, most wanted first.
+fn languages(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get(axum::http::header::ACCEPT_LANGUAGE)
+        .and_then(|v| v.to_str().ok())
+        .map(text::preferences)
+        .unwrap_or_default()
 }
 
 fn with_position(position: u64, body: Value) -> Response {
     ([("x-spiced-projection-position", position.to_string())], Json(body)).into_response()
 }
 
-async fn page(state: &AppState, kind: ReadKind, parent: &str, q: &PageQuery, filter: &[Condition]) -> Result<Response, ApiError> {
+async fn page(state: &AppState, kind: ReadKind, parent: &str, q: &PageQuery, filter: &[Group], languages: &[String]) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::bad_request("invalid_query", format!("limit must be 1 to {MAX_LIMIT}")));
@@ -104,8 +127,15 @@ async fn page(state: &AppState, kind: ReadKind, parent: &str, q: &PageQuery, fil
     let page = ReadPage { kind, parent, after: q.cursor.as_deref(), limit, filter };
     let Snapshot { position, rows } = state.db.read.page(&page).await?;
     let next = (rows.len() == limit).then(|| rows.last().map(|r| r.key.clone())).flatten();
-    let items: Vec<Value> = rows.iter().map(item).collect();
-    Ok(with_position(position, json!({"items": items, "next_cursor": next})))
+    let items: Vec<Value> = rows.iter().map(|r| item(r, kind, languages)).collect();
+    let mut body = json!({"items": items, "next_cursor": next});
+    if q.count == Some(true) {
+        let bound = state.config.serve.max_count;
+        let counted = state.db.read.count(&page, bound).await?;
+        body["total"] = json!(counted.min(bound));
+        body["total_is_lower_bound"] = json!(counted > bound);
+    }
+    Ok(with_position(position, body))
 }
 
 /// A cursor is a row's key: names joined by `:`. Anything else names no row, and may hold
@@ -122,14 +152,14 @@ fn no_filter(q: &PageQuery) -> Result<(), ApiError> {
     }
 }
 
-async fn one(state: &AppState, kind: ReadKind, key: &str, min_version: Option<u64>) -> Result<Response, ApiError> {
+async fn one(state: &AppState, kind: ReadKind, key: &str, min_version: Option<u64>, languages: &[String]) -> Result<Response, ApiError> {
     let found = match min_version {
         Some(wanted) => wait_for_version(state, kind, key, wanted).await?,
         None => state.db.read.one(kind, key).await?,
     };
     let row = found.rows.first().filter(|r| !r.deleted);
     let row = row.ok_or_else(|| ApiError::not_found(format!("no {} {key} (or not projected yet)", kind.as_str())))?;
-    Ok(with_position(found.position, item(row)))
+    Ok(with_position(found.position, item(row, kind, languages)))
 }
 
 /// The row once it has reached `wanted`, re-read each time the projection position moves
@@ -206,7 +236,7 @@ pub async fn list_databases(State(state): State<AppState>, q: Result<Query<PageQ
     no_filter(&q)?;
     // Databases have no branch, but a malformed one is still a bad request.
     branch_of(&q.branch)?;
-    page(&state, ReadKind::Database, "", &q, &[]).await
+    page(&state, ReadKind::Database, "", &q, &[], &[]).await
 }
 
 #[utoipa::path(
@@ -227,14 +257,14 @@ pub async fn get_database(
 ) -> Result<Response, ApiError> {
     let (db, q) = (path(p)?, query(q)?);
     validate_name("db", &db)?;
-    one(&state, ReadKind::Database, &db, q.min_version).await
+    one(&state, ReadKind::Database, &db, q.min_version, &[]).await
 }
 
 #[utoipa::path(
     get,
     path = "/api/v1/databases/{db}/classes",
     tag = "queries",
-    params(DbPath, PageQuery),
+    params(DbPath, PageQuery, ("Accept-Language" = Option<String>, Header, description = "e.g. `ko-KR, en;q=0.8`: each class's `localized` holds the best match of its label, description and property labels (exact tag, then the same primary language, then `en`, then the first)")),
     responses(
         (status = 200, description = "A page of the branch's classes", body = Page, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
         ApiErrors
@@ -243,6 +273,7 @@ pub async fn get_database(
 )]
 pub async fn list_classes(
     State(state): State<AppState>,
+    headers: HeaderMap,
     p: Result<Path<String>, PathRejection>,
     q: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -250,14 +281,14 @@ pub async fn list_classes(
     validate_name("db", &db)?;
     no_filter(&q)?;
     let parent = format!("{db}:{}", branch_of(&q.branch)?);
-    page(&state, ReadKind::Class, &parent, &q, &[]).await
+    page(&state, ReadKind::Class, &parent, &q, &[], &languages(&headers)).await
 }
 
 #[utoipa::path(
     get,
     path = "/api/v1/databases/{db}/classes/{class_id}",
     tag = "queries",
-    params(ClassPath, OneQuery),
+    params(ClassPath, OneQuery, ("Accept-Language" = Option<String>, Header, description = "e.g. `ko-KR, en;q=0.8`: `localized` holds the best match of the class's label, description and property labels (exact tag, then the same primary language, then `en`, then the first)")),
     responses(
         (status = 200, description = "The class", body = Item, headers(("X-Spiced-Projection-Position" = u64, description = "The last log position the read models reflect"))),
         ApiErrors, NotFound, TooEarly
@@ -266,6 +297,7 @@ pub async fn list_classes(
 )]
 pub async fn get_class(
     State(state): State<AppState>,
+    headers: HeaderMap,
     p: Result<Path<(String, String)>, PathRejection>,
     q: Result<Query<OneQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -273,7 +305,7 @@ pub async fn get_class(
     validate_name("db", &db)?;
     validate_name("class_id", &class_id)?;
     let key = format!("{db}:{}:{class_id}", branch_of(&q.branch)?);
-    one(&state, ReadKind::Class, &key, q.min_version).await
+    one(&state, ReadKind::Class, &key, q.min_version, &languages(&headers)).await
 }
 
 #[utoipa::path(
@@ -304,7 +336,7 @@ pub async fn list_instances(
         None => Vec::new(),
     };
     let parent = format!("{classes}:{class_id}");
-    page(&state, ReadKind::Instance, &parent, &q, &conditions).await
+    page(&state, ReadKind::Instance, &parent, &q, &conditions, &[]).await
 }
 
 #[utoipa::path(
@@ -328,5 +360,5 @@ pub async fn get_instance(
         validate_name(field, value)?;
     }
     let key = format!("{db}:{}:{class_id}:{instance_id}", branch_of(&q.branch)?);
-    one(&state, ReadKind::Instance, &key, q.min_version).await
+    one(&state, ReadKind::Instance, &key, q.min_version, &[]).await
 }

@@ -168,6 +168,10 @@ pub struct Page {
     pub items: Vec<Item>,
     /// Pass as `cursor` for the next page; null on the last page.
     pub next_cursor: Option<String>,
+    /// With `count=true`: the rows the list matches, at most `serve.max_count`.
+    pub total: Option<u64>,
+    /// With `count=true`: true when there are more than `total`.
+    pub total_is_lower_bound: Option<bool>,
 }
 
 /// An aggregate's current version in the log.

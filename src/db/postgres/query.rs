@@ -3,7 +3,7 @@
 //! GIN index serves them.
 
 use super::{table, Pg};
-use crate::db::read::filter::{render, Binder, CmpOp, Condition, Param, Test, ValueType};
+use crate::db::read::filter::{like_pattern, render, Binder, CmpOp, Condition, Param, Test, ValueType};
 use crate::db::read::query::{kind_of, COLUMNS};
 use crate::db::read::{Page, ReadKind, ReadRow, ReadSchema, Snapshot};
 use crate::db::DbError;
@@ -28,6 +28,21 @@ pub(super) async fn page(pg: &Pg, page: &Page<'_>) -> Result<Snapshot, DbError> 
         vec![Box::new(page.kind.as_str()), Box::new(page.parent.to_string()), Box::new(after), Box::new(page.limit as i64)];
     bound.extend(params.into_iter().map(param));
     rows_at(pg, &with_position(&schema, &rows), bound).await
+}
+
+pub(super) async fn count(pg: &Pg, page: &Page<'_>, bound: u64) -> Result<u64, DbError> {
+    let (filter, params) = render(page.filter, 4, '$', clause);
+    let sql = format!(
+        "SELECT count(*) FROM (SELECT 1 FROM {} WHERE kind = $1 AND parent = $2 AND NOT deleted{filter} LIMIT $3) c",
+        table(&ReadSchema::live(), "read_models")
+    );
+    let mut bound_params: Vec<Box<dyn ToSql + Sync + Send>> =
+        vec![Box::new(page.kind.as_str()), Box::new(page.parent.to_string()), Box::new(bound.saturating_add(1).min(i64::MAX as u64) as i64)];
+    bound_params.extend(params.into_iter().map(param));
+    let client = pg.pool().get().await?;
+    let refs: Vec<&(dyn ToSql + Sync)> = bound_params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+    let n: i64 = client.query_one(&sql, &refs).await?.get(0);
+    Ok(n as u64)
 }
 
 async fn rows_at(pg: &Pg, sql: &str, params: Vec<Box<dyn ToSql + Sync + Send>>) -> Result<Snapshot, DbError> {
@@ -89,14 +104,7 @@ fn clause(c: &Condition, b: &mut Binder) -> String {
             let d = b.bind(Param::Json(doc(v)));
             return format!("(state -> 'data') @> {d}::jsonb");
         }
-        Test::In(values) => {
-            // One containment per value, OR-ed: each is a GIN index scan (`@> ANY(…)` is not).
-            let any: Vec<String> = values
-                .iter()
-                .map(|v| format!("(state -> 'data') @> {}::jsonb", b.bind(Param::Json(doc(v)))))
-                .collect();
-            return format!("({})", any.join(" OR "));
-        }
+        Test::In(values) => return any_of(values, &doc, b),
         _ => {}
     }
     let name = b.bind(Param::Text(c.property.clone()));
@@ -104,6 +112,12 @@ fn clause(c: &Condition, b: &mut Binder) -> String {
     let typed = format!("jsonb_typeof({x}) = '{}'", pg_type(c.ty));
     match &c.test {
         Test::Cmp(CmpOp::Eq, _) | Test::In(_) => unreachable!("answered above"),
+        Test::NotIn(values) => format!("{typed} AND NOT {}", any_of(values, &doc, b)),
+        Test::Like { pattern, case_insensitive } => {
+            let op = if *case_insensitive { "ILIKE" } else { "LIKE" };
+            let p = b.bind(Param::Text(like_pattern(pattern)));
+            format!("{typed} AND ({x} #>> '{{}}') {op} {p}::text ESCAPE '\\'")
+        }
         Test::Exists(present) => {
             let op = if *present { "<>" } else { "=" };
             format!("coalesce(jsonb_typeof({x}), 'null') {op} 'null'")
@@ -119,6 +133,15 @@ fn clause(c: &Condition, b: &mut Binder) -> String {
     }
 }
 
+/// One containment per value, OR-ed: each is a GIN index scan (`@> ANY(…)` is not).
+fn any_of(values: &[Value], doc: &dyn Fn(&Value) -> Value, b: &mut Binder) -> String {
+    let any: Vec<String> = values
+        .iter()
+        .map(|v| format!("(state -> 'data') @> {}::jsonb", b.bind(Param::Json(doc(v)))))
+        .collect();
+    format!("({})", any.join(" OR "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +153,7 @@ mod tests {
         let props: HashMap<String, String> = [("age", "integer"), ("name", "string")].map(|(k, v)| (k.to_string(), v.to_string())).into();
         let (sql, params) = render(&parse("age>3,name=in:(a|b)", &props).unwrap(), 5, '$', clause);
         assert!(sql.contains("$5::text") && sql.contains("> $6::jsonb") && sql.contains("@> $7::jsonb OR (state -> 'data') @> $8::jsonb)"), "{sql}");
+        assert!(sql.starts_with(" AND ((jsonb_typeof"), "each group is parenthesised: {sql}");
         assert_eq!(params.len(), 4);
     }
 }

@@ -89,6 +89,10 @@ impl ReadStore for Pg {
         super::query::page(self, page).await
     }
 
+    async fn count(&self, page: &Page<'_>, bound: u64) -> Result<u64, DbError> {
+        super::query::count(self, page, bound).await
+    }
+
     async fn position(&self, schema: &ReadSchema) -> Result<u64, DbError> {
         let client = self.pool.get().await?;
         let sql = format!("SELECT position FROM {} WHERE id = 1", table(schema, "projection"));

@@ -1,18 +1,30 @@
-//! The `where=` filter on instance pages: comma-separated conditions on properties of the
-//! instance's data, typed by its class.
+//! The `where=` filter on instance pages: conditions on properties of the instance's data,
+//! typed by its class. `,` joins conditions that must all hold; a parenthesised group joins
+//! alternatives with `|`:
 //!
 //! ```text
-//! age>=30,name=bob,tags=exists:true,status=in:(open|closed),score!=0
+//! filter    = group *( "," group )
+//! group     = condition / "(" condition *( "|" condition ) ")"
+//! condition = property op value
+//! op        = "=" / "!=" / ">" / ">=" / "<" / "<="
+//! value     = scalar / "in:(" list ")" / "not_in:(" list ")" / "exists:" bool
+//!           / "is_null:" bool / "like:" scalar / "ilike:" scalar         ; the prefixed forms after "=" only
+//! list      = scalar *( "|" scalar )
+//! scalar    = quoted / plain
+//! quoted    = DQUOTE *( char / "\" DQUOTE / "\\" ) DQUOTE         ; may hold , | ( ) and "
+//! plain     = *( any char but , | ( ) " )
 //! ```
 //!
-//! Operators: `=`, `!=`, `>`, `>=`, `<`, `<=`, `=in:(a|b|…)`, `=exists:true|false`. Numbers
-//! (`integer`, `number`) compare as numbers; `string`, `datetime`, `date`, `uuid`, `email`, `url`
+//! e.g. `age>=30,(status=open|status=new),name=like:"Smith, J*"`. Numbers (`integer`,
+//! `number`) compare as numbers; `string`, `datetime`, `date`, `uuid`, `email`, `url`, `enum`
 //! and `ref:*` properties compare as strings in byte order (write datetimes in one offset, e.g.
 //! UTC `Z`, to compare them; `date` is always `YYYY-MM-DD`, so it orders as dates); `decimal`
-//! takes `=`, `!=`, `in` and `exists` (as exact text: `1.5` is not `1.50`), not order
-//! comparisons; `boolean` takes `=`, `!=` and `exists`; `json` properties only `exists`. A comparison matches
-//! only values of the property's type, so a missing property matches nothing but
-//! `exists:false`. Values cannot contain `,`, `|` or U+0000.
+//! takes `=`, `!=`, `in`, `not_in` and `exists` (as exact text: `1.5` is not `1.50`), not order
+//! comparisons; `boolean` takes `=`, `!=` and `exists`; `json` (and arrays, objects) only
+//! `exists`. `like:` and `ilike:` (case-insensitive) take `*` as "any characters" on string
+//! properties. A comparison, `in`, `not_in` or `like` matches only values of the property's
+//! type, so a missing property matches nothing but `exists:false` (`is_null:true`, the same).
+//! Values cannot contain U+0000. Every refusal says at which character it stopped.
 
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -25,11 +37,6 @@ pub struct InvalidFilter(String);
 impl InvalidFilter {
     fn new(reason: impl Into<String>) -> InvalidFilter {
         InvalidFilter(reason.into())
-    }
-
-    /// The same reason, prefixed with the condition it is about.
-    fn in_condition(self, text: &str) -> InvalidFilter {
-        InvalidFilter(format!("{text:?}: {}", self.0))
     }
 }
 
@@ -50,7 +57,7 @@ impl ValueType {
     pub fn of_property(ty: &str) -> ValueType {
         match ty {
             "integer" | "number" => ValueType::Number,
-            "string" | "datetime" | "date" | "decimal" | "uuid" | "email" | "url" => ValueType::Text,
+            "string" | "datetime" | "date" | "decimal" | "uuid" | "email" | "url" | "enum" => ValueType::Text,
             t if t.starts_with("ref:") => ValueType::Text,
             "boolean" => ValueType::Bool,
             _ => ValueType::Json,
@@ -94,7 +101,10 @@ impl CmpOp {
 pub enum Test {
     Cmp(CmpOp, Value),
     In(Vec<Value>),
+    NotIn(Vec<Value>),
     Exists(bool),
+    /// A `like:` pattern with `*` for any characters.
+    Like { pattern: String, case_insensitive: bool },
 }
 
 /// One condition on one property.
@@ -105,89 +115,228 @@ pub struct Condition {
     pub test: Test,
 }
 
-/// Parses a filter against the class's properties (name -> declared type). The error says
-/// what is wrong, for a 400.
-pub fn parse(input: &str, properties: &HashMap<String, String>) -> Result<Vec<Condition>, InvalidFilter> {
-    let parts: Vec<&str> = input.split(',').collect();
-    if parts.len() > MAX_CONDITIONS {
+/// Alternatives: a row matches when any of its conditions holds.
+pub type Group = Vec<Condition>;
+
+/// Parses a filter against the class's properties (name -> declared type): the groups, all
+/// of which must hold. The error says what is wrong and where, for a 400.
+pub fn parse(input: &str, properties: &HashMap<String, String>) -> Result<Vec<Group>, InvalidFilter> {
+    let mut p = Parser { text: input, at: 0, properties };
+    let mut groups = vec![p.group()?];
+    while p.eat(',') {
+        groups.push(p.group()?);
+    }
+    if p.at < input.len() {
+        return Err(p.error("expected `,` or the end of the filter"));
+    }
+    if groups.iter().map(Vec::len).sum::<usize>() > MAX_CONDITIONS {
         return Err(InvalidFilter::new(format!("at most {MAX_CONDITIONS} conditions")));
     }
-    parts.into_iter().map(|p| condition(p, properties)).collect()
+    Ok(groups)
 }
 
-fn condition(text: &str, properties: &HashMap<String, String>) -> Result<Condition, InvalidFilter> {
-    let (property, op, raw) = split(text)?;
-    let declared = properties
-        .get(property)
-        .ok_or_else(|| InvalidFilter::new(format!("{property:?} is not a property of this class")))?;
-    if property.contains('"') || property.chars().any(char::is_control) {
-        return Err(InvalidFilter::new(format!("property {property:?} cannot be filtered on")));
-    }
-    if raw.contains('\0') {
-        // PostgreSQL cannot bind it (text or jsonb): a 400 here, not a failed query.
-        return Err(InvalidFilter::new(format!("{property}: the value contains U+0000 (NUL), which no stored value holds")));
-    }
-    let ty = ValueType::of_property(declared);
-    if declared == "decimal" && matches!(op, ">" | ">=" | "<" | "<=") {
-        // As text, "10" < "9": refused rather than answered wrong.
-        return Err(InvalidFilter::new(format!("{property}: decimal properties take =, !=, in and exists, not order comparisons")));
-    }
-    let test = test_of(op, raw, ty).map_err(|e| e.in_condition(text))?;
-    Ok(Condition { property: property.to_string(), ty, test })
+struct Parser<'a> {
+    text: &'a str,
+    /// A byte offset into `text`, always on a character boundary.
+    at: usize,
+    properties: &'a HashMap<String, String>,
 }
 
-/// `name op value`, at the first operator character.
-fn split(text: &str) -> Result<(&str, &str, &str), InvalidFilter> {
-    let at = text
-        .find(['=', '!', '<', '>'])
-        .ok_or_else(|| InvalidFilter::new(format!("{text:?}: expected property, operator and value, e.g. age>=30")))?;
-    let (property, rest) = text.split_at(at);
-    let op_len = if rest.starts_with("!=") || rest.starts_with(">=") || rest.starts_with("<=") { 2 } else { 1 };
-    let (op, value) = rest.split_at(op_len);
-    if property.is_empty() || op == "!" {
-        return Err(InvalidFilter::new(format!("{text:?}: expected property, operator and value, e.g. age>=30")));
+impl Parser<'_> {
+    fn rest(&self) -> &str {
+        &self.text[self.at..]
     }
-    Ok((property, op, value))
-}
 
-fn test_of(op: &str, raw: &str, ty: ValueType) -> Result<Test, InvalidFilter> {
-    if op == "=" {
-        if let Some(flag) = raw.strip_prefix("exists:") {
-            return match flag {
-                "true" => Ok(Test::Exists(true)),
-                "false" => Ok(Test::Exists(false)),
-                _ => Err(InvalidFilter::new("exists takes true or false")),
+    fn eat(&mut self, c: char) -> bool {
+        let found = self.rest().starts_with(c);
+        if found {
+            self.at += c.len_utf8();
+        }
+        found
+    }
+
+    fn eat_str(&mut self, s: &str) -> bool {
+        let found = self.rest().starts_with(s);
+        if found {
+            self.at += s.len();
+        }
+        found
+    }
+
+    /// `reason`, at the current character (counted from 1, in characters).
+    fn error(&self, reason: impl std::fmt::Display) -> InvalidFilter {
+        let column = self.text[..self.at].chars().count() + 1;
+        let found = match self.rest().chars().next() {
+            Some(c) => format!("{c:?}"),
+            None => "the end".into(),
+        };
+        InvalidFilter::new(format!("at character {column} ({found}): {reason}"))
+    }
+
+    fn group(&mut self) -> Result<Group, InvalidFilter> {
+        if !self.eat('(') {
+            return Ok(vec![self.condition()?]);
+        }
+        let mut group = vec![self.condition()?];
+        while self.eat('|') {
+            group.push(self.condition()?);
+        }
+        if !self.eat(')') {
+            return Err(self.error("expected `|` or `)` to close the group"));
+        }
+        Ok(group)
+    }
+
+    fn condition(&mut self) -> Result<Condition, InvalidFilter> {
+        let start = self.at;
+        let name_len = self.rest().find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(self.rest().len());
+        let property = &self.text[start..start + name_len];
+        if property.is_empty() {
+            return Err(self.error("expected a property name, e.g. age>=30"));
+        }
+        let declared = self
+            .properties
+            .get(property)
+            .ok_or_else(|| self.error(format!("{property:?} is not a property of this class")))?;
+        self.at += name_len;
+        let op = self.operator()?;
+        let ty = ValueType::of_property(declared);
+        let value_at = self.at;
+        let test = self.test(op, ty).map_err(|e| InvalidFilter(format!("{} (in the condition on {property})", e.0)))?;
+        if declared == "decimal" && matches!(test, Test::Cmp(CmpOp::Gt | CmpOp::Ge | CmpOp::Lt | CmpOp::Le, _)) {
+            // As text, "10" < "9": refused rather than answered wrong.
+            self.at = value_at;
+            return Err(self.error(format!("{property}: decimal properties take =, !=, in, not_in and exists, not order comparisons")));
+        }
+        Ok(Condition { property: property.to_string(), ty, test })
+    }
+
+    fn operator(&mut self) -> Result<CmpOp, InvalidFilter> {
+        for (text, op) in [("!=", CmpOp::Ne), (">=", CmpOp::Ge), ("<=", CmpOp::Le), ("=", CmpOp::Eq), (">", CmpOp::Gt), ("<", CmpOp::Lt)] {
+            if self.eat_str(text) {
+                return Ok(op);
+            }
+        }
+        Err(self.error("expected an operator: = != > >= < <="))
+    }
+
+    fn test(&mut self, op: CmpOp, ty: ValueType) -> Result<Test, InvalidFilter> {
+        let start = self.at;
+        if op == CmpOp::Eq {
+            for flag in ["exists:", "is_null:"] {
+                if self.eat_str(flag) {
+                    let present = self.boolean()?;
+                    return Ok(Test::Exists(if flag == "exists:" { present } else { !present }));
+                }
+            }
+            if self.eat_str("in:(") {
+                return self.list(ty, start).map(Test::In);
+            }
+            if self.eat_str("not_in:(") {
+                return self.list(ty, start).map(Test::NotIn);
+            }
+            for (prefix, case_insensitive) in [("like:", false), ("ilike:", true)] {
+                if self.eat_str(prefix) {
+                    return self.like(ty, case_insensitive, start);
+                }
+            }
+        }
+        let raw = self.scalar()?;
+        let value = self.typed(&raw, ty, start)?;
+        match ty {
+            ValueType::Bool if !matches!(op, CmpOp::Eq | CmpOp::Ne) => Err(self.at_(start, "booleans take = and != only")),
+            _ => Ok(Test::Cmp(op, value)),
+        }
+    }
+
+    fn boolean(&mut self) -> Result<bool, InvalidFilter> {
+        if self.eat_str("true") {
+            return Ok(true);
+        }
+        if self.eat_str("false") {
+            return Ok(false);
+        }
+        Err(self.error("expected true or false"))
+    }
+
+    fn list(&mut self, ty: ValueType, start: usize) -> Result<Vec<Value>, InvalidFilter> {
+        if !matches!(ty, ValueType::Number | ValueType::Text) {
+            return Err(self.at_(start, format!("in and not_in take numbers or strings, the property is {}", ty.name())));
+        }
+        let mut values = Vec::new();
+        loop {
+            let value_at = self.at;
+            let raw = self.scalar()?;
+            values.push(self.typed(&raw, ty, value_at)?);
+            if values.len() > MAX_IN_VALUES {
+                return Err(self.at_(start, format!("at most {MAX_IN_VALUES} values in a list")));
+            }
+            if self.eat(')') {
+                return Ok(values);
+            }
+            if !self.eat('|') {
+                return Err(self.error("expected `|` or `)` in the list"));
+            }
+        }
+    }
+
+    fn like(&mut self, ty: ValueType, case_insensitive: bool, start: usize) -> Result<Test, InvalidFilter> {
+        if ty != ValueType::Text {
+            return Err(self.at_(start, format!("like and ilike take string properties, the property is {}", ty.name())));
+        }
+        let pattern = self.scalar()?;
+        self.no_nul(&pattern, start)?;
+        Ok(Test::Like { pattern, case_insensitive })
+    }
+
+    /// A quoted or plain value, unescaped.
+    fn scalar(&mut self) -> Result<String, InvalidFilter> {
+        if !self.eat('"') {
+            let len = self.rest().find([',', '|', '(', ')', '"']).unwrap_or(self.rest().len());
+            let plain = self.rest()[..len].to_string();
+            self.at += len;
+            return Ok(plain);
+        }
+        let mut out = String::new();
+        loop {
+            let Some(c) = self.rest().chars().next() else {
+                return Err(self.error("the quoted value is not closed with `\"`"));
             };
-        }
-        if let Some(list) = raw.strip_prefix("in:(").and_then(|r| r.strip_suffix(')')) {
-            return in_list(list, ty);
+            self.at += c.len_utf8();
+            match c {
+                '"' => return Ok(out),
+                '\\' => {
+                    let escaped = self.rest().chars().next().filter(|e| matches!(e, '"' | '\\'));
+                    let Some(e) = escaped else { return Err(self.error("in a quoted value, `\\` escapes only `\"` and `\\`")) };
+                    self.at += 1;
+                    out.push(e);
+                }
+                c => out.push(c),
+            }
         }
     }
-    let cmp = match op {
-        "=" => CmpOp::Eq,
-        "!=" => CmpOp::Ne,
-        ">" => CmpOp::Gt,
-        ">=" => CmpOp::Ge,
-        "<" => CmpOp::Lt,
-        "<=" => CmpOp::Le,
-        _ => return Err(InvalidFilter::new(format!("unknown operator {op:?}"))),
-    };
-    match ty {
-        ValueType::Json => Err(InvalidFilter::new("json properties can only be tested with exists")),
-        ValueType::Bool if !matches!(cmp, CmpOp::Eq | CmpOp::Ne) => Err(InvalidFilter::new("booleans take = and != only")),
-        _ => Ok(Test::Cmp(cmp, value_of(raw, ty)?)),
-    }
-}
 
-fn in_list(list: &str, ty: ValueType) -> Result<Test, InvalidFilter> {
-    if !matches!(ty, ValueType::Number | ValueType::Text) {
-        return Err(InvalidFilter::new(format!("in takes numbers or strings, the property is {}", ty.name())));
+    fn typed(&self, raw: &str, ty: ValueType, start: usize) -> Result<Value, InvalidFilter> {
+        self.no_nul(raw, start)?;
+        value_of(raw, ty).map_err(|e| InvalidFilter(format!("at character {}: {}", self.column(start), e.0)))
     }
-    let values: Vec<Value> = list.split('|').map(|v| value_of(v, ty)).collect::<Result<_, _>>()?;
-    if values.len() > MAX_IN_VALUES {
-        return Err(InvalidFilter::new(format!("at most {MAX_IN_VALUES} values in in:(...)")));
+
+    fn no_nul(&self, raw: &str, start: usize) -> Result<(), InvalidFilter> {
+        if raw.contains('\0') {
+            // PostgreSQL cannot bind it (text or jsonb): a 400 here, not a failed query.
+            return Err(self.at_(start, "the value contains U+0000 (NUL), which no stored value holds"));
+        }
+        Ok(())
     }
-    Ok(Test::In(values))
+
+    fn column(&self, at: usize) -> usize {
+        self.text[..at].chars().count() + 1
+    }
+
+    /// `reason` at an earlier offset (the start of the value it is about).
+    fn at_(&self, at: usize, reason: impl std::fmt::Display) -> InvalidFilter {
+        Parser { text: self.text, at, properties: self.properties }.error(reason)
+    }
 }
 
 fn value_of(raw: &str, ty: ValueType) -> Result<Value, InvalidFilter> {
@@ -202,8 +351,42 @@ fn value_of(raw: &str, ty: ValueType) -> Result<Value, InvalidFilter> {
             "false" => Ok(json!(false)),
             _ => Err(InvalidFilter::new(format!("{raw:?} is not true or false"))),
         },
-        ValueType::Json => Err(InvalidFilter::new("json properties can only be tested with exists")),
+        ValueType::Json => Err(InvalidFilter::new("json, array and object properties can only be tested with exists")),
     }
+}
+
+/// A `like:` pattern as SQL `LIKE` text: `*` becomes `%`, and `%`, `_` and `\` are escaped
+/// with `\` (the clause says `ESCAPE '\'`).
+pub fn like_pattern(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len() + 4);
+    for c in pattern.chars() {
+        match c {
+            '*' => out.push('%'),
+            '%' | '_' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A `like:` pattern as SQLite `GLOB` text (case-sensitive, unlike SQLite's `LIKE`): `*`
+/// stays the wildcard, and `?`, `[` and `]` are bracketed so GLOB reads them literally.
+pub fn glob_pattern(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len() + 4);
+    for c in pattern.chars() {
+        match c {
+            '?' | '[' | ']' => {
+                out.push('[');
+                out.push(c);
+                out.push(']');
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// A bound parameter of a rendered filter.
@@ -230,14 +413,17 @@ impl Binder {
     }
 }
 
-/// The filter as SQL over the `state` column (` AND clause` per condition, as `clause`
-/// spells one on its backend), its parameters numbered from `first` behind `sigil`.
-pub fn render(conditions: &[Condition], first: usize, sigil: char, clause: fn(&Condition, &mut Binder) -> String) -> (String, Vec<Param>) {
+/// The filter as SQL over the `state` column (` AND (clause OR clause…)` per group, as
+/// `clause` spells one condition on its backend), its parameters numbered from `first` behind
+/// `sigil`.
+pub fn render(groups: &[Group], first: usize, sigil: char, clause: fn(&Condition, &mut Binder) -> String) -> (String, Vec<Param>) {
     let mut binder = Binder { params: Vec::new(), first, sigil };
     let mut sql = String::new();
-    for c in conditions {
-        sql.push_str(" AND ");
-        sql.push_str(&clause(c, &mut binder));
+    for group in groups {
+        let alternatives: Vec<String> = group.iter().map(|c| format!("({})", clause(c, &mut binder))).collect();
+        sql.push_str(" AND (");
+        sql.push_str(&alternatives.join(" OR "));
+        sql.push(')');
     }
     (sql, binder.params)
 }
@@ -253,35 +439,68 @@ mod tests {
             .collect()
     }
 
+    fn conditions(input: &str) -> Vec<Condition> {
+        parse(input, &props()).unwrap().into_iter().flatten().collect()
+    }
+
     #[test]
     fn parses_every_operator() {
-        let c = parse("age>=30,name=bob,age=in:(1|2),meta=exists:false,ok!=true,at<2026-01-01T00:00:00Z", &props()).unwrap();
+        let c = conditions("age>=30,name=bob,age=in:(1|2),meta=exists:false,ok!=true,at<2026-01-01T00:00:00Z,age=not_in:(3),name=is_null:true,name=like:Sm*th,name=ilike:a*");
         assert_eq!(c[0].test, Test::Cmp(CmpOp::Ge, json!(30)));
         assert_eq!(c[1].test, Test::Cmp(CmpOp::Eq, json!("bob")));
         assert_eq!(c[2].test, Test::In(vec![json!(1), json!(2)]));
         assert_eq!(c[3].test, Test::Exists(false));
         assert_eq!(c[4].test, Test::Cmp(CmpOp::Ne, json!(true)));
         assert_eq!(c[5].test, Test::Cmp(CmpOp::Lt, json!("2026-01-01T00:00:00Z")));
+        assert_eq!(c[6].test, Test::NotIn(vec![json!(3)]));
+        assert_eq!(c[7].test, Test::Exists(false));
+        assert_eq!(c[8].test, Test::Like { pattern: "Sm*th".into(), case_insensitive: false });
+        assert_eq!(c[9].test, Test::Like { pattern: "a*".into(), case_insensitive: true });
     }
 
     #[test]
-    fn bad_filters_say_what_is_wrong() {
+    fn groups_are_alternatives_and_quotes_hold_any_character() {
+        let groups = parse(r#"(age=1|name="a,b|c(d)"),name=in:("x|y"|"say \"hi\"\\")"#, &props()).unwrap();
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].len(), 2);
+        assert_eq!(groups[0][1].test, Test::Cmp(CmpOp::Eq, json!("a,b|c(d)")));
+        assert_eq!(groups[1][0].test, Test::In(vec![json!("x|y"), json!("say \"hi\"\\")]));
+        assert_eq!(conditions("name=")[0].test, Test::Cmp(CmpOp::Eq, json!("")), "an empty value is a value");
+    }
+
+    #[test]
+    fn like_patterns_escape_what_sql_would_read() {
+        assert_eq!(like_pattern("50%_off*"), "50\\%\\_off%");
+        assert_eq!(like_pattern("a\\b"), "a\\\\b");
+        assert_eq!(glob_pattern("a?[b]*"), "a[?][[]b[]]*");
+    }
+
+    #[test]
+    fn bad_filters_say_what_is_wrong_and_where() {
         let cases = [
-            ("nope=1", "not a property"),
-            ("age>=old", "not a number"),
-            ("age", "expected property"),
-            ("=3", "expected property"),
+            ("nope=1", "at character 1 ('n'): \"nope\" is not a property"),
+            ("age>=old", "at character 6: \"old\" is not a number"),
+            ("age", "at character 4 (the end): expected an operator"),
+            ("=3", "at character 1 ('='): expected a property name"),
             ("ok>true", "booleans take"),
             ("meta=1", "only be tested with exists"),
-            ("ok=in:(true)", "in takes numbers or strings"),
-            ("age=exists:maybe", "exists takes true or false"),
-            ("age!3", "expected property"),
-            ("name=a\0b", "name: the value contains U+0000"),
-            ("name=in:(a|\0)", "name: the value contains U+0000"),
+            ("ok=in:(true)", "in and not_in take numbers or strings"),
+            ("age=exists:maybe", "at character 12 ('m'): expected true or false"),
+            ("age!3", "expected an operator"),
+            ("name=a\0b", "the value contains U+0000"),
+            ("name=in:(a|\0)", "the value contains U+0000"),
+            ("age=1)x", "at character 6 (')'): expected `,` or the end"),
+            ("(age=1,name=b)", "at character 7 (','): expected `|` or `)`"),
+            ("name=\"open", "at character 11 (the end): the quoted value is not closed"),
+            ("name=\"a\\x\"", "escapes only"),
+            ("age=like:1*", "like and ilike take string properties"),
+            ("name=in:(a|b", "expected `|` or `)` in the list"),
         ];
         for (input, want) in cases {
             let err = parse(input, &props()).unwrap_err();
             assert!(err.to_string().contains(want), "{input}: {err}");
         }
+        let many = vec!["age=1"; MAX_CONDITIONS + 1].join(",");
+        assert!(parse(&many, &props()).is_err());
     }
 }

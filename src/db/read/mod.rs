@@ -133,6 +133,9 @@ pub trait ReadStore: Send + Sync + 'static {
     async fn one(&self, kind: ReadKind, key: &str) -> Result<Snapshot, DbError>;
     /// A page of the live schema.
     async fn page(&self, page: &Page<'_>) -> Result<Snapshot, DbError>;
+    /// How many live rows the page's kind, parent and filter match (whatever its cursor and
+    /// limit), counting no further than `bound + 1`: a count never reads the whole class.
+    async fn count(&self, page: &Page<'_>, bound: u64) -> Result<u64, DbError>;
     /// How far `schema` has applied the log: every outcome event at or below this position is
     /// in it, or recorded as refused in `projection_failures`.
     async fn position(&self, schema: &ReadSchema) -> Result<u64, DbError>;

@@ -1,7 +1,7 @@
 //! What reading the read models returns: one row or a keyset page (optionally filtered),
 //! always with the position it reflects.
 
-use super::filter::Condition;
+use super::filter::Group;
 use super::ReadKind;
 use super::ReadRow;
 use crate::db::DbError;
@@ -25,7 +25,7 @@ pub struct Page<'a> {
     pub parent: &'a str,
     pub after: Option<&'a str>,
     pub limit: usize,
-    pub filter: &'a [Condition],
+    pub filter: &'a [Group],
 }
 
 /// A stored kind, read back.

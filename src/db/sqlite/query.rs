@@ -2,7 +2,7 @@
 //! connection (one snapshot), filters through SQLite's JSON functions.
 
 use super::{position, table, Lite};
-use crate::db::read::filter::{render, Binder, Condition, Param, Test, ValueType};
+use crate::db::read::filter::{glob_pattern, like_pattern, render, Binder, Condition, Param, Test, ValueType};
 use crate::db::read::query::{kind_of, COLUMNS};
 use crate::db::read::{Page, ReadKind, ReadRow, ReadSchema, Snapshot};
 use crate::db::DbError;
@@ -25,6 +25,20 @@ pub(super) async fn page(lite: &Lite, page: &Page<'_>) -> Result<Snapshot, DbErr
         vec![page.kind.as_str().to_string().into(), page.parent.to_string().into(), after.into(), (page.limit as i64).into()];
     bound.extend(params.into_iter().map(param));
     rows_at(lite, sql, bound).await
+}
+
+pub(super) async fn count(lite: &Lite, page: &Page<'_>, bound: u64) -> Result<u64, DbError> {
+    let (filter, params) = render(page.filter, 4, '?', clause);
+    let sql = format!(
+        "SELECT count(*) FROM (SELECT 1 FROM {} WHERE kind = ?1 AND parent = ?2 AND deleted = 0{filter} LIMIT ?3)",
+        table(&ReadSchema::live(), "read_models")
+    );
+    let mut bound_params: Vec<rusqlite::types::Value> =
+        vec![page.kind.as_str().to_string().into(), page.parent.to_string().into(), (bound.saturating_add(1).min(i64::MAX as u64) as i64).into()];
+    bound_params.extend(params.into_iter().map(param));
+    let conn = lite.conn.lock().await;
+    let n: i64 = conn.query_row(&sql, rusqlite::params_from_iter(bound_params), |r| r.get(0))?;
+    Ok(n as u64)
 }
 
 /// The position and the rows under one hold of the connection, so no write comes between.
@@ -98,6 +112,17 @@ fn clause(c: &Condition, b: &mut Binder) -> String {
         Test::In(values) => {
             let list: Vec<String> = values.iter().map(&mut value).collect();
             format!("{typed} AND {x} IN ({})", list.join(", "))
+        }
+        Test::NotIn(values) => {
+            let list: Vec<String> = values.iter().map(&mut value).collect();
+            format!("{typed} AND {x} NOT IN ({})", list.join(", "))
+        }
+        // SQLite's LIKE ignores ASCII case only, and GLOB is its case-sensitive match.
+        Test::Like { pattern, case_insensitive: false } => {
+            format!("{typed} AND {x} GLOB {}", b.bind(Param::Text(glob_pattern(pattern))))
+        }
+        Test::Like { pattern, case_insensitive: true } => {
+            format!("{typed} AND {x} LIKE {} ESCAPE '\\'", b.bind(Param::Text(like_pattern(pattern))))
         }
     }
 }

@@ -75,6 +75,10 @@ impl ReadStore for Lite {
         super::query::page(self, page).await
     }
 
+    async fn count(&self, page: &Page<'_>, bound: u64) -> Result<u64, DbError> {
+        super::query::count(self, page, bound).await
+    }
+
     async fn position(&self, schema: &ReadSchema) -> Result<u64, DbError> {
         let conn = self.conn.lock().await;
         position(&conn, schema)

@@ -7,7 +7,7 @@ use super::bulk_create_instances::checked_members;
 use super::update_instance::{command, Target};
 use super::{Context, Invalid, Request};
 use crate::domain::ids::Name;
-use crate::domain::rules::validate_data_keys;
+use crate::domain::schema::validate_data_keys;
 use crate::domain::CommandType;
 use serde::Deserialize;
 use serde_json::{Map, Value};

@@ -5,7 +5,9 @@
 
 use super::{class_chain, parent_class, text, Context, Invalid, Request, StateReader};
 use crate::domain::ids::{validate_name, AggregateKey, Name};
-use crate::domain::rules::{fail, validate_properties, Decision, Facts, PropertyDef};
+use crate::domain::rules::{fail, Decision, Facts};
+use crate::domain::schema::{validate_properties, PropertyDef};
+use crate::domain::text::Text;
 use crate::domain::{Command, CommandType};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -18,10 +20,11 @@ pub const EVENT_TYPE: &str = "ONTOLOGY_CLASS_CREATED";
 pub struct CreateClassBody {
     #[schema(value_type = Name)]
     id: String,
+    /// A string, or text by language tag (`{"en": "Product", "ko": "제품"}`).
     #[serde(default)]
-    label: Option<String>,
+    label: Option<Text>,
     #[serde(default)]
-    description: Option<String>,
+    description: Option<Text>,
     #[serde(default)]
     properties: Vec<PropertyDef>,
     #[serde(default)]
@@ -38,6 +41,9 @@ pub fn request(ctx: &Context, db: &str, body: CreateClassBody) -> Result<Request
         validate_name("parent_class", parent)?;
     }
     validate_properties(&body.properties)?;
+    for (field, text) in [("label", &body.label), ("description", &body.description)] {
+        text.as_ref().map_or(Ok(()), |t| t.validate(field))?;
+    }
     let branch = ctx.branch()?;
     Ok(Request::single(Command {
         command_type: CommandType::CreateOntologyClass,

@@ -3,7 +3,9 @@
 
 use super::{class_chain, text, Context, Invalid, Request, StateReader};
 use crate::domain::ids::{validate_name, AggregateKey, Name};
-use crate::domain::rules::{fail, instance_key, validate, validate_data_keys, Decision, Facts};
+use crate::domain::rules::{fail, instance_key, Decision, Facts};
+use crate::domain::schema::validate_data_keys;
+use crate::domain::values::{validate, with_defaults};
 use crate::domain::{Command, CommandType};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -94,9 +96,9 @@ pub fn decide(payload: &Value, facts: &Facts) -> Decision {
     if facts.current.is_some() {
         return fail("instance_exists", "the instance already exists");
     }
-    let data = payload["data"].as_object().cloned().unwrap_or_default();
+    let data = with_defaults(payload["data"].as_object().cloned().unwrap_or_default(), &facts.classes);
     if let Err(invalid) = validate(&data, &facts.classes) {
-        return fail("invalid_instance", invalid.to_string());
+        return fail(invalid.code(), invalid.to_string());
     }
     let mut state = instance_key(payload);
     state.insert("data".into(), Value::Object(data));

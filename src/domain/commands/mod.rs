@@ -26,7 +26,8 @@ pub use create_database::CreateDatabaseBody;
 pub use create_instance::CreateInstanceBody;
 pub use update_class::{ClassPatch, UpdateClassBody};
 pub use update_instance::UpdateInstanceBody;
-pub use super::rules::{Invalid, PropertyDef};
+pub use super::rules::Invalid;
+pub use super::schema::PropertyDef;
 
 use super::ids::{AggregateKey, AggregateType};
 use super::rules::{Decision, Facts};

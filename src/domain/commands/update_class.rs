@@ -4,7 +4,9 @@
 use super::create_class::{check_parent, check_refs};
 use super::{Context, Invalid, Request};
 use crate::domain::ids::{validate_name, AggregateKey, Name};
-use crate::domain::rules::{fail, validate_properties, Decision, Facts, PropertyDef};
+use crate::domain::rules::{fail, Decision, Facts};
+use crate::domain::schema::{validate_properties, PropertyDef};
+use crate::domain::text::Text;
 use crate::domain::{Command, CommandType};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -17,9 +19,9 @@ pub const EVENT_TYPE: &str = "ONTOLOGY_CLASS_UPDATED";
 #[serde(deny_unknown_fields)]
 pub struct ClassPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    label: Option<String>,
+    label: Option<Text>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    description: Option<String>,
+    description: Option<Text>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     properties: Option<Vec<PropertyDef>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -40,6 +42,9 @@ pub fn request(ctx: &Context, db: &str, class_id: &str, body: UpdateClassBody) -
     validate_name("class_id", class_id)?;
     if let Some(props) = &body.patch.properties {
         validate_properties(props)?;
+    }
+    for (field, text) in [("label", &body.patch.label), ("description", &body.patch.description)] {
+        text.as_ref().map_or(Ok(()), |t| t.validate(field))?;
     }
     if let Some(parent) = &body.patch.parent_class {
         validate_name("parent_class", parent)?;

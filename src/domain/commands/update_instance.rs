@@ -3,7 +3,9 @@
 
 use super::{Context, Invalid, Request};
 use crate::domain::ids::{validate_name, AggregateKey};
-use crate::domain::rules::{fail, instance_key, merge_patch, validate, validate_data_keys, Decision, Facts};
+use crate::domain::rules::{fail, instance_key, merge_patch, Decision, Facts};
+use crate::domain::schema::validate_data_keys;
+use crate::domain::values::validate;
 use crate::domain::{Command, CommandType};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -63,7 +65,7 @@ pub fn decide(payload: &Value, facts: &Facts) -> Decision {
     let mut data = current["data"].as_object().cloned().unwrap_or_default();
     merge_patch(&mut data, payload["data"].as_object().cloned().unwrap_or_default());
     if let Err(invalid) = validate(&data, &facts.classes) {
-        return fail("invalid_instance", invalid.to_string());
+        return fail(invalid.code(), invalid.to_string());
     }
     let mut state = instance_key(payload);
     state.insert("data".into(), Value::Object(data));

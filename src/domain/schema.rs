@@ -1,0 +1,356 @@
+//! What a class may declare: its properties, their types and their constraints. Checked when
+//! the command is submitted (a bad definition is a 400 and nothing is appended); the data of
+//! instances is checked against these definitions by [`super::values`].
+
+use super::ids::{validate_name, MAX_NAME_LEN};
+use super::rules::Invalid;
+use super::text::Text;
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex};
+use utoipa::ToSchema;
+
+/// A property of an ontology class (or of an `object` property).
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PropertyDef {
+    #[schema(pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+    pub name: String,
+    /// `string`, `integer`, `number`, `boolean`, `datetime` (RFC 3339), `date` (`YYYY-MM-DD`),
+    /// `decimal` (exact, a string such as `"-12.50"`), `uuid`, `email`, `url` (http or https),
+    /// `json`, `enum` (one of `values`), `object` (with its own `properties`), `array<T>` for a
+    /// scalar `T` other than `json`, or `ref:<ClassId>`.
+    #[serde(rename = "type")]
+    #[schema(pattern = "^(string|integer|number|boolean|datetime|date|decimal|uuid|email|url|json|enum|object|array<[a-z]+>|ref:[A-Za-z0-9][A-Za-z0-9_.-]{0,127})$")]
+    pub ty: String,
+    #[serde(default)]
+    pub required: bool,
+    /// A string, or text by language tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<Text>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<Text>,
+    /// `enum` only: the allowed strings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<Vec<String>>,
+    /// `object` only: the nested properties (at most [`MAX_DEPTH`] levels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(no_recursion)]
+    pub properties: Option<Vec<PropertyDef>>,
+    /// Smallest allowed value: a number for `integer` and `number`, a date or datetime string
+    /// for `date` and `datetime`. For an array, of each item.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<Value>,
+    /// Largest allowed value, as `min`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<Value>,
+    /// Fewest characters of a string-shaped value, or items of an array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_length: Option<u64>,
+    /// Most characters of a string-shaped value, or items of an array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<u64>,
+    /// `string` (or `array<string>`) only: a regular expression the whole value must match
+    /// (Rust `regex` syntax: no look-around or back-references, so matching is linear).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    /// The value a created instance gets when its data leaves the property out; must itself
+    /// satisfy the property.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<Value>,
+}
+
+/// The scalar types: a value of one is a JSON scalar (or any JSON, for `json`).
+pub const SCALAR_TYPES: &[&str] =
+    &["string", "integer", "number", "boolean", "datetime", "date", "decimal", "uuid", "email", "url", "json"];
+
+/// Types whose values are strings, so lengths apply.
+const STRING_TYPES: &[&str] = &["string", "datetime", "date", "decimal", "uuid", "email", "url", "enum"];
+
+/// Most properties one class may declare: each instance is checked against every property of
+/// its class and ancestors, and a class is read whole on every instance command.
+pub const MAX_PROPERTIES: usize = 1000;
+
+/// Deepest nesting of `object` properties.
+pub const MAX_DEPTH: usize = 4;
+
+/// Most values of one `enum`.
+pub const MAX_ENUM_VALUES: usize = 1000;
+
+/// Longest `pattern`, and the most memory its compiled form may take: a class definition must
+/// not make every instance command slow.
+pub const MAX_PATTERN_LEN: usize = 1000;
+const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+
+/// A property's type, parsed from its `type` string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind<'a> {
+    Scalar(&'a str),
+    Enum,
+    Object,
+    Array(&'a str),
+    Ref(&'a str),
+}
+
+impl<'a> Kind<'a> {
+    /// `None` for a type string that names no type.
+    pub fn parse(ty: &'a str) -> Option<Kind<'a>> {
+        if let Some(target) = ty.strip_prefix("ref:") {
+            return Some(Kind::Ref(target));
+        }
+        if let Some(item) = ty.strip_prefix("array<").and_then(|t| t.strip_suffix('>')) {
+            return (item != "json" && SCALAR_TYPES.contains(&item)).then_some(Kind::Array(item));
+        }
+        match ty {
+            "enum" => Some(Kind::Enum),
+            "object" => Some(Kind::Object),
+            t if SCALAR_TYPES.contains(&t) => Some(Kind::Scalar(t)),
+            _ => None,
+        }
+    }
+
+    /// The type of one value (an array's item type for an array).
+    fn item(self) -> &'a str {
+        match self {
+            Kind::Scalar(t) | Kind::Array(t) => t,
+            Kind::Enum => "enum",
+            Kind::Object => "object",
+            Kind::Ref(_) => "string",
+        }
+    }
+}
+
+fn bad(message: String) -> Invalid {
+    Invalid::new("invalid_property", message)
+}
+
+/// Property names are identifiers: they become JSON keys and filter fields.
+fn validate_property_name(name: &str) -> Result<(), Invalid> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(format!("property name {name:?} must match [A-Za-z_][A-Za-z0-9_]* (at most 128)")))
+    }
+}
+
+pub fn validate_data_keys(data: &serde_json::Map<String, Value>) -> Result<(), Invalid> {
+    data.keys().try_for_each(|k| validate_property_name(k))
+}
+
+/// A class's property definitions: names, types and constraints that make sense together.
+pub fn validate_properties(props: &[PropertyDef]) -> Result<(), Invalid> {
+    validate_level(props, 1)
+}
+
+fn validate_level(props: &[PropertyDef], depth: usize) -> Result<(), Invalid> {
+    if props.len() > MAX_PROPERTIES {
+        return Err(bad(format!("{} properties declared; a class may have at most {MAX_PROPERTIES}", props.len())));
+    }
+    let mut seen = HashSet::new();
+    for p in props {
+        validate_property_name(&p.name)?;
+        if !seen.insert(p.name.as_str()) {
+            return Err(bad(format!("property {:?} is declared twice", p.name)));
+        }
+        validate_property(p, depth)?;
+    }
+    Ok(())
+}
+
+fn validate_property(p: &PropertyDef, depth: usize) -> Result<(), Invalid> {
+    let Some(kind) = Kind::parse(&p.ty) else {
+        return Err(bad(format!(
+            "property {:?} has unknown type {:?}; use one of {}, enum, object, array<T> or ref:<ClassId>",
+            p.name,
+            p.ty,
+            SCALAR_TYPES.join(", ")
+        )));
+    };
+    if let Kind::Ref(target) = kind {
+        validate_name("properties.type", target)?;
+    }
+    for (key, text) in [("label", &p.label), ("description", &p.description)] {
+        if let Some(text) = text {
+            text.validate(&format!("property {:?}: {key}", p.name))?;
+        }
+    }
+    validate_shape(p, kind, depth)?;
+    validate_bounds(p, kind)?;
+    validate_lengths(p, kind)?;
+    validate_pattern(p, kind)?;
+    validate_default(p)
+}
+
+/// `values` belongs to `enum`, `properties` to `object`, and each needs its own.
+fn validate_shape(p: &PropertyDef, kind: Kind<'_>, depth: usize) -> Result<(), Invalid> {
+    let name = &p.name;
+    match (kind, &p.values) {
+        (Kind::Enum, None) => return Err(bad(format!("enum property {name:?} needs `values`"))),
+        (Kind::Enum, Some(values)) => validate_enum_values(name, values)?,
+        (_, Some(_)) => return Err(bad(format!("property {name:?}: `values` is for enum properties only"))),
+        (_, None) => {}
+    }
+    match (kind, &p.properties) {
+        (Kind::Object, None) => Err(bad(format!("object property {name:?} needs `properties`"))),
+        (Kind::Object, Some(_)) if depth >= MAX_DEPTH => {
+            Err(bad(format!("object property {name:?} nests deeper than {MAX_DEPTH} levels")))
+        }
+        (Kind::Object, Some(nested)) => validate_level(nested, depth + 1),
+        (_, Some(_)) => Err(bad(format!("property {name:?}: `properties` is for object properties only"))),
+        (_, None) => Ok(()),
+    }
+}
+
+fn validate_enum_values(name: &str, values: &[String]) -> Result<(), Invalid> {
+    if values.is_empty() || values.len() > MAX_ENUM_VALUES {
+        return Err(bad(format!("enum property {name:?} needs 1 to {MAX_ENUM_VALUES} values")));
+    }
+    let mut seen = HashSet::new();
+    if let Some(twice) = values.iter().find(|v| !seen.insert(v.as_str())) {
+        return Err(bad(format!("enum property {name:?} lists {twice:?} twice")));
+    }
+    Ok(())
+}
+
+/// `min` and `max` are values of the (item) type, and only for types that have an order.
+fn validate_bounds(p: &PropertyDef, kind: Kind<'_>) -> Result<(), Invalid> {
+    let item = kind.item();
+    for (key, bound) in [("min", &p.min), ("max", &p.max)] {
+        let Some(bound) = bound else { continue };
+        if !matches!(item, "integer" | "number" | "date" | "datetime") {
+            return Err(bad(format!("property {:?}: `{key}` is for integer, number, date and datetime values", p.name)));
+        }
+        if !super::values::type_matches(item, bound) {
+            return Err(bad(format!("property {:?}: `{key}` must be a {item}, got {bound}", p.name)));
+        }
+    }
+    if let (Some(min), Some(max)) = (&p.min, &p.max) {
+        if super::values::compare(item, min, max).is_some_and(|o| o.is_gt()) {
+            return Err(bad(format!("property {:?}: `min` {min} is above `max` {max}", p.name)));
+        }
+    }
+    Ok(())
+}
+
+fn validate_lengths(p: &PropertyDef, kind: Kind<'_>) -> Result<(), Invalid> {
+    if p.min_length.is_none() && p.max_length.is_none() {
+        return Ok(());
+    }
+    let has_length = matches!(kind, Kind::Array(_) | Kind::Ref(_)) || STRING_TYPES.contains(&kind.item());
+    if !has_length {
+        return Err(bad(format!("property {:?}: `min_length` and `max_length` are for strings and arrays", p.name)));
+    }
+    if p.min_length.unwrap_or(0) > p.max_length.unwrap_or(u64::MAX) {
+        return Err(bad(format!("property {:?}: `min_length` is above `max_length`", p.name)));
+    }
+    Ok(())
+}
+
+fn validate_pattern(p: &PropertyDef, kind: Kind<'_>) -> Result<(), Invalid> {
+    let Some(pattern) = &p.pattern else { return Ok(()) };
+    if kind.item() != "string" || matches!(kind, Kind::Ref(_)) {
+        return Err(bad(format!("property {:?}: `pattern` is for string values", p.name)));
+    }
+    compiled(pattern).map(|_| ()).map_err(|reason| bad(format!("property {:?}: `pattern` {reason}", p.name)))
+}
+
+fn validate_default(p: &PropertyDef) -> Result<(), Invalid> {
+    let Some(default) = &p.default else { return Ok(()) };
+    super::values::check_value(&p.name, p, default)
+        .map_err(|e| bad(format!("property {:?}: `default` does not satisfy it: {e}", p.name)))
+}
+
+/// Patterns compiled once per process, anchored so the whole value must match. Bounded: past
+/// [`CACHED_PATTERNS`] the cache starts over.
+pub fn compiled(pattern: &str) -> Result<Arc<Regex>, String> {
+    static CACHE: LazyLock<Mutex<HashMap<String, Arc<Regex>>>> = LazyLock::new(Default::default);
+    if let Some(re) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).get(pattern) {
+        return Ok(re.clone());
+    }
+    if pattern.len() > MAX_PATTERN_LEN {
+        return Err(format!("is longer than {MAX_PATTERN_LEN} characters"));
+    }
+    let re = regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(PATTERN_SIZE_LIMIT)
+        .build()
+        .map_err(|e| format!("is not a valid regular expression: {e}"))?;
+    let re = Arc::new(re);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= CACHED_PATTERNS {
+        cache.clear();
+    }
+    cache.insert(pattern.to_string(), re.clone());
+    Ok(re)
+}
+
+const CACHED_PATTERNS: usize = 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn props(v: Value) -> Vec<PropertyDef> {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn good_definitions_pass() {
+        let ok = props(json!([
+            {"name": "status", "type": "enum", "values": ["new", "done"], "default": "new"},
+            {"name": "tags", "type": "array<string>", "max_length": 5, "pattern": "[a-z]+"},
+            {"name": "price", "type": "number", "min": 0, "max": 1e6},
+            {"name": "from", "type": "date", "min": "2000-01-01"},
+            {"name": "code", "type": "string", "min_length": 2, "max_length": 8, "pattern": "[A-Z]{2}[0-9]*"},
+            {"name": "address", "type": "object", "properties": [
+                {"name": "city", "type": "string", "required": true},
+                {"name": "geo", "type": "object", "properties": [{"name": "lat", "type": "number"}]}
+            ]}
+        ]));
+        validate_properties(&ok).unwrap();
+    }
+
+    #[test]
+    fn bad_definitions_say_what_is_wrong() {
+        let cases = [
+            (json!({"name": "s", "type": "enum"}), "needs `values`"),
+            (json!({"name": "s", "type": "enum", "values": []}), "1 to"),
+            (json!({"name": "s", "type": "enum", "values": ["a", "a"]}), "twice"),
+            (json!({"name": "s", "type": "string", "values": ["a"]}), "enum properties only"),
+            (json!({"name": "o", "type": "object"}), "needs `properties`"),
+            (json!({"name": "o", "type": "string", "properties": []}), "object properties only"),
+            (json!({"name": "a", "type": "array<json>"}), "unknown type"),
+            (json!({"name": "a", "type": "array<object>"}), "unknown type"),
+            (json!({"name": "n", "type": "string", "min": 1}), "`min` is for"),
+            (json!({"name": "n", "type": "integer", "min": "one"}), "must be a integer"),
+            (json!({"name": "n", "type": "integer", "min": 5, "max": 1}), "above `max`"),
+            (json!({"name": "n", "type": "integer", "max_length": 1}), "strings and arrays"),
+            (json!({"name": "n", "type": "string", "min_length": 3, "max_length": 1}), "above `max_length`"),
+            (json!({"name": "n", "type": "integer", "pattern": "1"}), "for string values"),
+            (json!({"name": "n", "type": "string", "pattern": "("}), "not a valid regular expression"),
+            (json!({"name": "n", "type": "string", "pattern": "a{1000}{1000}"}), "not a valid regular expression"),
+            (json!({"name": "n", "type": "integer", "default": "x"}), "`default` does not satisfy"),
+            (json!({"name": "n", "type": "enum", "values": ["a"], "default": "b"}), "`default` does not satisfy"),
+        ];
+        for (def, expected) in cases {
+            let err = validate_properties(&props(json!([def.clone()]))).unwrap_err().to_string();
+            assert!(err.contains(expected), "{def}: {err:?} lacks {expected:?}");
+        }
+    }
+
+    #[test]
+    fn objects_nest_at_most_max_depth_levels() {
+        let mut def = json!({"name": "leaf", "type": "string"});
+        for level in 0..MAX_DEPTH {
+            def = json!({"name": format!("l{level}"), "type": "object", "properties": [def]});
+        }
+        let err = validate_properties(&props(json!([def]))).unwrap_err().to_string();
+        assert!(err.contains("deeper than"), "{err}");
+    }
+}
