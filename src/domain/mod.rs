@@ -5,6 +5,7 @@ pub mod commands;
 pub mod ids;
 pub mod role;
 pub mod rules;
+pub mod property;
 pub mod schema;
 pub mod text;
 pub mod values;

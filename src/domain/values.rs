@@ -1,8 +1,8 @@
-//! Whether an instance's data fits its class: the types of [`super::schema`] and their
+//! Whether an instance's data fits its class: the types of [`super::property`] and their
 //! constraints. Pure functions over the class states the worker read as of the command's log
 //! position, so the outcome is a function of the log.
 
-use super::schema::{compiled, Kind, PropertyDef};
+use super::property::{compiled, Kind, PropertyDef};
 use serde_json::{Map, Value};
 use std::cmp::Ordering;
 use std::collections::HashMap;
