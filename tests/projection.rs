@@ -14,6 +14,8 @@ backend_tests! {
     filters_select_exactly_what_they_say,
     reads_wait_for_their_own_writes,
     a_rebuild_swaps_in_under_the_live_projection,
+    sorted_pages_are_stable_under_concurrent_inserts,
+    sorts_order_by_type_with_missing_values_last,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -266,6 +268,110 @@ async fn pages_under_inserts(backend: Backend) {
     let even = seen.iter().filter(|id| id[1..].parse::<u32>().unwrap() % 2 == 0).count();
     assert_eq!(even, 10_000, "each pre-existing instance exactly once (ids increase strictly)");
     assert!(seen.len() > 10_000, "inserts ran during the paging");
+}
+
+/// A class row for the read models, declaring `properties`.
+fn class_row(key: &str, properties: Value) -> spiced::db::read::Change {
+    let mut c = change(key, 1, 1, 0, false);
+    c.row.kind = spiced::db::read::ReadKind::Class;
+    c.row.state = Some(json!({"class_id": key.rsplit(':').next().unwrap(), "properties": properties}));
+    c
+}
+
+/// Every page of a sorted list: the items, in order.
+async fn sorted_pages(app: &TestApp, class_path: &str, sort: &str, limit: usize) -> Vec<Value> {
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = format!("{class_path}/instances?limit={limit}&sort={}", urlencode(sort));
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={}", urlencode(c)));
+        }
+        let (s, page) = app.get(&url).await;
+        assert_eq!(s, 200, "{url}: {page}");
+        seen.extend(page["items"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return seen,
+        }
+    }
+}
+
+/// Sorted by `-n` (descending, ties by id) in pages of 100 while rows are inserted all over
+/// the order: every row that was there before is seen exactly once, and the order never
+/// goes back.
+async fn sorted_pages_are_stable_under_concurrent_inserts(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (db, _) = app.storage().await;
+    let class = class_row("q:main:C", json!([{"name": "n", "type": "integer"}]));
+    db.read.apply(&ReadSchema::live(), &ReadBatch { changes: vec![class], progress: Progress::Kafka(vec![]) }).await.unwrap();
+    // n repeats every 1,000 rows, so ties are broken by id across pages.
+    let rows = |ids: Vec<u32>| {
+        let changes = ids.into_iter().map(|i| change(&format!("q:main:C:k{i:05}"), 1, 1, (i % 1000) as i64, false)).collect();
+        ReadBatch { changes, progress: Progress::Kafka(vec![]) }
+    };
+    db.read.apply(&ReadSchema::live(), &rows((0..3000).map(|i| i * 2).collect())).await.unwrap();
+    let writer = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            for round in 0..30 {
+                let ids: Vec<u32> = (0..50).map(|i| (i * 30 + round) * 2 + 1).collect();
+                db.read.apply(&ReadSchema::live(), &rows(ids)).await.unwrap();
+            }
+        })
+    };
+    let seen = sorted_pages(&app, "/databases/q/classes/C", "-n", 100).await;
+    writer.await.unwrap();
+    let order: Vec<(i64, String)> = seen.iter().map(|i| (i["data"]["n"].as_i64().unwrap(), i["instance_id"].as_str().unwrap().to_string())).collect();
+    assert!(order.windows(2).all(|w| w[0].0 > w[1].0 || (w[0].0 == w[1].0 && w[0].1 < w[1].1)), "strictly in -n, id order");
+    let even = order.iter().filter(|(_, id)| id[1..].parse::<u32>().unwrap() % 2 == 0).count();
+    assert_eq!(even, 3000, "each pre-existing instance exactly once");
+}
+
+/// Through the API: numbers as numbers, strings in byte order, booleans false first, several
+/// keys, and a value that is missing or of another type last ascending, first descending.
+async fn sorts_order_by_type_with_missing_values_last(backend: Backend) {
+    let app = spawn_dev(backend).await;
+    done(&app, app.post("/databases", json!({"name": "o"})).await).await;
+    let props = json!([{"name": "n", "type": "number"}, {"name": "s", "type": "string"}, {"name": "b", "type": "boolean"}, {"name": "j", "type": "json"}]);
+    done(&app, app.post("/databases/o/classes", json!({"id": "C", "properties": props})).await).await;
+    let data = [
+        ("a", json!({"n": 10, "s": "b", "b": true})),
+        ("b", json!({"n": 9.5, "s": "B", "b": false})),
+        ("c", json!({"s": "a"})),
+        ("d", json!({"n": 100, "s": "b", "b": true})),
+        ("e", json!({"n": 10, "b": false})),
+    ];
+    let instances: Vec<Value> = data.iter().map(|(id, d)| json!({"id": id, "data": d})).collect();
+    done(&app, app.post("/databases/o/classes/C/instances/bulk", json!({"instances": instances})).await).await;
+    caught_up(&app).await;
+    let ids = |items: Vec<Value>| items.iter().map(|i| i["instance_id"].as_str().unwrap().to_string()).collect::<Vec<_>>().join("");
+    for (sort, want) in [
+        ("n", "baedc"),
+        ("-n", "cdaeb"),
+        ("n,-id", "beadc"),
+        ("s", "bcade"),
+        ("-s,n", "eadcb"),
+        ("b,n", "beadc"),
+        ("-id", "edcba"),
+        ("id", "abcde"),
+    ] {
+        for limit in [1, 2, 100] {
+            let got = ids(sorted_pages(&app, "/databases/o/classes/C", sort, limit).await);
+            assert_eq!(got, want, "sort={sort} in pages of {limit}");
+        }
+    }
+    for (bad, code) in [("j", "invalid_sort"), ("nope", "invalid_sort"), ("id,n", "invalid_sort")] {
+        let (s, e) = app.get(&format!("/databases/o/classes/C/instances?sort={}", urlencode(bad))).await;
+        assert_eq!((s, e["error"].as_str()), (400, Some(code)), "{bad}: {e}");
+    }
+    let (s, first) = app.get("/databases/o/classes/C/instances?limit=1&sort=n").await;
+    assert_eq!(s, 200, "{first}");
+    let cursor = urlencode(first["next_cursor"].as_str().unwrap());
+    let (s, e) = app.get(&format!("/databases/o/classes/C/instances?limit=1&sort=-n&cursor={cursor}")).await;
+    assert_eq!((s, e["error"].as_str()), (400, Some("invalid_sort")), "a cursor of another sort: {e}");
+    let (s, e) = app.get("/databases/o/classes?sort=n").await;
+    assert_eq!((s, e["error"].as_str()), (400, Some("invalid_sort")), "{e}");
 }
 
 /// Every instance of a class through the API: (id, version, data).

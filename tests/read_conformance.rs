@@ -9,6 +9,7 @@ use common::readmodel::change;
 use common::{isolated_config, Backend};
 use futures::future::BoxFuture;
 use spiced::db::read::filter;
+use spiced::db::read::sort::{Sort, BY_ID};
 use spiced::db::read::{Change, Page, Progress, ReadBatch, ReadKind, ReadSchema, ReadStore};
 use spiced::db::{Database, DbError};
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ backend_tests! {
     versioned_rows_converge_whatever_the_order,
     a_log_batch_applies_once_and_moves_the_position,
     pages_follow_keys_and_filters,
+    sorted_pages_resume_after_the_cursor_row,
     a_swap_catches_the_target_up_and_exchanges_the_names,
 }
 
@@ -32,7 +34,7 @@ fn log_batch(changes: Vec<Change>, to: u64) -> ReadBatch {
 }
 
 fn page<'a>(parent: &'a str, after: Option<&'a str>, limit: usize, filter: &'a [filter::Group]) -> Page<'a> {
-    Page { kind: ReadKind::Instance, parent, after, limit, filter }
+    Page { kind: ReadKind::Instance, parent, after, limit, filter, sort: &BY_ID, after_values: &[] }
 }
 
 async fn keys(store: &dyn ReadStore, page: &Page<'_>) -> Vec<String> {
@@ -141,6 +143,34 @@ async fn pages_follow_keys_and_filters(backend: Backend) {
     assert_eq!(store.count(&page("d:main:C", None, 1, &[]), 100).await.unwrap(), 12);
     assert_eq!(store.count(&page("d:main:C", None, 1, &[]), 5).await.unwrap(), 6, "stops at bound + 1");
     assert_eq!(store.count(&page("d:main:D", None, 1, &from_nine), 100).await.unwrap(), 1);
+}
+
+/// A sorted page resumes strictly after the row its cursor names (its sort values and key),
+/// ties broken by key in the sort's id direction.
+async fn sorted_pages_resume_after_the_cursor_row(backend: Backend) {
+    let (db, _dir) = open(backend).await;
+    let store: &dyn ReadStore = db.read.as_ref();
+    let ns = [3, 1, 2, 1, 3, 2];
+    let changes = ns.iter().enumerate().map(|(i, n)| change(&format!("d:main:C:r{i}"), 1, 1 + i as u64, *n, false)).collect();
+    store.apply(&ReadSchema::live(), &log_batch(changes, 6)).await.unwrap();
+    let properties: HashMap<String, String> = [("n".to_string(), "integer".to_string())].into();
+    for (text, want) in [("-n", "r0 r4 r2 r5 r1 r3"), ("n,-id", "r3 r1 r5 r2 r4 r0")] {
+        let sort = Sort::parse(text, &properties).unwrap();
+        let mut seen = Vec::new();
+        let mut after: Option<(String, Vec<serde_json::Value>)> = None;
+        loop {
+            let (key, values) = after.clone().unzip();
+            let values = values.unwrap_or_default();
+            let page = Page { kind: ReadKind::Instance, parent: "d:main:C", after: key.as_deref(), limit: 4, filter: &[], sort: &sort, after_values: &values };
+            let rows = store.page(&page).await.unwrap().rows;
+            seen.extend(rows.iter().map(|r| r.key.rsplit(':').next().unwrap().to_string()));
+            match rows.last().filter(|_| rows.len() == 4) {
+                Some(last) => after = Some((last.key.clone(), sort.values_of(last.state.as_ref()))),
+                None => break,
+            }
+        }
+        assert_eq!(seen.join(" "), want, "sort={text}");
+    }
 }
 
 /// The rebuild's swap: the target is caught up to the log head from its own position, then

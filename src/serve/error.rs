@@ -102,6 +102,12 @@ impl From<crate::db::read::filter::InvalidFilter> for ApiError {
     }
 }
 
+impl From<crate::db::read::sort::InvalidSort> for ApiError {
+    fn from(e: crate::db::read::sort::InvalidSort) -> Self {
+        ApiError::bad_request("invalid_sort", e.to_string())
+    }
+}
+
 impl From<crate::domain::IdError> for ApiError {
     fn from(e: crate::domain::IdError) -> Self {
         ApiError::bad_request("invalid_id", e.to_string()).with("field", json!(e.field))

@@ -12,6 +12,7 @@ use super::extract::{path, query};
 use super::schema::{ApiErrors, ClassPath, DbPath, InstancePath, Item, Key, Name, NotFound, Page, TooEarly};
 use super::AppState;
 use crate::db::read::filter::{self, Group};
+use crate::db::read::sort::{self, Sort};
 use crate::db::read::{Page as ReadPage, ReadKind, ReadRow, Snapshot};
 use crate::domain::ids::validate_name;
 use crate::domain::text;
@@ -57,6 +58,13 @@ pub struct PageQuery {
     /// `serve.max_count`; past it `total` is that bound and `total_is_lower_bound` is true.
     #[serde(default)]
     count: Option<bool>,
+    /// Instances only: `prop` ascending or `-prop` descending, several joined by `,` (at most
+    /// 4), optionally ending in `id` or `-id` (the instance id always breaks ties, ascending
+    /// unless `-id`), e.g. `sort=-price,name`. Numbers sort as numbers, strings and dates in
+    /// byte order, booleans false first; a missing value (or one of another type) sorts last
+    /// ascending and first descending. `next_cursor` carries the sort values: pass it with the
+    /// same `sort=`.
+    sort: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -116,18 +124,54 @@ fn with_position(position: u64, body: Value) -> Response {
     ([("x-spiced-projection-position", position.to_string())], Json(body)).into_response()
 }
 
-async fn page(state: &AppState, kind: ReadKind, parent: &str, q: &PageQuery, filter: &[Group], languages: &[String]) -> Result<Response, ApiError> {
+/// What one list request reads, beside its page parameters.
+struct List<'a> {
+    kind: ReadKind,
+    parent: &'a str,
+    filter: &'a [Group],
+    sort: &'a Sort,
+    languages: &'a [String],
+}
+
+impl<'a> List<'a> {
+    fn of(kind: ReadKind, parent: &'a str) -> List<'a> {
+        List { kind, parent, filter: &[], sort: &sort::BY_ID, languages: &[] }
+    }
+}
+
+async fn page(state: &AppState, q: &PageQuery, list: List<'_>) -> Result<Response, ApiError> {
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::bad_request("invalid_query", format!("limit must be 1 to {MAX_LIMIT}")));
     }
-    if let Some(cursor) = &q.cursor {
-        validate_cursor(cursor)?;
-    }
-    let page = ReadPage { kind, parent, after: q.cursor.as_deref(), limit, filter };
+    let sort_text = q.sort.as_deref().unwrap_or_default();
+    let (after, after_values) = match &q.cursor {
+        None => (None, Vec::new()),
+        Some(cursor) if list.sort.is_by_id() => {
+            validate_cursor(cursor)?;
+            (Some(cursor.clone()), Vec::new())
+        }
+        Some(cursor) => {
+            let (values, key) = sort::decode_cursor(cursor, sort_text, list.sort)?;
+            (Some(key), values)
+        }
+    };
+    let page = ReadPage {
+        kind: list.kind,
+        parent: list.parent,
+        after: after.as_deref(),
+        limit,
+        filter: list.filter,
+        sort: list.sort,
+        after_values: &after_values,
+    };
     let Snapshot { position, rows } = state.db.read.page(&page).await?;
-    let next = (rows.len() == limit).then(|| rows.last().map(|r| r.key.clone())).flatten();
-    let items: Vec<Value> = rows.iter().map(|r| item(r, kind, languages)).collect();
+    let last = rows.last().filter(|_| rows.len() == limit);
+    let next = last.map(|r| match list.sort.is_by_id() {
+        true => r.key.clone(),
+        false => sort::encode_cursor(sort_text, &list.sort.values_of(r.state.as_ref()), &r.key),
+    });
+    let items: Vec<Value> = rows.iter().map(|r| item(r, list.kind, list.languages)).collect();
     let mut body = json!({"items": items, "next_cursor": next});
     if q.count == Some(true) {
         let bound = state.config.serve.max_count;
@@ -145,11 +189,15 @@ fn validate_cursor(cursor: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `where=` and `sort=` are about instances' properties.
 fn no_filter(q: &PageQuery) -> Result<(), ApiError> {
-    match q.filter {
-        Some(_) => Err(ApiError::bad_request("invalid_filter", "where= applies to instance lists only")),
-        None => Ok(()),
+    if q.filter.is_some() {
+        return Err(ApiError::bad_request("invalid_filter", "where= applies to instance lists only"));
     }
+    if q.sort.is_some() {
+        return Err(ApiError::bad_request("invalid_sort", "sort= applies to instance lists only"));
+    }
+    Ok(())
 }
 
 async fn one(state: &AppState, kind: ReadKind, key: &str, min_version: Option<u64>, languages: &[String]) -> Result<Response, ApiError> {
@@ -236,7 +284,7 @@ pub async fn list_databases(State(state): State<AppState>, q: Result<Query<PageQ
     no_filter(&q)?;
     // Databases have no branch, but a malformed one is still a bad request.
     branch_of(&q.branch)?;
-    page(&state, ReadKind::Database, "", &q, &[], &[]).await
+    page(&state, &q, List::of(ReadKind::Database, "")).await
 }
 
 #[utoipa::path(
@@ -281,7 +329,8 @@ pub async fn list_classes(
     validate_name("db", &db)?;
     no_filter(&q)?;
     let parent = format!("{db}:{}", branch_of(&q.branch)?);
-    page(&state, ReadKind::Class, &parent, &q, &[], &languages(&headers)).await
+    let languages = languages(&headers);
+    page(&state, &q, List { languages: &languages, ..List::of(ReadKind::Class, &parent) }).await
 }
 
 #[utoipa::path(
@@ -328,15 +377,20 @@ pub async fn list_instances(
     validate_name("db", &db)?;
     validate_name("class_id", &class_id)?;
     let classes = format!("{db}:{}", branch_of(&q.branch)?);
+    let properties = match q.filter.is_some() || q.sort.is_some() {
+        true => class_properties(&state, &classes, &class_id).await?,
+        false => HashMap::new(),
+    };
     let conditions = match &q.filter {
-        Some(text) => {
-            let properties = class_properties(&state, &classes, &class_id).await?;
-            filter::parse(text, &properties)?
-        }
+        Some(text) => filter::parse(text, &properties)?,
         None => Vec::new(),
     };
+    let sort = match &q.sort {
+        Some(text) => Sort::parse(text, &properties)?,
+        None => sort::BY_ID.clone(),
+    };
     let parent = format!("{classes}:{class_id}");
-    page(&state, ReadKind::Instance, &parent, &q, &conditions, &[]).await
+    page(&state, &q, List { filter: &conditions, sort: &sort, ..List::of(ReadKind::Instance, &parent) }).await
 }
 
 #[utoipa::path(

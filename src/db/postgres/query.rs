@@ -3,7 +3,8 @@
 //! GIN index serves them.
 
 use super::{table, Pg};
-use crate::db::read::filter::{like_pattern, render, Binder, CmpOp, Condition, Param, Test, ValueType};
+use crate::db::read::filter::{like_pattern, render, render_into, Binder, CmpOp, Condition, Param, Test, ValueType};
+use crate::db::read::sort::{self, SortKey};
 use crate::db::read::query::{kind_of, COLUMNS};
 use crate::db::read::{Page, ReadKind, ReadRow, ReadSchema, Snapshot};
 use crate::db::DbError;
@@ -17,6 +18,9 @@ pub(super) async fn one(pg: &Pg, kind: ReadKind, key: &str) -> Result<Snapshot, 
 }
 
 pub(super) async fn page(pg: &Pg, page: &Page<'_>) -> Result<Snapshot, DbError> {
+    if !page.sort.is_by_id() {
+        return sorted_page(pg, page).await;
+    }
     let schema = ReadSchema::live();
     let after = page.after.unwrap_or("").to_string();
     let (filter, params) = render(page.filter, 5, '$', clause);
@@ -43,6 +47,65 @@ pub(super) async fn count(pg: &Pg, page: &Page<'_>, bound: u64) -> Result<u64, D
     let refs: Vec<&(dyn ToSql + Sync)> = bound_params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
     let n: i64 = client.query_one(&sql, &refs).await?.get(0);
     Ok(n as u64)
+}
+
+/// A page in a `sort=` order: the sort expressions are selected as `s0`, `s1`, ... so the
+/// outer statement (which adds the position) keeps the order.
+async fn sorted_page(pg: &Pg, page: &Page<'_>) -> Result<Snapshot, DbError> {
+    let schema = ReadSchema::live();
+    let mut b = Binder::new(4, '$');
+    let filter = render_into(page.filter, &mut b, clause);
+    let exprs: Vec<String> = page.sort.keys.iter().map(sort_expr).collect();
+    let after = match page.after {
+        Some(key) => format!(" AND {}", sort::after(page.sort, &exprs, page.after_values, key, &DIALECT, &mut b)),
+        None => String::new(),
+    };
+    let selected: String = exprs.iter().enumerate().map(|(i, e)| format!(", {e} AS s{i}")).collect();
+    let rows = format!(
+        "SELECT {COLUMNS}{selected} FROM {} WHERE kind = $1 AND parent = $2 AND NOT deleted{after}{filter} ORDER BY {} LIMIT $3",
+        table(&schema, "read_models"),
+        sort::order_by(page.sort, &exprs, "key"),
+    );
+    let outer: Vec<String> = (0..exprs.len()).map(|i| format!("r.s{i}")).collect();
+    let sql = format!(
+        "SELECT p.position, r.* FROM {} p LEFT JOIN LATERAL ({rows}) r ON true WHERE p.id = 1 ORDER BY {}",
+        table(&schema, "projection"),
+        sort::order_by(page.sort, &outer, "r.key"),
+    );
+    let mut bound: Vec<Box<dyn ToSql + Sync + Send>> =
+        vec![Box::new(page.kind.as_str()), Box::new(page.parent.to_string()), Box::new(page.limit as i64)];
+    bound.extend(b.into_params().into_iter().map(param));
+    rows_at(pg, &sql, bound).await
+}
+
+const DIALECT: sort::Dialect = sort::Dialect { value: sort_value, same: "IS NOT DISTINCT FROM" };
+
+/// A sort key's typed value over the data: null when missing or of another type. The name is
+/// an identifier ([`sort::Sort::parse`] checks), spelled inline so a plan can use an index.
+fn sort_expr(k: &SortKey) -> String {
+    let x = format!("(state -> 'data' -> '{}')", k.property);
+    let (json_type, cast) = match k.ty {
+        ValueType::Number => ("number", "::numeric"),
+        ValueType::Bool => ("boolean", "::boolean"),
+        ValueType::Text | ValueType::Json => ("string", ""),
+    };
+    let collate = if k.ty == ValueType::Text { " COLLATE \"C\"" } else { "" };
+    format!("(CASE WHEN jsonb_typeof({x}) = '{json_type}' THEN ({x} #>> '{{}}'){cast} END){collate}")
+}
+
+fn sort_value(k: &SortKey, v: &Value, b: &mut Binder) -> String {
+    let text = match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let cast = match k.ty {
+        ValueType::Number => "numeric",
+        ValueType::Bool => "boolean",
+        ValueType::Text | ValueType::Json => "text",
+    };
+    // Bound as text and cast in SQL: the client would otherwise type the parameter as the
+    // cast's type, and a String does not encode as numeric.
+    format!("({}::text)::{cast}", b.bind(Param::Text(text)))
 }
 
 async fn rows_at(pg: &Pg, sql: &str, params: Vec<Box<dyn ToSql + Sync + Send>>) -> Result<Snapshot, DbError> {

@@ -406,6 +406,15 @@ pub struct Binder {
 }
 
 impl Binder {
+    /// Placeholders numbered from `first`, spelled `$n` or `?n` by `sigil`.
+    pub fn new(first: usize, sigil: char) -> Binder {
+        Binder { params: Vec::new(), first, sigil }
+    }
+
+    pub fn into_params(self) -> Vec<Param> {
+        self.params
+    }
+
     /// Adds a parameter and returns its placeholder.
     pub fn bind(&mut self, p: Param) -> String {
         self.params.push(p);
@@ -417,15 +426,21 @@ impl Binder {
 /// `clause` spells one condition on its backend), its parameters numbered from `first` behind
 /// `sigil`.
 pub fn render(groups: &[Group], first: usize, sigil: char, clause: fn(&Condition, &mut Binder) -> String) -> (String, Vec<Param>) {
-    let mut binder = Binder { params: Vec::new(), first, sigil };
+    let mut binder = Binder::new(first, sigil);
+    let sql = render_into(groups, &mut binder, clause);
+    (sql, binder.params)
+}
+
+/// [`render`] with the caller's binder, for a query that binds more after the filter.
+pub fn render_into(groups: &[Group], binder: &mut Binder, clause: fn(&Condition, &mut Binder) -> String) -> String {
     let mut sql = String::new();
     for group in groups {
-        let alternatives: Vec<String> = group.iter().map(|c| format!("({})", clause(c, &mut binder))).collect();
+        let alternatives: Vec<String> = group.iter().map(|c| format!("({})", clause(c, binder))).collect();
         sql.push_str(" AND (");
         sql.push_str(&alternatives.join(" OR "));
         sql.push(')');
     }
-    (sql, binder.params)
+    sql
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! always with the position it reflects.
 
 use super::filter::Group;
+use super::sort::Sort;
 use super::ReadKind;
 use super::ReadRow;
 use crate::db::DbError;
@@ -18,7 +19,8 @@ pub struct Snapshot {
     pub rows: Vec<ReadRow>,
 }
 
-/// A keyset page: rows under `parent` with keys after `after`, in key (byte) order.
+/// A keyset page: rows under `parent` after the row `after` (its key, and its sort values
+/// when sorted), in the sort's order (key order by default).
 #[derive(Debug, Clone)]
 pub struct Page<'a> {
     pub kind: ReadKind,
@@ -26,6 +28,9 @@ pub struct Page<'a> {
     pub after: Option<&'a str>,
     pub limit: usize,
     pub filter: &'a [Group],
+    pub sort: &'a Sort,
+    /// The sort values of the row `after` names, one per sort key.
+    pub after_values: &'a [serde_json::Value],
 }
 
 /// A stored kind, read back.

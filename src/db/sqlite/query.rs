@@ -2,7 +2,8 @@
 //! connection (one snapshot), filters through SQLite's JSON functions.
 
 use super::{position, table, Lite};
-use crate::db::read::filter::{glob_pattern, like_pattern, render, Binder, Condition, Param, Test, ValueType};
+use crate::db::read::filter::{glob_pattern, like_pattern, render, render_into, Binder, Condition, Param, Test, ValueType};
+use crate::db::read::sort::{self, SortKey};
 use crate::db::read::query::{kind_of, COLUMNS};
 use crate::db::read::{Page, ReadKind, ReadRow, ReadSchema, Snapshot};
 use crate::db::DbError;
@@ -15,6 +16,9 @@ pub(super) async fn one(lite: &Lite, kind: ReadKind, key: &str) -> Result<Snapsh
 }
 
 pub(super) async fn page(lite: &Lite, page: &Page<'_>) -> Result<Snapshot, DbError> {
+    if !page.sort.is_by_id() {
+        return sorted_page(lite, page).await;
+    }
     let after = page.after.unwrap_or("").to_string();
     let (filter, params) = render(page.filter, 5, '?', clause);
     let sql = format!(
@@ -25,6 +29,43 @@ pub(super) async fn page(lite: &Lite, page: &Page<'_>) -> Result<Snapshot, DbErr
         vec![page.kind.as_str().to_string().into(), page.parent.to_string().into(), after.into(), (page.limit as i64).into()];
     bound.extend(params.into_iter().map(param));
     rows_at(lite, sql, bound).await
+}
+
+/// A page in a `sort=` order.
+async fn sorted_page(lite: &Lite, page: &Page<'_>) -> Result<Snapshot, DbError> {
+    let mut b = Binder::new(4, '?');
+    let filter = render_into(page.filter, &mut b, clause);
+    let exprs: Vec<String> = page.sort.keys.iter().map(sort_expr).collect();
+    let after = match page.after {
+        Some(key) => format!(" AND {}", sort::after(page.sort, &exprs, page.after_values, key, &DIALECT, &mut b)),
+        None => String::new(),
+    };
+    let sql = format!(
+        "SELECT {COLUMNS} FROM {} WHERE kind = ?1 AND parent = ?2 AND deleted = 0{after}{filter} ORDER BY {} LIMIT ?3",
+        table(&ReadSchema::live(), "read_models"),
+        sort::order_by(page.sort, &exprs, "key"),
+    );
+    let mut bound: Vec<rusqlite::types::Value> =
+        vec![page.kind.as_str().to_string().into(), page.parent.to_string().into(), (page.limit as i64).into()];
+    bound.extend(b.into_params().into_iter().map(param));
+    rows_at(lite, sql, bound).await
+}
+
+const DIALECT: sort::Dialect = sort::Dialect { value: sort_value, same: "IS" };
+
+/// A sort key's typed value over the data: null when missing or of another type (booleans as
+/// 0 and 1). The name is an identifier ([`sort::Sort::parse`] checks), spelled inline.
+fn sort_expr(k: &SortKey) -> String {
+    let path = format!("'$.data.\"{}\"'", k.property);
+    format!("(CASE WHEN json_type(state, {path}) IN {} THEN json_extract(state, {path}) END)", types(k.ty))
+}
+
+fn sort_value(_: &SortKey, v: &Value, b: &mut Binder) -> String {
+    match v {
+        Value::Number(n) => b.bind(Param::Number(n.as_f64().unwrap_or(f64::NAN))),
+        Value::Bool(t) => b.bind(Param::Number(if *t { 1.0 } else { 0.0 })),
+        other => b.bind(Param::Text(other.as_str().unwrap_or_default().to_string())),
+    }
 }
 
 pub(super) async fn count(lite: &Lite, page: &Page<'_>, bound: u64) -> Result<u64, DbError> {
