@@ -16,6 +16,7 @@ backend_tests! {
     a_rebuild_swaps_in_under_the_live_projection,
     sorted_pages_are_stable_under_concurrent_inserts,
     sorts_order_by_type_with_missing_values_last,
+    links_follow_references_both_ways_and_stop_at_cycles,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -372,6 +373,76 @@ async fn sorts_order_by_type_with_missing_values_last(backend: Backend) {
     assert_eq!((s, e["error"].as_str()), (400, Some("invalid_sort")), "a cursor of another sort: {e}");
     let (s, e) = app.get("/databases/o/classes?sort=n").await;
     assert_eq!((s, e["error"].as_str()), (400, Some("invalid_sort")), "{e}");
+}
+
+/// `.../links`: outgoing references by property, incoming ones paged by key, `depth` 2 and 3
+/// breadth first with a cycle reported once and not followed, a dangling reference with a
+/// null instance.
+async fn links_follow_references_both_ways_and_stop_at_cycles(backend: Backend) {
+    let app = spawn_dev(backend).await;
+    done(&app, app.post("/databases", json!({"name": "g"})).await).await;
+    done(&app, app.post("/databases/g/classes", json!({"id": "Company", "properties": [{"name": "name", "type": "string"}]})).await).await;
+    let person = json!({"id": "Person", "properties": [{"name": "manager", "type": "ref:Person"}, {"name": "company", "type": "ref:Company"}]});
+    done(&app, app.post("/databases/g/classes", person).await).await;
+    done(&app, app.post("/databases/g/classes/Company/instances", json!({"id": "acme", "data": {"name": "Acme"}})).await).await;
+    let people = json!({"instances": [
+        {"id": "alice", "data": {"manager": "bob", "company": "acme"}},
+        {"id": "bob", "data": {"manager": "carol", "company": "acme"}},
+        {"id": "carol", "data": {"manager": "alice"}},
+        {"id": "dave", "data": {"manager": "ghost"}}]});
+    done(&app, app.post("/databases/g/classes/Person/instances/bulk", people).await).await;
+    caught_up(&app).await;
+    let app = &app;
+    let links = |path: &str| {
+        let url = format!("/databases/g/classes/{path}");
+        async move {
+            let (s, b) = app.get(&url).await;
+            assert_eq!(s, 200, "{url}: {b}");
+            b
+        }
+    };
+    // (depth, property, source, target, cycle, far end present)
+    let shown = |b: &Value| -> Vec<String> {
+        b["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let end = |e: &Value| e["instance_id"].as_str().unwrap().to_string();
+                let mark = if l["cycle"] == true { " cycle" } else if l["instance"].is_null() { " missing" } else { "" };
+                format!("{} {} {}->{}{mark}", l["depth"], l["property"].as_str().unwrap(), end(&l["source"]), end(&l["target"]))
+            })
+            .collect()
+    };
+    let b = links("Person/instances/alice/links").await;
+    assert_eq!(shown(&b), ["1 company alice->acme", "1 manager alice->bob"]);
+    assert_eq!(b["items"][1]["instance"]["data"]["manager"], "carol", "the far end's state: {b}");
+    assert_eq!(shown(&links("Person/instances/dave/links").await), ["1 manager dave->ghost missing"]);
+    assert_eq!(
+        shown(&links("Person/instances/alice/links?depth=3").await),
+        [
+            "1 company alice->acme", "1 manager alice->bob",
+            "2 company bob->acme cycle", "2 manager bob->carol",
+            "3 manager carol->alice cycle",
+        ]
+    );
+    let first = links("Company/instances/acme/links?direction=in&limit=1").await;
+    assert_eq!(shown(&first), ["1 company alice->acme"]);
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let second = links(&format!("Company/instances/acme/links?direction=in&limit=1&cursor={cursor}")).await;
+    assert_eq!(shown(&second), ["1 company bob->acme"]);
+    let third = links(&format!("Company/instances/acme/links?direction=in&limit=1&cursor={}", second["next_cursor"].as_str().unwrap())).await;
+    assert_eq!((shown(&third).len(), &third["next_cursor"]), (0, &Value::Null));
+    assert_eq!(
+        shown(&links("Person/instances/alice/links?direction=in&depth=2").await),
+        ["1 manager carol->alice", "2 manager bob->carol"]
+    );
+    let b = links("Person/instances/alice/links?depth=3&limit=3").await;
+    assert_eq!((shown(&b).len(), &b["truncated"]), (3, &json!(true)), "{b}");
+    for (bad, status) in [("Person/instances/alice/links?depth=4", 400), ("Person/instances/nobody/links", 404), ("Person/instances/alice/links?direction=sideways", 400)] {
+        let (s, b) = app.get(&format!("/databases/g/classes/{bad}")).await;
+        assert_eq!(s, status, "{bad}: {b}");
+    }
 }
 
 /// Every instance of a class through the API: (id, version, data).

@@ -10,6 +10,7 @@ use common::{isolated_config, Backend};
 use futures::future::BoxFuture;
 use spiced::db::read::filter;
 use spiced::db::read::sort::{Sort, BY_ID};
+use spiced::db::read::Reference;
 use spiced::db::read::{Change, Page, Progress, ReadBatch, ReadKind, ReadSchema, ReadStore};
 use spiced::db::{Database, DbError};
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ backend_tests! {
     a_log_batch_applies_once_and_moves_the_position,
     pages_follow_keys_and_filters,
     sorted_pages_resume_after_the_cursor_row,
+    references_are_found_by_class_property_and_value,
     a_swap_catches_the_target_up_and_exchanges_the_names,
 }
 
@@ -171,6 +173,42 @@ async fn sorted_pages_resume_after_the_cursor_row(backend: Backend) {
         }
         assert_eq!(seen.join(" "), want, "sort={text}");
     }
+}
+
+/// `referencing`: the live instances of the named classes whose named property holds the id,
+/// in key order after the cursor; another property, class, value or a deleted row does not
+/// count.
+async fn references_are_found_by_class_property_and_value(backend: Backend) {
+    let (db, _dir) = open(backend).await;
+    let store: &dyn ReadStore = db.read.as_ref();
+    let row = |key: &str, position: u64, data: serde_json::Value, deleted: bool| {
+        let mut c = change(key, 1, position, 0, deleted);
+        if !deleted {
+            c.row.state = Some(serde_json::json!({"data": data}));
+        }
+        c
+    };
+    let changes = vec![
+        row("d:main:P:a", 1, serde_json::json!({"boss": "x"}), false),
+        row("d:main:P:b", 2, serde_json::json!({"boss": "y"}), false),
+        row("d:main:P:c", 3, serde_json::json!({"mentor": "x"}), false),
+        row("d:main:Q:d", 4, serde_json::json!({"owner": "x"}), false),
+        row("d:main:Q:e", 5, serde_json::json!({"boss": "x"}), false),
+        row("d:main:P:f", 6, serde_json::Value::Null, true),
+        row("d:main:P:g", 7, serde_json::json!({"boss": "x"}), false),
+    ];
+    store.apply(&ReadSchema::live(), &log_batch(changes, 7)).await.unwrap();
+    let refs = [
+        Reference { parent: "d:main:P".into(), property: "boss".into() },
+        Reference { parent: "d:main:P".into(), property: "mentor".into() },
+        Reference { parent: "d:main:Q".into(), property: "owner".into() },
+    ];
+    let keys = |s: spiced::db::read::Snapshot| s.rows.into_iter().map(|r| r.key).collect::<Vec<_>>();
+    let all = keys(store.referencing(&refs, "x", None, 10).await.unwrap());
+    assert_eq!(all, ["d:main:P:a", "d:main:P:c", "d:main:P:g", "d:main:Q:d"]);
+    let after = keys(store.referencing(&refs, "x", Some("d:main:P:c"), 2).await.unwrap());
+    assert_eq!(after, ["d:main:P:g", "d:main:Q:d"]);
+    assert!(keys(store.referencing(&[], "x", None, 10).await.unwrap()).is_empty());
 }
 
 /// The rebuild's swap: the target is caught up to the log head from its own position, then

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod commands;
 pub mod error;
 pub mod extract;
+pub mod links;
 pub mod openapi;
 pub mod position_watch;
 pub mod queries;
@@ -113,6 +114,7 @@ pub fn routes() -> Vec<Route> {
         one!(bulk_update_instances).into(),
         one!(bulk_delete_instances).into(),
         one!(get_instance).into(),
+        one!(links::get_links).into(),
         one!(update_instance).into(),
         one!(delete_instance).into(),
         one!(get_command).into(),

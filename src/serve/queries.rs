@@ -97,7 +97,7 @@ fn branch_of(branch: &Option<String>) -> Result<String, ApiError> {
 }
 
 /// A row as the API shows it; a class also gets its `localized` labels for `languages`.
-fn item(row: &ReadRow, kind: ReadKind, languages: &[String]) -> Value {
+pub(super) fn item(row: &ReadRow, kind: ReadKind, languages: &[String]) -> Value {
     let mut v = row.state.clone().unwrap_or(json!({}));
     let localized = (kind == ReadKind::Class).then(|| text::localized(&v, languages));
     if let Some(obj) = v.as_object_mut() {
@@ -120,7 +120,7 @@ fn languages(headers: &HeaderMap) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn with_position(position: u64, body: Value) -> Response {
+pub(super) fn with_position(position: u64, body: Value) -> Response {
     ([("x-spiced-projection-position", position.to_string())], Json(body)).into_response()
 }
 
@@ -245,7 +245,7 @@ async fn wait_for_version(state: &AppState, kind: ReadKind, key: &str, wanted: u
 }
 
 /// The properties of a class and its ancestors, name -> declared type, from the read model.
-async fn class_properties(state: &AppState, class_key_prefix: &str, class_id: &str) -> Result<HashMap<String, String>, ApiError> {
+pub(super) async fn class_properties(state: &AppState, class_key_prefix: &str, class_id: &str) -> Result<HashMap<String, String>, ApiError> {
     let mut properties = HashMap::new();
     let mut next = Some(class_id.to_string());
     let mut seen = 0;

@@ -6,7 +6,7 @@ use super::{table, Pg};
 use crate::db::read::filter::{like_pattern, render, render_into, Binder, CmpOp, Condition, Param, Test, ValueType};
 use crate::db::read::sort::{self, SortKey};
 use crate::db::read::query::{kind_of, COLUMNS};
-use crate::db::read::{Page, ReadKind, ReadRow, ReadSchema, Snapshot};
+use crate::db::read::{Page, ReadKind, ReadRow, ReadSchema, Reference, Snapshot};
 use crate::db::DbError;
 use serde_json::{json, Value};
 use tokio_postgres::types::ToSql;
@@ -47,6 +47,30 @@ pub(super) async fn count(pg: &Pg, page: &Page<'_>, bound: u64) -> Result<u64, D
     let refs: Vec<&(dyn ToSql + Sync)> = bound_params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
     let n: i64 = client.query_one(&sql, &refs).await?.get(0);
     Ok(n as u64)
+}
+
+/// Instances naming `id` in one of `refs`: one containment per reference, so each is a GIN
+/// lookup on the data, not a scan of the class.
+pub(super) async fn referencing(pg: &Pg, refs: &[Reference], id: &str, after: Option<&str>, limit: usize) -> Result<Snapshot, DbError> {
+    let schema = ReadSchema::live();
+    let mut b = Binder::new(3, '$');
+    let any: Vec<String> = refs
+        .iter()
+        .map(|r| {
+            let parent = b.bind(Param::Text(r.parent.clone()));
+            let doc = b.bind(Param::Json(json!({ r.property.clone(): id })));
+            format!("(parent = {parent} AND (state -> 'data') @> {doc}::jsonb)")
+        })
+        .collect();
+    let any = if any.is_empty() { vec!["1 = 0".to_string()] } else { any };
+    let rows = format!(
+        "SELECT {COLUMNS} FROM {} WHERE kind = 'instance' AND NOT deleted AND key > $1 AND ({}) ORDER BY key LIMIT $2",
+        table(&schema, "read_models"),
+        any.join(" OR ")
+    );
+    let mut bound: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(after.unwrap_or("").to_string()), Box::new(limit as i64)];
+    bound.extend(b.into_params().into_iter().map(param));
+    rows_at(pg, &with_position(&schema, &rows), bound).await
 }
 
 /// A page in a `sort=` order: the sort expressions are selected as `s0`, `s1`, ... so the

@@ -6,7 +6,7 @@ use super::{table, Pg};
 use crate::db::read::batch::{cascade_position, is_database, one_by_one, refuse, rounds, unapplied, Tried};
 use crate::db::read::failures::exchange;
 use crate::db::read::spliced;
-use crate::db::read::{Applied, CatchUp, Change, Page, Progress, ProjectionFailure, ReadBatch, ReadKind, ReadSchema, ReadStore, Refused, Snapshot, HANDLER};
+use crate::db::read::{Applied, CatchUp, Change, Page, Progress, ProjectionFailure, ReadBatch, ReadKind, ReadSchema, ReadStore, Reference, Refused, Snapshot, HANDLER};
 use crate::db::{storable, DbError};
 use async_trait::async_trait;
 use std::collections::HashSet;
@@ -91,6 +91,10 @@ impl ReadStore for Pg {
 
     async fn count(&self, page: &Page<'_>, bound: u64) -> Result<u64, DbError> {
         super::query::count(self, page, bound).await
+    }
+
+    async fn referencing(&self, refs: &[Reference], id: &str, after: Option<&str>, limit: usize) -> Result<Snapshot, DbError> {
+        super::query::referencing(self, refs, id, after, limit).await
     }
 
     async fn position(&self, schema: &ReadSchema) -> Result<u64, DbError> {

@@ -19,7 +19,7 @@ pub mod sort;
 
 pub use batch::{Applied, Change, Progress, ReadBatch, Refused};
 pub use failures::ProjectionFailure;
-pub use query::{Page, Snapshot};
+pub use query::{Page, Reference, Snapshot};
 
 use super::DbError;
 use async_trait::async_trait;
@@ -137,6 +137,10 @@ pub trait ReadStore: Send + Sync + 'static {
     /// How many live rows the page's kind, parent and filter match (whatever its cursor and
     /// limit), counting no further than `bound + 1`: a count never reads the whole class.
     async fn count(&self, page: &Page<'_>, bound: u64) -> Result<u64, DbError>;
+    /// A page, in key order after `after`, of the live instances whose data names `id` in one
+    /// of `refs` (each the parent key of a class and one of its property names): the
+    /// instances referencing `id`.
+    async fn referencing(&self, refs: &[Reference], id: &str, after: Option<&str>, limit: usize) -> Result<Snapshot, DbError>;
     /// How far `schema` has applied the log: every outcome event at or below this position is
     /// in it, or recorded as refused in `projection_failures`.
     async fn position(&self, schema: &ReadSchema) -> Result<u64, DbError>;

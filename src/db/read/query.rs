@@ -33,6 +33,14 @@ pub struct Page<'a> {
     pub after_values: &'a [serde_json::Value],
 }
 
+/// A property of a class (`parent` is the class's key, the parent of its instances) that may
+/// hold a reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    pub parent: String,
+    pub property: String,
+}
+
 /// A stored kind, read back.
 pub(crate) fn kind_of(s: &str) -> Result<ReadKind, DbError> {
     match s {

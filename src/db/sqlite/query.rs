@@ -5,7 +5,7 @@ use super::{position, table, Lite};
 use crate::db::read::filter::{glob_pattern, like_pattern, render, render_into, Binder, Condition, Param, Test, ValueType};
 use crate::db::read::sort::{self, SortKey};
 use crate::db::read::query::{kind_of, COLUMNS};
-use crate::db::read::{Page, ReadKind, ReadRow, ReadSchema, Snapshot};
+use crate::db::read::{Page, ReadKind, ReadRow, ReadSchema, Reference, Snapshot};
 use crate::db::DbError;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -28,6 +28,30 @@ pub(super) async fn page(lite: &Lite, page: &Page<'_>) -> Result<Snapshot, DbErr
     let mut bound: Vec<rusqlite::types::Value> =
         vec![page.kind.as_str().to_string().into(), page.parent.to_string().into(), after.into(), (page.limit as i64).into()];
     bound.extend(params.into_iter().map(param));
+    rows_at(lite, sql, bound).await
+}
+
+/// Instances naming `id` in one of `refs` (a scan of each referencing class: SQLite has no
+/// index on JSON values).
+pub(super) async fn referencing(lite: &Lite, refs: &[Reference], id: &str, after: Option<&str>, limit: usize) -> Result<Snapshot, DbError> {
+    let mut b = Binder::new(3, '?');
+    let any: Vec<String> = refs
+        .iter()
+        .map(|r| {
+            let parent = b.bind(Param::Text(r.parent.clone()));
+            let path = b.bind(Param::Text(format!("$.data.\"{}\"", r.property)));
+            let value = b.bind(Param::Text(id.to_string()));
+            format!("(parent = {parent} AND json_type(state, {path}) = 'text' AND json_extract(state, {path}) = {value})")
+        })
+        .collect();
+    let any = if any.is_empty() { vec!["1 = 0".to_string()] } else { any };
+    let sql = format!(
+        "SELECT {COLUMNS} FROM {} WHERE kind = 'instance' AND deleted = 0 AND key > ?1 AND ({}) ORDER BY key LIMIT ?2",
+        table(&ReadSchema::live(), "read_models"),
+        any.join(" OR ")
+    );
+    let mut bound: Vec<rusqlite::types::Value> = vec![after.unwrap_or("").to_string().into(), (limit as i64).into()];
+    bound.extend(b.into_params().into_iter().map(param));
     rows_at(lite, sql, bound).await
 }
 

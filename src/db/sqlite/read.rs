@@ -6,7 +6,7 @@ use super::{position, table, time_text, Lite};
 use crate::db::read::batch::{cascade_position, is_database, one_by_one, refuse, unapplied, Tried};
 use crate::db::read::failures::exchange;
 use crate::db::read::spliced;
-use crate::db::read::{Applied, CatchUp, Change, Page, Progress, ProjectionFailure, ReadBatch, ReadKind, ReadSchema, ReadStore, Refused, Snapshot, HANDLER};
+use crate::db::read::{Applied, CatchUp, Change, Page, Progress, ProjectionFailure, ReadBatch, ReadKind, ReadSchema, ReadStore, Reference, Refused, Snapshot, HANDLER};
 use crate::db::DbError;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -77,6 +77,10 @@ impl ReadStore for Lite {
 
     async fn count(&self, page: &Page<'_>, bound: u64) -> Result<u64, DbError> {
         super::query::count(self, page, bound).await
+    }
+
+    async fn referencing(&self, refs: &[Reference], id: &str, after: Option<&str>, limit: usize) -> Result<Snapshot, DbError> {
+        super::query::referencing(self, refs, id, after, limit).await
     }
 
     async fn position(&self, schema: &ReadSchema) -> Result<u64, DbError> {
