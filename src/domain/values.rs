@@ -47,12 +47,19 @@ impl InvalidData {
 /// a class's own definition wins over an ancestor's. A definition that does not parse (a
 /// state written before it was valid) counts as `json`.
 fn definitions(classes: &[Value]) -> Vec<PropertyDef> {
-    classes
-        .iter()
-        .rev()
-        .flat_map(|c| c["properties"].as_array().into_iter().flatten())
-        .filter_map(|p| serde_json::from_value(p.clone()).ok().or_else(|| lenient(p)))
-        .collect()
+    let mut defs: Vec<PropertyDef> = Vec::new();
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let all = classes.iter().rev().flat_map(|c| c["properties"].as_array().into_iter().flatten());
+    for def in all.filter_map(|p| serde_json::from_value::<PropertyDef>(p.clone()).ok().or_else(|| lenient(p))) {
+        match at.get(&def.name) {
+            Some(&i) => defs[i] = def,
+            None => {
+                at.insert(def.name.clone(), defs.len());
+                defs.push(def);
+            }
+        }
+    }
+    defs
 }
 
 fn lenient(p: &Value) -> Option<PropertyDef> {
@@ -66,16 +73,25 @@ pub fn validate(data: &Map<String, Value>, classes: &[Value]) -> Result<(), Inva
     check_object("", data, &definitions(classes))
 }
 
-/// A created instance's data with each absent property that declares a `default` set to it.
+/// A created instance's data with each absent property that declares a `default` set to it,
+/// inside present `object` values too.
 pub fn with_defaults(mut data: Map<String, Value>, classes: &[Value]) -> Map<String, Value> {
-    for def in definitions(classes) {
-        if let Some(default) = def.default {
-            if data.get(&def.name).is_none_or(Value::is_null) {
-                data.insert(def.name, default);
+    fill_defaults(&mut data, &definitions(classes));
+    data
+}
+
+fn fill_defaults(data: &mut Map<String, Value>, defs: &[PropertyDef]) {
+    for def in defs {
+        match data.get_mut(&def.name) {
+            None | Some(Value::Null) => {
+                if let Some(default) = &def.default {
+                    data.insert(def.name.clone(), default.clone());
+                }
             }
+            Some(Value::Object(nested)) if def.ty == "object" => fill_defaults(nested, def.properties.as_deref().unwrap_or_default()),
+            Some(_) => {}
         }
     }
-    data
 }
 
 fn check_object(prefix: &str, data: &Map<String, Value>, defs: &[PropertyDef]) -> Result<(), InvalidData> {
@@ -304,6 +320,19 @@ mod tests {
             }
             assert!(!type_matches(ty, &json!(5)), "{ty}: a number accepted");
         }
+    }
+
+    #[test]
+    fn defaults_fill_absent_properties_nested_ones_too_and_the_class_wins() {
+        let parent = class(json!([{"name": "tier", "type": "string", "default": "basic"}]));
+        let child = class(json!([
+            {"name": "tier", "type": "string", "default": "gold"},
+            {"name": "status", "type": "enum", "values": ["new", "old"], "default": "new"},
+            {"name": "address", "type": "object", "properties": [{"name": "country", "type": "string", "default": "KR"}]}
+        ]));
+        let data = json!({"status": "old", "address": {}}).as_object().unwrap().clone();
+        let filled = with_defaults(data, &[child, parent]);
+        assert_eq!(Value::Object(filled), json!({"tier": "gold", "status": "old", "address": {"country": "KR"}}));
     }
 
     #[test]

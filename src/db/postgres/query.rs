@@ -50,7 +50,10 @@ pub(super) async fn count(pg: &Pg, page: &Page<'_>, bound: u64) -> Result<u64, D
 }
 
 /// Instances naming `id` in one of `refs`: one containment per reference, so each is a GIN
-/// lookup on the data, not a scan of the class.
+/// lookup on the data, not a scan of the class. The matches are gathered first
+/// (`MATERIALIZED`) and ordered after: given `ORDER BY key LIMIT n`, the planner would walk
+/// the key index and test every row of the class instead (seen: 52 ms for 10 links among
+/// 100,000 rows, against under 1 ms).
 pub(super) async fn referencing(pg: &Pg, refs: &[Reference], id: &str, after: Option<&str>, limit: usize) -> Result<Snapshot, DbError> {
     let schema = ReadSchema::live();
     let mut b = Binder::new(3, '$');
@@ -64,7 +67,8 @@ pub(super) async fn referencing(pg: &Pg, refs: &[Reference], id: &str, after: Op
         .collect();
     let any = if any.is_empty() { vec!["1 = 0".to_string()] } else { any };
     let rows = format!(
-        "SELECT {COLUMNS} FROM {} WHERE kind = 'instance' AND NOT deleted AND key > $1 AND ({}) ORDER BY key LIMIT $2",
+        "WITH m AS MATERIALIZED (SELECT {COLUMNS} FROM {} WHERE kind = 'instance' AND NOT deleted AND key > $1 AND ({})) \
+         SELECT * FROM m ORDER BY key LIMIT $2",
         table(&schema, "read_models"),
         any.join(" OR ")
     );
