@@ -391,7 +391,12 @@ async fn never_created(state: &AppState, request: &Request) -> Result<(), ApiErr
     let Some((key, code)) = request.command_type.required(&first.payload) else {
         return Ok(());
     };
+    let id = key.to_string();
+    if state.named.contains(&id) {
+        return Ok(());
+    }
     if state.index().version(&key).await? > 0 {
+        state.named.insert(&id);
         return Ok(());
     }
     let what = match key.aggregate_type {

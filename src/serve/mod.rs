@@ -5,6 +5,7 @@ pub mod commands;
 pub mod error;
 pub mod extract;
 pub mod links;
+pub mod named;
 pub mod openapi;
 pub mod position_watch;
 pub mod queries;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub writer: LogWriter,
     /// The read models' position, watched once for every `?min_version` read.
     pub positions: Arc<position_watch::PositionWatch>,
+    /// Databases and classes known to be named in the log.
+    pub named: Arc<named::Named>,
 }
 
 impl AppState {
@@ -45,7 +48,7 @@ impl AppState {
         let auth = auth::Auth::from_config(&config.auth)?;
         auth::check_exposure(&auth, config.serve.listen, config.auth.insecure_no_auth)?;
         let positions = position_watch::PositionWatch::start(db.clone(), config.serve.max_version_waiters);
-        Ok(AppState { config: Arc::new(config), auth, db, log, writer, positions })
+        Ok(AppState { config: Arc::new(config), auth, db, log, writer, positions, named: Default::default() })
     }
 
     pub fn index(&self) -> &dyn LogIndex {
