@@ -382,14 +382,16 @@ async fn links_follow_references_both_ways_and_stop_at_cycles(backend: Backend) 
     let app = spawn_dev(backend).await;
     done(&app, app.post("/databases", json!({"name": "g"})).await).await;
     done(&app, app.post("/databases/g/classes", json!({"id": "Company", "properties": [{"name": "name", "type": "string"}]})).await).await;
-    let person = json!({"id": "Person", "properties": [{"name": "manager", "type": "ref:Person"}, {"name": "company", "type": "ref:Company"}]});
+    let person = json!({"id": "Person", "properties": [{"name": "manager", "type": "ref:Person"}, {"name": "company", "type": "ref:Company"},
+        {"name": "clients", "type": "ref:Company", "cardinality": "many"}]});
     done(&app, app.post("/databases/g/classes", person).await).await;
     done(&app, app.post("/databases/g/classes/Company/instances", json!({"id": "acme", "data": {"name": "Acme"}})).await).await;
+    done(&app, app.post("/databases/g/classes/Company/instances", json!({"id": "zeta", "data": {"name": "Zeta"}})).await).await;
     let people = json!({"instances": [
         {"id": "alice", "data": {"manager": "bob", "company": "acme"}},
         {"id": "bob", "data": {"manager": "carol", "company": "acme"}},
         {"id": "carol", "data": {"manager": "alice"}},
-        {"id": "dave", "data": {"manager": "ghost"}}]});
+        {"id": "dave", "data": {"manager": "ghost", "clients": ["zeta", "acme"]}}]});
     done(&app, app.post("/databases/g/classes/Person/instances/bulk", people).await).await;
     caught_up(&app).await;
     let app = &app;
@@ -417,7 +419,12 @@ async fn links_follow_references_both_ways_and_stop_at_cycles(backend: Backend) 
     let b = links("Person/instances/alice/links").await;
     assert_eq!(shown(&b), ["1 company alice->acme", "1 manager alice->bob"]);
     assert_eq!(b["items"][1]["instance"]["data"]["manager"], "carol", "the far end's state: {b}");
-    assert_eq!(shown(&links("Person/instances/dave/links").await), ["1 manager dave->ghost missing"]);
+    assert_eq!(
+        shown(&links("Person/instances/dave/links").await),
+        ["1 clients dave->zeta", "1 clients dave->acme", "1 manager dave->ghost missing"],
+        "each id of a many-valued reference, in order"
+    );
+    assert_eq!(shown(&links("Company/instances/zeta/links?direction=in").await), ["1 clients dave->zeta"]);
     assert_eq!(
         shown(&links("Person/instances/alice/links?depth=3").await),
         [
@@ -432,7 +439,14 @@ async fn links_follow_references_both_ways_and_stop_at_cycles(backend: Backend) 
     let second = links(&format!("Company/instances/acme/links?direction=in&limit=1&cursor={cursor}")).await;
     assert_eq!(shown(&second), ["1 company bob->acme"]);
     let third = links(&format!("Company/instances/acme/links?direction=in&limit=1&cursor={}", second["next_cursor"].as_str().unwrap())).await;
-    assert_eq!((shown(&third).len(), &third["next_cursor"]), (0, &Value::Null));
+    assert_eq!(shown(&third), ["1 clients dave->acme"]);
+    let fourth = links(&format!("Company/instances/acme/links?direction=in&limit=1&cursor={}", third["next_cursor"].as_str().unwrap())).await;
+    assert_eq!((shown(&fourth).len(), &fourth["next_cursor"]), (0, &Value::Null));
+    let (s, e) = app.post("/databases/g/classes", json!({"id": "Bad", "properties": [{"name": "n", "type": "integer", "cardinality": "many"}]})).await;
+    assert_eq!((s, e["error"].as_str()), (400, Some("invalid_property")), "cardinality is for refs: {e}");
+    let id = accepted_id(app.post("/databases/g/classes/Person/instances", json!({"data": {"clients": "acme"}})).await);
+    let status = app.wait_command(&id, WAIT).await;
+    assert_eq!(status["error"]["code"], "invalid_instance", "a many-valued ref takes an array: {status}");
     assert_eq!(
         shown(&links("Person/instances/alice/links?direction=in&depth=2").await),
         ["1 manager carol->alice", "2 manager bob->carol"]
@@ -443,6 +457,11 @@ async fn links_follow_references_both_ways_and_stop_at_cycles(backend: Backend) 
         let (s, b) = app.get(&format!("/databases/g/classes/{bad}")).await;
         assert_eq!(s, status, "{bad}: {b}");
     }
+}
+
+fn accepted_id((s, b): (u16, Value)) -> String {
+    assert_eq!(s, 202, "{b}");
+    b["command_id"].as_str().unwrap().to_string()
 }
 
 /// Every instance of a class through the API: (id, version, data).

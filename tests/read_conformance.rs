@@ -196,16 +196,19 @@ async fn references_are_found_by_class_property_and_value(backend: Backend) {
         row("d:main:Q:e", 5, serde_json::json!({"boss": "x"}), false),
         row("d:main:P:f", 6, serde_json::Value::Null, true),
         row("d:main:P:g", 7, serde_json::json!({"boss": "x"}), false),
+        row("d:main:Q:h", 8, serde_json::json!({"tags": ["w", "x"]}), false),
+        row("d:main:Q:i", 9, serde_json::json!({"tags": "x"}), false),
     ];
-    store.apply(&ReadSchema::live(), &log_batch(changes, 7)).await.unwrap();
+    store.apply(&ReadSchema::live(), &log_batch(changes, 9)).await.unwrap();
     let refs = [
-        Reference { parent: "d:main:P".into(), property: "boss".into() },
-        Reference { parent: "d:main:P".into(), property: "mentor".into() },
-        Reference { parent: "d:main:Q".into(), property: "owner".into() },
+        Reference { parent: "d:main:P".into(), property: "boss".into(), many: false },
+        Reference { parent: "d:main:P".into(), property: "mentor".into(), many: false },
+        Reference { parent: "d:main:Q".into(), property: "owner".into(), many: false },
+        Reference { parent: "d:main:Q".into(), property: "tags".into(), many: true },
     ];
     let keys = |s: spiced::db::read::Snapshot| s.rows.into_iter().map(|r| r.key).collect::<Vec<_>>();
     let all = keys(store.referencing(&refs, "x", None, 10).await.unwrap());
-    assert_eq!(all, ["d:main:P:a", "d:main:P:c", "d:main:P:g", "d:main:Q:d"]);
+    assert_eq!(all, ["d:main:P:a", "d:main:P:c", "d:main:P:g", "d:main:Q:d", "d:main:Q:h"], "a many-valued property matches an array holding the id, not a lone string");
     let after = keys(store.referencing(&refs, "x", Some("d:main:P:c"), 2).await.unwrap());
     assert_eq!(after, ["d:main:P:g", "d:main:Q:d"]);
     assert!(keys(store.referencing(&[], "x", None, 10).await.unwrap()).is_empty());

@@ -58,6 +58,24 @@ pub struct PropertyDef {
     /// satisfy the property.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<Value>,
+    /// `ref:<ClassId>` only: `one` (default, an id) or `many` (an array of ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cardinality: Option<Cardinality>,
+}
+
+/// How many instances a `ref` property names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Cardinality {
+    One,
+    Many,
+}
+
+impl PropertyDef {
+    /// A `ref` property holding an array of ids.
+    pub fn is_many(&self) -> bool {
+        self.cardinality == Some(Cardinality::Many)
+    }
 }
 
 /// The scalar types: a value of one is a JSON scalar (or any JSON, for `json`).

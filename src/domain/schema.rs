@@ -70,6 +70,9 @@ fn validate_property(p: &PropertyDef, depth: usize) -> Result<(), Invalid> {
             text.validate(&format!("property {:?}: {key}", p.name))?;
         }
     }
+    if p.cardinality.is_some() && !matches!(kind, Kind::Ref(_)) {
+        return Err(bad(format!("property {:?}: `cardinality` is for ref properties only", p.name)));
+    }
     validate_shape(p, kind, depth)?;
     validate_bounds(p, kind)?;
     validate_lengths(p, kind)?;
@@ -133,6 +136,7 @@ fn validate_lengths(p: &PropertyDef, kind: Kind<'_>) -> Result<(), Invalid> {
         return Ok(());
     }
     let has_length = matches!(kind, Kind::Array(_) | Kind::Ref(_)) || STRING_TYPES.contains(&kind.item());
+    // Of a many-valued ref, lengths count its ids.
     if !has_length {
         return Err(bad(format!("property {:?}: `min_length` and `max_length` are for strings and arrays", p.name)));
     }

@@ -150,6 +150,14 @@ pub fn check_value(path: &str, def: &PropertyDef, value: &Value) -> Result<(), I
             }
             check_scalar(path, def, "enum", value)
         }
+        Some(Kind::Ref(_)) if def.is_many() => {
+            let Some(ids) = value.as_array() else { return Err(wrong()) };
+            check_length(path, def, ids.len() as u64, "ids")?;
+            match ids.iter().position(|id| !id.is_string()) {
+                Some(i) => Err(InvalidData::WrongType { property: format!("{path}[{i}]"), expected: "an instance id".into(), got: ids[i].clone() }),
+                None => Ok(()),
+            }
+        }
         Some(Kind::Ref(_)) => {
             if !value.is_string() {
                 return Err(wrong());
@@ -333,6 +341,16 @@ mod tests {
         let data = json!({"status": "old", "address": {}}).as_object().unwrap().clone();
         let filled = with_defaults(data, &[child, parent]);
         assert_eq!(Value::Object(filled), json!({"tier": "gold", "status": "old", "address": {"country": "KR"}}));
+    }
+
+    #[test]
+    fn many_valued_references_are_arrays_of_ids() {
+        let classes = vec![class(json!([{"name": "tags", "type": "ref:Tag", "cardinality": "many", "max_length": 2}]))];
+        assert!(validate(json!({"tags": ["a", "b"]}).as_object().unwrap(), &classes).is_ok());
+        for (bad, code) in [(json!({"tags": "a"}), "invalid_instance"), (json!({"tags": ["a", 1]}), "invalid_instance"), (json!({"tags": ["a", "b", "c"]}), "invalid_length")] {
+            let err = validate(bad.as_object().unwrap(), &classes).unwrap_err();
+            assert_eq!(err.code(), code, "{bad}: {err}");
+        }
     }
 
     #[test]

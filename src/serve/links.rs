@@ -214,19 +214,22 @@ impl<'a> Walk<'a> {
             Err(e) if e.status() == axum::http::StatusCode::NOT_FOUND => Default::default(),
             Err(e) => return Err(e),
         };
-        let mut refs: Vec<(String, String)> = properties
-            .into_iter()
-            .filter_map(|(name, ty)| Some((name, ty.strip_prefix("ref:")?.to_string())))
-            .collect();
+        let mut refs: Vec<(String, String)> = properties.into_iter().filter_map(|(name, ty)| Some((name, target(&ty)?.0.to_string()))).collect();
         refs.sort();
         let mut links = Vec::new();
         for (property, target_class) in refs {
-            let Some(id) = data[&property].as_str().filter(|id| validate_name("id", id).is_ok()) else { continue };
-            let far = Node { class_id: target_class, instance_id: id.to_string() };
-            let row = self.state.db.read.one(ReadKind::Instance, &self.key(&far)).await?.rows.into_iter().next().filter(|r| !r.deleted);
-            links.push((property, far, row));
-            if links.len() >= room {
-                break;
+            // One id, or each id of a many-valued reference, in order.
+            let ids: Vec<&str> = match &data[&property] {
+                Value::Array(ids) => ids.iter().filter_map(Value::as_str).collect(),
+                one => one.as_str().into_iter().collect(),
+            };
+            for id in ids.into_iter().filter(|id| validate_name("id", id).is_ok()) {
+                let far = Node { class_id: target_class.clone(), instance_id: id.to_string() };
+                let row = self.state.db.read.one(ReadKind::Instance, &self.key(&far)).await?.rows.into_iter().next().filter(|r| !r.deleted);
+                links.push((property.clone(), far, row));
+                if links.len() >= room {
+                    return Ok(links);
+                }
             }
         }
         Ok(links)
@@ -244,7 +247,11 @@ impl<'a> Walk<'a> {
             .filter_map(|row| {
                 let class_id = row.parent.rsplit(':').next()?.to_string();
                 let instance_id = row.key.rsplit(':').next()?.to_string();
-                let reference = refs.iter().find(|r| r.parent == row.parent && row.state.as_ref().is_some_and(|s| s["data"][&r.property] == node.instance_id.as_str()))?;
+                let names = |r: &Reference| {
+                    let value = row.state.as_ref().map(|s| &s["data"][&r.property]);
+                    value.is_some_and(|v| *v == node.instance_id.as_str() || v.as_array().is_some_and(|ids| ids.iter().any(|id| *id == node.instance_id.as_str())))
+                };
+                let reference = refs.iter().find(|r| r.parent == row.parent && names(r))?;
                 Some((reference.property.clone(), Node { class_id, instance_id }, Some(row)))
             })
             .collect();
@@ -254,7 +261,6 @@ impl<'a> Walk<'a> {
     /// Every property, of every class of the database (its own or inherited), declared
     /// `ref:<class_id>`.
     async fn references_to(&self, class_id: &str) -> Result<Vec<Reference>, ApiError> {
-        let wanted = format!("ref:{class_id}");
         let mut refs = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -263,8 +269,8 @@ impl<'a> Walk<'a> {
             for row in &rows {
                 let Some(id) = row.key.rsplit(':').next() else { continue };
                 for (property, ty) in class_properties(self.state, &self.classes, id).await? {
-                    if ty == wanted {
-                        refs.push(Reference { parent: row.key.clone(), property });
+                    if let Some((_, many)) = target(&ty).filter(|(t, _)| *t == class_id) {
+                        refs.push(Reference { parent: row.key.clone(), property, many });
                     }
                 }
             }
@@ -273,6 +279,15 @@ impl<'a> Walk<'a> {
                 None => return Ok(refs),
             }
         }
+    }
+}
+
+/// The class a property type refers to, and whether it holds many ids (`class_properties`
+/// spells a many-valued `ref:X` as `refs:X`).
+fn target(ty: &str) -> Option<(&str, bool)> {
+    match ty.strip_prefix("refs:") {
+        Some(class) => Some((class, true)),
+        None => ty.strip_prefix("ref:").map(|class| (class, false)),
     }
 }
 

@@ -258,7 +258,12 @@ pub(super) async fn class_properties(state: &AppState, class_key_prefix: &str, c
         };
         for p in class["properties"].as_array().into_iter().flatten() {
             if let Some(name) = p["name"].as_str() {
-                let ty = p["type"].as_str().unwrap_or("json");
+                // A many-valued ref is an array: `json` to filters and sorts, `refs:` to links.
+                let ty = match (p["type"].as_str().unwrap_or("json"), p["cardinality"].as_str()) {
+                    (ty, Some("many")) if ty.starts_with("ref:") => ty.replacen("ref:", "refs:", 1),
+                    (ty, _) => ty.to_string(),
+                };
+                let ty = ty.as_str();
                 properties.entry(name.to_string()).or_insert_with(|| ty.to_string());
             }
         }

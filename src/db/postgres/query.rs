@@ -61,7 +61,8 @@ pub(super) async fn referencing(pg: &Pg, refs: &[Reference], id: &str, after: Op
         .iter()
         .map(|r| {
             let parent = b.bind(Param::Text(r.parent.clone()));
-            let doc = b.bind(Param::Json(json!({ r.property.clone(): id })));
+            let value = if r.many { json!([id]) } else { json!(id) };
+            let doc = b.bind(Param::Json(json!({ r.property.clone(): value })));
             format!("(parent = {parent} AND (state -> 'data') @> {doc}::jsonb)")
         })
         .collect();

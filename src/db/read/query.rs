@@ -39,6 +39,8 @@ pub struct Page<'a> {
 pub struct Reference {
     pub parent: String,
     pub property: String,
+    /// The property holds an array of ids (`cardinality: many`), not one.
+    pub many: bool,
 }
 
 /// A stored kind, read back.

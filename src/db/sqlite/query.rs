@@ -41,7 +41,10 @@ pub(super) async fn referencing(lite: &Lite, refs: &[Reference], id: &str, after
             let parent = b.bind(Param::Text(r.parent.clone()));
             let path = b.bind(Param::Text(format!("$.data.\"{}\"", r.property)));
             let value = b.bind(Param::Text(id.to_string()));
-            format!("(parent = {parent} AND json_type(state, {path}) = 'text' AND json_extract(state, {path}) = {value})")
+            match r.many {
+                true => format!("(parent = {parent} AND json_type(state, {path}) = 'array' AND EXISTS (SELECT 1 FROM json_each(state, {path}) e WHERE e.value = {value}))"),
+                false => format!("(parent = {parent} AND json_type(state, {path}) = 'text' AND json_extract(state, {path}) = {value})"),
+            }
         })
         .collect();
     let any = if any.is_empty() { vec!["1 = 0".to_string()] } else { any };
