@@ -340,10 +340,43 @@ async fn record_and_commit(
     tx.commit().await
 }
 
+/// The bytes the command's envelopes take in a segment (a line each), for the queue budget
+/// and the batch limits. Counted while serialising, not kept: allocating each envelope's JSON
+/// only to measure it showed as 6.6 % of `serve`'s CPU at saturation (issue 17).
 fn command_bytes(command: &AppendCommand) -> usize {
     command
         .events
         .iter()
-        .map(|e| serde_json::to_vec(&e.envelope).map(|v| v.len() + 1).unwrap_or(0))
+        .map(|e| {
+            let mut counted = Counted(0);
+            serde_json::to_writer(&mut counted, &e.envelope).map(|_| counted.0 + 1).unwrap_or(0)
+        })
         .sum()
+}
+
+/// A writer that only counts what it is given.
+struct Counted(usize);
+
+impl std::io::Write for Counted {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counting_gives_the_length_serialising_would() {
+        let value = serde_json::json!({"s": "line\nbreak \"quoted\" 제품 \u{1}", "n": [1, 2.5, -3], "o": {"k": null}});
+        let mut counted = Counted(0);
+        serde_json::to_writer(&mut counted, &value).unwrap();
+        assert_eq!(counted.0, serde_json::to_vec(&value).unwrap().len());
+    }
 }
