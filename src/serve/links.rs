@@ -16,7 +16,8 @@ use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use utoipa::{IntoParams, ToSchema};
 
 /// Deepest `depth`.
@@ -112,10 +113,10 @@ pub async fn get_links(
     let start = Node { class_id, instance_id };
     let start_key = walk.key(&start);
     let found = state.db.read.one(ReadKind::Instance, &start_key).await?;
-    if found.rows.first().is_none_or(|r| r.deleted) {
+    let Some(row) = found.rows.first().filter(|r| !r.deleted) else {
         return Err(ApiError::not_found(format!("no instance {start_key} (or not projected yet)")));
-    }
-    let (items, next_cursor, truncated) = walk.run(start).await?;
+    };
+    let (items, next_cursor, truncated) = walk.run(start, data_of(row)).await?;
     Ok(with_position(found.position, json!({"items": items, "next_cursor": next_cursor, "truncated": truncated})))
 }
 
@@ -134,6 +135,9 @@ struct Walk<'a> {
     depth: u8,
     limit: usize,
     cursor: Option<String>,
+    /// The references to each class reached so far: every class of the database is read to
+    /// find them, once per request.
+    references: Mutex<HashMap<String, Vec<Reference>>>,
 }
 
 impl<'a> Walk<'a> {
@@ -153,25 +157,26 @@ impl<'a> Walk<'a> {
         if let Some(cursor) = &q.cursor {
             cursor.split(':').try_for_each(|part| validate_name("cursor", part))?;
         }
-        Ok(Walk { state, classes, direction, depth, limit, cursor: q.cursor.clone() })
+        Ok(Walk { state, classes, direction, depth, limit, cursor: q.cursor.clone(), references: Default::default() })
     }
 
     fn key(&self, node: &Node) -> String {
         format!("{}:{}:{}", self.classes, node.class_id, node.instance_id)
     }
 
-    /// Breadth first from `start`, up to `limit` links.
-    async fn run(&self, start: Node) -> Result<(Vec<Value>, Option<String>, bool), ApiError> {
+    /// Breadth first from `start` (whose data is `start_data`), up to `limit` links. Each
+    /// instance reached is read once: its row comes with the link that reached it.
+    async fn run(&self, start: Node, start_data: Value) -> Result<(Vec<Value>, Option<String>, bool), ApiError> {
         let mut seen = HashSet::from([start.clone()]);
-        let mut frontier = vec![start];
+        let mut frontier = vec![(start, start_data)];
         let mut items = Vec::new();
         let mut next_cursor = None;
         for depth in 1..=self.depth {
             let mut next = Vec::new();
-            for node in &frontier {
+            for (node, data) in &frontier {
                 let room = self.limit - items.len();
                 let (links, cursor) = match self.direction {
-                    Direction::Out => (self.outgoing(node, room).await?, None),
+                    Direction::Out => (self.outgoing(node, data, room).await?, None),
                     Direction::In => self.incoming(node, room).await?,
                 };
                 next_cursor = cursor;
@@ -186,8 +191,8 @@ impl<'a> Walk<'a> {
                         "source": end(source), "target": end(target),
                         "instance": row.as_ref().map(|r| item(r, ReadKind::Instance, &[])),
                     }));
-                    if !cycle && row.is_some() {
-                        next.push(far);
+                    if let Some(row) = row.as_ref().filter(|_| !cycle) {
+                        next.push((far, data_of(row)));
                     }
                 }
                 if items.len() >= self.limit {
@@ -202,12 +207,9 @@ impl<'a> Walk<'a> {
         Ok((items, next_cursor.filter(|_| self.depth == 1), false))
     }
 
-    /// The instances `node`'s `ref` properties name, by property name, at most `room`.
-    async fn outgoing(&self, node: &Node, room: usize) -> Result<Vec<(String, Node, Option<ReadRow>)>, ApiError> {
-        let found = self.state.db.read.one(ReadKind::Instance, &self.key(node)).await?;
-        let Some(data) = found.rows.into_iter().next().filter(|r| !r.deleted).and_then(|r| r.state).map(|s| s["data"].clone()) else {
-            return Ok(Vec::new());
-        };
+    /// The instances `node`'s `ref` properties (in its `data`) name, by property name, at most
+    /// `room`.
+    async fn outgoing(&self, node: &Node, data: &Value, room: usize) -> Result<Vec<(String, Node, Option<ReadRow>)>, ApiError> {
         let properties = match class_properties(self.state, &self.classes, &node.class_id).await {
             Ok(properties) => properties,
             // A class deleted under live instances (not refused yet): nothing to follow.
@@ -261,6 +263,16 @@ impl<'a> Walk<'a> {
     /// Every property, of every class of the database (its own or inherited), declared
     /// `ref:<class_id>`.
     async fn references_to(&self, class_id: &str) -> Result<Vec<Reference>, ApiError> {
+        let known = self.references.lock().unwrap_or_else(|e| e.into_inner()).get(class_id).cloned();
+        if let Some(refs) = known {
+            return Ok(refs);
+        }
+        let refs = self.find_references_to(class_id).await?;
+        self.references.lock().unwrap_or_else(|e| e.into_inner()).insert(class_id.to_string(), refs.clone());
+        Ok(refs)
+    }
+
+    async fn find_references_to(&self, class_id: &str) -> Result<Vec<Reference>, ApiError> {
         let mut refs = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -289,6 +301,11 @@ fn target(ty: &str) -> Option<(&str, bool)> {
         Some(class) => Some((class, true)),
         None => ty.strip_prefix("ref:").map(|class| (class, false)),
     }
+}
+
+/// An instance row's `data`.
+fn data_of(row: &ReadRow) -> Value {
+    row.state.as_ref().map(|s| s["data"].clone()).unwrap_or(Value::Null)
 }
 
 fn end(node: &Node) -> Value {
