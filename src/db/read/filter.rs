@@ -163,14 +163,19 @@ impl Parser<'_> {
         found
     }
 
-    /// `reason`, at the current character (counted from 1, in characters).
+    /// `reason`, at the current character.
     fn error(&self, reason: impl std::fmt::Display) -> InvalidFilter {
-        let column = self.text[..self.at].chars().count() + 1;
-        let found = match self.rest().chars().next() {
+        self.error_at(self.at, reason)
+    }
+
+    /// `reason`, at byte offset `at` (shown counted from 1, in characters), with the character
+    /// found there.
+    fn error_at(&self, at: usize, reason: impl std::fmt::Display) -> InvalidFilter {
+        let found = match self.text[at..].chars().next() {
             Some(c) => format!("{c:?}"),
             None => "the end".into(),
         };
-        InvalidFilter::new(format!("at character {column} ({found}): {reason}"))
+        InvalidFilter::new(format!("at character {} ({found}): {reason}", self.column(at)))
     }
 
     fn group(&mut self) -> Result<Group, InvalidFilter> {
@@ -244,7 +249,7 @@ impl Parser<'_> {
         let raw = self.scalar()?;
         let value = self.typed(&raw, ty, start)?;
         match ty {
-            ValueType::Bool if !matches!(op, CmpOp::Eq | CmpOp::Ne) => Err(self.at_(start, "booleans take = and != only")),
+            ValueType::Bool if !matches!(op, CmpOp::Eq | CmpOp::Ne) => Err(self.error_at(start, "booleans take = and != only")),
             _ => Ok(Test::Cmp(op, value)),
         }
     }
@@ -261,7 +266,7 @@ impl Parser<'_> {
 
     fn list(&mut self, ty: ValueType, start: usize) -> Result<Vec<Value>, InvalidFilter> {
         if !matches!(ty, ValueType::Number | ValueType::Text) {
-            return Err(self.at_(start, format!("in and not_in take numbers or strings, the property is {}", ty.name())));
+            return Err(self.error_at(start, format!("in and not_in take numbers or strings, the property is {}", ty.name())));
         }
         let mut values = Vec::new();
         loop {
@@ -269,7 +274,7 @@ impl Parser<'_> {
             let raw = self.scalar()?;
             values.push(self.typed(&raw, ty, value_at)?);
             if values.len() > MAX_IN_VALUES {
-                return Err(self.at_(start, format!("at most {MAX_IN_VALUES} values in a list")));
+                return Err(self.error_at(start, format!("at most {MAX_IN_VALUES} values in a list")));
             }
             if self.eat(')') {
                 return Ok(values);
@@ -282,7 +287,7 @@ impl Parser<'_> {
 
     fn like(&mut self, ty: ValueType, case_insensitive: bool, start: usize) -> Result<Test, InvalidFilter> {
         if ty != ValueType::Text {
-            return Err(self.at_(start, format!("like and ilike take string properties, the property is {}", ty.name())));
+            return Err(self.error_at(start, format!("like and ilike take string properties, the property is {}", ty.name())));
         }
         let pattern = self.scalar()?;
         self.no_nul(&pattern, start)?;
@@ -324,18 +329,13 @@ impl Parser<'_> {
     fn no_nul(&self, raw: &str, start: usize) -> Result<(), InvalidFilter> {
         if raw.contains('\0') {
             // PostgreSQL cannot bind it (text or jsonb): a 400 here, not a failed query.
-            return Err(self.at_(start, "the value contains U+0000 (NUL), which no stored value holds"));
+            return Err(self.error_at(start, "the value contains U+0000 (NUL), which no stored value holds"));
         }
         Ok(())
     }
 
     fn column(&self, at: usize) -> usize {
         self.text[..at].chars().count() + 1
-    }
-
-    /// `reason` at an earlier offset (the start of the value it is about).
-    fn at_(&self, at: usize, reason: impl std::fmt::Display) -> InvalidFilter {
-        Parser { text: self.text, at, properties: self.properties }.error(reason)
     }
 }
 

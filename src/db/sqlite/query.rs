@@ -88,6 +88,12 @@ fn sort_expr(k: &SortKey) -> String {
 }
 
 fn sort_value(_: &SortKey, v: &Value, b: &mut Binder) -> String {
+    bind_value(v, b)
+}
+
+/// A filter or cursor value as SQLite compares it with `json_extract`: numbers as reals,
+/// booleans as SQLite's 0/1, the rest as text.
+fn bind_value(v: &Value, b: &mut Binder) -> String {
     match v {
         Value::Number(n) => b.bind(Param::Number(n.as_f64().unwrap_or(f64::NAN))),
         Value::Bool(t) => b.bind(Param::Number(if *t { 1.0 } else { 0.0 })),
@@ -165,24 +171,18 @@ fn clause(c: &Condition, b: &mut Binder) -> String {
     let path = b.bind(Param::Text(format!("$.data.\"{}\"", c.property)));
     let typed = format!("json_type(state, {path}) IN {}", types(c.ty));
     let x = format!("json_extract(state, {path})");
-    let mut value = |v: &Value| match v {
-        Value::Number(n) => b.bind(Param::Number(n.as_f64().unwrap_or(f64::NAN))),
-        // Booleans compare as SQLite's 0/1.
-        Value::Bool(t) => b.bind(Param::Number(if *t { 1.0 } else { 0.0 })),
-        other => b.bind(Param::Text(other.as_str().unwrap_or_default().to_string())),
-    };
     match &c.test {
         Test::Exists(present) => {
             let op = if *present { "<>" } else { "=" };
             format!("coalesce(json_type(state, {path}), 'null') {op} 'null'")
         }
-        Test::Cmp(op, v) => format!("{typed} AND {x} {} {}", op.sql(), value(v)),
+        Test::Cmp(op, v) => format!("{typed} AND {x} {} {}", op.sql(), bind_value(v, b)),
         Test::In(values) => {
-            let list: Vec<String> = values.iter().map(&mut value).collect();
+            let list: Vec<String> = values.iter().map(|v| bind_value(v, b)).collect();
             format!("{typed} AND {x} IN ({})", list.join(", "))
         }
         Test::NotIn(values) => {
-            let list: Vec<String> = values.iter().map(&mut value).collect();
+            let list: Vec<String> = values.iter().map(|v| bind_value(v, b)).collect();
             format!("{typed} AND {x} NOT IN ({})", list.join(", "))
         }
         // SQLite's LIKE ignores ASCII case only, and GLOB is its case-sensitive match.
