@@ -85,22 +85,29 @@ async fn read_models_follow_the_log(backend: Backend) {
 /// the ids come in strictly increasing order.
 async fn all_pages(app: &TestApp, class_path: &str, query: &str, limit: usize) -> Vec<String> {
     let mut seen: Vec<String> = Vec::new();
+    for item in pages(app, &format!("{class_path}/instances?limit={limit}{query}")).await {
+        let id = item["instance_id"].as_str().unwrap().to_string();
+        assert!(seen.last().is_none_or(|last| *last < id), "{id} out of order after {:?}", seen.last());
+        seen.push(id);
+    }
+    seen
+}
+
+/// Every item of a list, following `next_cursor` from `first` (a URL with a query) to the end.
+async fn pages(app: &TestApp, first: &str) -> Vec<Value> {
+    let mut items = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let mut url = format!("{class_path}/instances?limit={limit}{query}");
+        let mut url = first.to_string();
         if let Some(c) = &cursor {
-            url.push_str(&format!("&cursor={c}"));
+            url.push_str(&format!("&cursor={}", urlencode(c)));
         }
         let (s, page) = app.get(&url).await;
         assert_eq!(s, 200, "{url}: {page}");
-        for item in page["items"].as_array().unwrap() {
-            let id = item["instance_id"].as_str().unwrap().to_string();
-            assert!(seen.last().is_none_or(|last| *last < id), "{id} out of order after {:?}", seen.last());
-            seen.push(id);
-        }
+        items.extend(page["items"].as_array().unwrap().iter().cloned());
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_string()),
-            None => return seen,
+            None => return items,
         }
     }
 }
@@ -281,21 +288,7 @@ fn class_row(key: &str, properties: Value) -> spiced::db::read::Change {
 
 /// Every page of a sorted list: the items, in order.
 async fn sorted_pages(app: &TestApp, class_path: &str, sort: &str, limit: usize) -> Vec<Value> {
-    let mut seen = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let mut url = format!("{class_path}/instances?limit={limit}&sort={}", urlencode(sort));
-        if let Some(c) = &cursor {
-            url.push_str(&format!("&cursor={}", urlencode(c)));
-        }
-        let (s, page) = app.get(&url).await;
-        assert_eq!(s, 200, "{url}: {page}");
-        seen.extend(page["items"].as_array().unwrap().iter().cloned());
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => return seen,
-        }
-    }
+    pages(app, &format!("{class_path}/instances?limit={limit}&sort={}", urlencode(sort))).await
 }
 
 /// Sorted by `-n` (descending, ties by id) in pages of 100 while rows are inserted all over
