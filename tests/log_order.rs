@@ -182,9 +182,10 @@ impl Model {
         }
     }
 
-    /// A live child class keeps a class from being deleted.
+    /// A live child class or a live instance keeps a class from being deleted.
     fn in_use(&self, (db, class): &(String, String)) -> bool {
         self.classes.iter().any(|((d, _), parent)| d == db && parent.as_ref() == Some(class))
+            || self.instances.iter().any(|(d, c, _)| d == db && c == class)
     }
 }
 
@@ -197,7 +198,10 @@ async fn outcomes_equal_a_sequential_model_of_the_log(backend: Backend) {
     let mut rng = Rng(seed);
     let (mut config, dir) = isolated_config(backend).await;
     isolate_topics(&mut config);
-    config.worker.gap_wait_ms = 2000;
+    // Class deletes wait for the instance outcomes before them, and the instance workers
+    // start only once every command is sent.
+    config.worker.gap_wait_ms = 60_000;
+    config.worker.stall_timeout_ms = 120_000;
     let app = spawn_with(config.clone(), dir).await;
     let stop = CancellationToken::new();
     let _stop_all = stop.clone().drop_guard();

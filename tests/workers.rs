@@ -101,8 +101,8 @@ async fn commands_complete_or_fail_with_the_right_reason(backend: Backend) {
     assert_eq!(state["properties"].as_array().unwrap().len(), 3, "no field lost on update: {state}");
 }
 
-/// Integrity of the ontology: a class with a live child class cannot be deleted
-/// (`class_in_use`, until the child is gone); a parent that would make a class its own
+/// Integrity of the ontology: a class with a live child class or a live instance cannot be
+/// deleted (`class_in_use`, until they are gone); a parent that would make a class its own
 /// ancestor is `invalid_parent_class`; a `ref:` to a class that does not exist is
 /// `class_not_found` naming the property (a class may refer to itself).
 async fn classes_in_use_cycles_and_missing_ref_targets_are_refused(backend: Backend) {
@@ -116,6 +116,16 @@ async fn classes_in_use_cycles_and_missing_ref_targets_are_refused(backend: Back
     completes(&app, app.delete(&in_use("C", 1)).await).await;
     // The failed command still counts as a command on its class.
     completes(&app, app.delete(&in_use("P", 2)).await).await;
+
+    // A live instance keeps its class too, until it is deleted.
+    completes(&app, app.post("/databases/k/classes", json!({"id": "Q"})).await).await;
+    completes(&app, app.post("/databases/k/classes/Q/instances", json!({"id": "q1", "data": {}})).await).await;
+    let id = accepted(&app, app.delete(&in_use("Q", 1)).await).await;
+    let status = app.wait_command(&id, WAIT).await;
+    assert_eq!(status["error"]["code"], "class_in_use", "{status}");
+    assert!(status["error"]["message"].as_str().unwrap().contains("\"q1\""), "names the instance: {status}");
+    completes(&app, app.delete("/databases/k/classes/Q/instances/q1?expected_seq=1").await).await;
+    completes(&app, app.delete(&in_use("Q", 2)).await).await;
 
     completes(&app, app.post("/databases/k/classes", json!({"id": "X"})).await).await;
     completes(&app, app.post("/databases/k/classes", json!({"id": "Y", "parent_class": "X"})).await).await;
@@ -335,6 +345,7 @@ async fn command_bytes(app: &TestApp, aggregate: &str) -> Vec<Vec<u8>> {
 /// waited too long fails without being applied, to be re-driven later.
 async fn a_later_sequence_waits_for_the_earlier_one(backend: Backend) {
     use spiced::worker::handler::Disposition;
+    use spiced::worker::lanes::Slot;
     use spiced::worker::{Role, Shared};
     let (mut config, dir) = common::isolated_config(backend).await;
     config.worker.max_attempts = 1;
@@ -352,10 +363,10 @@ async fn a_later_sequence_waits_for_the_earlier_one(backend: Backend) {
     let stop = spiced::shutdown::Graceful::new(tokio_util::sync::CancellationToken::new(), Duration::from_secs(10));
     let db = command_bytes(&app, "Database/g").await;
     let class = command_bytes(&app, "OntologyClass/g:main:C").await;
-    assert_eq!(handler.handle(&db[0], &stop).await.unwrap(), Disposition::Done);
-    assert_eq!(handler.handle(&class[0], &stop).await.unwrap(), Disposition::Done);
+    assert_eq!(handler.handle(&db[0], &Slot::free(), &stop).await.unwrap(), Disposition::Done);
+    assert_eq!(handler.handle(&class[0], &Slot::free(), &stop).await.unwrap(), Disposition::Done);
     // Sequence 3 before 2: it waits, then fails this attempt without applying anything.
-    match handler.handle(&class[2], &stop).await.unwrap() {
+    match handler.handle(&class[2], &Slot::free(), &stop).await.unwrap() {
         Disposition::DeadLetter { reason, .. } => assert!(reason.contains("out of order"), "{reason}"),
         other => panic!("sequence 3 ran before 2: {other:?}"),
     }
@@ -365,13 +376,13 @@ async fn a_later_sequence_waits_for_the_earlier_one(backend: Backend) {
     let waiting = {
         let handler = shared.handler(Role::Ontology);
         let (bytes, stop) = (class[3].clone(), stop.clone());
-        tokio::spawn(async move { handler.handle(&bytes, &stop).await.unwrap() })
+        tokio::spawn(async move { handler.handle(&bytes, &Slot::free(), &stop).await.unwrap() })
     };
-    assert_eq!(handler.handle(&class[1], &stop).await.unwrap(), Disposition::Done);
+    assert_eq!(handler.handle(&class[1], &Slot::free(), &stop).await.unwrap(), Disposition::Done);
     // 3 failed terminally: the operator re-drives it, then 4 can finish.
     let event_id: uuid::Uuid = serde_json::from_slice::<Value>(&class[2]).unwrap()["event_id"].as_str().unwrap().parse().unwrap();
     assert!(shared.db.registry.redrive("ontology-worker", event_id).await.unwrap());
-    assert_eq!(handler.handle(&class[2], &stop).await.unwrap(), Disposition::Done);
+    assert_eq!(handler.handle(&class[2], &Slot::free(), &stop).await.unwrap(), Disposition::Done);
     let fourth = waiting.await.unwrap();
     let (_, outcomes) = app.get("/aggregates/OntologyClass/g:main:C/events?kind=domain").await;
     let labels: Vec<(u64, String)> = outcomes["events"]
@@ -394,19 +405,22 @@ async fn outcome_of(app: &TestApp, bytes: &[u8]) -> (String, String) {
     (status["status"].as_str().unwrap().to_string(), code)
 }
 
-/// A command is decided against the other aggregates as of its place in the log: handled
-/// after a later command on its class (its delete), it still sees the class as it was when the
-/// command was accepted. Within one segment, "before" is the order of the segment's events: an
-/// instance ahead of its class's create fails even though the create is applied first (the API
-/// refuses such an instance command for a class never named, so only a planted segment holds
-/// one).
+/// A command is decided against the other aggregates as of its place in the log, whatever
+/// order the workers take them in. C's delete is accepted after instance "before" and ahead
+/// of instance "after"; the workers take the delete and "after" first: the delete waits for
+/// "before" (a live instance as of its place: `class_in_use`), and "after" waits for the
+/// delete (so C is still there for it). Within one segment, "before" is the order of the
+/// segment's events: an instance ahead of its class's create fails even though the create is
+/// applied first (the API refuses such an instance command for a class never named, so only a
+/// planted segment holds one).
 async fn outcomes_follow_log_order_not_processing_order(backend: Backend) {
     use spiced::domain::{AggregateKey, CommandType};
     use spiced::worker::handler::Disposition;
+    use spiced::worker::lanes::Slot;
     use spiced::worker::{Role, Shared};
     let (mut config, dir) = common::isolated_config(backend).await;
     config.worker.max_attempts = 1;
-    config.worker.gap_wait_ms = 300;
+    config.worker.gap_wait_ms = 20_000;
     let app = common::spawn_with(config.clone(), dir).await;
     app.post("/databases", json!({"name": "o"})).await;
     app.post("/databases/o/classes", json!({"id": "C"})).await;
@@ -433,25 +447,33 @@ async fn outcomes_follow_log_order_not_processing_order(backend: Backend) {
     let (ontology, instances) = (shared.handler(Role::Ontology), shared.handler(Role::Instance));
     let stop = spiced::shutdown::Graceful::new(tokio_util::sync::CancellationToken::new(), Duration::from_secs(10));
     let bytes = |e: &spiced::envelope::EventEnvelope| serde_json::to_vec(e).unwrap();
-    // Every ontology command first, then the instance commands: the opposite of log order
-    // for the instances of C and D.
-    let mut ontology_commands = command_bytes(&app, "Database/o").await;
-    ontology_commands.extend(command_bytes(&app, "OntologyClass/o:main:C").await);
-    ontology_commands.extend([bytes(&segment[0]), bytes(&segment[3])]);
-    for command in &ontology_commands {
-        assert_eq!(ontology.handle(command, &stop).await.unwrap(), Disposition::Done);
+    // The ontology's creates first, then the delete of C and the instance commands together.
+    let class_c = command_bytes(&app, "OntologyClass/o:main:C").await;
+    let mut creates = command_bytes(&app, "Database/o").await;
+    creates.extend([class_c[0].clone(), bytes(&segment[0]), bytes(&segment[3])]);
+    for command in &creates {
+        assert_eq!(ontology.handle(command, &Slot::free(), &stop).await.unwrap(), Disposition::Done);
     }
-    let cases = [
-        ("Instance/o:main:C:before", "COMPLETED", ""),
-        ("Instance/o:main:C:after", "FAILED", "class_not_found"),
-    ];
-    for (aggregate, status, code) in cases {
-        let command = &command_bytes(&app, aggregate).await[0];
-        instances.handle(command, &stop).await.unwrap();
-        assert_eq!(outcome_of(&app, command).await, (status.to_string(), code.to_string()), "{aggregate}");
+    let before = &command_bytes(&app, "Instance/o:main:C:before").await[0];
+    let after = &command_bytes(&app, "Instance/o:main:C:after").await[0];
+    let free = Slot::free();
+    let (delete, after_done, before_done) = futures::join!(
+        ontology.handle(&class_c[1], &free, &stop),
+        instances.handle(after, &free, &stop),
+        // Later, so the two above are likely waiting by then; the outcomes must not depend on it.
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            instances.handle(before, &free, &stop).await
+        },
+    );
+    for done in [delete, after_done, before_done] {
+        assert_eq!(done.unwrap(), Disposition::Done);
     }
+    assert_eq!(outcome_of(&app, before).await, ("COMPLETED".into(), String::new()));
+    assert_eq!(outcome_of(&app, &class_c[1]).await, ("FAILED".into(), "class_in_use".into()));
+    assert_eq!(outcome_of(&app, after).await, ("COMPLETED".into(), String::new()), "C is live as of \"after\"");
     for (command, status, code) in [(&segment[1], "COMPLETED", ""), (&segment[2], "FAILED", "class_not_found")] {
-        instances.handle(&bytes(command), &stop).await.unwrap();
+        instances.handle(&bytes(command), &Slot::free(), &stop).await.unwrap();
         assert_eq!(outcome_of(&app, &bytes(command)).await, (status.to_string(), code.to_string()), "{}", command.aggregate_id);
     }
 }

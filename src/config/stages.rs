@@ -41,7 +41,8 @@ pub struct WorkerConfig {
     pub roles: Vec<Role>,
     /// Consumer groups are named `{group_prefix}-{role}-worker`.
     pub group_prefix: String,
-    /// Aggregates processed concurrently per process (one aggregate stays in order).
+    /// Commands running at once per role and process; one Kafka key (aggregate) runs in
+    /// order, and a command waiting for another aggregate's outcome does not count.
     pub lanes: usize,
     /// Lease on a claimed command, in ms; another worker may take it over after this.
     pub lease_ms: u64,

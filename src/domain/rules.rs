@@ -36,8 +36,8 @@ pub struct Facts {
     pub classes: Vec<Value>,
     /// Whether the database still has live classes (for DELETE_DATABASE).
     pub database_has_classes: bool,
-    /// What still uses the class a DELETE_ONTOLOGY_CLASS names: a live child class,
-    /// described for the `class_in_use` message.
+    /// What still uses the class a DELETE_ONTOLOGY_CLASS names: a live child class or a
+    /// live instance, described for the `class_in_use` message.
     pub in_use: Option<String>,
     /// A `ref:<ClassId>` property of a class command whose target class does not exist:
     /// (property, class).

@@ -7,6 +7,7 @@
 //! `failed`, with the error) is what `GET /commands/{id}` reports.
 
 use super::handler::{Disposition, Interrupted};
+use super::lanes::Slot;
 use super::{Role, Shared};
 use crate::domain::CommandType;
 use crate::envelope::Kind;
@@ -77,7 +78,7 @@ async fn process(
                 .map(Role::for_command)
                 .unwrap_or(Role::Ontology);
             let handler = &handlers[(role == Role::Instance) as usize];
-            if let Disposition::DeadLetter { reason, attempts } = handler.handle(&segment.raw_event(i), shutdown).await? {
+            if let Disposition::DeadLetter { reason, attempts } = handler.handle(&segment.raw_event(i), &Slot::free(), shutdown).await? {
                 tracing::error!(event_id = %envelope.event_id, attempts, reason, "command dead-lettered (embedded: no dead-letter topic)");
             }
         }

@@ -8,6 +8,7 @@ use crate::db::LogIndex;
 use crate::domain::commands::StateReader;
 use crate::domain::{AggregateKey, AggregateType};
 use crate::envelope::Kind;
+use super::lanes::Slot;
 use crate::log::{EventLog, LogError, Segment};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -97,9 +98,9 @@ impl LogState {
     }
 
     /// The states the command `event_id` is decided against; reads wait for a missing outcome
-    /// until `wait` has passed or `stop` is cancelled.
-    pub fn as_of<'a>(&'a self, event_id: Uuid, wait: Duration, stop: &'a CancellationToken) -> AsOf<'a> {
-        AsOf { log: self, event_id, deadline: Instant::now() + wait, stop, place: tokio::sync::OnceCell::new() }
+    /// (stepping aside) until `wait` has passed or `stop` is cancelled.
+    pub fn as_of<'a>(&'a self, event_id: Uuid, wait: Duration, slot: &'a Slot, stop: &'a CancellationToken) -> AsOf<'a> {
+        AsOf { log: self, event_id, deadline: Instant::now() + wait, slot, stop, place: tokio::sync::OnceCell::new() }
     }
 }
 
@@ -113,6 +114,8 @@ pub struct AsOf<'a> {
     log: &'a LogState,
     event_id: Uuid,
     deadline: Instant,
+    /// Given back while waiting, so what this command waits for can run.
+    slot: &'a Slot,
     stop: &'a CancellationToken,
     place: tokio::sync::OnceCell<Place>,
 }
@@ -166,23 +169,26 @@ impl StateReader for AsOf<'_> {
         if seq == 0 {
             return Ok(None);
         }
-        let mut logged = false;
-        loop {
-            if let Some(state) = self.log.outcome(key, seq).await? {
-                return Ok(state);
-            }
-            if !logged {
-                tracing::info!(dependency = %key, seq, "waiting for the outcome of an earlier command this one reads");
-                logged = true;
-            }
-            if Instant::now() >= self.deadline {
-                return Err(FactsError::NotYet { key: key.clone(), seq });
-            }
-            crate::backoff::pause(self.stop, POLL).await;
-            if self.stop.is_cancelled() {
-                return Err(FactsError::Interrupted);
-            }
+        if let Some(state) = self.log.outcome(key, seq).await? {
+            return Ok(state);
         }
+        tracing::info!(dependency = %key, seq, "waiting for the outcome of an earlier command this one reads");
+        self.slot
+            .aside(async {
+                loop {
+                    if Instant::now() >= self.deadline {
+                        return Err(FactsError::NotYet { key: key.clone(), seq });
+                    }
+                    crate::backoff::pause(self.stop, POLL).await;
+                    if self.stop.is_cancelled() {
+                        return Err(FactsError::Interrupted);
+                    }
+                    if let Some(state) = self.log.outcome(key, seq).await? {
+                        return Ok(state);
+                    }
+                }
+            })
+            .await
     }
 
     async fn aggregates_with_prefix(&self, aggregate_type: AggregateType, prefix: &str) -> Result<Vec<String>, FactsError> {

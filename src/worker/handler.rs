@@ -14,6 +14,7 @@
 //! not retried: the command is dead-lettered at its first attempt, never retried for ever.
 
 use super::facts::{FactsError, LogState};
+use super::lanes::Slot;
 use super::Role;
 use crate::config::{Config, WorkerCrash};
 use crate::db::registry::{Claim, Registry, Work};
@@ -144,7 +145,7 @@ impl CommandHandler {
 
     /// Processes one message until it is done or dead-lettered; `Interrupted` on shutdown,
     /// with the claim (if it held one) released.
-    pub async fn handle(&self, raw: &[u8], shutdown: &Graceful) -> Result<Disposition, Interrupted> {
+    pub async fn handle(&self, raw: &[u8], slot: &Slot, shutdown: &Graceful) -> Result<Disposition, Interrupted> {
         let parsed = match self.parse(raw) {
             Ok(p) => p,
             Err(unusable) => return Ok(Disposition::DeadLetter { reason: unusable.to_string(), attempts: 0 }),
@@ -152,10 +153,10 @@ impl CommandHandler {
         let span = tracing::info_span!("command",
             handler = self.role.handler(), event_id = %parsed.envelope.event_id, command_id = parsed.envelope.command_id().map(tracing::field::display),
             aggregate_id = %parsed.key.aggregate_id, sequence_number = parsed.seq);
-        self.handle_parsed(&parsed, shutdown).instrument(span).await
+        self.handle_parsed(&parsed, slot, shutdown).instrument(span).await
     }
 
-    async fn handle_parsed(&self, parsed: &Parsed, shutdown: &Graceful) -> Result<Disposition, Interrupted> {
+    async fn handle_parsed(&self, parsed: &Parsed, slot: &Slot, shutdown: &Graceful) -> Result<Disposition, Interrupted> {
         let work = Work {
             handler: self.role.handler(),
             event_id: parsed.envelope.event_id,
@@ -206,7 +207,7 @@ impl CommandHandler {
                 }
             };
             self.crash_point(WorkerCrash::AfterClaim);
-            match self.run_leased(parsed, &work, shutdown).await {
+            match self.run_leased(parsed, &work, slot, shutdown).await {
                 Ok(()) => {
                     tracing::debug!(attempt, "outcome in the log");
                     return Ok(Disposition::Done);
@@ -292,7 +293,7 @@ impl CommandHandler {
 
     /// Runs the command while heartbeats keep the lease; stops if the lease is lost, or at
     /// shutdown (waits at once, the effect at the end of the grace period).
-    async fn run_leased(&self, parsed: &Parsed, work: &Work<'_>, shutdown: &Graceful) -> Result<(), Failure> {
+    async fn run_leased(&self, parsed: &Parsed, work: &Work<'_>, slot: &Slot, shutdown: &Graceful) -> Result<(), Failure> {
         let lost = CancellationToken::new();
         let heartbeat = async {
             let every = Duration::from_millis(self.config.worker.heartbeat_ms);
@@ -309,7 +310,7 @@ impl CommandHandler {
             }
         };
         tokio::select! {
-            result = self.execute(parsed, work, &lost, &shutdown.stop) => result,
+            result = self.execute(parsed, work, slot, &lost, &shutdown.stop) => result,
             _ = async { heartbeat.await; std::future::pending::<()>().await } => unreachable!(),
             // Dropping the effect mid-way is safe: the outcome's event_id is derived from the
             // command and the index stores an event_id once and one outcome per (aggregate,
@@ -323,8 +324,8 @@ impl CommandHandler {
         }
     }
 
-    async fn execute(&self, p: &Parsed, work: &Work<'_>, lost: &CancellationToken, stop: &CancellationToken) -> Result<(), Failure> {
-        let Some(current) = self.wait_for_predecessor(p, stop).await? else {
+    async fn execute(&self, p: &Parsed, work: &Work<'_>, slot: &Slot, lost: &CancellationToken, stop: &CancellationToken) -> Result<(), Failure> {
+        let Some(current) = self.wait_for_predecessor(p, slot, stop).await? else {
             // The outcome is already in the log (an earlier run appended it): just record it.
             return self.finish(work).await;
         };
@@ -332,7 +333,7 @@ impl CommandHandler {
         // Other aggregates as of this command's place in the log (waiting, bounded, for an
         // earlier command's outcome), so the decision follows log order, not timing.
         let wait = Duration::from_millis(self.config.worker.gap_wait_ms);
-        let log = self.state.as_of(p.envelope.event_id, wait, stop);
+        let log = self.state.as_of(p.envelope.event_id, wait, slot, stop);
         let facts = p.command_type.facts(&payload, current.clone(), &log).await?;
         let decision = p.command_type.decide(&payload, &facts);
         self.crash_point(WorkerCrash::AfterEffect);
@@ -363,33 +364,45 @@ impl CommandHandler {
         }
     }
 
-    /// Waits (bounded) until the aggregate's previous command has its outcome. Returns the
-    /// aggregate's state, or `None` when this command's outcome is already there.
-    async fn wait_for_predecessor(&self, p: &Parsed, stop: &CancellationToken) -> Result<Option<Option<Value>>, Failure> {
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.worker.gap_wait_ms);
-        let mut logged = false;
-        loop {
-            let (last, state) = self.state.state(&p.key).await?;
-            if last >= p.seq {
-                return Ok(None);
-            }
-            if last + 1 == p.seq {
-                return Ok(Some(state));
-            }
-            if !logged {
-                metrics::counter!("spiced_worker_gap_waits_total", "handler" => self.role.handler()).increment(1);
-                tracing::info!(last_outcome = last, "waiting for the outcome of sequence {}", p.seq - 1);
-                logged = true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Failure::Retryable(format!(
-                    "sequence {} has no outcome yet (last outcome {last}); not applying {} out of order",
-                    p.seq - 1,
-                    p.seq
-                )));
-            }
-            poll_pause(stop).await?;
+    /// Waits (bounded, stepping aside) until the aggregate's previous command has its
+    /// outcome. Returns the aggregate's state, or `None` when this command's outcome is
+    /// already there.
+    async fn wait_for_predecessor(&self, p: &Parsed, slot: &Slot, stop: &CancellationToken) -> Result<Option<Option<Value>>, Failure> {
+        if let Some(found) = self.predecessor(p).await? {
+            return Ok(found);
         }
+        metrics::counter!("spiced_worker_gap_waits_total", "handler" => self.role.handler()).increment(1);
+        tracing::info!("waiting for the outcome of sequence {}", p.seq - 1);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.worker.gap_wait_ms);
+        slot.aside(async {
+            loop {
+                poll_pause(stop).await?;
+                if let Some(found) = self.predecessor(p).await? {
+                    return Ok(found);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Failure::Retryable(format!(
+                        "sequence {} has no outcome yet; not applying {} out of order",
+                        p.seq - 1,
+                        p.seq
+                    )));
+                }
+            }
+        })
+        .await
+    }
+
+    /// `Some(state)` once the predecessor's outcome is in the log (`Some(None)`: this
+    /// command's own outcome is there too); `None` while it is missing.
+    async fn predecessor(&self, p: &Parsed) -> Result<Option<Option<Option<Value>>>, Failure> {
+        let (last, state) = self.state.state(&p.key).await?;
+        Ok(if last >= p.seq {
+            Some(None)
+        } else if last + 1 == p.seq {
+            Some(Some(state))
+        } else {
+            None
+        })
     }
 
     fn outcome_envelope(&self, p: &Parsed, decision: Decision, current: Option<Value>) -> EventEnvelope {

@@ -3,12 +3,13 @@
 //! the log, append the outcome, mark done), and commits an offset only when every message up
 //! to it is done or dead-lettered.
 //!
-//! Messages are spread over `worker.lanes` lanes by Kafka key (the aggregate), so different
-//! aggregates run concurrently and one aggregate runs in order.
+//! [`lanes`] runs one Kafka key (aggregate) at a time, in order, and different keys
+//! concurrently; a command waiting for another aggregate steps aside for the others.
 
 pub mod embedded;
 pub mod facts;
 pub mod handler;
+pub mod lanes;
 pub mod offsets;
 
 pub use crate::routing::Role;
@@ -19,15 +20,14 @@ use crate::config::Config;
 use crate::shutdown::Graceful;
 use facts::LogState;
 use handler::{CommandHandler, Disposition};
+use lanes::{Lanes, Run, Slot};
 use offsets::Offsets;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::json;
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -154,32 +154,24 @@ async fn consume_role(
     let lag = crate::bus::kafka::spawn_lag_export(consumer.clone(), role.handler(), LAG_EVERY, shutdown.stop.clone(), progress.clone());
     let topics = role.command_topics(&shared.config);
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let handler = Arc::new(shared.handler(role));
-    let offsets = Arc::new(Mutex::new(Offsets::default()));
     let lanes_n = shared.config.worker.lanes;
-    let lane_tasks = TaskTracker::new();
-    let mut lanes = Vec::with_capacity(lanes_n);
-    for _ in 0..lanes_n {
-        let (tx, rx) = mpsc::channel::<Job>(64);
-        lanes.push(tx);
-        lane_tasks.spawn(run_lane(
-            rx,
-            handler.clone(),
-            consumer.clone(),
-            offsets.clone(),
-            dead_letters.clone(),
-            progress.clone(),
-            shared.config.clone(),
-            shutdown.clone(),
-        ));
-    }
+    let runner = Arc::new(JobRunner {
+        handler: Arc::new(shared.handler(role)),
+        consumer: consumer.clone(),
+        offsets: Arc::new(Mutex::new(Offsets::default())),
+        dead_letters: dead_letters.clone(),
+        progress: progress.clone(),
+        config: shared.config.clone(),
+        shutdown: shutdown.clone(),
+    });
+    let lanes = Lanes::new(lanes_n, lanes_n * IN_HAND_PER_LANE, runner.clone());
     loop {
+        let room = tokio::select! {
+            _ = shutdown.stop.cancelled() => break,
+            room = lanes.room() => room,
+        };
         let message = tokio::select! {
-            _ = shutdown.stop.cancelled() => {
-                tracing::info!(role = role.name(), grace_ms = shared.config.worker.shutdown_grace_ms,
-                    "shutdown: taking no new messages; in-flight commands get the grace period");
-                break;
-            }
+            _ = shutdown.stop.cancelled() => break,
             m = consumer.recv() => m,
         };
         let m = match message {
@@ -197,32 +189,27 @@ async fn consume_role(
             key: m.key().unwrap_or_default().to_vec(),
             payload: m.payload().unwrap_or_default().to_vec(),
         };
-        offsets.lock().expect("offsets mutex").received(&job.topic, job.partition, job.offset);
+        runner.offsets.lock().expect("offsets mutex").received(&job.topic, job.partition, job.offset);
         progress.started();
-        let lane = lane_of(&job.key, lanes_n);
-        if lanes[lane].send(job).await.is_err() {
-            break;
-        }
+        lanes.push(job.key.clone(), job, room);
     }
+    tracing::info!(role = role.name(), grace_ms = shared.config.worker.shutdown_grace_ms, queued = lanes.queued(),
+        "shutdown: taking no new messages; in-flight commands get the grace period");
     // Queued messages not started are dropped uncommitted: they are delivered again.
-    drop(lanes);
-    lane_tasks.close();
-    lane_tasks.wait().await;
+    lanes.close().await;
     let _ = lag.await;
     Ok(())
 }
 
+/// Messages in hand per running place: enough that a busy aggregate's queue does not starve
+/// the others of intake.
+const IN_HAND_PER_LANE: usize = 64;
+
 /// How often each role exports its consumer lag.
 const LAG_EVERY: Duration = Duration::from_secs(5);
 
-fn lane_of(key: &[u8], lanes: usize) -> usize {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    (h.finish() % lanes as u64) as usize
-}
-
-async fn run_lane(
-    mut jobs: mpsc::Receiver<Job>,
+/// What a role does with each message its lanes hand it.
+struct JobRunner {
     handler: Arc<CommandHandler>,
     consumer: Arc<StreamConsumer>,
     offsets: Arc<Mutex<Offsets>>,
@@ -230,35 +217,39 @@ async fn run_lane(
     progress: Arc<Stage>,
     config: Arc<Config>,
     shutdown: Graceful,
-) {
-    while let Some(job) = jobs.recv().await {
-        let disposition = match handler.handle(&job.payload, &shutdown).await {
+}
+
+#[async_trait::async_trait]
+impl Run<Job> for JobRunner {
+    async fn run(&self, job: Job, slot: &Slot) -> bool {
+        let disposition = match self.handler.handle(&job.payload, slot, &self.shutdown).await {
             Ok(d) => d,
             // Not finished: its offset is not committed, so it is delivered again.
-            Err(handler::Interrupted) => return,
+            Err(handler::Interrupted) => return false,
         };
         if let Disposition::DeadLetter { reason, attempts } = &disposition {
             // Publishing the dead letter is part of the message's effect: it gets the grace
             // period, not just until the first signal.
             let letter = DeadLetter { job: &job, reason, attempts: *attempts };
-            if !publish_dead_letter(&dead_letters, &config, &handler, &letter, &progress, &shutdown.deadline).await {
-                return;
+            if !publish_dead_letter(&self.dead_letters, &self.config, &self.handler, &letter, &self.progress, &self.shutdown.deadline).await {
+                return false;
             }
         }
-        handler.crash_point(crate::config::WorkerCrash::BeforeCommit);
+        self.handler.crash_point(crate::config::WorkerCrash::BeforeCommit);
         if let Some(position) = job.position {
-            handler.note_processed(position);
+            self.handler.note_processed(position);
         }
-        let next = offsets.lock().expect("offsets mutex").finished(&job.topic, job.partition, job.offset);
+        let next = self.offsets.lock().expect("offsets mutex").finished(&job.topic, job.partition, job.offset);
         if let Some(next) = next {
             let mut tpl = TopicPartitionList::new();
             if tpl.add_partition_offset(&job.topic, job.partition, Offset::Offset(next)).is_ok() {
-                if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
                     tracing::warn!(error = %e, "offset commit failed; the next commit covers it");
                 }
             }
         }
-        progress.finished();
+        self.progress.finished();
+        true
     }
 }
 

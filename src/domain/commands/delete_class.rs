@@ -1,10 +1,9 @@
-//! DELETE_ONTOLOGY_CLASS: deletes a class no live class names as its `parent_class`. Reads the
-//! branch's classes, which share the database's partition and worker lane, so the read waits
-//! only on commands ahead of it in that lane.
-//!
-//! It does not read the class's instances: an ontology command waiting on instance outcomes,
-//! while instance commands wait on ontology outcomes, can deadlock two worker lanes until the
-//! waits time out (see docs/design.md, "Integrity rules").
+//! DELETE_ONTOLOGY_CLASS: deletes a class that no live class names as its `parent_class` and
+//! that has no live instance, both as of the command's place in the log. The branch's classes
+//! share the database's partition and worker queue, so reading them waits only on commands
+//! ahead of it there; reading the class's instances waits on instance outcomes, which never
+//! wait on a later ontology command, and a waiting command steps aside in its worker
+//! (`worker::lanes`), so these waits cannot deadlock (docs/design.md, "Integrity rules").
 
 use super::{text, Context, Invalid, Request, StateReader};
 use crate::domain::ids::{validate_name, AggregateKey, AggregateType};
@@ -37,6 +36,12 @@ pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) 
             facts.in_use = Some(format!("class {} names it as its parent_class", class["class_id"]));
             return Ok(());
         }
+    }
+    let instances = format!("{db}:{branch}:{class_id}:");
+    let ids = log.aggregates_with_prefix(AggregateType::Instance, &instances).await?;
+    if let Some(id) = super::first_live(log, AggregateType::Instance, ids).await? {
+        let instance_id = &id[instances.len()..];
+        facts.in_use = Some(format!("instance {instance_id:?} of it is live"));
     }
     Ok(())
 }

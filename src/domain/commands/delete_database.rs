@@ -19,12 +19,8 @@ pub fn request(ctx: &Context, db: &str) -> Result<Request, Invalid> {
 }
 
 pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
-    for id in class_ids(log, &text(payload, "db")).await? {
-        if log.state(&AggregateKey::new(AggregateType::OntologyClass, id)).await?.is_some() {
-            facts.database_has_classes = true;
-            break;
-        }
-    }
+    let classes = class_ids(log, &text(payload, "db")).await?;
+    facts.database_has_classes = super::first_live(log, AggregateType::OntologyClass, classes).await?.is_some();
     Ok(())
 }
 

@@ -179,6 +179,28 @@ pub trait StateReader: Sync {
     async fn aggregates_with_prefix(&self, aggregate_type: AggregateType, prefix: &str) -> Result<Vec<String>, Self::Error>;
 }
 
+/// How many aggregate states an integrity check reads at once.
+const READS_AT_ONCE: usize = 16;
+
+/// The first of `ids` (of one type) that is live as of the reader's place, reading
+/// [`READS_AT_ONCE`] at a time: a class with many instances is checked at the speed of the
+/// index, not of one round trip after another.
+pub(crate) async fn first_live<R: StateReader>(log: &R, aggregate_type: AggregateType, ids: Vec<String>) -> Result<Option<String>, R::Error> {
+    use futures::StreamExt;
+    let mut reads = futures::stream::iter(ids)
+        .map(|id| async move {
+            let live = log.state(&AggregateKey::new(aggregate_type, id.clone())).await?.is_some();
+            Ok::<_, R::Error>(live.then_some(id))
+        })
+        .buffered(READS_AT_ONCE);
+    while let Some(read) = reads.next().await {
+        if let Some(id) = read? {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
+}
+
 /// One route's command(s), validated and ready to append: one command, or the members of a
 /// bulk command (all or nothing).
 #[derive(Debug, Clone)]
