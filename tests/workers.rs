@@ -12,6 +12,8 @@ backend_tests! {
     a_later_sequence_waits_for_the_earlier_one,
     outcomes_follow_log_order_not_processing_order,
     classes_in_use_cycles_and_missing_ref_targets_are_refused,
+    references_must_name_instances_that_exist,
+    class_changes_that_would_break_live_instances_are_refused,
     bulk_updates_and_deletes_are_all_or_nothing,
     the_new_property_types_are_checked_and_filtered,
     constraints_enums_arrays_objects_and_defaults_are_checked,
@@ -140,6 +142,83 @@ async fn classes_in_use_cycles_and_missing_ref_targets_are_refused(backend: Back
     completes(&app, app.post("/databases/k/classes", with_ref("S", "S")).await).await;
     completes(&app, app.post("/databases/k/classes", with_ref("T", "X")).await).await;
     fails_with(&app, app.put("/databases/k/classes/T?expected_seq=1", json!({"patch": {"properties": [{"name": "o", "type": "ref:Gone"}]}})).await, "class_not_found").await;
+}
+
+/// A `ref` value must name an instance of the target class that exists as of the command's
+/// place in the log (`invalid_reference`, naming the property and the id), each id of a
+/// many-valued one too; an update checks only the references it sets, so one that leaves a
+/// dangling reference alone still works. An instance may name itself.
+async fn references_must_name_instances_that_exist(backend: Backend) {
+    let app = spawn_dev(backend).await;
+    completes(&app, app.post("/databases", json!({"name": "r"})).await).await;
+    completes(&app, app.post("/databases/r/classes", json!({"id": "Person", "properties": [{"name": "name", "type": "string"}]})).await).await;
+    let order = json!({"id": "Order", "properties": [{"name": "owner", "type": "ref:Person"},
+        {"name": "watchers", "type": "ref:Person", "cardinality": "many"}, {"name": "next", "type": "ref:Order"},
+        {"name": "note", "type": "string"}, {"name": "ship", "type": "object", "properties": [{"name": "to", "type": "ref:Person"}]}]});
+    completes(&app, app.post("/databases/r/classes", order).await).await;
+    completes(&app, app.post("/databases/r/classes/Person/instances", json!({"id": "ann", "data": {}})).await).await;
+    completes(&app, app.post("/databases/r/classes/Person/instances", json!({"id": "ben", "data": {}})).await).await;
+    let good = json!({"id": "o1", "data": {"owner": "ann", "watchers": ["ann", "ben"], "next": "o1", "ship": {"to": "ben"}}});
+    completes(&app, app.post("/databases/r/classes/Order/instances", good).await).await;
+
+    let app = &app;
+    let refused = |data: Value| async move {
+        let id = accepted(app, app.post("/databases/r/classes/Order/instances", json!({"data": data})).await).await;
+        app.wait_command(&id, WAIT).await
+    };
+    for (data, property, missing) in [
+        (json!({"owner": "nobody"}), "owner", "nobody"),
+        (json!({"watchers": ["ann", "zed"]}), "watchers", "zed"),
+        (json!({"ship": {"to": "ghost"}}), "ship.to", "ghost"),
+        (json!({"next": "o9"}), "next", "o9"),
+    ] {
+        let status = refused(data).await;
+        assert_eq!(status["error"]["code"], "invalid_reference", "{status}");
+        let message = status["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("{property:?}")) && message.contains(&format!("{missing:?}")), "{status}");
+    }
+    let put = |seq: u64, data: Value| async move {
+        app.put(&format!("/databases/r/classes/Order/instances/o1?expected_seq={seq}"), json!({"data": data})).await
+    };
+    fails_with(app, put(1, json!({"owner": "nobody"})).await, "invalid_reference").await;
+    // Ben is gone: an update that names him again fails, one that leaves him alone works.
+    completes(app, app.delete("/databases/r/classes/Person/instances/ben?expected_seq=1").await).await;
+    fails_with(app, put(2, json!({"watchers": ["ben"]})).await, "invalid_reference").await;
+    completes(app, put(3, json!({"note": "still shipping to ben"})).await).await;
+}
+
+/// An UPDATE_ONTOLOGY_CLASS that would make live instances (of the class or a descendant)
+/// invalid fails `schema_incompatible` with their count: a new required property without a
+/// default, a narrowed type, `abstract` with instances. Optional properties, a required one
+/// with a default (filled in on the instances' next update) and label changes always work.
+async fn class_changes_that_would_break_live_instances_are_refused(backend: Backend) {
+    let app = &spawn_dev(backend).await;
+    completes(app, app.post("/databases", json!({"name": "e"})).await).await;
+    completes(app, app.post("/databases/e/classes", json!({"id": "S", "properties": [{"name": "a", "type": "string"}]})).await).await;
+    completes(app, app.post("/databases/e/classes", json!({"id": "K", "parent_class": "S"})).await).await;
+    completes(app, app.post("/databases/e/classes/S/instances", json!({"id": "s1", "data": {"a": "x"}})).await).await;
+    completes(app, app.post("/databases/e/classes/S/instances", json!({"id": "s2", "data": {}})).await).await;
+    completes(app, app.post("/databases/e/classes/K/instances", json!({"id": "k1", "data": {}})).await).await;
+    completes(app, app.post("/databases/e/classes/S/instances", json!({"id": "gone", "data": {"a": "y"}})).await).await;
+    completes(app, app.delete("/databases/e/classes/S/instances/gone?expected_seq=1").await).await;
+    let a = json!({"name": "a", "type": "string"});
+    let update = |seq: u64, patch: Value| async move { app.put(&format!("/databases/e/classes/S?expected_seq={seq}"), json!({"patch": patch})).await };
+    let refused = |seq: u64, patch: Value, count: &'static str| async move {
+        let id = accepted(app, update(seq, patch).await).await;
+        let status = app.wait_command(&id, WAIT).await;
+        assert_eq!(status["error"]["code"], "schema_incompatible", "{status}");
+        assert!(status["error"]["message"].as_str().unwrap().contains(count), "{count}: {status}");
+    };
+    let required_b = json!({"name": "b", "type": "integer", "required": true});
+    refused(1, json!({"properties": [a, required_b]}), "make 3 live instance(s)").await;
+    refused(2, json!({"properties": [{"name": "a", "type": "integer"}]}), "make 1 live instance(s)").await;
+    refused(3, json!({"abstract": true}), "make 2 live instance(s)").await;
+    completes(app, update(4, json!({"properties": [a, {"name": "c", "type": "string"}]})).await).await;
+    completes(app, update(5, json!({"properties": [a, {"name": "b", "type": "integer", "required": true, "default": 7}]})).await).await;
+    completes(app, update(6, json!({"label": "Stuff"})).await).await;
+    completes(app, app.put("/databases/e/classes/S/instances/s2?expected_seq=1", json!({"data": {"a": "z"}})).await).await;
+    let (_, events) = app.get("/aggregates/Instance/e:main:S:s2/events?kind=domain").await;
+    assert_eq!(events["events"][1]["data"]["state"]["data"], json!({"a": "z", "b": 7}), "the default filled in: {events}");
 }
 
 /// `date`, `decimal`, `uuid`, `email` and `url` properties: a value of the right form is

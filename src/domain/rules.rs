@@ -42,6 +42,12 @@ pub struct Facts {
     /// A `ref:<ClassId>` property of a class command whose target class does not exist:
     /// (property, class).
     pub missing_ref: Option<(String, String)>,
+    /// An instance the command's data references (through a `ref` property it sets) that does
+    /// not exist as of the command's place in the log.
+    pub missing_reference: Option<super::values::Reference>,
+    /// For an UPDATE_ONTOLOGY_CLASS: how many live instances the new definition would refuse,
+    /// and the first of them with why.
+    pub incompatible: Option<(u64, String)>,
 }
 
 /// A command's one outcome.

@@ -114,6 +114,46 @@ fn check_object(prefix: &str, data: &Map<String, Value>, defs: &[PropertyDef]) -
     Ok(())
 }
 
+/// One instance that data names through a `ref` property.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Reference {
+    /// The property's path (`a.b` inside objects).
+    pub property: String,
+    pub class_id: String,
+    pub instance_id: String,
+}
+
+/// The instances `data` names through `ref` properties of its class chain (inside objects
+/// too), each once, in data order. Values of the wrong shape are left out: [`validate`]
+/// refuses them.
+pub fn references(data: &Map<String, Value>, classes: &[Value]) -> Vec<Reference> {
+    let mut found = Vec::new();
+    collect_references("", data, &definitions(classes), &mut found);
+    let mut seen = std::collections::HashSet::new();
+    found.retain(|r: &Reference| seen.insert((r.class_id.clone(), r.instance_id.clone())));
+    found
+}
+
+fn collect_references(prefix: &str, data: &Map<String, Value>, defs: &[PropertyDef], found: &mut Vec<Reference>) {
+    let by_name: HashMap<&str, &PropertyDef> = defs.iter().map(|d| (d.name.as_str(), d)).collect();
+    for (key, value) in data {
+        let Some(def) = by_name.get(key.as_str()) else { continue };
+        let path = join(prefix, key);
+        match (Kind::parse(&def.ty), value) {
+            (Some(Kind::Ref(class_id)), Value::String(id)) => {
+                found.push(Reference { property: path, class_id: class_id.to_string(), instance_id: id.clone() })
+            }
+            (Some(Kind::Ref(class_id)), Value::Array(ids)) => found.extend(ids.iter().filter_map(Value::as_str).map(|id| {
+                Reference { property: path.clone(), class_id: class_id.to_string(), instance_id: id.to_string() }
+            })),
+            (Some(Kind::Object), Value::Object(nested)) => {
+                collect_references(&path, nested, def.properties.as_deref().unwrap_or_default(), found)
+            }
+            _ => {}
+        }
+    }
+}
+
 fn join(prefix: &str, key: &str) -> String {
     if prefix.is_empty() {
         key.to_string()

@@ -1,11 +1,11 @@
 //! CREATE_INSTANCE: an instance of a class, its data checked against the class and its
-//! ancestors. Reads the class chain.
+//! ancestors. Reads the class chain and the instances the data references.
 
-use super::{class_chain, text, Context, Invalid, Request, StateReader};
+use super::{class_chain, missing_reference, text, Context, Invalid, Request, StateReader};
 use crate::domain::ids::{validate_name, AggregateKey, Name};
 use crate::domain::rules::{fail, instance_key, Decision, Facts};
 use crate::domain::schema::validate_data_keys;
-use crate::domain::values::{validate, with_defaults};
+use crate::domain::values::{validate, with_defaults, Reference};
 use crate::domain::{Command, CommandType};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -79,10 +79,13 @@ fn instance_id(class_id: &str, body: &CreateInstanceBody, command_id: Uuid, inde
     Ok(id)
 }
 
-/// The class chain the data is checked against (create, bulk create or update).
+/// The class chain the data is checked against, and whether the instances the data (with
+/// its defaults) references exist.
 pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
     let (db, branch) = (text(payload, "db"), text(payload, "branch"));
     facts.classes = class_chain(log, &db, &branch, &text(payload, "class_id")).await?;
+    let data = with_defaults(payload["data"].as_object().cloned().unwrap_or_default(), &facts.classes);
+    facts.missing_reference = missing_reference(log, payload, &data, &facts.classes).await?;
     Ok(())
 }
 
@@ -100,7 +103,16 @@ pub fn decide(payload: &Value, facts: &Facts) -> Decision {
     if let Err(invalid) = validate(&data, &facts.classes) {
         return fail(invalid.code(), invalid.to_string());
     }
+    if let Some(missing) = &facts.missing_reference {
+        return invalid_reference(missing);
+    }
     let mut state = instance_key(payload);
     state.insert("data".into(), Value::Object(data));
     Decision::Event { event_type: EVENT_TYPE, state: Value::Object(state) }
+}
+
+/// The outcome of data that names an instance that does not exist.
+pub(super) fn invalid_reference(missing: &Reference) -> Decision {
+    let Reference { property, class_id, instance_id } = missing;
+    fail("invalid_reference", format!("property {property:?} names instance {instance_id:?} of class {class_id}, which does not exist"))
 }

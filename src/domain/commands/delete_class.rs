@@ -39,8 +39,9 @@ pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) 
     }
     let instances = format!("{db}:{branch}:{class_id}:");
     let ids = log.aggregates_with_prefix(AggregateType::Instance, &instances).await?;
-    if let Some(id) = super::first_live(log, AggregateType::Instance, ids).await? {
-        let instance_id = &id[instances.len()..];
+    let keys = ids.into_iter().map(|id| AggregateKey::new(AggregateType::Instance, id)).collect();
+    if let Some(live) = super::first_with_liveness(log, keys, true).await? {
+        let instance_id = &live.aggregate_id[instances.len()..];
         facts.in_use = Some(format!("instance {instance_id:?} of it is live"));
     }
     Ok(())

@@ -20,7 +20,8 @@ pub fn request(ctx: &Context, db: &str) -> Result<Request, Invalid> {
 
 pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
     let classes = class_ids(log, &text(payload, "db")).await?;
-    facts.database_has_classes = super::first_live(log, AggregateType::OntologyClass, classes).await?.is_some();
+    let keys = classes.into_iter().map(|id| AggregateKey::new(AggregateType::OntologyClass, id)).collect();
+    facts.database_has_classes = super::first_with_liveness(log, keys, true).await?.is_some();
     Ok(())
 }
 

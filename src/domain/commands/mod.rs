@@ -180,25 +180,46 @@ pub trait StateReader: Sync {
 }
 
 /// How many aggregate states an integrity check reads at once.
-const READS_AT_ONCE: usize = 16;
+pub(crate) const READS_AT_ONCE: usize = 16;
 
-/// The first of `ids` (of one type) that is live as of the reader's place, reading
-/// [`READS_AT_ONCE`] at a time: a class with many instances is checked at the speed of the
-/// index, not of one round trip after another.
-pub(crate) async fn first_live<R: StateReader>(log: &R, aggregate_type: AggregateType, ids: Vec<String>) -> Result<Option<String>, R::Error> {
+/// The first of `keys` that is live (`live`) or not (`!live`) as of the reader's place,
+/// reading [`READS_AT_ONCE`] at a time: a class with many instances is checked at the speed
+/// of the index, not of one round trip after another.
+pub(crate) async fn first_with_liveness<R: StateReader>(
+    log: &R,
+    keys: Vec<AggregateKey>,
+    live: bool,
+) -> Result<Option<AggregateKey>, R::Error> {
     use futures::StreamExt;
-    let mut reads = futures::stream::iter(ids)
-        .map(|id| async move {
-            let live = log.state(&AggregateKey::new(aggregate_type, id.clone())).await?.is_some();
-            Ok::<_, R::Error>(live.then_some(id))
+    let mut reads = futures::stream::iter(keys)
+        .map(|key| async move {
+            let is_live = log.state(&key).await?.is_some();
+            Ok::<_, R::Error>((is_live == live).then_some(key))
         })
         .buffered(READS_AT_ONCE);
     while let Some(read) = reads.next().await {
-        if let Some(id) = read? {
-            return Ok(Some(id));
+        if let Some(key) = read? {
+            return Ok(Some(key));
         }
     }
     Ok(None)
+}
+
+/// The first instance `data` references (through the class chain's `ref` properties) that does
+/// not exist as of the reader's place; `own` (the instance itself) always counts as existing.
+async fn missing_reference<R: StateReader>(
+    log: &R,
+    payload: &Value,
+    data: &serde_json::Map<String, Value>,
+    classes: &[Value],
+) -> Result<Option<super::values::Reference>, R::Error> {
+    let (db, branch) = (text(payload, "db"), text(payload, "branch"));
+    let own = AggregateKey::instance(&db, &branch, &text(payload, "class_id"), &text(payload, "instance_id"));
+    let refs = super::values::references(data, classes);
+    let key = |r: &super::values::Reference| AggregateKey::instance(&db, &branch, &r.class_id, &r.instance_id);
+    let keys = refs.iter().map(key).filter(|k| *k != own).collect();
+    let missing = first_with_liveness(log, keys, false).await?;
+    Ok(missing.and_then(|m| refs.into_iter().find(|r| key(r) == m)))
 }
 
 /// One route's command(s), validated and ready to append: one command, or the members of a

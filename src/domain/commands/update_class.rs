@@ -1,9 +1,12 @@
 //! UPDATE_ONTOLOGY_CLASS: changes some fields of a class (a patch; absent fields stay). Reads
-//! what a create reads: the database and the parent chain if the patch names a parent.
+//! what a create reads (the database, the parent chain if the patch names a parent) and, for a
+//! change of properties, parent or `abstract`, every live instance of the class and of its
+//! descendants: a change that would make one invalid fails `schema_incompatible`.
 
 use super::create_class::{check_parent, check_refs};
-use super::{Context, Invalid, Request};
-use crate::domain::ids::{validate_name, AggregateKey, Name};
+use super::{class_chain, text, Context, Invalid, Request, StateReader};
+use crate::domain::ids::{validate_name, AggregateKey, AggregateType, Name};
+use crate::domain::values::{validate, with_defaults};
 use crate::domain::rules::{fail, Decision, Facts};
 use crate::domain::schema::{validate_properties, PropertyDef};
 use crate::domain::text::Text;
@@ -62,7 +65,71 @@ pub fn request(ctx: &Context, db: &str, class_id: &str, body: UpdateClassBody) -
     }))
 }
 
-pub use super::create_class::facts;
+/// What a create reads, and, when the patch changes what instances must hold (properties,
+/// parent, abstract), the live instances of the class and of its descendants, each checked
+/// against its chain through the new definition.
+pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
+    super::create_class::facts(payload, log, facts).await?;
+    let Some(current) = &facts.current else { return Ok(()) };
+    let patch = payload["patch"].as_object().cloned().unwrap_or_default();
+    if !["properties", "parent_class", "abstract"].iter().any(|k| patch.contains_key(*k)) {
+        return Ok(()); // a label or a description changes no instance's validity
+    }
+    let (db, branch, class_id) = (text(payload, "db"), text(payload, "branch"), text(payload, "class_id"));
+    let updated = patched(current, patch);
+    let mut chain = vec![updated.clone()];
+    if let Some(parent) = updated["parent_class"].as_str() {
+        chain.extend(class_chain(log, &db, &branch, parent).await?);
+    }
+    let mut checked = vec![(class_id.clone(), chain.clone())];
+    let prefix = format!("{db}:{branch}:");
+    for id in log.aggregates_with_prefix(AggregateType::OntologyClass, &prefix).await? {
+        let other = &id[prefix.len()..];
+        if other == class_id {
+            continue;
+        }
+        let own = class_chain(log, &db, &branch, other).await?;
+        if let Some(at) = own.iter().position(|c| c["class_id"].as_str() == Some(class_id.as_str())) {
+            checked.push((other.to_string(), own[..at].iter().chain(&chain).cloned().collect()));
+        }
+    }
+    facts.incompatible = incompatible_instances(log, &prefix, &checked).await?;
+    Ok(())
+}
+
+/// How many live instances of the `(class, chain)` pairs their chain (with its defaults)
+/// refuses, or an abstract class has at all, and the first of them with why.
+async fn incompatible_instances<R: StateReader>(log: &R, prefix: &str, checked: &[(String, Vec<Value>)]) -> Result<Option<(u64, String)>, R::Error> {
+    use futures::StreamExt;
+    let (mut count, mut first) = (0u64, None);
+    for (class_id, chain) in checked {
+        let is_abstract = chain[0]["abstract"].as_bool() == Some(true);
+        let instances = format!("{prefix}{class_id}:");
+        let ids = log.aggregates_with_prefix(AggregateType::Instance, &instances).await?;
+        let mut reads = futures::stream::iter(ids)
+            .map(|id| async move { Ok::<_, R::Error>((log.state(&AggregateKey::new(AggregateType::Instance, id.clone())).await?, id)) })
+            .buffered(super::READS_AT_ONCE);
+        while let Some(read) = reads.next().await {
+            let (Some(state), id) = read? else { continue };
+            let data = with_defaults(state["data"].as_object().cloned().unwrap_or_default(), chain);
+            let why = if is_abstract { Some("its class would be abstract".to_string()) } else { validate(&data, chain).err().map(|e| e.to_string()) };
+            if let Some(why) = why {
+                count += 1;
+                first.get_or_insert_with(|| format!("{class_id} instance {:?}: {why}", &id[instances.len()..]));
+            }
+        }
+    }
+    Ok(first.map(|f| (count, f)))
+}
+
+/// The class state with the patch's fields replaced.
+fn patched(current: &Value, patch: Map<String, Value>) -> Value {
+    let mut state = current.clone();
+    if let Some(obj) = state.as_object_mut() {
+        obj.extend(patch);
+    }
+    state
+}
 
 pub fn decide(payload: &Value, facts: &Facts) -> Decision {
     let Some(current) = &facts.current else {
@@ -75,11 +142,8 @@ pub fn decide(payload: &Value, facts: &Facts) -> Decision {
     if let Some(d) = check_refs(facts) {
         return d;
     }
-    let mut state = current.clone();
-    if let Some(obj) = state.as_object_mut() {
-        for (k, v) in patch {
-            obj.insert(k, v);
-        }
+    if let Some((count, first)) = &facts.incompatible {
+        return fail("schema_incompatible", format!("the change would make {count} live instance(s) invalid; the first: {first}"));
     }
-    Decision::Event { event_type: EVENT_TYPE, state }
+    Decision::Event { event_type: EVENT_TYPE, state: patched(current, patch) }
 }

@@ -1,11 +1,11 @@
 //! UPDATE_INSTANCE: a JSON merge patch (RFC 7386) on an instance's data, the result checked
-//! against its class chain, which it reads.
+//! against its class chain, which it reads, and the instances the patch references.
 
-use super::{Context, Invalid, Request};
+use super::{class_chain, missing_reference, text, Context, Invalid, Request, StateReader};
 use crate::domain::ids::{validate_name, AggregateKey};
 use crate::domain::rules::{fail, instance_key, merge_patch, Decision, Facts};
 use crate::domain::schema::validate_data_keys;
-use crate::domain::values::validate;
+use crate::domain::values::{validate, with_defaults};
 use crate::domain::{Command, CommandType};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -53,7 +53,16 @@ pub(super) fn command(t: Target<'_>, expected_seq: u64, data: Map<String, Value>
     }
 }
 
-pub use super::create_instance::facts;
+/// The class chain the patched data is checked against, and whether the instances the patch
+/// references exist: only the `ref` values it sets are read, so an update that leaves a
+/// reference alone never fails on it.
+pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
+    let (db, branch) = (text(payload, "db"), text(payload, "branch"));
+    facts.classes = class_chain(log, &db, &branch, &text(payload, "class_id")).await?;
+    let patch = payload["data"].as_object().cloned().unwrap_or_default();
+    facts.missing_reference = missing_reference(log, payload, &patch, &facts.classes).await?;
+    Ok(())
+}
 
 pub fn decide(payload: &Value, facts: &Facts) -> Decision {
     let Some(current) = &facts.current else {
@@ -64,8 +73,14 @@ pub fn decide(payload: &Value, facts: &Facts) -> Decision {
     }
     let mut data = current["data"].as_object().cloned().unwrap_or_default();
     merge_patch(&mut data, payload["data"].as_object().cloned().unwrap_or_default());
+    // Defaults of properties the class gained since (or the patch removed) are filled in, as
+    // on create: a class may add a required property with a default (schema_incompatible).
+    let data = with_defaults(data, &facts.classes);
     if let Err(invalid) = validate(&data, &facts.classes) {
         return fail(invalid.code(), invalid.to_string());
+    }
+    if let Some(missing) = &facts.missing_reference {
+        return super::create_instance::invalid_reference(missing);
     }
     let mut state = instance_key(payload);
     state.insert("data".into(), Value::Object(data));
