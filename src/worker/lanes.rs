@@ -34,6 +34,9 @@ struct Held {
     running: Option<OwnedSemaphorePermit>,
     /// Only ever dropped: that frees room for one more message.
     _in_hand: Option<OwnedSemaphorePermit>,
+    /// Waits in progress: a command may read several aggregates at once, and holds its running
+    /// place again only once none of them is waiting.
+    away: usize,
 }
 
 impl Slot {
@@ -45,13 +48,27 @@ impl Slot {
 
     /// Runs `wait` without the places this message holds. Its place in hand is given up for
     /// good (it was received; the bound is on messages not yet started); its running place is
-    /// taken again when the wait ends.
+    /// taken again when its last wait ends.
     pub async fn aside<F: Future>(&self, wait: F) -> F::Output {
-        drop(std::mem::take(&mut *self.held.lock().expect("slot mutex")));
+        {
+            let mut held = self.held.lock().expect("slot mutex");
+            held.away += 1;
+            held.running = None;
+            held._in_hand = None;
+        }
         let out = wait.await;
-        if let Some(running) = &self.running {
+        let last = {
+            let mut held = self.held.lock().expect("slot mutex");
+            held.away -= 1;
+            held.away == 0
+        };
+        if let (true, Some(running)) = (last, &self.running) {
             let permit = running.clone().acquire_owned().await.ok();
-            self.held.lock().expect("slot mutex").running = permit;
+            let mut held = self.held.lock().expect("slot mutex");
+            // Another wait may have begun meanwhile: then the place stays given back.
+            if held.away == 0 {
+                held.running = permit;
+            }
         }
         out
     }
@@ -132,7 +149,7 @@ async fn run_queue<J: Send + 'static>(
                 }
             }
         };
-        let slot = Slot { running: Some(running.clone()), held: Mutex::new(Held { running: Some(permit), _in_hand: Some(next.in_hand) }) };
+        let slot = Slot { running: Some(running.clone()), held: Mutex::new(Held { running: Some(permit), _in_hand: Some(next.in_hand), away: 0 }) };
         if !runner.run(next.job, &slot).await {
             // Shutdown: what is queued behind it is dropped uncommitted and delivered again.
             queues.lock().expect("queues mutex").remove(&key);
@@ -178,6 +195,39 @@ mod tests {
         lanes.push(b"b".to_vec(), 1, permit);
         tokio::time::timeout(std::time::Duration::from_secs(10), lanes.close()).await.expect("no deadlock");
         assert_eq!(*runner.done.lock().unwrap(), vec![1, 0]);
+    }
+
+    /// Job 0 reads two aggregates at once, each waiting for a later job: it must not take its
+    /// running place back while one of the two still waits.
+    struct TwoWaits {
+        done: Mutex<Vec<u32>>,
+        ran: [Notify; 2],
+    }
+
+    #[async_trait]
+    impl Run<u32> for TwoWaits {
+        async fn run(&self, job: u32, slot: &Slot) -> bool {
+            match job {
+                0 => {
+                    futures::join!(slot.aside(self.ran[0].notified()), slot.aside(self.ran[1].notified()));
+                }
+                n => self.ran[n as usize - 1].notify_one(),
+            }
+            self.done.lock().unwrap().push(job);
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn overlapping_waits_keep_the_place_given_back_until_the_last_ends() {
+        let runner = Arc::new(TwoWaits { done: Mutex::default(), ran: [Notify::new(), Notify::new()] });
+        let lanes = Lanes::new(1, 1, runner.clone());
+        for (key, job) in [(b"a", 0), (b"b", 1), (b"c", 2)] {
+            let permit = lanes.room().await;
+            lanes.push(key.to_vec(), job, permit);
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), lanes.close()).await.expect("no deadlock");
+        assert_eq!(*runner.done.lock().unwrap(), vec![1, 2, 0]);
     }
 
     struct Records(Mutex<Vec<u32>>);
