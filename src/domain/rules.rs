@@ -44,10 +44,19 @@ pub struct Facts {
     pub missing_ref: Option<(String, String)>,
     /// An instance the command's data references (through a `ref` property it sets) that does
     /// not exist as of the command's place in the log.
-    pub missing_reference: Option<super::values::Reference>,
+    pub missing_reference: Option<Reference>,
     /// For an UPDATE_ONTOLOGY_CLASS: how many live instances the new definition would refuse,
     /// and the first of them with why.
     pub incompatible: Option<(u64, String)>,
+}
+
+/// One instance that data names through a `ref` property.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Reference {
+    /// The property's path (`a.b` inside objects).
+    pub property: String,
+    pub class_id: String,
+    pub instance_id: String,
 }
 
 /// A command's one outcome.

@@ -3,6 +3,7 @@
 //! position, so the outcome is a function of the log.
 
 use super::property::{compiled, Kind, PropertyDef};
+pub use super::rules::Reference;
 use serde_json::{Map, Value};
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -112,15 +113,6 @@ fn check_object(prefix: &str, data: &Map<String, Value>, defs: &[PropertyDef]) -
         }
     }
     Ok(())
-}
-
-/// One instance that data names through a `ref` property.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Reference {
-    /// The property's path (`a.b` inside objects).
-    pub property: String,
-    pub class_id: String,
-    pub instance_id: String,
 }
 
 /// The instances `data` names through `ref` properties of its class chain (inside objects
