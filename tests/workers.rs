@@ -14,6 +14,7 @@ backend_tests! {
     classes_in_use_cycles_and_missing_ref_targets_are_refused,
     references_must_name_instances_that_exist,
     class_changes_that_would_break_live_instances_are_refused,
+    a_cascade_deletes_the_database_with_its_classes_and_instances,
     bulk_updates_and_deletes_are_all_or_nothing,
     the_new_property_types_are_checked_and_filtered,
     constraints_enums_arrays_objects_and_defaults_are_checked,
@@ -219,6 +220,41 @@ async fn class_changes_that_would_break_live_instances_are_refused(backend: Back
     completes(app, app.put("/databases/e/classes/S/instances/s2?expected_seq=1", json!({"data": {"a": "z"}})).await).await;
     let (_, events) = app.get("/aggregates/Instance/e:main:S:s2/events?kind=domain").await;
     assert_eq!(events["events"][1]["data"]["state"]["data"], json!({"a": "z", "b": 7}), "the default filled in: {events}");
+}
+
+/// `DELETE /databases/{db}?cascade=true`: one command deletes a database that still has
+/// classes and instances; the read models drop them all, and every later command finds them
+/// gone, as it finds the database.
+async fn a_cascade_deletes_the_database_with_its_classes_and_instances(backend: Backend) {
+    let app = &spawn_dev(backend).await;
+    completes(app, app.post("/databases", json!({"name": "c"})).await).await;
+    completes(app, app.post("/databases/c/classes", json!({"id": "A"})).await).await;
+    completes(app, app.post("/databases/c/classes", json!({"id": "B", "parent_class": "A"})).await).await;
+    completes(app, app.post("/databases/c/classes/A/instances", json!({"id": "a1", "data": {}})).await).await;
+    completes(app, app.post("/databases/c/classes/B/instances", json!({"id": "b1", "data": {}})).await).await;
+    fails_with(app, app.delete("/databases/c?expected_seq=1").await, "database_not_empty").await;
+    let (s, b) = app.delete("/databases/c?expected_seq=2&cascade=maybe").await;
+    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_query")), "{b}");
+    completes(app, app.delete("/databases/c?expected_seq=2&cascade=true").await).await;
+
+    common::readmodel::caught_up(app, WAIT).await;
+    for path in ["/databases/c", "/databases/c/classes/A", "/databases/c/classes/B/instances/b1"] {
+        let (s, b) = app.get(path).await;
+        assert_eq!(s, 404, "{path}: {b}");
+    }
+    fails_with(app, app.put("/databases/c/classes/A?expected_seq=1", json!({"patch": {"label": "x"}})).await, "class_not_found").await;
+    fails_with(app, app.put("/databases/c/classes/A/instances/a1?expected_seq=1", json!({"data": {}})).await, "instance_not_found").await;
+    fails_with(app, app.delete("/databases/c/classes/B/instances/b1?expected_seq=1").await, "instance_not_found").await;
+    fails_with(app, app.post("/databases/c/classes/A/instances", json!({"id": "a2", "data": {}})).await, "class_not_found").await;
+    fails_with(app, app.post("/databases/c/classes", json!({"id": "D"})).await, "database_not_found").await;
+    let (s, b) = app.post("/databases", json!({"name": "c"})).await;
+    assert_eq!(s, 409, "a name is never used again: {b}");
+    // The failed commands after the cascade bring no row back.
+    common::readmodel::caught_up(app, WAIT).await;
+    for path in ["/databases/c/classes/A", "/databases/c/classes/A/instances/a1", "/databases/c/classes/B/instances/b1"] {
+        let (s, b) = app.get(path).await;
+        assert_eq!(s, 404, "{path}: {b}");
+    }
 }
 
 /// `date`, `decimal`, `uuid`, `email` and `url` properties: a value of the right form is

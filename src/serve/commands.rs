@@ -52,6 +52,23 @@ pub struct CommandQuery {
     expected_seq: Option<u64>,
 }
 
+/// Query parameters of `DELETE /databases/{db}`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteDatabaseQuery {
+    /// Ignored, as on every database route.
+    #[param(ignore)]
+    branch: Option<String>,
+    #[param(ignore)]
+    #[serde(default, deserialize_with = "super::extract::seq")]
+    expected_seq: Option<u64>,
+    /// Delete the database with every class and instance in it, in one command (default
+    /// `false`: a database with live classes fails `database_not_empty`).
+    #[serde(default)]
+    cascade: bool,
+}
+
 /// What every command route takes besides its path and body: the query and the command id
 /// (the client's `Idempotency-Key`, or a fresh random one).
 struct Call {
@@ -62,6 +79,10 @@ struct Call {
 impl Call {
     fn new(q: QueryR<CommandQuery>, headers: &HeaderMap) -> Result<Call, ApiError> {
         let CommandQuery { branch, expected_seq } = query(q)?;
+        Call::with(branch, expected_seq, headers)
+    }
+
+    fn with(branch: Option<String>, expected_seq: Option<u64>, headers: &HeaderMap) -> Result<Call, ApiError> {
         let (command_id, from_client) = match idempotency_key(headers)? {
             Some(id) => (id, true),
             None => (Uuid::new_v4(), false),
@@ -95,7 +116,7 @@ pub async fn create_database(
     delete,
     path = "/api/v1/databases/{db}",
     tag = "commands",
-    params(DbPath, ExpectedSeq, IdempotencyKey),
+    params(DbPath, ExpectedSeq, DeleteDatabaseQuery, IdempotencyKey),
     responses((status = 202, description = "Deleting the database is in the log", body = CommandBody), ApiErrors, CommandErrors),
     security(("bearer" = ["write"]))
 )]
@@ -103,12 +124,13 @@ pub async fn delete_database(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     p: PathR<String>,
-    q: QueryR<CommandQuery>,
+    q: QueryR<DeleteDatabaseQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let db = path(p)?;
-    let call = Call::new(q, &headers)?;
-    submit(&state, &call, caller, delete_database::request(&call.ctx, &db)?).await
+    let DeleteDatabaseQuery { branch, expected_seq, cascade } = query(q)?;
+    let call = Call::with(branch, expected_seq, &headers)?;
+    submit(&state, &call, caller, delete_database::request(&call.ctx, &db, cascade)?).await
 }
 
 #[utoipa::path(

@@ -334,7 +334,7 @@ impl CommandHandler {
         // earlier command's outcome), so the decision follows log order, not timing.
         let wait = Duration::from_millis(self.config.worker.gap_wait_ms);
         let log = self.state.as_of(p.envelope.event_id, wait, slot, stop);
-        let facts = p.command_type.facts(&payload, current.clone(), &log).await?;
+        let facts = p.command_type.facts(&payload, current, &log).await?;
         let decision = p.command_type.decide(&payload, &facts);
         self.crash_point(WorkerCrash::AfterEffect);
         // Fencing: confirm the lease right before the effect, so a worker that was frozen past
@@ -342,7 +342,9 @@ impl CommandHandler {
         if lost.is_cancelled() || !self.registry.heartbeat(work).await? {
             return Err(Failure::LeaseLost);
         }
-        let outcome = self.outcome_envelope(p, decision, current);
+        // A failed command keeps the state as the decision saw it: `null` for a class or
+        // instance of a database deleted with cascade, never its last live state again.
+        let outcome = self.outcome_envelope(p, decision, facts.current);
         let append = AppendCommand::outcome(outcome).map_err(|e| Failure::Retryable(e.to_string()))?;
         match self.writer.append(append).await {
             Ok(AppendOutcome::Accepted { .. }) => {}

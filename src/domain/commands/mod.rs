@@ -14,6 +14,7 @@ pub mod delete_class;
 pub mod delete_database;
 pub mod delete_instance;
 pub mod envelopes;
+pub mod cascade;
 pub mod update_class;
 pub mod update_instance;
 
@@ -132,8 +133,12 @@ impl CommandType {
         }
     }
 
-    /// Everything the command needs to be decided besides the aggregate's own state.
+    /// Everything the command needs to be decided besides the aggregate's own state. Every
+    /// class and instance, its own state included, is read through [`cascade`]'s rule: one of
+    /// a database deleted with `cascade` is gone.
     pub async fn facts<R: StateReader>(self, payload: &Value, current: Option<Value>, log: &R) -> Result<Facts, R::Error> {
+        let log = &cascade::LiveDatabases::new(log);
+        let current = log.alive(self.aggregate_type(), current).await?;
         let mut facts = Facts { current, ..Default::default() };
         match self {
             CommandType::CreateDatabase | CommandType::DeleteInstance | CommandType::BulkDeleteInstances => {}
@@ -203,6 +208,17 @@ pub(crate) async fn first_with_liveness<R: StateReader>(
         }
     }
     Ok(None)
+}
+
+/// Reads every one of `keys` as of the reader's place ([`READS_AT_ONCE`] at a time), for
+/// the waits alone: their earlier commands' outcomes are in the log once it returns.
+pub(crate) async fn read_all<R: StateReader>(log: &R, keys: Vec<AggregateKey>) -> Result<(), R::Error> {
+    use futures::{StreamExt, TryStreamExt};
+    futures::stream::iter(keys)
+        .map(|key| async move { log.state(&key).await.map(drop) })
+        .buffer_unordered(READS_AT_ONCE)
+        .try_collect::<()>()
+        .await
 }
 
 /// The first instance `data` references (through the class chain's `ref` properties) that does
