@@ -25,16 +25,23 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn pids_named(name: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains(name))
-        })
-        .collect()
+/// The pid a service script started, from the environment (`scripts/bench.sh` exports them
+/// from its pid files); `None` for a server this run did not start, whose CPU it cannot
+/// tell apart from other jobs'.
+fn pid_from_env(var: &str) -> Option<u32> {
+    std::env::var(var).ok()?.trim().parse().ok()
+}
+
+/// The PostgreSQL backends serving this run's own database (a fresh one per run), so other
+/// databases' work on a shared server is not counted.
+async fn own_backends(config: &Config) -> Vec<u32> {
+    let (client, conn) = tokio_postgres::connect(config.database.url.expose(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let rows = client
+        .query("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()", &[])
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect()
 }
 
 struct Pipeline {
@@ -120,8 +127,7 @@ async fn throughput(p: &Pipeline, n: usize) {
     // Warm-up: the workers join their group and the first command completes.
     send(&http, &p.base, "warmup".into()).await;
     wait_outcomes(&p.config, 1, Duration::from_secs(60)).await;
-    let procs = processes(p);
-    let cpu0: Vec<f64> = procs.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    let cpu0: HashMap<u32, f64> = processes(p).await.into_iter().map(|(_, pid)| (pid, cpu_seconds(pid))).collect();
     let started = Instant::now();
     let sends = futures::stream::iter(0..n)
         .map(|i| send(&http, &p.base, format!("t{i}")));
@@ -136,29 +142,42 @@ async fn throughput(p: &Pipeline, n: usize) {
         elapsed.as_secs_f64(),
         n as f64 / elapsed.as_secs_f64()
     );
+    // Listed again at the end: a pool may have opened backends during the run, whose CPU
+    // is all the run's.
     let mut shares: Vec<(String, f64)> = Vec::new();
-    for ((name, pid), before) in procs.iter().zip(cpu0) {
-        let share = 100.0 * (cpu_seconds(*pid) - before) / elapsed.as_secs_f64();
-        match shares.iter_mut().find(|(n, _)| n == name) {
+    for (name, pid) in processes(p).await {
+        let before = cpu0.get(&pid).copied().unwrap_or(0.0);
+        let share = 100.0 * (cpu_seconds(pid) - before) / elapsed.as_secs_f64();
+        match shares.iter_mut().find(|(n, _)| *n == name) {
             Some((_, total)) => *total += share,
-            None => shares.push((name.clone(), share)),
+            None => shares.push((name, share)),
         }
     }
     for (name, share) in shares {
         println!("  CPU {name:<22} {share:>5.0}% of one core");
     }
+    for (name, var) in SERVICES {
+        if pid_from_env(var).is_none() {
+            println!("  CPU {name:<22} not measured (not started by this run)");
+        }
+    }
 }
 
-fn processes(p: &Pipeline) -> Vec<(String, u32)> {
+/// The run's own processes: this one (API and relay), the workers it started, the
+/// PostgreSQL backends of its database, and the S3 and Kafka servers the bench script
+/// started (by pid, never by name: a shared machine runs other jobs' servers too).
+async fn processes(p: &Pipeline) -> Vec<(String, u32)> {
     let mut v = vec![("bench (api+relay)".to_string(), std::process::id())];
     v.extend(p.workers.iter().enumerate().map(|(i, w)| (format!("worker {i}"), w.id())));
-    for (name, pattern) in [("postgres", "postgres:"), ("moto (S3)", "moto_server"), ("tansu (Kafka)", "tansu")] {
-        for pid in pids_named(pattern) {
-            v.push((name.to_string(), pid));
-        }
+    v.extend(own_backends(&p.config).await.into_iter().map(|pid| ("postgres (own db)".to_string(), pid)));
+    for (name, var) in SERVICES {
+        v.extend(pid_from_env(var).map(|pid| (name.to_string(), pid)));
     }
     v
 }
+
+/// The servers whose pids the bench script exports, when it started them.
+const SERVICES: [(&str, &str); 2] = [("moto (S3)", "SPICED_BENCH_S3_PID"), ("tansu (Kafka)", "SPICED_BENCH_KAFKA_PID")];
 
 async fn latency(p: &Pipeline, rate: u64, secs: u64) {
     let http = reqwest::Client::new();

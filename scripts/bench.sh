@@ -12,12 +12,16 @@ echo "bench: starting services" >&2
 eval "$(scripts/services.sh start)"
 trap 'scripts/services.sh stop || true' EXIT
 
-# The S3 server's pid, so the benchmark can report its CPU share.
+# The S3 server's pid, if this script started it, so the benchmarks can report its CPU share.
 moto_pid_file="${SPICED_SERVICES_DIR:-target/services}/moto.pid"
 if [[ -f "$moto_pid_file" ]]; then
     export SPICED_BENCH_S3_PID="$(cat "$moto_pid_file")"
-else
-    export SPICED_BENCH_S3_PID="$(pgrep -f 'moto_server' | head -n1 || true)"
+fi
+
+# Tansu's too (the pipeline benchmark attributes CPU by the run's own pids, not by name).
+tansu_pid_file="${SPICED_SERVICES_DIR:-target/services}/tansu.pid"
+if [[ -f "$tansu_pid_file" ]]; then
+    export SPICED_BENCH_KAFKA_PID="$(cat "$tansu_pid_file")"
 fi
 
 echo "bench: cargo bench (release)" >&2
