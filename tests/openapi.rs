@@ -1,6 +1,7 @@
 //! `GET /api/v1/openapi.json`: the document names exactly the routes the router is built from
 //! (`spiced::serve::routes()`), each routed path reaches a handler, the documented bearer scopes
-//! are the ones enforced, and every error a route documents has a JSON schema.
+//! are the ones enforced, every error a route documents has a JSON schema, and every code a
+//! command can fail with is listed (there and in the README).
 
 mod common;
 
@@ -191,5 +192,29 @@ async fn document_is_openapi_3_with_error_schemas() {
                 );
             }
         }
+    }
+}
+
+/// Every code a command can fail with, read from the domain's source (`fail("code", …)` and
+/// the constraint codes of `InvalidData::code`), is listed in the README's API section and in
+/// the document's description of a command's `error`: a new code cannot go undocumented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failure_code_is_documented() {
+    let mut codes = BTreeSet::new();
+    let decided = regex::Regex::new(r#"fail\(\s*"([a-z_]+)""#).unwrap();
+    for file in std::fs::read_dir("src/domain/commands").unwrap() {
+        let source = std::fs::read_to_string(file.unwrap().path()).unwrap();
+        let source = source.split("#[cfg(test)]").next().unwrap();
+        codes.extend(decided.captures_iter(source).map(|c| c[1].to_string()));
+    }
+    let constraint = regex::Regex::new(r#"InvalidData::\w+[^=\n]*=> (?:\{\s*)?"([a-z_]+)""#).unwrap();
+    let values = std::fs::read_to_string("src/domain/values.rs").unwrap();
+    codes.extend(constraint.captures_iter(&values).map(|c| c[1].to_string()));
+    assert!(codes.contains("class_in_use") && codes.contains("pattern_mismatch") && codes.contains("invalid_instance"), "{codes:?}");
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let doc = fetch_document(&app_with_tokens().await).await.to_string();
+    for code in &codes {
+        assert!(readme.contains(&format!("`{code}`")), "README.md does not list {code}");
+        assert!(doc.contains(&format!("`{code}`")), "the OpenAPI document does not list {code}");
     }
 }

@@ -137,7 +137,13 @@ pub struct CommandBody {
     pub sequence_number: Option<u64>,
     /// A bulk create's instances.
     pub instances: Option<Vec<BulkMember>>,
-    /// `GET /commands`: why it failed or is being retried.
+    /// `GET /commands`: why it failed or is being retried, `{code, message}`. Codes of a
+    /// failed command: `database_exists`, `database_not_found`, `database_not_empty`,
+    /// `class_exists`, `class_not_found`, `class_in_use`, `parent_class_not_found`,
+    /// `invalid_parent_class`, `class_is_abstract`, `schema_incompatible`, `instance_exists`,
+    /// `instance_not_found`, `invalid_instance`, `invalid_reference`, `not_in_enum`,
+    /// `out_of_range`, `invalid_length`, `pattern_mismatch`, or `processing_error` after the
+    /// last retry.
     pub error: Option<Value>,
 }
 
