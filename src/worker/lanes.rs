@@ -137,7 +137,6 @@ async fn run_queue<J: Send + 'static>(
     runner: Arc<dyn Run<J>>,
 ) {
     loop {
-        let permit = running.clone().acquire_owned().await.expect("the running semaphore is never closed");
         let next = {
             let mut queues = queues.lock().expect("queues mutex");
             let Some(queue) = queues.get_mut(&key) else { return };
@@ -149,6 +148,9 @@ async fn run_queue<J: Send + 'static>(
                 }
             }
         };
+        // Waited for only once there is a message: an idle queue ends without queueing for a
+        // place behind the busy ones.
+        let permit = running.clone().acquire_owned().await.expect("the running semaphore is never closed");
         let slot = Slot { running: Some(running.clone()), held: Mutex::new(Held { running: Some(permit), _in_hand: Some(next.in_hand), away: 0 }) };
         if !runner.run(next.job, &slot).await {
             // Shutdown: what is queued behind it is dropped uncommitted and delivered again.
