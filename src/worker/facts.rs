@@ -104,6 +104,31 @@ impl LogState {
     }
 }
 
+/// Looks again every [`POLL`], with `slot` stepped aside, until `look` finds what it looks
+/// for (`Some`), `deadline` passes (`None`) or `stop` fires (`Interrupted`): the one wait for
+/// an outcome not in the log yet, whether another aggregate's or the command's predecessor's.
+pub async fn poll_aside<T, F, Fut>(slot: &Slot, stop: &CancellationToken, deadline: Instant, mut look: F) -> Result<Option<T>, FactsError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, FactsError>>,
+{
+    slot.aside(async {
+        loop {
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            crate::backoff::pause(stop, POLL).await;
+            if stop.is_cancelled() {
+                return Err(FactsError::Interrupted);
+            }
+            if let Some(found) = look().await? {
+                return Ok(Some(found));
+            }
+        }
+    })
+    .await
+}
+
 fn is_event_of(e: &crate::envelope::EventEnvelope, key: &AggregateKey, kind: Kind) -> bool {
     e.aggregate_id == key.aggregate_id && e.aggregate_type == key.aggregate_type.as_str() && e.kind() == Some(kind)
 }
@@ -173,22 +198,9 @@ impl StateReader for AsOf<'_> {
             return Ok(state);
         }
         tracing::info!(dependency = %key, seq, "waiting for the outcome of an earlier command this one reads");
-        self.slot
-            .aside(async {
-                loop {
-                    if Instant::now() >= self.deadline {
-                        return Err(FactsError::NotYet { key: key.clone(), seq });
-                    }
-                    crate::backoff::pause(self.stop, POLL).await;
-                    if self.stop.is_cancelled() {
-                        return Err(FactsError::Interrupted);
-                    }
-                    if let Some(state) = self.log.outcome(key, seq).await? {
-                        return Ok(state);
-                    }
-                }
-            })
-            .await
+        poll_aside(self.slot, self.stop, self.deadline, || self.log.outcome(key, seq))
+            .await?
+            .ok_or_else(|| FactsError::NotYet { key: key.clone(), seq })
     }
 
     async fn aggregates_with_prefix(&self, aggregate_type: AggregateType, prefix: &str) -> Result<Vec<String>, FactsError> {

@@ -105,6 +105,14 @@ fn claim_name(claim: &Claim) -> &'static str {
     }
 }
 
+/// Where a command's aggregate stands once its predecessor's outcome is in the log.
+enum Predecessor {
+    /// The state the predecessor left: the command can be decided.
+    Ready(Option<Value>),
+    /// This command's own outcome is there too: it was answered before.
+    Answered,
+}
+
 /// A command message, checked.
 struct Parsed {
     envelope: EventEnvelope,
@@ -325,9 +333,10 @@ impl CommandHandler {
     }
 
     async fn execute(&self, p: &Parsed, work: &Work<'_>, slot: &Slot, lost: &CancellationToken, stop: &CancellationToken) -> Result<(), Failure> {
-        let Some(current) = self.wait_for_predecessor(p, slot, stop).await? else {
+        let current = match self.wait_for_predecessor(p, slot, stop).await? {
+            Predecessor::Ready(state) => state,
             // The outcome is already in the log (an earlier run appended it): just record it.
-            return self.finish(work).await;
+            Predecessor::Answered => return self.finish(work).await,
         };
         let payload = p.envelope.data.get("payload").cloned().unwrap_or(Value::Null);
         // Other aggregates as of this command's place in the log (waiting, bounded, for an
@@ -367,41 +376,27 @@ impl CommandHandler {
     }
 
     /// Waits (bounded, stepping aside) until the aggregate's previous command has its
-    /// outcome. Returns the aggregate's state, or `None` when this command's outcome is
-    /// already there.
-    async fn wait_for_predecessor(&self, p: &Parsed, slot: &Slot, stop: &CancellationToken) -> Result<Option<Option<Value>>, Failure> {
+    /// outcome.
+    async fn wait_for_predecessor(&self, p: &Parsed, slot: &Slot, stop: &CancellationToken) -> Result<Predecessor, Failure> {
         if let Some(found) = self.predecessor(p).await? {
             return Ok(found);
         }
         metrics::counter!("spiced_worker_gap_waits_total", "handler" => self.role.handler()).increment(1);
         tracing::info!("waiting for the outcome of sequence {}", p.seq - 1);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.worker.gap_wait_ms);
-        slot.aside(async {
-            loop {
-                poll_pause(stop).await?;
-                if let Some(found) = self.predecessor(p).await? {
-                    return Ok(found);
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(Failure::Retryable(format!(
-                        "sequence {} has no outcome yet; not applying {} out of order",
-                        p.seq - 1,
-                        p.seq
-                    )));
-                }
-            }
+        super::facts::poll_aside(slot, stop, deadline, || self.predecessor(p)).await?.ok_or_else(|| {
+            Failure::Retryable(format!("sequence {} has no outcome yet; not applying {} out of order", p.seq - 1, p.seq))
         })
-        .await
     }
 
-    /// `Some(state)` once the predecessor's outcome is in the log (`Some(None)`: this
-    /// command's own outcome is there too); `None` while it is missing.
-    async fn predecessor(&self, p: &Parsed) -> Result<Option<Option<Option<Value>>>, Failure> {
+    /// Where the aggregate's outcomes stand for this command; `None` while its predecessor's
+    /// is missing.
+    async fn predecessor(&self, p: &Parsed) -> Result<Option<Predecessor>, FactsError> {
         let (last, state) = self.state.state(&p.key).await?;
         Ok(if last >= p.seq {
-            Some(None)
+            Some(Predecessor::Answered)
         } else if last + 1 == p.seq {
-            Some(Some(state))
+            Some(Predecessor::Ready(state))
         } else {
             None
         })
@@ -434,12 +429,6 @@ impl CommandHandler {
     }
 }
 
-/// The pause between two looks at the log while waiting; cut short by shutdown, since waiting
-/// is not progress worth a grace period.
-async fn poll_pause(stop: &CancellationToken) -> Result<(), Failure> {
-    crate::backoff::pause(stop, super::facts::POLL).await;
-    if stop.is_cancelled() { Err(Failure::Interrupted) } else { Ok(()) }
-}
 
 #[cfg(test)]
 mod tests {

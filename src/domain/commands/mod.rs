@@ -185,40 +185,43 @@ pub trait StateReader: Sync {
 }
 
 /// How many aggregate states an integrity check reads at once.
-pub(crate) const READS_AT_ONCE: usize = 16;
+const READS_AT_ONCE: usize = 16;
 
-/// The first of `keys` that is live (`live`) or not (`!live`) as of the reader's place,
-/// reading [`READS_AT_ONCE`] at a time: a class with many instances is checked at the speed
-/// of the index, not of one round trip after another.
+/// The states of `keys` as of the reader's place, in order, [`READS_AT_ONCE`] read at a time:
+/// a check over a class's many instances goes at the speed of the index, not of one round
+/// trip after another.
+pub(crate) fn states<'a, R: StateReader>(
+    log: &'a R,
+    keys: Vec<AggregateKey>,
+) -> impl futures::Stream<Item = Result<(AggregateKey, Option<Value>), R::Error>> + 'a {
+    use futures::StreamExt;
+    futures::stream::iter(keys)
+        .map(move |key| async move { Ok((key.clone(), log.state(&key).await?)) })
+        .buffered(READS_AT_ONCE)
+}
+
+/// The first of `keys` that is live (`live`) or not (`!live`) as of the reader's place.
 pub(crate) async fn first_with_liveness<R: StateReader>(
     log: &R,
     keys: Vec<AggregateKey>,
     live: bool,
 ) -> Result<Option<AggregateKey>, R::Error> {
     use futures::StreamExt;
-    let mut reads = futures::stream::iter(keys)
-        .map(|key| async move {
-            let is_live = log.state(&key).await?.is_some();
-            Ok::<_, R::Error>((is_live == live).then_some(key))
-        })
-        .buffered(READS_AT_ONCE);
+    let mut reads = std::pin::pin!(states(log, keys));
     while let Some(read) = reads.next().await {
-        if let Some(key) = read? {
+        let (key, state) = read?;
+        if state.is_some() == live {
             return Ok(Some(key));
         }
     }
     Ok(None)
 }
 
-/// Reads every one of `keys` as of the reader's place ([`READS_AT_ONCE`] at a time), for
-/// the waits alone: their earlier commands' outcomes are in the log once it returns.
+/// Reads every one of `keys` as of the reader's place, for the waits alone: their earlier
+/// commands' outcomes are in the log once it returns.
 pub(crate) async fn read_all<R: StateReader>(log: &R, keys: Vec<AggregateKey>) -> Result<(), R::Error> {
-    use futures::{StreamExt, TryStreamExt};
-    futures::stream::iter(keys)
-        .map(|key| async move { log.state(&key).await.map(drop) })
-        .buffer_unordered(READS_AT_ONCE)
-        .try_collect::<()>()
-        .await
+    use futures::TryStreamExt;
+    states(log, keys).try_for_each(|_| async { Ok(()) }).await
 }
 
 /// The first instance `data` references (through the class chain's `ref` properties) that does

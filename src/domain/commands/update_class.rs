@@ -106,11 +106,11 @@ async fn incompatible_instances<R: StateReader>(log: &R, prefix: &str, checked: 
         let is_abstract = chain[0]["abstract"].as_bool() == Some(true);
         let instances = format!("{prefix}{class_id}:");
         let ids = log.aggregates_with_prefix(AggregateType::Instance, &instances).await?;
-        let mut reads = futures::stream::iter(ids)
-            .map(|id| async move { Ok::<_, R::Error>((log.state(&AggregateKey::new(AggregateType::Instance, id.clone())).await?, id)) })
-            .buffered(super::READS_AT_ONCE);
+        let keys = ids.into_iter().map(|id| AggregateKey::new(AggregateType::Instance, id)).collect();
+        let mut reads = std::pin::pin!(super::states(log, keys));
         while let Some(read) = reads.next().await {
-            let (Some(state), id) = read? else { continue };
+            let (key, Some(state)) = read? else { continue };
+            let id = &key.aggregate_id;
             let data = with_defaults(state["data"].as_object().cloned().unwrap_or_default(), chain);
             let why = if is_abstract { Some("its class would be abstract".to_string()) } else { validate(&data, chain).err().map(|e| e.to_string()) };
             if let Some(why) = why {
