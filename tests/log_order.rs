@@ -148,13 +148,19 @@ fn peer(rng: &mut Rng) -> Value {
     }
 }
 
+/// The peer a command's data names, if it names one.
+fn peer_of(p: &Value) -> Option<String> {
+    p["data"]["peer"].as_str().map(str::to_string)
+}
+
 /// The sequential reference: what is live after applying the log's commands in order.
 #[derive(Default)]
 struct Model {
     databases: HashSet<String>,
     /// Live classes, with the parent each names.
     classes: HashMap<(String, String), Option<String>>,
-    instances: HashSet<(String, String, String)>,
+    /// Live instances, with the peer each names.
+    instances: HashMap<(String, String, String), Option<String>>,
 }
 
 impl Model {
@@ -170,7 +176,7 @@ impl Model {
             "DELETE_DATABASE" if p["cascade"] == true => {
                 self.databases.remove(&db);
                 self.classes.retain(|(d, _), _| *d != db);
-                self.instances.retain(|(d, _, _)| *d != db);
+                self.instances.retain(|(d, _, _), _| *d != db);
                 Ok(())
             }
             "DELETE_DATABASE" if self.classes.keys().any(|(d, _)| *d == db) => Err("database_not_empty"),
@@ -199,16 +205,23 @@ impl Model {
                 Ok(())
             }
             "CREATE_INSTANCE" if !self.classes.contains_key(&class) => Err("class_not_found"),
-            "CREATE_INSTANCE" if self.instances.contains(&instance) => Err("instance_exists"),
+            "CREATE_INSTANCE" if self.instances.contains_key(&instance) => Err("instance_exists"),
             "CREATE_INSTANCE" if self.dangling(&instance, p) => Err("invalid_reference"),
             "CREATE_INSTANCE" => {
-                self.instances.insert(instance);
+                self.instances.insert(instance, peer_of(p));
                 Ok(())
             }
-            "UPDATE_INSTANCE" | "DELETE_INSTANCE" if !self.instances.contains(&instance) => Err("instance_not_found"),
+            "UPDATE_INSTANCE" | "DELETE_INSTANCE" if !self.instances.contains_key(&instance) => Err("instance_not_found"),
             "UPDATE_INSTANCE" if !self.classes.contains_key(&class) => Err("class_not_found"),
             "UPDATE_INSTANCE" if self.dangling(&instance, p) => Err("invalid_reference"),
-            "UPDATE_INSTANCE" => Ok(()),
+            "UPDATE_INSTANCE" => {
+                // A merge patch: data without `peer` leaves it as it was.
+                if let Some(peer) = peer_of(p) {
+                    self.instances.insert(instance, Some(peer));
+                }
+                Ok(())
+            }
+            "DELETE_INSTANCE" if self.referenced(&instance) => Err("instance_in_use"),
             "DELETE_INSTANCE" => {
                 self.instances.remove(&instance);
                 Ok(())
@@ -220,13 +233,21 @@ impl Model {
     /// Whether the command's `peer` names an instance of its class that is not live (itself
     /// always counts as live).
     fn dangling(&self, (db, class, id): &(String, String, String), p: &Value) -> bool {
-        p["data"]["peer"].as_str().is_some_and(|peer| peer != id && !self.instances.contains(&(db.clone(), class.clone(), peer.to_string())))
+        p["data"]["peer"].as_str().is_some_and(|peer| peer != id && !self.instances.contains_key(&(db.clone(), class.clone(), peer.to_string())))
+    }
+
+    /// Whether another live instance of its class names the instance as its peer (the
+    /// property is `ref:<its own class>`, so only instances of that class can).
+    fn referenced(&self, (db, class, id): &(String, String, String)) -> bool {
+        self.instances
+            .iter()
+            .any(|((d, c, other), peer)| d == db && c == class && other != id && peer.as_deref() == Some(id.as_str()))
     }
 
     /// A live child class or a live instance keeps a class from being deleted.
     fn in_use(&self, (db, class): &(String, String)) -> bool {
         self.classes.iter().any(|((d, _), parent)| d == db && parent.as_ref() == Some(class))
-            || self.instances.iter().any(|(d, c, _)| d == db && c == class)
+            || self.instances.keys().any(|(d, c, _)| d == db && c == class)
     }
 }
 

@@ -13,6 +13,7 @@ backend_tests! {
     outcomes_follow_log_order_not_processing_order,
     classes_in_use_cycles_and_missing_ref_targets_are_refused,
     references_must_name_instances_that_exist,
+    unique_values_are_held_by_one_live_instance,
     class_changes_that_would_break_live_instances_are_refused,
     a_cascade_deletes_the_database_with_its_classes_and_instances,
     bulk_updates_and_deletes_are_all_or_nothing,
@@ -182,10 +183,80 @@ async fn references_must_name_instances_that_exist(backend: Backend) {
         app.put(&format!("/databases/r/classes/Order/instances/o1?expected_seq={seq}"), json!({"data": data})).await
     };
     fails_with(app, put(1, json!({"owner": "nobody"})).await, "invalid_reference").await;
-    // Ben is gone: an update that names him again fails, one that leaves him alone works.
-    completes(app, app.delete("/databases/r/classes/Person/instances/ben?expected_seq=1").await).await;
-    fails_with(app, put(2, json!({"watchers": ["ben"]})).await, "invalid_reference").await;
-    completes(app, put(3, json!({"note": "still shipping to ben"})).await).await;
+    // o1 names ben: he cannot be deleted (instance_in_use, naming o1 and where) until o1
+    // stops naming him; then an update that names him again fails.
+    let delete_ben = |seq: u64| async move { app.delete(&format!("/databases/r/classes/Person/instances/ben?expected_seq={seq}")).await };
+    let id = accepted(app, delete_ben(1).await).await;
+    let status = app.wait_command(&id, WAIT).await;
+    assert_eq!(status["error"]["code"], "instance_in_use", "{status}");
+    let message = status["error"]["message"].as_str().unwrap();
+    assert!(message.contains("\"o1\"") && (message.contains("\"watchers\"") || message.contains("\"ship.to\"")), "{status}");
+    completes(app, put(2, json!({"watchers": ["ann"]})).await).await;
+    fails_with(app, delete_ben(2).await, "instance_in_use").await;
+    completes(app, put(3, json!({"ship": null, "note": "ben is off it"})).await).await;
+    completes(app, delete_ben(3).await).await;
+    fails_with(app, put(4, json!({"watchers": ["ben"]})).await, "invalid_reference").await;
+    // o1 names itself, which does not hold it. A bulk delete's members are decided one by
+    // one as of their places: a referrer listed before what it names frees it, listed after
+    // it does not.
+    completes(app, app.delete("/databases/r/classes/Order/instances/o1?expected_seq=5").await).await;
+    for (id, data) in [("o6", json!({})), ("o5", json!({"next": "o6"})), ("o8", json!({})), ("o7", json!({"next": "o8"}))] {
+        completes(app, app.post("/databases/r/classes/Order/instances", json!({"id": id, "data": data})).await).await;
+    }
+    let bulk = |members: Value| async move {
+        let id = accepted(app, app.post("/databases/r/classes/Order/instances/bulk-delete", json!({"instances": members})).await).await;
+        let status = app.wait_command(&id, WAIT).await;
+        let code = |i: &Value| (i["instance_id"].as_str().unwrap().to_string(), i["error"]["code"].as_str().unwrap_or("").to_string());
+        status["instances"].as_array().unwrap().iter().map(code).collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let codes = |pairs: [(&str, &str); 2]| pairs.iter().map(|(i, c)| (i.to_string(), c.to_string())).collect();
+    assert_eq!(bulk(json!([{"id": "o5", "expected_seq": 1}, {"id": "o6", "expected_seq": 1}])).await, codes([("o5", ""), ("o6", "")]));
+    let after_referrer = bulk(json!([{"id": "o8", "expected_seq": 1}, {"id": "o7", "expected_seq": 1}])).await;
+    assert_eq!(after_referrer, codes([("o7", ""), ("o8", "instance_in_use")]));
+}
+
+/// A `unique` property: no two live instances of the class hold the same value, as of each
+/// command's place in the log (`unique_violation`, naming the property and the holder); a
+/// deleted instance's value is free again; an update checks only values it changes; a class
+/// update that makes a property unique while two live instances share a value fails
+/// `schema_incompatible`.
+async fn unique_values_are_held_by_one_live_instance(backend: Backend) {
+    let app = &spawn_dev(backend).await;
+    completes(app, app.post("/databases", json!({"name": "u"})).await).await;
+    let props = json!([{"name": "email", "type": "email", "unique": true}, {"name": "n", "type": "integer", "unique": true},
+        {"name": "name", "type": "string"}]);
+    completes(app, app.post("/databases/u/classes", json!({"id": "User", "properties": props})).await).await;
+    let create = |id: &'static str, data: Value| async move { app.post("/databases/u/classes/User/instances", json!({"id": id, "data": data})).await };
+    completes(app, create("u1", json!({"email": "a@x.co", "n": 1, "name": "Ann"})).await).await;
+    let id = accepted(app, create("dup", json!({"email": "a@x.co", "n": 2})).await).await;
+    let status = app.wait_command(&id, WAIT).await;
+    assert_eq!(status["error"]["code"], "unique_violation", "{status}");
+    let message = status["error"]["message"].as_str().unwrap();
+    assert!(message.contains("\"email\"") && message.contains("\"u1\""), "{status}");
+    completes(app, create("u2", json!({"email": "b@x.co", "n": 2, "name": "Ann"})).await).await;
+    let put = |id: &'static str, seq: u64, data: Value| async move {
+        app.put(&format!("/databases/u/classes/User/instances/{id}?expected_seq={seq}"), json!({"data": data})).await
+    };
+    fails_with(app, put("u2", 1, json!({"n": 1})).await, "unique_violation").await;
+    completes(app, put("u2", 2, json!({"name": "Bo", "n": 2})).await).await;
+    // Within one bulk command, a later member sees an earlier one.
+    let id = accepted(app, app.post("/databases/u/classes/User/instances/bulk", json!({"instances": [
+        {"id": "u3", "data": {"n": 3}}, {"id": "u4", "data": {"n": 3}}]})).await).await;
+    let status = app.wait_command(&id, WAIT).await;
+    let codes: Vec<&str> = status["instances"].as_array().unwrap().iter().map(|i| i["error"]["code"].as_str().unwrap_or("")).collect();
+    assert_eq!(codes, ["", "unique_violation"], "{status}");
+    completes(app, app.delete("/databases/u/classes/User/instances/u1?expected_seq=1").await).await;
+    completes(app, create("u5", json!({"email": "a@x.co", "n": 1})).await).await;
+    // u2 is "Bo" now; u5 and u3 have no name: nulls hold no value, so only two "Ann"s would clash.
+    completes(app, put("u3", 1, json!({"name": "Ann"})).await).await;
+    completes(app, put("u5", 1, json!({"name": "Ann"})).await).await;
+    let unique_name = json!({"properties": [props[0], props[1], {"name": "name", "type": "string", "unique": true}]});
+    let id = accepted(app, app.put("/databases/u/classes/User?expected_seq=1", json!({"patch": unique_name})).await).await;
+    let status = app.wait_command(&id, WAIT).await;
+    assert_eq!(status["error"]["code"], "schema_incompatible", "{status}");
+    assert!(status["error"]["message"].as_str().unwrap().contains("unique property \"name\""), "{status}");
+    let (s, b) = app.post("/databases/u/classes", json!({"id": "Bad", "properties": [{"name": "j", "type": "json", "unique": true}]})).await;
+    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_property")), "{b}");
 }
 
 /// An UPDATE_ONTOLOGY_CLASS that would make live instances (of the class or a descendant)

@@ -61,6 +61,10 @@ pub struct PropertyDef {
     /// `ref:<ClassId>` only: `one` (default, an id) or `many` (an array of ids).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cardinality: Option<Cardinality>,
+    /// A top-level scalar, `enum` or single `ref` property only: no two live instances of the
+    /// class hold the same value (checked by the worker as of the command's place in the log).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unique: bool,
 }
 
 /// How many instances a `ref` property names.

@@ -36,9 +36,13 @@ pub struct Facts {
     pub classes: Vec<Value>,
     /// Whether the database still has live classes (for DELETE_DATABASE).
     pub database_has_classes: bool,
-    /// What still uses the class a DELETE_ONTOLOGY_CLASS names: a live child class or a
-    /// live instance, described for the `class_in_use` message.
+    /// What still uses the class or instance a delete names (a live child class, a live
+    /// instance of the class, a live instance referencing the instance), described for the
+    /// `class_in_use` / `instance_in_use` message.
     pub in_use: Option<String>,
+    /// A live instance of the class, other than the command's own, that already holds a value
+    /// the command's data gives a `unique` property: (property, that instance's id).
+    pub duplicate: Option<(String, String)>,
     /// A `ref:<ClassId>` property of a class command whose target class does not exist:
     /// (property, class).
     pub missing_ref: Option<(String, String)>,

@@ -73,11 +73,28 @@ fn validate_property(p: &PropertyDef, depth: usize) -> Result<(), Invalid> {
     if p.cardinality.is_some() && !matches!(kind, Kind::Ref(_)) {
         return Err(bad(format!("property {:?}: `cardinality` is for ref properties only", p.name)));
     }
+    validate_unique(p, kind, depth)?;
     validate_shape(p, kind, depth)?;
     validate_bounds(p, kind)?;
     validate_lengths(p, kind)?;
     validate_pattern(p, kind)?;
     validate_default(p)
+}
+
+/// `unique` compares one value per instance: a top-level scalar (not `json`), `enum` or single
+/// `ref`.
+fn validate_unique(p: &PropertyDef, kind: Kind<'_>, depth: usize) -> Result<(), Invalid> {
+    let one_value = match kind {
+        Kind::Scalar(t) => t != "json",
+        Kind::Enum => true,
+        Kind::Ref(_) => !p.is_many(),
+        Kind::Object | Kind::Array(_) => false,
+    };
+    match (p.unique, one_value, depth) {
+        (false, _, _) | (true, true, 1) => Ok(()),
+        (true, false, _) => Err(bad(format!("property {:?}: `unique` is for scalar (not json), enum and single ref properties", p.name))),
+        (true, true, _) => Err(bad(format!("property {:?}: `unique` is for top-level properties, not inside an object", p.name))),
+    }
 }
 
 /// `values` belongs to `enum`, `properties` to `object`, and each needs its own.
@@ -176,6 +193,8 @@ mod tests {
             {"name": "tags", "type": "array<string>", "max_length": 5, "pattern": "[a-z]+"},
             {"name": "price", "type": "number", "min": 0, "max": 1e6},
             {"name": "from", "type": "date", "min": "2000-01-01"},
+            {"name": "email", "type": "email", "unique": true},
+            {"name": "owner", "type": "ref:Person", "unique": true},
             {"name": "code", "type": "string", "min_length": 2, "max_length": 8, "pattern": "[A-Z]{2}[0-9]*"},
             {"name": "address", "type": "object", "properties": [
                 {"name": "city", "type": "string", "required": true},
@@ -206,6 +225,10 @@ mod tests {
             (json!({"name": "n", "type": "string", "pattern": "a{1000}{1000}"}), "not a valid regular expression"),
             (json!({"name": "n", "type": "integer", "default": "x"}), "`default` does not satisfy"),
             (json!({"name": "n", "type": "enum", "values": ["a"], "default": "b"}), "`default` does not satisfy"),
+            (json!({"name": "n", "type": "json", "unique": true}), "`unique` is for scalar"),
+            (json!({"name": "n", "type": "array<string>", "unique": true}), "`unique` is for scalar"),
+            (json!({"name": "n", "type": "ref:C", "cardinality": "many", "unique": true}), "`unique` is for scalar"),
+            (json!({"name": "o", "type": "object", "properties": [{"name": "n", "type": "string", "unique": true}]}), "top-level"),
         ];
         for (def, expected) in cases {
             let err = validate_properties(&props(json!([def.clone()]))).unwrap_err().to_string();

@@ -126,6 +126,28 @@ pub fn references(data: &Map<String, Value>, classes: &[Value]) -> Vec<Reference
     found
 }
 
+/// Whether the chain declares a property (inside objects too) that can name an instance of
+/// `class_id`: a class without one has no instance that references it.
+pub fn may_reference(classes: &[Value], class_id: &str) -> bool {
+    fn any(defs: &[PropertyDef], class_id: &str) -> bool {
+        defs.iter().any(|d| match Kind::parse(&d.ty) {
+            Some(Kind::Ref(target)) => target == class_id,
+            Some(Kind::Object) => any(d.properties.as_deref().unwrap_or_default(), class_id),
+            _ => false,
+        })
+    }
+    any(&definitions(classes), class_id)
+}
+
+/// The values `data` holds in the chain's `unique` properties, by property (nulls hold none).
+pub fn unique_values(data: &Map<String, Value>, classes: &[Value]) -> Vec<(String, Value)> {
+    definitions(classes)
+        .into_iter()
+        .filter(|d| d.unique)
+        .filter_map(|d| data.get(&d.name).filter(|v| !v.is_null()).map(|v| (d.name.clone(), v.clone())))
+        .collect()
+}
+
 fn collect_references(prefix: &str, data: &Map<String, Value>, defs: &[PropertyDef], found: &mut Vec<Reference>) {
     let by_name: HashMap<&str, &PropertyDef> = defs.iter().map(|d| (d.name.as_str(), d)).collect();
     for (key, value) in data {

@@ -141,9 +141,9 @@ pub struct CommandBody {
     /// failed command: `database_exists`, `database_not_found`, `database_not_empty`,
     /// `class_exists`, `class_not_found`, `class_in_use`, `parent_class_not_found`,
     /// `invalid_parent_class`, `class_is_abstract`, `schema_incompatible`, `instance_exists`,
-    /// `instance_not_found`, `invalid_instance`, `invalid_reference`, `not_in_enum`,
-    /// `out_of_range`, `invalid_length`, `pattern_mismatch`, or `processing_error` after the
-    /// last retry.
+    /// `instance_not_found`, `instance_in_use`, `invalid_instance`, `invalid_reference`,
+    /// `unique_violation`, `not_in_enum`, `out_of_range`, `invalid_length`,
+    /// `pattern_mismatch`, or `processing_error` after the last retry.
     pub error: Option<Value>,
 }
 

@@ -1,11 +1,12 @@
 //! CREATE_INSTANCE: an instance of a class, its data checked against the class and its
-//! ancestors. Reads the class chain and the instances the data references.
+//! ancestors. Reads the class chain, the instances the data references and, for a unique
+//! property, the class's other instances.
 
-use super::{class_chain, missing_reference, text, Context, Invalid, Request, StateReader};
+use super::{class_chain, duplicate, missing_reference, not_unique, text, Context, Invalid, Request, StateReader};
 use crate::domain::ids::{validate_name, AggregateKey, Name};
 use crate::domain::rules::{fail, instance_key, Decision, Facts};
 use crate::domain::schema::validate_data_keys;
-use crate::domain::values::{validate, with_defaults, Reference};
+use crate::domain::values::{unique_values, validate, with_defaults, Reference};
 use crate::domain::{Command, CommandType};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -79,13 +80,14 @@ fn instance_id(class_id: &str, body: &CreateInstanceBody, command_id: Uuid, inde
     Ok(id)
 }
 
-/// The class chain the data is checked against, and whether the instances the data (with
-/// its defaults) references exist.
+/// The class chain the data is checked against, whether the instances the data (with its
+/// defaults) references exist, and whether another instance holds one of its unique values.
 pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
     let (db, branch) = (text(payload, "db"), text(payload, "branch"));
     facts.classes = class_chain(log, &db, &branch, &text(payload, "class_id")).await?;
     let data = with_defaults(payload["data"].as_object().cloned().unwrap_or_default(), &facts.classes);
     facts.missing_reference = missing_reference(log, payload, &data, &facts.classes).await?;
+    facts.duplicate = duplicate(log, payload, unique_values(&data, &facts.classes)).await?;
     Ok(())
 }
 
@@ -105,6 +107,9 @@ pub fn decide(payload: &Value, facts: &Facts) -> Decision {
     }
     if let Some(missing) = &facts.missing_reference {
         return invalid_reference(missing);
+    }
+    if let Some(duplicate) = &facts.duplicate {
+        return not_unique(&data, duplicate);
     }
     let mut state = instance_key(payload);
     state.insert("data".into(), Value::Object(data));

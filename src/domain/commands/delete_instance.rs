@@ -1,11 +1,16 @@
-//! DELETE_INSTANCE: deletes an instance. Reads nothing but itself.
+//! DELETE_INSTANCE: deletes an instance that no other live instance references, as of the
+//! command's place in the log. Reads the branch's classes and, of each class that can name this
+//! one's instances, every instance.
 
 use super::update_instance::Target;
-use super::{Context, Invalid, Request};
-use crate::domain::ids::{validate_name, AggregateKey};
+use super::{text, Context, Invalid, Request, StateReader, MAX_CLASS_DEPTH};
+use crate::domain::ids::{validate_name, AggregateKey, AggregateType};
 use crate::domain::rules::{fail, Decision, Facts};
+use crate::domain::values::{may_reference, references};
 use crate::domain::{Command, CommandType};
+use futures::TryStreamExt;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 
 pub const EVENT_TYPE: &str = "INSTANCE_DELETED";
 
@@ -29,9 +34,66 @@ pub(super) fn command(t: Target<'_>, expected_seq: u64, command_type: CommandTyp
     }
 }
 
+/// The first live instance, other than this one, whose data names it through a `ref`
+/// property, as of the command's place: `facts.in_use` describes it.
+pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
+    if facts.current.is_none() {
+        return Ok(());
+    }
+    let (db, branch, class_id, instance_id) =
+        (text(payload, "db"), text(payload, "branch"), text(payload, "class_id"), text(payload, "instance_id"));
+    let chains = class_chains(log, &db, &branch).await?;
+    let own = AggregateKey::instance(&db, &branch, &class_id, &instance_id);
+    let mut keys = Vec::new();
+    for (other, _) in chains.iter().filter(|(_, chain)| may_reference(chain, &class_id)) {
+        let prefix = format!("{db}:{branch}:{other}:");
+        let ids = log.aggregates_with_prefix(AggregateType::Instance, &prefix).await?;
+        keys.extend(ids.into_iter().map(|id| AggregateKey::new(AggregateType::Instance, id)).filter(|k| *k != own));
+    }
+    let naming = |state: &Value| {
+        let chain = chains.get(state["class_id"].as_str()?)?;
+        let data = state["data"].as_object()?;
+        references(data, chain).into_iter().find(|r| r.class_id == class_id && r.instance_id == instance_id)
+    };
+    if let Some((_, state)) = super::first_matching(log, keys, |state| naming(state).is_some()).await? {
+        let property = naming(&state).map(|r| r.property).unwrap_or_default();
+        facts.in_use = Some(format!("{} instance {} names it in {property:?}", state["class_id"], state["instance_id"]));
+    }
+    Ok(())
+}
+
+/// Every live class of the branch with its chain (the class, then its ancestors), by id.
+async fn class_chains<R: StateReader>(log: &R, db: &str, branch: &str) -> Result<HashMap<String, Vec<Value>>, R::Error> {
+    let prefix = format!("{db}:{branch}:");
+    let ids = log.aggregates_with_prefix(AggregateType::OntologyClass, &prefix).await?;
+    let keys = ids.into_iter().map(|id| AggregateKey::new(AggregateType::OntologyClass, id)).collect();
+    let mut live = HashMap::new();
+    super::states(log, keys)
+        .try_for_each(|(key, state)| {
+            if let Some(state) = state {
+                live.insert(key.aggregate_id[prefix.len()..].to_string(), state);
+            }
+            futures::future::ready(Ok(()))
+        })
+        .await?;
+    let chain = |id: &String| {
+        let mut chain: Vec<Value> = Vec::new();
+        let mut next = Some(id.as_str());
+        while let Some(state) = next.and_then(|id| live.get(id)).filter(|_| chain.len() < MAX_CLASS_DEPTH) {
+            next = state["parent_class"].as_str();
+            chain.push(state.clone());
+        }
+        chain
+    };
+    Ok(live.keys().map(|id| (id.clone(), chain(id))).collect())
+}
+
 pub fn decide(facts: &Facts) -> Decision {
     if facts.current.is_none() {
         return fail("instance_not_found", "the instance does not exist");
+    }
+    if let Some(user) = &facts.in_use {
+        return fail("instance_in_use", format!("the instance is in use: {user}; change or delete that first"));
     }
     Decision::Event { event_type: EVENT_TYPE, state: Value::Null }
 }

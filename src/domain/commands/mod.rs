@@ -141,7 +141,8 @@ impl CommandType {
         let current = log.alive(self.aggregate_type(), current).await?;
         let mut facts = Facts { current, ..Default::default() };
         match self {
-            CommandType::CreateDatabase | CommandType::DeleteInstance | CommandType::BulkDeleteInstances => {}
+            CommandType::CreateDatabase => {}
+            CommandType::DeleteInstance | CommandType::BulkDeleteInstances => delete_instance::facts(payload, log, &mut facts).await?,
             CommandType::DeleteOntologyClass => delete_class::facts(payload, log, &mut facts).await?,
             CommandType::DeleteDatabase => delete_database::facts(payload, log, &mut facts).await?,
             CommandType::CreateOntologyClass => create_class::facts(payload, log, &mut facts).await?,
@@ -217,6 +218,25 @@ pub(crate) async fn first_with_liveness<R: StateReader>(
     Ok(None)
 }
 
+/// The first of `keys` that is live as of the reader's place and whose state `matches`, with
+/// that state.
+pub(crate) async fn first_matching<R: StateReader>(
+    log: &R,
+    keys: Vec<AggregateKey>,
+    matches: impl Fn(&Value) -> bool,
+) -> Result<Option<(AggregateKey, Value)>, R::Error> {
+    use futures::StreamExt;
+    let mut reads = std::pin::pin!(states(log, keys));
+    while let Some(read) = reads.next().await {
+        if let (key, Some(state)) = read? {
+            if matches(&state) {
+                return Ok(Some((key, state)));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Reads every one of `keys` as of the reader's place, for the waits alone: their earlier
 /// commands' outcomes are in the log once it returns.
 pub(crate) async fn read_all<R: StateReader>(log: &R, keys: Vec<AggregateKey>) -> Result<(), R::Error> {
@@ -239,6 +259,29 @@ async fn missing_reference<R: StateReader>(
     let keys = refs.iter().map(key).filter(|k| *k != own).collect();
     let missing = first_with_liveness(log, keys, false).await?;
     Ok(missing.and_then(|m| refs.into_iter().find(|r| key(r) == m)))
+}
+
+/// A live instance of the command's class, other than its own, holding one of `values` (its
+/// data's `unique` properties) as of the reader's place: (property, instance id). Reads every
+/// instance the class ever had, 16 at a time, so only data with a unique value pays for it.
+async fn duplicate<R: StateReader>(log: &R, payload: &Value, values: Vec<(String, Value)>) -> Result<Option<(String, String)>, R::Error> {
+    if values.is_empty() {
+        return Ok(None);
+    }
+    let (db, branch, class_id) = (text(payload, "db"), text(payload, "branch"), text(payload, "class_id"));
+    let own = AggregateKey::instance(&db, &branch, &class_id, &text(payload, "instance_id"));
+    let prefix = format!("{db}:{branch}:{class_id}:");
+    let ids = log.aggregates_with_prefix(AggregateType::Instance, &prefix).await?;
+    let keys = ids.into_iter().map(|id| AggregateKey::new(AggregateType::Instance, id)).filter(|k| *k != own).collect();
+    let held = |state: &Value| values.iter().find(|(p, v)| state["data"].get(p) == Some(v)).map(|(p, _)| p.clone());
+    let found = first_matching(log, keys, |state| held(state).is_some()).await?;
+    Ok(found.and_then(|(key, state)| Some((held(&state)?, key.aggregate_id[prefix.len()..].to_string()))))
+}
+
+/// The outcome of data whose unique property's value another live instance holds.
+fn not_unique(data: &serde_json::Map<String, Value>, (property, holder): &(String, String)) -> Decision {
+    let value = data.get(property).cloned().unwrap_or_default();
+    super::rules::fail("unique_violation", format!("property {property:?} is unique, and instance {holder:?} already holds {value}"))
 }
 
 /// One route's command(s), validated and ready to append: one command, or the members of a
@@ -305,7 +348,7 @@ fn parent_class(payload: &Value) -> Option<&str> {
 }
 
 /// Ancestor classes followed at most (a cycle in parent links stops here).
-const MAX_CLASS_DEPTH: usize = 8;
+pub(super) const MAX_CLASS_DEPTH: usize = 8;
 
 /// The class and its ancestors' states, nearest first; empty if the class does not exist.
 async fn class_chain<R: StateReader>(log: &R, db: &str, branch: &str, class_id: &str) -> Result<Vec<Value>, R::Error> {

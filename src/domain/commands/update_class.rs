@@ -6,7 +6,7 @@
 use super::create_class::{check_parent, check_refs};
 use super::{class_chain, text, Context, Invalid, Request, StateReader};
 use crate::domain::ids::{validate_name, AggregateKey, AggregateType, Name};
-use crate::domain::values::{validate, with_defaults};
+use crate::domain::values::{unique_values, validate, with_defaults};
 use crate::domain::rules::{fail, Decision, Facts};
 use crate::domain::schema::{validate_properties, PropertyDef};
 use crate::domain::text::Text;
@@ -14,6 +14,7 @@ use crate::domain::{Command, CommandType};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
+use std::collections::HashMap;
 
 pub const EVENT_TYPE: &str = "ONTOLOGY_CLASS_UPDATED";
 
@@ -108,18 +109,40 @@ async fn incompatible_instances<R: StateReader>(log: &R, prefix: &str, checked: 
         let ids = log.aggregates_with_prefix(AggregateType::Instance, &instances).await?;
         let keys = ids.into_iter().map(|id| AggregateKey::new(AggregateType::Instance, id)).collect();
         let mut reads = std::pin::pin!(super::states(log, keys));
+        // Each unique value seen so far, with the instance holding it.
+        let mut held: HashMap<(String, String), String> = HashMap::new();
         while let Some(read) = reads.next().await {
             let (key, Some(state)) = read? else { continue };
-            let id = &key.aggregate_id;
+            let id = &key.aggregate_id[instances.len()..];
             let data = with_defaults(state["data"].as_object().cloned().unwrap_or_default(), chain);
-            let why = if is_abstract { Some("its class would be abstract".to_string()) } else { validate(&data, chain).err().map(|e| e.to_string()) };
+            let why = if is_abstract {
+                Some("its class would be abstract".to_string())
+            } else {
+                validate(&data, chain).err().map(|e| e.to_string()).or_else(|| held_twice(&data, chain, id, &mut held))
+            };
             if let Some(why) = why {
                 count += 1;
-                first.get_or_insert_with(|| format!("{class_id} instance {:?}: {why}", &id[instances.len()..]));
+                first.get_or_insert_with(|| format!("{class_id} instance {id:?}: {why}"));
             }
         }
     }
     Ok(first.map(|f| (count, f)))
+}
+
+/// Why `data` breaks a `unique` property of the chain: an instance read before holds the same
+/// value. Records the values it holds otherwise.
+fn held_twice(data: &Map<String, Value>, chain: &[Value], id: &str, held: &mut HashMap<(String, String), String>) -> Option<String> {
+    for (property, value) in unique_values(data, chain) {
+        match held.entry((property.clone(), value.to_string())) {
+            std::collections::hash_map::Entry::Occupied(other) => {
+                return Some(format!("it holds {value} in unique property {property:?}, as does instance {:?}", other.get()))
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(id.to_string());
+            }
+        }
+    }
+    None
 }
 
 /// The class state with the patch's fields replaced.

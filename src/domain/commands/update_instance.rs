@@ -1,11 +1,11 @@
 //! UPDATE_INSTANCE: a JSON merge patch (RFC 7386) on an instance's data, the result checked
 //! against its class chain, which it reads, and the instances the patch references.
 
-use super::{class_chain, missing_reference, text, Context, Invalid, Request, StateReader};
+use super::{class_chain, duplicate, missing_reference, not_unique, text, Context, Invalid, Request, StateReader};
 use crate::domain::ids::{validate_name, AggregateKey};
 use crate::domain::rules::{fail, instance_key, merge_patch, Decision, Facts};
 use crate::domain::schema::validate_data_keys;
-use crate::domain::values::{validate, with_defaults};
+use crate::domain::values::{unique_values, validate, with_defaults};
 use crate::domain::{Command, CommandType};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -53,15 +53,31 @@ pub(super) fn command(t: Target<'_>, expected_seq: u64, data: Map<String, Value>
     }
 }
 
-/// The class chain the patched data is checked against, and whether the instances the patch
-/// references exist: only the `ref` values it sets are read, so an update that leaves a
-/// reference alone never fails on it.
+/// The class chain the patched data is checked against, whether the instances the patch
+/// references exist (only the `ref` values it sets are read, so an update that leaves a
+/// reference alone never fails on it), and whether another instance holds a unique value the
+/// update changes.
 pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
     let (db, branch) = (text(payload, "db"), text(payload, "branch"));
     facts.classes = class_chain(log, &db, &branch, &text(payload, "class_id")).await?;
     let patch = payload["data"].as_object().cloned().unwrap_or_default();
     facts.missing_reference = missing_reference(log, payload, &patch, &facts.classes).await?;
+    if let Some(current) = &facts.current {
+        let before = current["data"].as_object().cloned().unwrap_or_default();
+        let after = patched(current, payload, &facts.classes);
+        let changed = unique_values(&after, &facts.classes).into_iter().filter(|(p, v)| before.get(p) != Some(v)).collect();
+        facts.duplicate = duplicate(log, payload, changed).await?;
+    }
     Ok(())
+}
+
+/// The instance's data with the patch applied and the defaults of properties the class gained
+/// since (or the patch removed) filled in, as on create: a class may add a required property
+/// with a default (schema_incompatible).
+fn patched(current: &Value, payload: &Value, classes: &[Value]) -> Map<String, Value> {
+    let mut data = current["data"].as_object().cloned().unwrap_or_default();
+    merge_patch(&mut data, payload["data"].as_object().cloned().unwrap_or_default());
+    with_defaults(data, classes)
 }
 
 pub fn decide(payload: &Value, facts: &Facts) -> Decision {
@@ -71,16 +87,15 @@ pub fn decide(payload: &Value, facts: &Facts) -> Decision {
     if facts.classes.is_empty() {
         return fail("class_not_found", format!("class {} does not exist", payload["class_id"]));
     }
-    let mut data = current["data"].as_object().cloned().unwrap_or_default();
-    merge_patch(&mut data, payload["data"].as_object().cloned().unwrap_or_default());
-    // Defaults of properties the class gained since (or the patch removed) are filled in, as
-    // on create: a class may add a required property with a default (schema_incompatible).
-    let data = with_defaults(data, &facts.classes);
+    let data = patched(current, payload, &facts.classes);
     if let Err(invalid) = validate(&data, &facts.classes) {
         return fail(invalid.code(), invalid.to_string());
     }
     if let Some(missing) = &facts.missing_reference {
         return super::create_instance::invalid_reference(missing);
+    }
+    if let Some(duplicate) = &facts.duplicate {
+        return not_unique(&data, duplicate);
     }
     let mut state = instance_key(payload);
     state.insert("data".into(), Value::Object(data));
