@@ -192,6 +192,8 @@ fn change(key: &str, position: u64) -> Change {
     Change {
         event_id: uuid::Uuid::new_v4(),
         cascade: false,
+        gives_way: Vec::new(),
+        released: Vec::new(),
         row: ReadRow {
             kind: if database { ReadKind::Database } else { ReadKind::Instance },
             key: key.into(),

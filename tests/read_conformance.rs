@@ -21,6 +21,7 @@ backend_tests! {
     pages_follow_keys_and_filters,
     sorted_pages_resume_after_the_cursor_row,
     references_are_found_by_class_property_and_value,
+    references_that_give_way_are_released_in_any_order,
     a_swap_catches_the_target_up_and_exchanges_the_names,
 }
 
@@ -172,6 +173,47 @@ async fn sorted_pages_resume_after_the_cursor_row(backend: Backend) {
             }
         }
         assert_eq!(seen.join(" "), want, "sort={text}");
+    }
+}
+
+/// A referrer's outcome noting `gives_way`, and its target's deletion noting `released`: the
+/// row ends without the reference whichever is applied first, in one batch or two, and keeps
+/// what does not give way.
+async fn references_that_give_way_are_released_in_any_order(backend: Backend) {
+    let (db, _dir) = open(backend).await;
+    let store: &dyn ReadStore = db.read.as_ref();
+    let live = ReadSchema::live();
+    let referrer = |key: &str, target: &str| {
+        let mut c = change(key, 1, 10, 0, false);
+        c.row.state = Some(serde_json::json!({"data": {"owner": target, "watchers": ["y", target], "keep": target}}));
+        c.gives_way = vec![("owner".into(), "P".into()), ("watchers".into(), "P".into())];
+        c
+    };
+    let deletion = |key: &str| {
+        let mut c = change(key, 2, 20, 0, true);
+        c.released = vec![("O".into(), "owner".into()), ("O".into(), "watchers".into())];
+        c
+    };
+    let apply = |changes: Vec<Change>| {
+        let live = live.clone();
+        async move { store.apply(&live, &ReadBatch { changes, progress: Progress::Kafka(vec![]) }).await.unwrap() }
+    };
+    apply(vec![change("n", 1, 1, 0, false)]).await;
+    // Referrer first, deletion later; deletion first, referrer later; both in one batch.
+    apply(vec![referrer("n:main:O:a", "x1")]).await;
+    apply(vec![deletion("n:main:P:x1")]).await;
+    apply(vec![deletion("n:main:P:x2")]).await;
+    apply(vec![referrer("n:main:O:b", "x2")]).await;
+    apply(vec![deletion("n:main:P:x3"), referrer("n:main:O:c", "x3")]).await;
+    // A target that is not deleted stays named.
+    apply(vec![referrer("n:main:O:d", "x4")]).await;
+    for (key, target, released) in [("n:main:O:a", "x1", true), ("n:main:O:b", "x2", true), ("n:main:O:c", "x3", true), ("n:main:O:d", "x4", false)] {
+        let row = store.one(ReadKind::Instance, key).await.unwrap().rows.remove(0);
+        let want = match released {
+            true => serde_json::json!({"watchers": ["y"], "keep": target}),
+            false => serde_json::json!({"owner": target, "watchers": ["y", target], "keep": target}),
+        };
+        assert_eq!(row.state.unwrap()["data"], want, "{key}");
     }
 }
 

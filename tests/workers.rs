@@ -14,6 +14,7 @@ backend_tests! {
     classes_in_use_cycles_and_missing_ref_targets_are_refused,
     references_must_name_instances_that_exist,
     unique_values_are_held_by_one_live_instance,
+    references_that_give_way_are_nullified_on_delete,
     class_changes_that_would_break_live_instances_are_refused,
     a_cascade_deletes_the_database_with_its_classes_and_instances,
     bulk_updates_and_deletes_are_all_or_nothing,
@@ -213,6 +214,39 @@ async fn references_must_name_instances_that_exist(backend: Backend) {
     assert_eq!(bulk(json!([{"id": "o5", "expected_seq": 1}, {"id": "o6", "expected_seq": 1}])).await, codes([("o5", ""), ("o6", "")]));
     let after_referrer = bulk(json!([{"id": "o8", "expected_seq": 1}, {"id": "o7", "expected_seq": 1}])).await;
     assert_eq!(after_referrer, codes([("o7", ""), ("o8", "instance_in_use")]));
+}
+
+/// `on_delete: "nullify"`: deleting an instance that is named only through such references
+/// succeeds; the referrers' rows in the read models lose the reference (a single one is
+/// removed, the id is taken out of a `many` one), and so does their next outcome. A restricting
+/// reference still holds its target.
+async fn references_that_give_way_are_nullified_on_delete(backend: Backend) {
+    let app = &spawn_dev(backend).await;
+    completes(app, app.post("/databases", json!({"name": "n"})).await).await;
+    completes(app, app.post("/databases/n/classes", json!({"id": "Person"})).await).await;
+    let order = json!({"id": "Order", "properties": [
+        {"name": "owner", "type": "ref:Person", "on_delete": "nullify"},
+        {"name": "watchers", "type": "ref:Person", "cardinality": "many", "on_delete": "nullify"},
+        {"name": "buyer", "type": "ref:Person"}, {"name": "note", "type": "string"}]});
+    completes(app, app.post("/databases/n/classes", order).await).await;
+    for id in ["ann", "ben"] {
+        completes(app, app.post("/databases/n/classes/Person/instances", json!({"id": id, "data": {}})).await).await;
+    }
+    let o1 = json!({"id": "o1", "data": {"owner": "ann", "watchers": ["ann", "ben"], "note": "x"}});
+    completes(app, app.post("/databases/n/classes/Order/instances", o1).await).await;
+    completes(app, app.post("/databases/n/classes/Order/instances", json!({"id": "o2", "data": {"buyer": "ben"}})).await).await;
+    completes(app, app.delete("/databases/n/classes/Person/instances/ann?expected_seq=1").await).await;
+    fails_with(app, app.delete("/databases/n/classes/Person/instances/ben?expected_seq=1").await, "instance_in_use").await;
+
+    common::readmodel::caught_up(app, WAIT).await;
+    let (s, row) = app.get("/databases/n/classes/Order/instances/o1").await;
+    assert_eq!((s, &row["data"]), (200, &json!({"watchers": ["ben"], "note": "x"})), "{row}");
+    completes(app, app.put("/databases/n/classes/Order/instances/o1?expected_seq=1", json!({"data": {"note": "y"}})).await).await;
+    let (_, events) = app.get("/aggregates/Instance/n:main:Order:o1/events?kind=domain").await;
+    assert_eq!(events["events"][1]["data"]["state"]["data"], json!({"watchers": ["ben"], "note": "y"}), "{events}");
+    let (s, b) = app.post("/databases/n/classes", json!({"id": "Bad", "properties": [
+        {"name": "p", "type": "ref:Person", "required": true, "on_delete": "nullify"}]})).await;
+    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_property")), "{b}");
 }
 
 /// A `unique` property: no two live instances of the class hold the same value, as of each

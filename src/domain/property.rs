@@ -65,6 +65,20 @@ pub struct PropertyDef {
     /// class hold the same value (checked by the worker as of the command's place in the log).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unique: bool,
+    /// A top-level `ref:<ClassId>` property only: what deleting an instance it names does.
+    /// `restrict` (the default): the delete fails `instance_in_use`. `nullify`: the delete
+    /// goes ahead and the reference gives way (the property is removed, or the id is taken
+    /// out of a `many` array); not for a `required` property or one with `min_length`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_delete: Option<OnDelete>,
+}
+
+/// What deleting a referenced instance does to the reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDelete {
+    Restrict,
+    Nullify,
 }
 
 /// How many instances a `ref` property names.
@@ -79,6 +93,11 @@ impl PropertyDef {
     /// A `ref` property holding an array of ids.
     pub fn is_many(&self) -> bool {
         self.cardinality == Some(Cardinality::Many)
+    }
+
+    /// A reference that gives way when the instance it names is deleted.
+    pub fn gives_way(&self) -> bool {
+        self.on_delete == Some(OnDelete::Nullify)
     }
 }
 

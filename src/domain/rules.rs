@@ -43,6 +43,10 @@ pub struct Facts {
     /// A live instance of the class, other than the command's own, that already holds a value
     /// the command's data gives a `unique` property: (property, that instance's id).
     pub duplicate: Option<(String, String)>,
+    /// What the outcome records besides the state, for the read models: an instance's
+    /// references that give way (`gives_way`), a deletion's referrers that must let go of it
+    /// (`released`).
+    pub notes: Map<String, Value>,
     /// A `ref:<ClassId>` property of a class command whose target class does not exist:
     /// (property, class).
     pub missing_ref: Option<(String, String)>,

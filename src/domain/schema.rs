@@ -74,6 +74,7 @@ fn validate_property(p: &PropertyDef, depth: usize) -> Result<(), Invalid> {
         return Err(bad(format!("property {:?}: `cardinality` is for ref properties only", p.name)));
     }
     validate_unique(p, kind, depth)?;
+    validate_on_delete(p, kind, depth)?;
     validate_shape(p, kind, depth)?;
     validate_bounds(p, kind)?;
     validate_lengths(p, kind)?;
@@ -95,6 +96,19 @@ fn validate_unique(p: &PropertyDef, kind: Kind<'_>, depth: usize) -> Result<(), 
         (true, false, _) => Err(bad(format!("property {:?}: `unique` is for scalar (not json), enum and single ref properties", p.name))),
         (true, true, _) => Err(bad(format!("property {:?}: `unique` is for top-level properties, not inside an object", p.name))),
     }
+}
+
+/// `on_delete` belongs to a top-level `ref`; a reference that gives way must be one a valid
+/// instance can lack.
+fn validate_on_delete(p: &PropertyDef, kind: Kind<'_>, depth: usize) -> Result<(), Invalid> {
+    let Some(_) = p.on_delete else { return Ok(()) };
+    if !matches!(kind, Kind::Ref(_)) || depth > 1 {
+        return Err(bad(format!("property {:?}: `on_delete` is for top-level ref properties", p.name)));
+    }
+    if p.gives_way() && (p.required || p.min_length.unwrap_or(0) > 0) {
+        return Err(bad(format!("property {:?}: a reference that is nullified on delete cannot be required or have a min_length", p.name)));
+    }
+    Ok(())
 }
 
 /// `values` belongs to `enum`, `properties` to `object`, and each needs its own.
@@ -225,6 +239,8 @@ mod tests {
             (json!({"name": "n", "type": "string", "pattern": "a{1000}{1000}"}), "not a valid regular expression"),
             (json!({"name": "n", "type": "integer", "default": "x"}), "`default` does not satisfy"),
             (json!({"name": "n", "type": "enum", "values": ["a"], "default": "b"}), "`default` does not satisfy"),
+            (json!({"name": "n", "type": "string", "on_delete": "nullify"}), "top-level ref"),
+            (json!({"name": "n", "type": "ref:C", "on_delete": "nullify", "required": true}), "cannot be required"),
             (json!({"name": "n", "type": "json", "unique": true}), "`unique` is for scalar"),
             (json!({"name": "n", "type": "array<string>", "unique": true}), "`unique` is for scalar"),
             (json!({"name": "n", "type": "ref:C", "cardinality": "many", "unique": true}), "`unique` is for scalar"),

@@ -139,6 +139,45 @@ pub fn may_reference(classes: &[Value], class_id: &str) -> bool {
     any(&definitions(classes), class_id)
 }
 
+/// The chain's references that give way when the instance they name is deleted
+/// (`on_delete: nullify`, top-level only): (property, target class).
+pub fn giving_way(classes: &[Value]) -> Vec<(String, String)> {
+    definitions(classes)
+        .into_iter()
+        .filter(|d| d.gives_way())
+        .filter_map(|d| match Kind::parse(&d.ty) {
+            Some(Kind::Ref(target)) => Some((d.name.clone(), target.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Takes the reference to instance `id` out of `data`'s `property`: removes a single one, or
+/// the id from a `many` array (the rest in order). Whether anything changed.
+pub fn release(data: &mut Map<String, Value>, property: &str, id: &str) -> bool {
+    match data.get_mut(property) {
+        Some(Value::String(held)) if held == id => {
+            data.remove(property);
+            true
+        }
+        Some(Value::Array(ids)) => {
+            let before = ids.len();
+            ids.retain(|v| v.as_str() != Some(id));
+            ids.len() != before
+        }
+        _ => false,
+    }
+}
+
+/// The ids `data` holds in `property` (one, or each of a `many` array).
+pub fn ids_in<'a>(data: &'a Map<String, Value>, property: &str) -> Vec<&'a str> {
+    match data.get(property) {
+        Some(Value::String(id)) => vec![id.as_str()],
+        Some(Value::Array(ids)) => ids.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The values `data` holds in the chain's `unique` properties, by property (nulls hold none).
 pub fn unique_values(data: &Map<String, Value>, classes: &[Value]) -> Vec<(String, Value)> {
     definitions(classes)
@@ -405,6 +444,14 @@ mod tests {
             let err = validate(bad.as_object().unwrap(), &classes).unwrap_err();
             assert_eq!(err.code(), code, "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_released_reference_leaves_the_rest() {
+        let mut data = json!({"one": "x", "many": ["a", "x", "b"], "other": "y"}).as_object().unwrap().clone();
+        assert!(release(&mut data, "one", "x") && release(&mut data, "many", "x"));
+        assert!(!release(&mut data, "other", "x") && !release(&mut data, "gone", "x"));
+        assert_eq!(Value::Object(data), json!({"many": ["a", "b"], "other": "y"}));
     }
 
     #[test]

@@ -171,5 +171,13 @@ pub fn change_of(e: &EventEnvelope, position: u64) -> Option<Change> {
         created_at: e.occurred_at,
         updated_at: e.occurred_at,
     };
-    Some(Change { event_id: e.event_id, cascade: e.event_type == "DATABASE_DELETED", row })
+    let gives_way = pairs(&e.data, "gives_way", "property", "class_id");
+    let released = pairs(&e.data, "released", "class_id", "property");
+    Some(Change { event_id: e.event_id, cascade: e.event_type == "DATABASE_DELETED", gives_way, released, row })
+}
+
+/// An outcome note (`[{a, b}]` under `key`) as pairs; what is not of that shape is left out.
+fn pairs(data: &serde_json::Map<String, serde_json::Value>, key: &str, a: &str, b: &str) -> Vec<(String, String)> {
+    let items = data.get(key).and_then(|v| v.as_array()).into_iter().flatten();
+    items.filter_map(|i| Some((i[a].as_str()?.to_string(), i[b].as_str()?.to_string()))).collect()
 }

@@ -20,7 +20,7 @@ use crate::config::{Config, WorkerCrash};
 use crate::db::registry::{Claim, Registry, Work};
 use crate::db::storable;
 use crate::domain::commands::{outcome_envelope, OutcomeRouting};
-use crate::domain::rules::Decision;
+use crate::domain::rules::{Decision, Facts};
 use crate::domain::{AggregateKey, AggregateType, CommandType};
 use crate::envelope::{EventEnvelope, Kind};
 use crate::log::plan::{AppendCommand, AppendOutcome};
@@ -353,7 +353,7 @@ impl CommandHandler {
         }
         // A failed command keeps the state as the decision saw it: `null` for a class or
         // instance of a database deleted with cascade, never its last live state again.
-        let outcome = self.outcome_envelope(p, decision, facts.current);
+        let outcome = self.outcome_envelope(p, decision, facts);
         let append = AppendCommand::outcome(outcome).map_err(|e| Failure::Retryable(e.to_string()))?;
         match self.writer.append(append).await {
             Ok(AppendOutcome::Accepted { .. }) => {}
@@ -402,10 +402,10 @@ impl CommandHandler {
         })
     }
 
-    fn outcome_envelope(&self, p: &Parsed, decision: Decision, current: Option<Value>) -> EventEnvelope {
+    fn outcome_envelope(&self, p: &Parsed, decision: Decision, facts: Facts) -> EventEnvelope {
         let topic = self.role.events_topic(&self.config);
         let routing = OutcomeRouting { kafka_topic: &topic, service: self.role.handler(), worker: &self.owner };
-        outcome_envelope(&p.envelope, p.command_type, p.seq, decision, current, &routing)
+        outcome_envelope(&p.envelope, p.command_type, p.seq, decision, facts, &routing)
     }
 
     /// Exponential backoff with jitter, or until shutdown.

@@ -106,6 +106,8 @@ pub fn change(key: &str, version: u64, position: u64, n: i64, deleted: bool) -> 
     Change {
         event_id: Uuid::new_v4(),
         cascade: kind == ReadKind::Database && deleted,
+        gives_way: Vec::new(),
+        released: Vec::new(),
         row: ReadRow {
             kind,
             key: key.into(),

@@ -5,10 +5,11 @@
 use super::{table, Pg};
 use crate::db::read::batch::{cascade_position, is_database, one_by_one, refuse, rounds, unapplied, Tried};
 use crate::db::read::failures::exchange;
-use crate::db::read::spliced;
+use crate::db::read::{release, spliced};
 use crate::db::read::{Applied, CatchUp, Change, Page, Progress, ProjectionFailure, ReadBatch, ReadKind, ReadSchema, ReadStore, Reference, Refused, Snapshot, HANDLER};
 use crate::db::{storable, DbError};
 use async_trait::async_trait;
+use serde_json::json;
 use std::collections::HashSet;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
@@ -23,6 +24,11 @@ const UPSERT: &str = "INSERT INTO {rm} AS r (kind, key, parent, db, state, versi
          deleted = EXCLUDED.deleted, updated_at = EXCLUDED.updated_at \
      WHERE r.version < EXCLUDED.version";
 const CASCADE: &str = "DELETE FROM {rm} WHERE db = $1 AND kind <> 'database' AND position < $2";
+const REFERRERS: &str = "SELECT key, state FROM {rm} WHERE kind = 'instance' AND parent = $1 AND NOT deleted \
+     AND ((state -> 'data') @> $2::jsonb OR (state -> 'data') @> $3::jsonb)";
+const DELETED: &str = "SELECT key FROM {rm} WHERE kind = 'instance' AND key = ANY($1) AND deleted";
+const SET_STATE: &str = "UPDATE {rm} SET state = $2 WHERE kind = 'instance' AND key = $1 AND version = $3";
+const RELEASE_ROW: &str = "UPDATE {rm} SET state = $2 WHERE kind = 'instance' AND key = $1";
 const CLAIM: &str = "INSERT INTO processed_events (handler, event_id, aggregate_id, sequence_number, status, owner, processed_at) \
      SELECT $1, u.e, u.a, u.s, 'done', $1, now() FROM UNNEST($2::uuid[], $3::text[], $4::int8[]) AS u(e, a, s) \
      ON CONFLICT (handler, event_id) DO NOTHING RETURNING event_id";
@@ -229,6 +235,30 @@ async fn apply_change(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema,
     if c.cascade {
         tx.execute(&sql(CASCADE, schema), &[&c.row.key, &(c.row.position as i64)]).await?;
     }
+    apply_releases(tx, schema, &[c]).await
+}
+
+/// The rule of `db::read::release`, from both ends, for changes already applied.
+async fn apply_releases(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, changes: &[&Change]) -> Result<(), DbError> {
+    for c in changes {
+        for (parent, property, id) in release::released_by(c) {
+            let (one, many) = (json!({ property.clone(): id }), json!({ property.clone(): [id] }));
+            for row in tx.query(&sql(REFERRERS, schema), &[&parent, &one, &many]).await? {
+                let (key, state): (String, serde_json::Value) = (row.get(0), row.get(1));
+                if let Some(state) = release::without(&state, &[(&property, &id)]) {
+                    tx.execute(&sql(RELEASE_ROW, schema), &[&key, &state]).await?;
+                }
+            }
+        }
+        let refs = release::giving_way(c);
+        let (Some(state), false) = (&c.row.state, refs.is_empty()) else { continue };
+        let targets: Vec<&str> = refs.iter().map(|(_, _, target)| target.as_str()).collect();
+        let gone: HashSet<String> = tx.query(&sql(DELETED, schema), &[&targets]).await?.iter().map(|r| r.get(0)).collect();
+        let released: Vec<(&str, &str)> = refs.iter().filter(|r| gone.contains(&r.2)).map(|(p, id, _)| (p.as_str(), id.as_str())).collect();
+        if let Some(state) = release::without(state, &released) {
+            tx.execute(&sql(SET_STATE, schema), &[&c.row.key, &state, &(c.row.version as i64)]).await?;
+        }
+    }
     Ok(())
 }
 
@@ -253,6 +283,7 @@ async fn apply_batch(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, 
     for round in rounds(claimed.iter().copied().filter(|c| !is_database(c))) {
         upsert(tx, schema, &round).await?;
     }
+    apply_releases(tx, schema, &claimed).await?;
     progress(tx, schema, &batch.progress).await
 }
 

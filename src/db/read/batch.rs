@@ -15,6 +15,12 @@ pub struct Change {
     pub row: ReadRow,
     /// A database deletion: its classes and instances go with it.
     pub cascade: bool,
+    /// An instance's references that give way when their target is deleted, as its outcome
+    /// notes them: (property, target class) (`release`).
+    pub gives_way: Vec<(String, String)>,
+    /// An instance deletion's referrers that let go of it, as its outcome notes them: (class,
+    /// property) (`release`).
+    pub released: Vec<(String, String)>,
 }
 
 /// How far a batch takes the projection.
@@ -136,6 +142,8 @@ mod tests {
         Change {
             event_id: Uuid::new_v4(),
             cascade: false,
+            gives_way: Vec::new(),
+            released: Vec::new(),
             row: ReadRow {
                 kind: ReadKind::Instance,
                 key: key.into(),

@@ -15,6 +15,7 @@ pub(crate) mod batch;
 pub(crate) mod failures;
 pub mod filter;
 pub(crate) mod query;
+pub(crate) mod release;
 pub mod sort;
 
 pub use batch::{Applied, Change, Progress, ReadBatch, Refused};

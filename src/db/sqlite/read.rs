@@ -5,7 +5,7 @@
 use super::{position, table, time_text, Lite};
 use crate::db::read::batch::{cascade_position, is_database, one_by_one, refuse, unapplied, Tried};
 use crate::db::read::failures::exchange;
-use crate::db::read::spliced;
+use crate::db::read::{release, spliced};
 use crate::db::read::{Applied, CatchUp, Change, Page, Progress, ProjectionFailure, ReadBatch, ReadKind, ReadSchema, ReadStore, Reference, Refused, Snapshot, HANDLER};
 use crate::db::DbError;
 use async_trait::async_trait;
@@ -20,6 +20,12 @@ const UPSERT: &str = "INSERT INTO {rm} AS r (kind, key, parent, db, state, versi
          deleted = excluded.deleted, updated_at = excluded.updated_at \
      WHERE r.version < excluded.version";
 const CASCADE: &str = "DELETE FROM {rm} WHERE db = ?1 AND kind <> 'database' AND position < ?2";
+const REFERRERS: &str = "SELECT key, state FROM {rm} WHERE kind = 'instance' AND parent = ?1 AND deleted = 0 \
+     AND ((json_type(state, ?2) = 'text' AND json_extract(state, ?2) = ?3) \
+          OR (json_type(state, ?2) = 'array' AND EXISTS (SELECT 1 FROM json_each(state, ?2) e WHERE e.value = ?3)))";
+const DELETED: &str = "SELECT 1 FROM {rm} WHERE kind = 'instance' AND key = ?1 AND deleted = 1";
+const SET_STATE: &str = "UPDATE {rm} SET state = ?2 WHERE kind = 'instance' AND key = ?1 AND version = ?3";
+const RELEASE_ROW: &str = "UPDATE {rm} SET state = ?2 WHERE kind = 'instance' AND key = ?1";
 const CLAIM: &str = "INSERT INTO processed_events (handler, event_id, aggregate_id, sequence_number, status, owner, processed_at) \
      VALUES (?1, ?2, ?3, ?4, 'done', ?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) ON CONFLICT (handler, event_id) DO NOTHING";
 const PARTITION: &str = "INSERT INTO {parts} (topic, partition, position) VALUES (?1, ?2, ?3) \
@@ -229,6 +235,37 @@ fn apply_change(tx: &Connection, schema: &ReadSchema, c: &Change) -> Result<(), 
     if c.cascade {
         tx.execute(&sql(CASCADE, schema), rusqlite::params![c.row.key, c.row.position as i64])?;
     }
+    apply_releases(tx, schema, &[c])
+}
+
+/// The rule of `db::read::release`, from both ends, for changes already applied.
+fn apply_releases(tx: &Connection, schema: &ReadSchema, changes: &[&Change]) -> Result<(), DbError> {
+    for c in changes {
+        for (parent, property, id) in release::released_by(c) {
+            let path = format!("$.data.\"{property}\"");
+            let rows: Vec<(String, String)> = tx
+                .prepare(&sql(REFERRERS, schema))?
+                .query_map(rusqlite::params![parent, path, id], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            for (key, state) in rows {
+                let state: serde_json::Value = serde_json::from_str(&state).map_err(|e| DbError::Setup(format!("row {key}: {e}")))?;
+                if let Some(state) = release::without(&state, &[(&property, &id)]) {
+                    tx.execute(&sql(RELEASE_ROW, schema), rusqlite::params![key, state.to_string()])?;
+                }
+            }
+        }
+        let refs = release::giving_way(c);
+        let Some(state) = c.row.state.as_ref().filter(|_| !refs.is_empty()) else { continue };
+        let mut released = Vec::new();
+        for (property, id, target) in &refs {
+            if tx.prepare_cached(&sql(DELETED, schema))?.exists([target])? {
+                released.push((property.as_str(), id.as_str()));
+            }
+        }
+        if let Some(state) = release::without(state, &released) {
+            tx.execute(&sql(SET_STATE, schema), rusqlite::params![c.row.key, state.to_string(), c.row.version as i64])?;
+        }
+    }
     Ok(())
 }
 
@@ -254,6 +291,7 @@ fn apply_batch(tx: &Connection, schema: &ReadSchema, batch: &ReadBatch) -> Resul
     for c in claimed.iter().copied().filter(|c| !is_database(c)) {
         upsert(tx, &statement, c)?;
     }
+    apply_releases(tx, schema, &claimed)?;
     progress(tx, schema, &batch.progress)
 }
 

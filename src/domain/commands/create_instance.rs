@@ -2,7 +2,7 @@
 //! ancestors. Reads the class chain, the instances the data references and, for a unique
 //! property, the class's other instances.
 
-use super::{class_chain, duplicate, missing_reference, not_unique, text, Context, Invalid, Request, StateReader};
+use super::{duplicate, missing_reference, not_unique, Context, Invalid, Request, StateReader};
 use crate::domain::ids::{validate_name, AggregateKey, Name};
 use crate::domain::rules::{fail, instance_key, Decision, Facts};
 use crate::domain::schema::validate_data_keys;
@@ -80,11 +80,10 @@ fn instance_id(class_id: &str, body: &CreateInstanceBody, command_id: Uuid, inde
     Ok(id)
 }
 
-/// The class chain the data is checked against, whether the instances the data (with its
-/// defaults) references exist, and whether another instance holds one of its unique values.
+/// Besides the class chain (read for every instance command): whether the instances the data
+/// (with its defaults) references exist, and whether another instance holds one of its unique
+/// values.
 pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
-    let (db, branch) = (text(payload, "db"), text(payload, "branch"));
-    facts.classes = class_chain(log, &db, &branch, &text(payload, "class_id")).await?;
     let data = with_defaults(payload["data"].as_object().cloned().unwrap_or_default(), &facts.classes);
     facts.missing_reference = missing_reference(log, payload, &data, &facts.classes).await?;
     facts.duplicate = duplicate(log, payload, unique_values(&data, &facts.classes)).await?;

@@ -1,12 +1,12 @@
-//! DELETE_INSTANCE: deletes an instance that no other live instance references, as of the
-//! command's place in the log. Reads the branch's classes and, of each class that can name this
+//! DELETE_INSTANCE: deletes an instance that no other live instance references (but through a
+//! reference that gives way, `on_delete: nullify`), as of the command's place in the log. Reads the branch's classes and, of each class that can name this
 //! one's instances, every instance.
 
 use super::update_instance::Target;
 use super::{text, Context, Invalid, Request, StateReader, MAX_CLASS_DEPTH};
 use crate::domain::ids::{validate_name, AggregateKey, AggregateType};
 use crate::domain::rules::{fail, Decision, Facts};
-use crate::domain::values::{may_reference, references};
+use crate::domain::values::{giving_way, may_reference, references};
 use crate::domain::{Command, CommandType};
 use futures::TryStreamExt;
 use serde_json::{json, Value};
@@ -50,10 +50,24 @@ pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) 
         let ids = log.aggregates_with_prefix(AggregateType::Instance, &prefix).await?;
         keys.extend(ids.into_iter().map(|id| AggregateKey::new(AggregateType::Instance, id)).filter(|k| *k != own));
     }
+    // References that give way do not hold the instance: the classes that have them are
+    // noted in the outcome, for the read models to release their rows.
+    let released: Vec<Value> = chains
+        .iter()
+        .flat_map(|(other, chain)| giving_way(chain).into_iter().map(move |(p, target)| (other, p, target)))
+        .filter(|(_, _, target)| *target == class_id)
+        .map(|(other, property, _)| json!({"class_id": other, "property": property}))
+        .collect();
+    if !released.is_empty() {
+        facts.notes.insert("released".into(), Value::Array(released));
+    }
     let naming = |state: &Value| {
         let chain = chains.get(state["class_id"].as_str()?)?;
         let data = state["data"].as_object()?;
-        references(data, chain).into_iter().find(|r| r.class_id == class_id && r.instance_id == instance_id)
+        let gives_way = giving_way(chain);
+        references(data, chain).into_iter().find(|r| {
+            r.class_id == class_id && r.instance_id == instance_id && !gives_way.iter().any(|(p, t)| *p == r.property && *t == r.class_id)
+        })
     };
     if let Some((_, state)) = super::first_matching(log, keys, |state| naming(state).is_some()).await? {
         let property = naming(&state).map(|r| r.property).unwrap_or_default();

@@ -3,7 +3,7 @@
 
 use super::CommandType;
 use crate::domain::ids::AggregateKey;
-use crate::domain::rules::Decision;
+use crate::domain::rules::{Decision, Facts};
 use crate::envelope::{domain_event_id, EventEnvelope, SCHEMA_VERSION};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Map, Value};
@@ -86,11 +86,11 @@ pub fn outcome_envelope(
     command_type: CommandType,
     seq: u64,
     decision: Decision,
-    current: Option<Value>,
+    facts: Facts,
     routing: &OutcomeRouting<'_>,
 ) -> EventEnvelope {
     let command_id = command.command_id().expect("a command envelope names its command");
-    let mut data = Map::new();
+    let (current, mut data) = (facts.current, facts.notes);
     data.insert("command_id".into(), json!(command_id));
     data.insert("command_type".into(), json!(command_type.as_str()));
     data.insert("command_event_id".into(), json!(command.event_id));

@@ -140,6 +140,9 @@ impl CommandType {
         let log = &cascade::LiveDatabases::new(log);
         let current = log.alive(self.aggregate_type(), current).await?;
         let mut facts = Facts { current, ..Default::default() };
+        if self.aggregate_type() == AggregateType::Instance {
+            instance_chain(payload, log, &mut facts).await?;
+        }
         match self {
             CommandType::CreateDatabase => {}
             CommandType::DeleteInstance | CommandType::BulkDeleteInstances => delete_instance::facts(payload, log, &mut facts).await?,
@@ -183,6 +186,35 @@ pub trait StateReader: Sync {
     async fn state(&self, key: &AggregateKey) -> Result<Option<Value>, Self::Error>;
     /// The ids of the aggregates of one type whose id starts with `prefix`.
     async fn aggregates_with_prefix(&self, aggregate_type: AggregateType, prefix: &str) -> Result<Vec<String>, Self::Error>;
+}
+
+/// What every instance command reads first: its class chain, and its own state under the
+/// rule that makes an `on_delete: nullify` delete take effect without a command on the
+/// referrers: a reference that gives way, to an instance gone as of the command's place, is
+/// not there. The outcome notes which references give way, so the read models can apply the
+/// same rule whatever order outcomes reach them in.
+async fn instance_chain<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
+    use futures::StreamExt;
+    let (db, branch) = (text(payload, "db"), text(payload, "branch"));
+    facts.classes = class_chain(log, &db, &branch, &text(payload, "class_id")).await?;
+    let giving_way = super::values::giving_way(&facts.classes);
+    if giving_way.is_empty() {
+        return Ok(());
+    }
+    let notes = giving_way.iter().map(|(property, class_id)| serde_json::json!({"property": property, "class_id": class_id}));
+    facts.notes.insert("gives_way".into(), Value::Array(notes.collect()));
+    let Some(data) = facts.current.as_mut().and_then(|s| s["data"].as_object_mut()) else { return Ok(()) };
+    for (property, target) in giving_way {
+        let ids: Vec<String> = super::values::ids_in(data, &property).into_iter().map(str::to_string).collect();
+        let keys = ids.iter().map(|id| AggregateKey::instance(&db, &branch, &target, id)).collect();
+        let reads: Vec<_> = states(log, keys).collect().await;
+        for (id, read) in ids.iter().zip(reads) {
+            if read?.1.is_none() {
+                super::values::release(data, &property, id);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How many aggregate states an integrity check reads at once.

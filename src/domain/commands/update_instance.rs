@@ -1,7 +1,7 @@
 //! UPDATE_INSTANCE: a JSON merge patch (RFC 7386) on an instance's data, the result checked
 //! against its class chain, which it reads, and the instances the patch references.
 
-use super::{class_chain, duplicate, missing_reference, not_unique, text, Context, Invalid, Request, StateReader};
+use super::{duplicate, missing_reference, not_unique, Context, Invalid, Request, StateReader};
 use crate::domain::ids::{validate_name, AggregateKey};
 use crate::domain::rules::{fail, instance_key, merge_patch, Decision, Facts};
 use crate::domain::schema::validate_data_keys;
@@ -53,13 +53,11 @@ pub(super) fn command(t: Target<'_>, expected_seq: u64, data: Map<String, Value>
     }
 }
 
-/// The class chain the patched data is checked against, whether the instances the patch
+/// Besides the class chain (read for every instance command): whether the instances the patch
 /// references exist (only the `ref` values it sets are read, so an update that leaves a
 /// reference alone never fails on it), and whether another instance holds a unique value the
 /// update changes.
 pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) -> Result<(), R::Error> {
-    let (db, branch) = (text(payload, "db"), text(payload, "branch"));
-    facts.classes = class_chain(log, &db, &branch, &text(payload, "class_id")).await?;
     let patch = payload["data"].as_object().cloned().unwrap_or_default();
     facts.missing_reference = missing_reference(log, payload, &patch, &facts.classes).await?;
     if let Some(current) = &facts.current {
