@@ -17,6 +17,7 @@ backend_tests! {
     sorted_pages_are_stable_under_concurrent_inserts,
     sorts_order_by_type_with_missing_values_last,
     links_follow_references_both_ways_and_stop_at_cycles,
+    search_finds_words_prefixes_and_phrases,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -215,6 +216,49 @@ async fn filters_select_exactly_what_they_say(backend: Backend) {
     assert_eq!((s, e["error"].as_str()), (400, Some("invalid_filter")), "{e}");
     let (s, _) = app.get("/databases/f/classes/Nope/instances?where=n%3D1").await;
     assert_eq!(s, 404);
+}
+
+/// `q=`: every word must occur in some string value (any case), `prefix*` and `"a phrase"`;
+/// it combines with `where=` and `count=true`, and follows updates and deletes; a bad query is
+/// a 400 `invalid_search`.
+async fn search_finds_words_prefixes_and_phrases(backend: Backend) {
+    let app = &spawn_dev(backend).await;
+    done(app, app.post("/databases", json!({"name": "s"})).await).await;
+    let class = json!({"id": "P", "properties": [{"name": "name", "type": "string"}, {"name": "desc", "type": "string"}, {"name": "n", "type": "integer"}]});
+    done(app, app.post("/databases/s/classes", class).await).await;
+    let products = json!({"instances": [
+        {"id": "p1", "data": {"name": "Red Running Shoe", "desc": "light", "n": 1}},
+        {"id": "p2", "data": {"name": "Blue shoe", "desc": "running fast", "n": 2}},
+        {"id": "p3", "data": {"name": "Red hat", "n": 3}},
+        {"id": "p4", "data": {"name": "Producer"}},
+        {"id": "p5", "data": {"n": 5}}]});
+    done(app, app.post("/databases/s/classes/P/instances/bulk", products).await).await;
+    caught_up(app).await;
+    let found = |query: &'static str| async move {
+        let (s, b) = app.get(&format!("/databases/s/classes/P/instances?q={}&count=true", urlencode(query))).await;
+        assert_eq!(s, 200, "{query}: {b}");
+        let ids: Vec<String> = b["items"].as_array().unwrap().iter().map(|i| i["instance_id"].as_str().unwrap().to_string()).collect();
+        assert_eq!(b["total"], json!(ids.len()), "{query}: {b}");
+        ids
+    };
+    assert_eq!(found("red").await, ["p1", "p3"]);
+    assert_eq!(found("RED shoe").await, ["p1"]);
+    assert_eq!(found("running").await, ["p1", "p2"]);
+    assert_eq!(found("\"running shoe\"").await, ["p1"]);
+    assert_eq!(found("prod*").await, ["p4"]);
+    assert_eq!(found("sho*").await, ["p1", "p2"]);
+    assert!(found("green").await.is_empty());
+    let (_, b) = app.get(&format!("/databases/s/classes/P/instances?q=red&where={}", urlencode("n>1"))).await;
+    assert_eq!(b["items"].as_array().unwrap().len(), 1, "q= and where= together: {b}");
+    done(app, app.delete("/databases/s/classes/P/instances/p3?expected_seq=1").await).await;
+    done(app, app.put("/databases/s/classes/P/instances/p1?expected_seq=1", json!({"data": {"name": "Green Running Shoe"}})).await).await;
+    caught_up(app).await;
+    assert!(found("red").await.is_empty(), "the search follows updates and deletes");
+    assert_eq!(found("green").await, ["p1"]);
+    for (path, code) in [("/databases/s/classes/P/instances?q=%22open", "invalid_search"), ("/databases/s/classes/P/instances?q=*", "invalid_search"), ("/databases?q=red", "invalid_search")] {
+        let (s, b) = app.get(path).await;
+        assert_eq!((s, b["error"].as_str()), (400, Some(code)), "{path}: {b}");
+    }
 }
 
 fn urlencode(s: &str) -> String {

@@ -62,6 +62,12 @@ pub struct DatabaseConfig {
     pub pool_size: usize,
     /// Apply pending migrations when a role starts.
     pub migrate_on_start: bool,
+    /// The PostgreSQL text search configuration `q=` searches in (`simple`: words as they
+    /// are, lowercased; `english` stems and drops stop words, ...).
+    pub text_search: String,
+    /// Per spiced database, another configuration than `text_search`: `{shop = "english"}`.
+    #[serde(default)]
+    pub text_search_by_db: std::collections::BTreeMap<String, String>,
 }
 
 
@@ -105,7 +111,28 @@ impl DatabaseConfig {
         if !["postgres://", "postgresql://", "sqlite://"].iter().any(|s| db.starts_with(s)) {
             return Err(invalid("database.url", "must start with postgres://, postgresql:// or sqlite://"));
         }
-        at_least_one("database.pool_size", self.pool_size as u64)
+        at_least_one("database.pool_size", self.pool_size as u64)?;
+        let named = std::iter::once(("database.text_search".to_string(), &self.text_search))
+            .chain(self.text_search_by_db.iter().map(|(db, c)| (format!("database.text_search_by_db.{db}"), c)));
+        for (key, name) in named {
+            if !crate::db::read::search::valid_config_name(name) {
+                return Err(invalid(&key, format!("{name:?} is not a text search configuration name (lowercase letters, digits, _)")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The text search configuration of spiced database `db`.
+    pub fn text_search_for(&self, db: &str) -> &str {
+        self.text_search_by_db.get(db).unwrap_or(&self.text_search)
+    }
+
+    /// Every text search configuration in use: each gets its index (PostgreSQL).
+    pub fn text_search_configs(&self) -> Vec<String> {
+        let mut all: Vec<String> = std::iter::once(&self.text_search).chain(self.text_search_by_db.values()).cloned().collect();
+        all.sort();
+        all.dedup();
+        all
     }
 }
 

@@ -133,7 +133,7 @@ impl Database {
         let url = config.url.expose();
         match url.strip_prefix("sqlite://") {
             Some(path) => sqlite::open(path),
-            None => postgres::open(url, config.pool_size),
+            None => postgres::open(url, config.pool_size, config.text_search_configs()),
         }
     }
 

@@ -102,6 +102,12 @@ impl From<crate::db::read::filter::InvalidFilter> for ApiError {
     }
 }
 
+impl From<crate::db::read::search::InvalidSearch> for ApiError {
+    fn from(e: crate::db::read::search::InvalidSearch) -> Self {
+        ApiError::bad_request("invalid_search", e.to_string())
+    }
+}
+
 impl From<crate::db::read::sort::InvalidSort> for ApiError {
     fn from(e: crate::db::read::sort::InvalidSort) -> Self {
         ApiError::bad_request("invalid_sort", e.to_string())

@@ -12,6 +12,7 @@ use super::extract::{path, query};
 use super::schema::{ApiErrors, ClassPath, DbPath, InstancePath, Item, Key, Name, NotFound, Page, TooEarly};
 use super::AppState;
 use crate::db::read::filter::{self, Group};
+use crate::db::read::search::Search;
 use crate::db::read::sort::{self, Sort};
 use crate::db::read::{Page as ReadPage, ReadKind, ReadRow, Snapshot};
 use crate::domain::ids::validate_name;
@@ -65,6 +66,12 @@ pub struct PageQuery {
     /// ascending and first descending. `next_cursor` carries the sort values: pass it with the
     /// same `sort=`.
     sort: Option<String>,
+    /// Instances only: full-text search over the instances' string values, ANDed with
+    /// `where=`: words (each must occur), `prefix*` and `"a phrase"`, e.g. `q=red "running
+    /// shoe" nik*`. PostgreSQL matches in the database's text search configuration
+    /// (`database.text_search`), SQLite with FTS5's `unicode61` tokenizer. At most 256
+    /// characters and 16 terms; anything else is `400 invalid_search`.
+    q: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -196,6 +203,9 @@ fn no_filter(q: &PageQuery) -> Result<(), ApiError> {
     }
     if q.sort.is_some() {
         return Err(ApiError::bad_request("invalid_sort", "sort= applies to instance lists only"));
+    }
+    if q.q.is_some() {
+        return Err(ApiError::bad_request("invalid_search", "q= applies to instance lists only"));
     }
     Ok(())
 }
@@ -386,10 +396,14 @@ pub async fn list_instances(
         true => class_properties(&state, &classes, &class_id).await?,
         false => HashMap::new(),
     };
-    let conditions = match &q.filter {
+    let mut conditions = match &q.filter {
         Some(text) => filter::parse(text, &properties)?,
         None => Vec::new(),
     };
+    if let Some(text) = &q.q {
+        let search = Search::parse(text, state.config.database.text_search_for(&db))?;
+        conditions.push(vec![filter::Condition { property: String::new(), ty: filter::ValueType::Text, test: filter::Test::Search(search) }]);
+    }
     let sort = match &q.sort {
         Some(text) => Sort::parse(text, &properties)?,
         None => sort::BY_ID.clone(),

@@ -23,8 +23,8 @@ use std::time::Duration;
 use tokio_postgres::NoTls;
 
 /// The stores over a pool for `url`.
-pub(super) fn open(url: &str, pool_size: usize) -> Result<Database, DbError> {
-    let pg = Pg::connect(url, pool_size)?;
+pub(super) fn open(url: &str, pool_size: usize, text_search: Vec<String>) -> Result<Database, DbError> {
+    let pg = Pg { text_search: Arc::new(text_search), ..Pg::connect(url, pool_size)? };
     let store = Arc::new(pg.clone());
     Ok(Database {
         index: store.clone(),
@@ -73,6 +73,9 @@ pub const MIGRATIONS: &[Migration] = &[
 #[derive(Clone)]
 pub struct Pg {
     pool: Pool,
+    /// The text search configurations `q=` may search in, each with its index on the read
+    /// models (`read::ddl`).
+    text_search: Arc<Vec<String>>,
 }
 
 impl Pg {
@@ -103,7 +106,7 @@ impl Pg {
             .create_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| DbError::Setup(e.to_string()))?;
-        Ok(Pg { pool })
+        Ok(Pg { pool, text_search: Arc::new(vec!["simple".to_string()]) })
     }
 
     pub fn pool(&self) -> &Pool {
@@ -136,7 +139,7 @@ impl Pg {
         }
         // The live read models are not a numbered migration: a rebuild creates the same tables
         // under another name.
-        tx.batch_execute(&read::ddl(&ReadSchema::live())).await?;
+        tx.batch_execute(&read::ddl(&ReadSchema::live(), &self.text_search)).await?;
         tx.commit().await?;
         Ok(applied)
     }

@@ -6,6 +6,7 @@ use super::{table, Pg};
 use crate::db::read::filter::{like_pattern, render, render_into, Binder, CmpOp, Condition, Param, Test, ValueType};
 use crate::db::read::sort::{self, SortKey};
 use crate::db::read::query::{kind_of, COLUMNS};
+use crate::db::read::search::{valid_config_name, Search, Term};
 use crate::db::read::{Page, ReadKind, ReadRow, ReadSchema, Reference, Snapshot};
 use crate::db::DbError;
 use serde_json::{json, Value};
@@ -188,7 +189,38 @@ fn pg_type(ty: ValueType) -> &'static str {
     }
 }
 
+/// The data's strings as a text search document in configuration `config`: the expression of
+/// the GIN index `read::ddl` creates, spelled with the configuration inline so the planner
+/// matches it. (`jsonb_to_tsvector` with a configuration is immutable, so it can be indexed.)
+pub(super) fn search_document(config: &str) -> String {
+    format!("jsonb_to_tsvector('{config}'::regconfig, state -> 'data', '[\"string\"]')")
+}
+
+/// `q=` as a `tsquery`: every term, each parsed by the configuration as PostgreSQL parses a
+/// document (so `english` stems the query as it stemmed the data).
+fn search(s: &Search, b: &mut Binder) -> String {
+    // Checked when the configuration was loaded; the fallback only keeps SQL well-formed.
+    let config = if valid_config_name(&s.config) { s.config.as_str() } else { "simple" };
+    let terms: Vec<String> = s
+        .terms
+        .iter()
+        .map(|t| match t {
+            Term::Word(w) => format!("plainto_tsquery('{config}'::regconfig, {}::text)", b.bind(Param::Text(w.clone()))),
+            Term::Phrase(p) => format!("phraseto_tsquery('{config}'::regconfig, {}::text)", b.bind(Param::Text(p.clone()))),
+            Term::Prefix(p) => {
+                // A quoted lexeme with `:*`; quotes and backslashes inside are escaped.
+                let lexeme = format!("'{}':*", p.replace('\\', "\\\\").replace('\'', "''"));
+                format!("to_tsquery('{config}'::regconfig, {}::text)", b.bind(Param::Text(lexeme)))
+            }
+        })
+        .collect();
+    format!("{} @@ ({})", search_document(config), terms.join(" && "))
+}
+
 fn clause(c: &Condition, b: &mut Binder) -> String {
+    if let Test::Search(s) = &c.test {
+        return search(s, b);
+    }
     // Containment, so the GIN index on the data serves equality and `in`.
     let doc = |v: &Value| json!({ c.property.clone(): v });
     match &c.test {
@@ -203,7 +235,7 @@ fn clause(c: &Condition, b: &mut Binder) -> String {
     let x = format!("(state -> 'data' -> {name}::text)");
     let typed = format!("jsonb_typeof({x}) = '{}'", pg_type(c.ty));
     match &c.test {
-        Test::Cmp(CmpOp::Eq, _) | Test::In(_) => unreachable!("answered above"),
+        Test::Cmp(CmpOp::Eq, _) | Test::In(_) | Test::Search(_) => unreachable!("answered above"),
         Test::NotIn(values) => format!("{typed} AND NOT {}", any_of(values, &doc, b)),
         Test::Like { pattern, case_insensitive } => {
             let op = if *case_insensitive { "ILIKE" } else { "LIKE" };

@@ -5,6 +5,7 @@
 use super::{table, Pg};
 use crate::db::read::batch::{cascade_position, is_database, one_by_one, refuse, rounds, unapplied, Tried};
 use crate::db::read::failures::exchange;
+use crate::db::read::search::valid_config_name;
 use crate::db::read::{release, spliced};
 use crate::db::read::{Applied, CatchUp, Change, Page, Progress, ProjectionFailure, ReadBatch, ReadKind, ReadSchema, ReadStore, Reference, Refused, Snapshot, HANDLER};
 use crate::db::{storable, DbError};
@@ -43,9 +44,21 @@ const LIST_FAILURES: &str = "SELECT schema_name, event_id, position, aggregate_i
 const DELETE_FAILURE: &str = "DELETE FROM projection_failures WHERE schema_name = $1 AND event_id = $2";
 
 /// DDL creating the schema's tables if they do not exist (PostgreSQL).
-pub(super) fn ddl(schema: &ReadSchema) -> String {
+pub(super) fn ddl(schema: &ReadSchema, text_search: &[String]) -> String {
     let s = schema.name();
-    format!(
+    // One GIN index per text search configuration in use, over the expression `q=` filters
+    // with (`query::search_document`), so a search is an index scan.
+    let search: String = text_search
+        .iter()
+        .filter(|c| valid_config_name(c))
+        .map(|c| {
+            format!(
+                "CREATE INDEX IF NOT EXISTS read_models_search_{c} ON \"{s}\".read_models USING gin ({}) WHERE kind = 'instance';\n",
+                super::query::search_document(c)
+            )
+        })
+        .collect();
+    let tables = format!(
         "CREATE SCHEMA IF NOT EXISTS \"{s}\";
          CREATE TABLE IF NOT EXISTS \"{s}\".read_models (
              kind text COLLATE \"C\" NOT NULL,
@@ -70,7 +83,8 @@ pub(super) fn ddl(schema: &ReadSchema) -> String {
          CREATE TABLE IF NOT EXISTS \"{s}\".projection_partitions (
              topic text NOT NULL, partition int NOT NULL, position bigint NOT NULL,
              PRIMARY KEY (topic, partition));"
-    )
+    );
+    format!("{tables}\n{search}")
 }
 
 fn sql(template: &str, schema: &ReadSchema) -> String {
@@ -136,7 +150,7 @@ impl ReadStore for Pg {
 
     async fn create_tables(&self, schema: &ReadSchema) -> Result<(), DbError> {
         let client = self.pool.get().await?;
-        client.batch_execute(&ddl(schema)).await?;
+        client.batch_execute(&ddl(schema, &self.text_search)).await?;
         Ok(())
     }
 

@@ -105,6 +105,8 @@ pub enum Test {
     Exists(bool),
     /// A `like:` pattern with `*` for any characters.
     Like { pattern: String, case_insensitive: bool },
+    /// `q=`: full-text search over the data's strings (the condition names no property).
+    Search(super::search::Search),
 }
 
 /// One condition on one property.

@@ -16,6 +16,7 @@ pub(crate) mod failures;
 pub mod filter;
 pub(crate) mod query;
 pub(crate) mod release;
+pub mod search;
 pub mod sort;
 
 pub use batch::{Applied, Change, Progress, ReadBatch, Refused};

@@ -5,6 +5,7 @@ use super::{position, table, Lite};
 use crate::db::read::filter::{glob_pattern, like_pattern, render, render_into, Binder, Condition, Param, Test, ValueType};
 use crate::db::read::sort::{self, SortKey};
 use crate::db::read::query::{kind_of, COLUMNS};
+use crate::db::read::search::{Search, Term};
 use crate::db::read::{Page, ReadKind, ReadRow, ReadSchema, Reference, Snapshot};
 use crate::db::DbError;
 use chrono::{DateTime, Utc};
@@ -167,7 +168,27 @@ fn types(ty: ValueType) -> &'static str {
     }
 }
 
+/// `q=` as an FTS5 query over the search table, which holds each live instance's strings
+/// under the row's rowid (`read::sync_search`): every term, each a quoted string (a phrase
+/// when it has several words), a prefix with `*`.
+fn search(s: &Search, b: &mut Binder) -> String {
+    let quoted = |t: &str| format!("\"{}\"", t.replace('"', "\"\""));
+    let terms: Vec<String> = s
+        .terms
+        .iter()
+        .map(|t| match t {
+            Term::Word(w) | Term::Phrase(w) => quoted(w),
+            Term::Prefix(p) => format!("{}*", quoted(p)),
+        })
+        .collect();
+    let table = table(&ReadSchema::live(), "search");
+    format!("rowid IN (SELECT rowid FROM {table} WHERE {table} MATCH {})", b.bind(Param::Text(terms.join(" AND "))))
+}
+
 fn clause(c: &Condition, b: &mut Binder) -> String {
+    if let Test::Search(s) = &c.test {
+        return search(s, b);
+    }
     let path = b.bind(Param::Text(format!("$.data.\"{}\"", c.property)));
     let typed = format!("json_type(state, {path}) IN {}", types(c.ty));
     let x = format!("json_extract(state, {path})");
@@ -192,6 +213,7 @@ fn clause(c: &Condition, b: &mut Binder) -> String {
         Test::Like { pattern, case_insensitive: true } => {
             format!("{typed} AND {x} LIKE {} ESCAPE '\\'", b.bind(Param::Text(like_pattern(pattern))))
         }
+        Test::Search(_) => unreachable!("answered above"),
     }
 }
 

@@ -20,6 +20,13 @@ const UPSERT: &str = "INSERT INTO {rm} AS r (kind, key, parent, db, state, versi
          deleted = excluded.deleted, updated_at = excluded.updated_at \
      WHERE r.version < excluded.version";
 const CASCADE: &str = "DELETE FROM {rm} WHERE db = ?1 AND kind <> 'database' AND position < ?2";
+const CASCADE_SEARCH: &str = "DELETE FROM {search} WHERE rowid IN \
+     (SELECT rowid FROM {rm} WHERE db = ?1 AND kind = 'instance' AND position < ?2)";
+/// A row's entry in the search table: its rowid, and its data's strings while it is live.
+const UNINDEX: &str = "DELETE FROM {search} WHERE rowid = (SELECT rowid FROM {rm} WHERE kind = 'instance' AND key = ?1)";
+const INDEX: &str = "INSERT INTO {search} (rowid, body) SELECT rowid, \
+     (SELECT group_concat(value, ' ') FROM json_tree(state, '$.data') WHERE type = 'text') \
+     FROM {rm} WHERE kind = 'instance' AND key = ?1 AND deleted = 0";
 const REFERRERS: &str = "SELECT key, state FROM {rm} WHERE kind = 'instance' AND parent = ?1 AND deleted = 0 \
      AND ((json_type(state, ?2) = 'text' AND json_extract(state, ?2) = ?3) \
           OR (json_type(state, ?2) = 'array' AND EXISTS (SELECT 1 FROM json_each(state, ?2) e WHERE e.value = ?3)))";
@@ -55,12 +62,30 @@ pub(super) fn ddl(schema: &ReadSchema) -> String {
          INSERT INTO \"{s}__projection\" VALUES (1, 0) ON CONFLICT DO NOTHING;
          CREATE TABLE IF NOT EXISTS \"{s}__projection_partitions\" (
              topic TEXT NOT NULL, partition INTEGER NOT NULL, position INTEGER NOT NULL,
-             PRIMARY KEY (topic, partition));"
+             PRIMARY KEY (topic, partition));
+         CREATE VIRTUAL TABLE IF NOT EXISTS \"{s}__search\" USING fts5(body, tokenize = 'unicode61 remove_diacritics 2');"
     )
 }
 
 fn sql(template: &str, schema: &ReadSchema) -> String {
-    spliced(template, |t| table(schema, t))
+    spliced(template, |t| table(schema, t)).replace("{search}", &table(schema, "search"))
+}
+
+/// Brings an instance row's search entry in line with the row (`q=`): FTS5 has no index on
+/// JSON, so the projection keeps it, in the transaction that changed the row.
+fn sync_search(tx: &Connection, schema: &ReadSchema, key: &str) -> Result<(), DbError> {
+    tx.prepare_cached(&sql(UNINDEX, schema))?.execute([key])?;
+    tx.prepare_cached(&sql(INDEX, schema))?.execute([key])?;
+    Ok(())
+}
+
+/// A database's cascade: its classes and instances written before it go, with their search
+/// entries.
+fn cascade(tx: &Connection, schema: &ReadSchema, c: &Change) -> Result<(), DbError> {
+    let params = rusqlite::params![c.row.key, c.row.position as i64];
+    tx.execute(&sql(CASCADE_SEARCH, schema), params)?;
+    tx.execute(&sql(CASCADE, schema), params)?;
+    Ok(())
 }
 
 #[async_trait]
@@ -231,9 +256,9 @@ fn apply_one_by_one(tx: &Connection, schema: &ReadSchema, batch: &ReadBatch) -> 
 
 /// One change alone: its row, and for a database deletion the cascade.
 fn apply_change(tx: &Connection, schema: &ReadSchema, c: &Change) -> Result<(), DbError> {
-    upsert(tx, &sql(UPSERT, schema), c)?;
+    upsert(tx, schema, &sql(UPSERT, schema), c)?;
     if c.cascade {
-        tx.execute(&sql(CASCADE, schema), rusqlite::params![c.row.key, c.row.position as i64])?;
+        cascade(tx, schema, c)?;
     }
     apply_releases(tx, schema, &[c])
 }
@@ -251,6 +276,7 @@ fn apply_releases(tx: &Connection, schema: &ReadSchema, changes: &[&Change]) -> 
                 let state: serde_json::Value = serde_json::from_str(&state).map_err(|e| DbError::Setup(format!("row {key}: {e}")))?;
                 if let Some(state) = release::without(&state, &[(&property, &id)]) {
                     tx.execute(&sql(RELEASE_ROW, schema), rusqlite::params![key, state.to_string()])?;
+                    sync_search(tx, schema, &key)?;
                 }
             }
         }
@@ -263,7 +289,9 @@ fn apply_releases(tx: &Connection, schema: &ReadSchema, changes: &[&Change]) -> 
             }
         }
         if let Some(state) = release::without(state, &released) {
-            tx.execute(&sql(SET_STATE, schema), rusqlite::params![c.row.key, state.to_string(), c.row.version as i64])?;
+            if tx.execute(&sql(SET_STATE, schema), rusqlite::params![c.row.key, state.to_string(), c.row.version as i64])? > 0 {
+                sync_search(tx, schema, &c.row.key)?;
+            }
         }
     }
     Ok(())
@@ -282,14 +310,13 @@ fn apply_batch(tx: &Connection, schema: &ReadSchema, batch: &ReadBatch) -> Resul
     };
     let statement = sql(UPSERT, schema);
     for c in claimed.iter().copied().filter(is_database) {
-        upsert(tx, &statement, c)?;
+        upsert(tx, schema, &statement, c)?;
     }
-    let cascade = sql(CASCADE, schema);
     for c in claimed.iter().copied().filter(|c| c.cascade) {
-        tx.execute(&cascade, rusqlite::params![c.row.key, c.row.position as i64])?;
+        cascade(tx, schema, c)?;
     }
     for c in claimed.iter().copied().filter(|c| !is_database(c)) {
-        upsert(tx, &statement, c)?;
+        upsert(tx, schema, &statement, c)?;
     }
     apply_releases(tx, schema, &claimed)?;
     progress(tx, schema, &batch.progress)
@@ -311,9 +338,9 @@ fn claim<'a>(tx: &Connection, changes: &'a [Change]) -> Result<Vec<&'a Change>, 
     Ok(fresh)
 }
 
-fn upsert(tx: &Connection, upsert: &str, c: &Change) -> Result<(), DbError> {
+fn upsert(tx: &Connection, schema: &ReadSchema, upsert: &str, c: &Change) -> Result<(), DbError> {
     let r = &c.row;
-    tx.execute(
+    let changed = tx.execute(
         upsert,
         rusqlite::params![
             r.kind.as_str(),
@@ -328,6 +355,9 @@ fn upsert(tx: &Connection, upsert: &str, c: &Change) -> Result<(), DbError> {
             time_text(&r.updated_at),
         ],
     )?;
+    if changed > 0 && r.kind == ReadKind::Instance {
+        sync_search(tx, schema, &r.key)?;
+    }
     Ok(())
 }
 
@@ -374,7 +404,7 @@ fn swap_names(live: &ReadSchema, target: &ReadSchema) -> String {
         "INSERT INTO \"{t}__projection_partitions\" SELECT * FROM \"{l}__projection_partitions\" WHERE true \
              ON CONFLICT (topic, partition) DO UPDATE SET position = max(position, excluded.position);"
     );
-    for table in ["read_models", "projection", "projection_partitions"] {
+    for table in ["read_models", "projection", "projection_partitions", "search"] {
         sql.push_str(&format!(
             "ALTER TABLE \"{l}__{table}\" RENAME TO \"{t}__swapping__{table}\";
              ALTER TABLE \"{t}__{table}\" RENAME TO \"{l}__{table}\";
