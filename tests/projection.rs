@@ -237,8 +237,9 @@ async fn search_finds_words_prefixes_and_phrases(backend: Backend) {
     let found = |query: &'static str| async move {
         let (s, b) = app.get(&format!("/databases/s/classes/P/instances?q={}&count=true", urlencode(query))).await;
         assert_eq!(s, 200, "{query}: {b}");
-        let ids: Vec<String> = b["items"].as_array().unwrap().iter().map(|i| i["instance_id"].as_str().unwrap().to_string()).collect();
+        let mut ids: Vec<String> = b["items"].as_array().unwrap().iter().map(|i| i["instance_id"].as_str().unwrap().to_string()).collect();
         assert_eq!(b["total"], json!(ids.len()), "{query}: {b}");
+        ids.sort(); // which rows match; the order is relevance's, checked below
         ids
     };
     assert_eq!(found("red").await, ["p1", "p3"]);
@@ -255,6 +256,19 @@ async fn search_finds_words_prefixes_and_phrases(backend: Backend) {
     caught_up(app).await;
     assert!(found("red").await.is_empty(), "the search follows updates and deletes");
     assert_eq!(found("green").await, ["p1"]);
+    // Relevance order: the better match first, page after page (the cursor carries the rank).
+    let wool = json!({"instances": [{"id": "w1", "data": {"name": "wool hat"}}, {"id": "w2", "data": {"name": "wool wool", "desc": "wool"}},
+        {"id": "w3", "data": {"name": "wool wool scarf"}}]});
+    done(app, app.post("/databases/s/classes/P/instances/bulk", wool).await).await;
+    caught_up(app).await;
+    let (_, b) = app.get("/databases/s/classes/P/instances?q=wool").await;
+    let order: Vec<&str> = b["items"].as_array().unwrap().iter().map(|i| i["instance_id"].as_str().unwrap()).collect();
+    assert_eq!(order, ["w2", "w3", "w1"], "{b}");
+    let paged = pages(app, "/databases/s/classes/P/instances?q=wool&limit=1").await;
+    let paged: Vec<&str> = paged.iter().map(|i| i["instance_id"].as_str().unwrap()).collect();
+    assert_eq!(paged, order, "pages follow the relevance order");
+    let (_, b) = app.get("/databases/s/classes/P/instances?q=wool&sort=id").await;
+    assert_eq!(b["items"][0]["instance_id"], "w1", "sort= wins over relevance: {b}");
     for (path, code) in [("/databases/s/classes/P/instances?q=%22open", "invalid_search"), ("/databases/s/classes/P/instances?q=*", "invalid_search"), ("/databases?q=red", "invalid_search")] {
         let (s, b) = app.get(path).await;
         assert_eq!((s, b["error"].as_str()), (400, Some(code)), "{path}: {b}");

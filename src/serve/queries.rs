@@ -70,7 +70,8 @@ pub struct PageQuery {
     /// `where=`: words (each must occur), `prefix*` and `"a phrase"`, e.g. `q=red "running
     /// shoe" nik*`. PostgreSQL matches in the database's text search configuration
     /// (`database.text_search`), SQLite with FTS5's `unicode61` tokenizer. At most 256
-    /// characters and 16 terms; anything else is `400 invalid_search`.
+    /// characters and 16 terms; anything else is `400 invalid_search`. Without `sort=`, the
+    /// best match comes first (ties by id), and `next_cursor` is for the same `q=` only.
     q: Option<String>,
 }
 
@@ -151,7 +152,12 @@ async fn page(state: &AppState, q: &PageQuery, list: List<'_>) -> Result<Respons
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::bad_request("invalid_query", format!("limit must be 1 to {MAX_LIMIT}")));
     }
-    let sort_text = q.sort.as_deref().unwrap_or_default();
+    // A relevance page's cursor is for the same search only.
+    let sort_text = match (&q.sort, list.sort.rank_key(), &q.q) {
+        (None, Some(_), Some(search)) => format!("q={search}"),
+        _ => q.sort.clone().unwrap_or_default(),
+    };
+    let sort_text = sort_text.as_str();
     let (after, after_values) = match &q.cursor {
         None => (None, Vec::new()),
         Some(cursor) if list.sort.is_by_id() => {
@@ -172,11 +178,17 @@ async fn page(state: &AppState, q: &PageQuery, list: List<'_>) -> Result<Respons
         sort: list.sort,
         after_values: &after_values,
     };
-    let Snapshot { position, rows } = state.db.read.page(&page).await?;
+    let Snapshot { position, rows, ranks } = state.db.read.page(&page).await?;
     let last = rows.last().filter(|_| rows.len() == limit);
     let next = last.map(|r| match list.sort.is_by_id() {
         true => r.key.clone(),
-        false => sort::encode_cursor(sort_text, &list.sort.values_of(r.state.as_ref()), &r.key),
+        false => {
+            let mut values = list.sort.values_of(r.state.as_ref());
+            if let (Some(i), Some(rank)) = (list.sort.rank_key(), ranks.last()) {
+                values[i] = json!(rank);
+            }
+            sort::encode_cursor(sort_text, &values, &r.key)
+        }
     });
     let items: Vec<Value> = rows.iter().map(|r| item(r, list.kind, list.languages)).collect();
     let mut body = json!({"items": items, "next_cursor": next});
@@ -400,13 +412,15 @@ pub async fn list_instances(
         Some(text) => filter::parse(text, &properties)?,
         None => Vec::new(),
     };
-    if let Some(text) = &q.q {
-        let search = Search::parse(text, state.config.database.text_search_for(&db))?;
-        conditions.push(vec![filter::Condition { property: String::new(), ty: filter::ValueType::Text, test: filter::Test::Search(search) }]);
+    let search = q.q.as_deref().map(|text| Search::parse(text, state.config.database.text_search_for(&db))).transpose()?;
+    if let Some(search) = &search {
+        conditions.push(vec![filter::Condition { property: String::new(), ty: filter::ValueType::Text, test: filter::Test::Search(search.clone()) }]);
     }
-    let sort = match &q.sort {
-        Some(text) => Sort::parse(text, &properties)?,
-        None => sort::BY_ID.clone(),
+    // A search is in relevance order unless `sort=` says otherwise.
+    let sort = match (&q.sort, search) {
+        (Some(text), _) => Sort::parse(text, &properties)?,
+        (None, Some(search)) => Sort::relevance(search),
+        (None, None) => sort::BY_ID.clone(),
     };
     let parent = format!("{classes}:{class_id}");
     page(&state, &q, List { filter: &conditions, sort: &sort, ..List::of(ReadKind::Instance, &parent) }).await

@@ -85,7 +85,7 @@ async fn sorted_page(pg: &Pg, page: &Page<'_>) -> Result<Snapshot, DbError> {
     let schema = ReadSchema::live();
     let mut b = Binder::new(4, '$');
     let filter = render_into(page.filter, &mut b, clause);
-    let exprs: Vec<String> = page.sort.keys.iter().map(sort_expr).collect();
+    let exprs: Vec<String> = page.sort.keys.iter().map(|k| sort_expr(k, &mut b)).collect();
     let after = match page.after {
         Some(key) => format!(" AND {}", sort::after(page.sort, &exprs, page.after_values, key, &DIALECT, &mut b)),
         None => String::new(),
@@ -105,14 +105,18 @@ async fn sorted_page(pg: &Pg, page: &Page<'_>) -> Result<Snapshot, DbError> {
     let mut bound: Vec<Box<dyn ToSql + Sync + Send>> =
         vec![Box::new(page.kind.as_str()), Box::new(page.parent.to_string()), Box::new(page.limit as i64)];
     bound.extend(b.into_params().into_iter().map(param));
-    rows_at(pg, &sql, bound).await
+    // The outer row is the position, the columns, then s0, s1, ...
+    rows_ranked(pg, &sql, bound, page.sort.rank_key().map(|i| 1 + 10 + i)).await
 }
 
 const DIALECT: sort::Dialect = sort::Dialect { value: sort_value, same: "IS NOT DISTINCT FROM" };
 
 /// A sort key's typed value over the data: null when missing or of another type. The name is
 /// an identifier ([`sort::Sort::parse`] checks), spelled inline so a plan can use an index.
-fn sort_expr(k: &SortKey) -> String {
+fn sort_expr(k: &SortKey, b: &mut Binder) -> String {
+    if let Some(search) = &k.rank {
+        return rank(search, b);
+    }
     let x = format!("(state -> 'data' -> '{}')", k.property);
     let (json_type, cast) = match k.ty {
         ValueType::Number => ("number", "::numeric"),
@@ -139,13 +143,23 @@ fn sort_value(k: &SortKey, v: &Value, b: &mut Binder) -> String {
 }
 
 async fn rows_at(pg: &Pg, sql: &str, params: Vec<Box<dyn ToSql + Sync + Send>>) -> Result<Snapshot, DbError> {
+    rows_ranked(pg, sql, params, None).await
+}
+
+/// [`rows_at`], with each row's rank read from column `rank` when there is one.
+async fn rows_ranked(pg: &Pg, sql: &str, params: Vec<Box<dyn ToSql + Sync + Send>>, rank: Option<usize>) -> Result<Snapshot, DbError> {
     let client = pg.pool().get().await?;
     let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
     let found = client.query(sql, &refs).await?;
     let position = found.first().map(|r| r.get::<_, i64>(0) as u64).unwrap_or(0);
     // With no matching row, the one result row has the position and NULLs.
-    let rows = found.iter().filter(|r| r.get::<_, Option<&str>>(1).is_some()).map(row).collect::<Result<_, _>>()?;
-    Ok(Snapshot { position, rows })
+    let found: Vec<&tokio_postgres::Row> = found.iter().filter(|r| r.get::<_, Option<&str>>(1).is_some()).collect();
+    let rows = found.iter().map(|r| row(r)).collect::<Result<_, _>>()?;
+    let ranks = match rank {
+        Some(column) => found.iter().map(|r| r.get::<_, Option<f64>>(column).unwrap_or(0.0)).collect(),
+        None => Vec::new(),
+    };
+    Ok(Snapshot { position, rows, ranks })
 }
 
 /// Wraps a row query so that one statement (one snapshot) also returns the position, even
@@ -199,6 +213,18 @@ pub(super) fn search_document(config: &str) -> String {
 /// `q=` as a `tsquery`: every term, each parsed by the configuration as PostgreSQL parses a
 /// document (so `english` stems the query as it stemmed the data).
 fn search(s: &Search, b: &mut Binder) -> String {
+    let (config, query) = tsquery(s, b);
+    format!("{} @@ {query}", search_document(config))
+}
+
+/// How well a row matches `s`: `ts_rank` of the same document and query (a real, as float8).
+fn rank(s: &Search, b: &mut Binder) -> String {
+    let (config, query) = tsquery(s, b);
+    format!("ts_rank({}, {query})::float8", search_document(config))
+}
+
+/// The configuration and the `tsquery` of `s`.
+fn tsquery<'a>(s: &'a Search, b: &mut Binder) -> (&'a str, String) {
     // Checked when the configuration was loaded; the fallback only keeps SQL well-formed.
     let config = if valid_config_name(&s.config) { s.config.as_str() } else { "simple" };
     let terms: Vec<String> = s
@@ -214,7 +240,7 @@ fn search(s: &Search, b: &mut Binder) -> String {
             }
         })
         .collect();
-    format!("{} @@ ({})", search_document(config), terms.join(" && "))
+    (config, format!("({})", terms.join(" && ")))
 }
 
 fn clause(c: &Condition, b: &mut Binder) -> String {

@@ -17,6 +17,9 @@ pub struct Snapshot {
     /// read store refused (recorded in `projection_failures`).
     pub position: u64,
     pub rows: Vec<ReadRow>,
+    /// For a page in relevance order, each row's rank (as [`super::sort::Sort::rank_key`]
+    /// orders by it); empty otherwise.
+    pub ranks: Vec<f64>,
 }
 
 /// A keyset page: rows under `parent` after the row `after` (its key, and its sort values

@@ -21,6 +21,9 @@ pub struct SortKey {
     pub property: String,
     pub ty: ValueType,
     pub descending: bool,
+    /// Not a property: how well the row matches this search (a number, higher is better; the
+    /// read store computes it, so a page's rows carry it in [`super::Snapshot::ranks`]).
+    pub rank: Option<super::search::Search>,
 }
 
 /// A parsed `sort=`: the property keys, then the id's direction (ascending unless `-id` ended
@@ -70,7 +73,7 @@ impl Sort {
             if sort.keys.iter().any(|k| k.property == name) {
                 return Err(InvalidSort(format!("{name} is named twice")));
             }
-            sort.keys.push(SortKey { property: name.to_string(), ty, descending });
+            sort.keys.push(SortKey { property: name.to_string(), ty, descending, rank: None });
         }
         if sort.keys.len() > MAX_SORT_KEYS {
             return Err(InvalidSort(format!("at most {MAX_SORT_KEYS} sort properties")));
@@ -82,12 +85,27 @@ impl Sort {
         self.keys.is_empty() && !self.id_descending
     }
 
+    /// Relevance order for a search: best match first, then the id.
+    pub fn relevance(search: super::search::Search) -> Sort {
+        let rank = SortKey { property: String::new(), ty: ValueType::Number, descending: true, rank: Some(search) };
+        Sort { keys: vec![rank], id_descending: false }
+    }
+
+    /// Where a page's rows carry the rank a sort key orders by, if one does.
+    pub fn rank_key(&self) -> Option<usize> {
+        self.keys.iter().position(|k| k.rank.is_some())
+    }
+
     /// A row's sort values, as the SQL sees them: the property's value when it is of the
     /// key's type, else null.
+    /// (A rank is the read store's to say: null here, see [`Sort::rank_key`].)
     pub fn values_of(&self, state: Option<&Value>) -> Vec<Value> {
         self.keys
             .iter()
             .map(|k| {
+                if k.rank.is_some() {
+                    return Value::Null;
+                }
                 let v = state.map(|s| &s["data"][&k.property]).unwrap_or(&Value::Null);
                 let fits = match k.ty {
                     ValueType::Number => v.is_number(),

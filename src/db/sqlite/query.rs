@@ -63,27 +63,31 @@ pub(super) async fn referencing(lite: &Lite, refs: &[Reference], id: &str, after
 async fn sorted_page(lite: &Lite, page: &Page<'_>) -> Result<Snapshot, DbError> {
     let mut b = Binder::new(4, '?');
     let filter = render_into(page.filter, &mut b, clause);
-    let exprs: Vec<String> = page.sort.keys.iter().map(sort_expr).collect();
+    let exprs: Vec<String> = page.sort.keys.iter().map(|k| sort_expr(k, &mut b)).collect();
     let after = match page.after {
         Some(key) => format!(" AND {}", sort::after(page.sort, &exprs, page.after_values, key, &DIALECT, &mut b)),
         None => String::new(),
     };
     let sql = format!(
-        "SELECT {COLUMNS} FROM {} WHERE kind = ?1 AND parent = ?2 AND deleted = 0{after}{filter} ORDER BY {} LIMIT ?3",
+        "SELECT {COLUMNS}{rank} FROM {} WHERE kind = ?1 AND parent = ?2 AND deleted = 0{after}{filter} ORDER BY {} LIMIT ?3",
         table(&ReadSchema::live(), "read_models"),
         sort::order_by(page.sort, &exprs, "key"),
+        rank = page.sort.rank_key().map(|i| format!(", {}", exprs[i])).unwrap_or_default(),
     );
     let mut bound: Vec<rusqlite::types::Value> =
         vec![page.kind.as_str().to_string().into(), page.parent.to_string().into(), (page.limit as i64).into()];
     bound.extend(b.into_params().into_iter().map(param));
-    rows_at(lite, sql, bound).await
+    rows_ranked(lite, sql, bound, page.sort.rank_key().is_some()).await
 }
 
 const DIALECT: sort::Dialect = sort::Dialect { value: sort_value, same: "IS" };
 
 /// A sort key's typed value over the data: null when missing or of another type (booleans as
 /// 0 and 1). The name is an identifier ([`sort::Sort::parse`] checks), spelled inline.
-fn sort_expr(k: &SortKey) -> String {
+fn sort_expr(k: &SortKey, b: &mut Binder) -> String {
+    if let Some(search) = &k.rank {
+        return rank(search, b);
+    }
     let path = format!("'$.data.\"{}\"'", k.property);
     format!("(CASE WHEN json_type(state, {path}) IN {} THEN json_extract(state, {path}) END)", types(k.ty))
 }
@@ -118,11 +122,18 @@ pub(super) async fn count(lite: &Lite, page: &Page<'_>, bound: u64) -> Result<u6
 
 /// The position and the rows under one hold of the connection, so no write comes between.
 async fn rows_at(lite: &Lite, sql: String, params: Vec<rusqlite::types::Value>) -> Result<Snapshot, DbError> {
+    rows_ranked(lite, sql, params, false).await
+}
+
+/// [`rows_at`], with each row's rank read from the column after the row's when `ranked`.
+async fn rows_ranked(lite: &Lite, sql: String, params: Vec<rusqlite::types::Value>, ranked: bool) -> Result<Snapshot, DbError> {
     let conn = lite.conn.lock().await;
     let position = position(&conn, &ReadSchema::live())?;
     let mut stmt = conn.prepare(&sql)?;
-    let rows = stmt.query_map(rusqlite::params_from_iter(params), row)?.collect::<Result<Vec<_>, _>>()?;
-    Ok(Snapshot { position, rows })
+    let read = |r: &rusqlite::Row<'_>| Ok((row(r)?, if ranked { r.get::<_, Option<f64>>(10)?.unwrap_or(0.0) } else { 0.0 }));
+    let found = stmt.query_map(rusqlite::params_from_iter(params), read)?.collect::<Result<Vec<_>, _>>()?;
+    let ranks = if ranked { found.iter().map(|(_, rank)| *rank).collect() } else { Vec::new() };
+    Ok(Snapshot { position, rows: found.into_iter().map(|(r, _)| r).collect(), ranks })
 }
 
 fn param(p: Param) -> rusqlite::types::Value {
@@ -172,6 +183,21 @@ fn types(ty: ValueType) -> &'static str {
 /// under the row's rowid (`read::sync_search`): every term, each a quoted string (a phrase
 /// when it has several words), a prefix with `*`.
 fn search(s: &Search, b: &mut Binder) -> String {
+    let table = table(&ReadSchema::live(), "search");
+    format!("rowid IN (SELECT rowid FROM {table} WHERE {table} MATCH {})", b.bind(Param::Text(match_text(s))))
+}
+
+/// How well a row matches `s`: FTS5's `bm25`, negated so that higher is better as on
+/// PostgreSQL. (bm25 weighs words by how rare they are in the whole table, so a row's rank
+/// moves as other rows change.)
+fn rank(s: &Search, b: &mut Binder) -> String {
+    let (search, rows) = (table(&ReadSchema::live(), "search"), table(&ReadSchema::live(), "read_models"));
+    let text = b.bind(Param::Text(match_text(s)));
+    format!("(SELECT -bm25({search}) FROM {search} WHERE {search} MATCH {text} AND {search}.rowid = {rows}.rowid)")
+}
+
+/// `s` as an FTS5 query.
+fn match_text(s: &Search) -> String {
     let quoted = |t: &str| format!("\"{}\"", t.replace('"', "\"\""));
     let terms: Vec<String> = s
         .terms
@@ -181,8 +207,7 @@ fn search(s: &Search, b: &mut Binder) -> String {
             Term::Prefix(p) => format!("{}*", quoted(p)),
         })
         .collect();
-    let table = table(&ReadSchema::live(), "search");
-    format!("rowid IN (SELECT rowid FROM {table} WHERE {table} MATCH {})", b.bind(Param::Text(terms.join(" AND "))))
+    terms.join(" AND ")
 }
 
 fn clause(c: &Condition, b: &mut Binder) -> String {
