@@ -137,6 +137,10 @@ async fn queries(base: &str) {
         ("count=true, where=s=v42", Box::new(|_| format!("{list}?limit=100&count=true&where={}", enc("s=v42")))),
         ("count=true (over the bound)", Box::new(|_| format!("{list}?limit=100&count=true"))),
         ("links?direction=in", Box::new(|i| format!("{list}/i{:06}/links?direction=in", spread(i) / 10 * 10))),
+        // 1,000 matches, in relevance order; then 11,000 (v4, v40..v49) by prefix.
+        ("q=v42 (search)", Box::new(|i| format!("{list}?limit=100&q=v{}", 40 + i % 10))),
+        ("q=v4* (prefix search)", Box::new(|i| format!("{list}?limit=100&q={}", enc(&format!("v{}*", i % 10))))),
+        ("q=v42&sort=id (search, id order)", Box::new(|i| format!("{list}?limit=100&q=v{}&sort=id", 40 + i % 10))),
     ];
     for (name, url) in cases {
         let (p50, p99, rows) = timed((0..200).map(&url).collect()).await;
