@@ -273,7 +273,7 @@ fn apply_releases(tx: &Connection, schema: &ReadSchema, changes: &[&Change]) -> 
                 .query_map(rusqlite::params![parent, path, id], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
             for (key, state) in rows {
-                let state: serde_json::Value = serde_json::from_str(&state).map_err(|e| DbError::Setup(format!("row {key}: {e}")))?;
+                let state: serde_json::Value = serde_json::from_str(&state).map_err(|e| DbError::Inconsistent(format!("read model row {key}: {e}")))?;
                 if let Some(state) = release::without(&state, &[(&property, &id)]) {
                     tx.execute(&sql(RELEASE_ROW, schema), rusqlite::params![key, state.to_string()])?;
                     sync_search(tx, schema, &key)?;

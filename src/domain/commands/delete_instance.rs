@@ -10,7 +10,7 @@ use crate::domain::values::{giving_way, may_reference, references};
 use crate::domain::{Command, CommandType};
 use futures::TryStreamExt;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 pub const EVENT_TYPE: &str = "INSTANCE_DELETED";
 
@@ -76,8 +76,9 @@ pub async fn facts<R: StateReader>(payload: &Value, log: &R, facts: &mut Facts) 
     Ok(())
 }
 
-/// Every live class of the branch with its chain (the class, then its ancestors), by id.
-async fn class_chains<R: StateReader>(log: &R, db: &str, branch: &str) -> Result<HashMap<String, Vec<Value>>, R::Error> {
+/// Every live class of the branch with its chain (the class, then its ancestors), by id in
+/// order, so what a decision names (and notes) does not depend on a hash.
+async fn class_chains<R: StateReader>(log: &R, db: &str, branch: &str) -> Result<BTreeMap<String, Vec<Value>>, R::Error> {
     let prefix = format!("{db}:{branch}:");
     let ids = log.aggregates_with_prefix(AggregateType::OntologyClass, &prefix).await?;
     let keys = ids.into_iter().map(|id| AggregateKey::new(AggregateType::OntologyClass, id)).collect();
