@@ -1,9 +1,11 @@
 //! Projection benchmark, on S3 (moto) + PostgreSQL + the local broker: a log of 100,000
-//! outcome events (100,000 instances created, in segments of up to 128 events) applied
+//! outcome events (100,000 instances created, in segments of up to 128 events; another count
+//! with `SPICED_BENCH_INSTANCES`, e.g. 1000000) applied
 //! (1) live: relayed to Kafka, then consumed by `spiced project` in its consumer group until
 //! its position reaches the log head; (2) by a rebuild from the log alone (`--rebuild`).
-//! Then the latency of filtered instance pages over those 100,000 instances through the HTTP
-//! API. Run through `scripts/bench.sh`.
+//! Then the latency of filtered, sorted and searched instance pages over those instances
+//! through the HTTP API (the class declares `n`, `s` and `b` `indexed`). Run through
+//! `scripts/bench.sh`.
 
 mod common;
 
@@ -24,7 +26,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-const INSTANCES: u64 = 100_000;
+/// How many instances the log creates.
+fn instances() -> u64 {
+    static N: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+        std::env::var("SPICED_BENCH_INSTANCES").map(|v| v.parse().expect("SPICED_BENCH_INSTANCES: a count")).unwrap_or(100_000)
+    });
+    *N
+}
+
+/// Instance `i`'s id.
+fn id(i: u64) -> String {
+    format!("i{i:07}")
+}
 
 fn outcome(config: &Config, aggregate_type: &str, aggregate_id: &str, event_type: &str, state: Value) -> EventEnvelope {
     let command_id = Uuid::new_v4();
@@ -50,12 +63,13 @@ fn outcome(config: &Config, aggregate_type: &str, aggregate_id: &str, event_type
     }
 }
 
-/// The log: a database, a class, and `INSTANCES` created instances. Returns the head.
+/// The log: a database, a class, and [`instances`] created instances. Returns the head.
 async fn fill(config: &Config, db: &Database, log: spiced::log::EventLog) -> u64 {
     let tasks = TaskTracker::new();
     let writer = LogWriter::start(log, db.index.clone(), config.writer.clone(), &tasks).await.unwrap();
     let class = json!({"class_id": "C", "properties": [
-        {"name": "n", "type": "integer"}, {"name": "s", "type": "string"}, {"name": "b", "type": "boolean"},
+        {"name": "n", "type": "integer", "indexed": true}, {"name": "s", "type": "string", "indexed": true},
+        {"name": "b", "type": "boolean", "indexed": true},
         {"name": "r", "type": "ref:C"}]});
     for e in [
         outcome(config, "Database", "b", "DATABASE_CREATED", json!({"name": "b"})),
@@ -63,11 +77,11 @@ async fn fill(config: &Config, db: &Database, log: spiced::log::EventLog) -> u64
     ] {
         writer.append(AppendCommand::outcome(e).unwrap()).await.unwrap();
     }
-    let appends = (0..INSTANCES).map(|i| {
+    let appends = (0..instances()).map(|i| {
         let writer = writer.clone();
-        let state = json!({"db": "b", "branch": "main", "class_id": "C", "instance_id": format!("i{i:06}"),
-            "data": {"n": i % 1000, "s": format!("v{}", i % 100), "b": i % 2 == 0, "r": format!("i{:06}", i / 10 * 10)}});
-        let e = outcome(config, "Instance", &format!("b:main:C:i{i:06}"), "INSTANCE_CREATED", state);
+        let state = json!({"db": "b", "branch": "main", "class_id": "C", "instance_id": id(i),
+            "data": {"n": i % 1000, "s": format!("v{}", i % 100), "b": i % 2 == 0, "r": id(i / 10 * 10)}});
+        let e = outcome(config, "Instance", &format!("b:main:C:{}", id(i)), "INSTANCE_CREATED", state);
         async move { writer.append(AppendCommand::outcome(e).unwrap()).await.unwrap() }
     });
     futures::stream::iter(appends).buffer_unordered(128).for_each(|_| async {}).await;
@@ -125,18 +139,15 @@ async fn timed(urls: Vec<String>) -> (f64, f64, usize) {
 async fn queries(base: &str) {
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let list = format!("{base}/databases/b/classes/C/instances");
-    let spread = |i: usize| (i as u64 * 7919) % INSTANCES;
+    let spread = |i: usize| (i as u64 * 7919) % instances();
     let cases: Vec<(&str, Box<dyn Fn(usize) -> String>)> = vec![
-        ("where=s=like:v4* (prefix)", Box::new(|i| format!("{list}?limit=100&where={}&cursor=b:main:C:i{:06}", enc("s=like:v4*"), spread(i)))),
-        ("where=(s=v7|n=5) (OR)", Box::new(|i| format!("{list}?limit=100&where={}&cursor=b:main:C:i{:06}", enc("(s=v7|n=5)"), spread(i)))),
-        ("sort=-n (sorted page)", Box::new(|i| {
-            let at = spread(i);
-            let cursor = spiced::db::read::sort::encode_cursor("-n", &[json!(at % 1000)], &format!("b:main:C:i{at:06}"));
-            format!("{list}?limit=100&sort=-n&cursor={}", enc(&cursor))
-        })),
+        ("where=s=like:v4* (prefix)", Box::new(|i| format!("{list}?limit=100&where={}&cursor=b:main:C:{}", enc("s=like:v4*"), id(spread(i))))),
+        ("where=(s=v7|n=5) (OR)", Box::new(|i| format!("{list}?limit=100&where={}&cursor=b:main:C:{}", enc("(s=v7|n=5)"), id(spread(i))))),
+        ("sort=-n (sorted page)", Box::new(|i| sorted(&list, "-n", spread(i)))),
+        ("sort=n (sorted page)", Box::new(|i| sorted(&list, "n", spread(i)))),
         ("count=true, where=s=v42", Box::new(|_| format!("{list}?limit=100&count=true&where={}", enc("s=v42")))),
         ("count=true (over the bound)", Box::new(|_| format!("{list}?limit=100&count=true"))),
-        ("links?direction=in", Box::new(|i| format!("{list}/i{:06}/links?direction=in", spread(i) / 10 * 10))),
+        ("links?direction=in", Box::new(|i| format!("{list}/{}/links?direction=in", id(spread(i) / 10 * 10)))),
         // 1,000 matches, in relevance order; then 11,000 (v4, v40..v49) by prefix.
         ("q=v42 (search)", Box::new(|i| format!("{list}?limit=100&q=v{}", 40 + i % 10))),
         ("q=v4* (prefix search)", Box::new(|i| format!("{list}?limit=100&q={}", enc(&format!("v{}*", i % 10))))),
@@ -144,8 +155,15 @@ async fn queries(base: &str) {
     ];
     for (name, url) in cases {
         let (p50, p99, rows) = timed((0..200).map(&url).collect()).await;
-        println!("query {name:<28} over {INSTANCES} instances: p50 {p50:.2} ms, p99 {p99:.2} ms ({rows} rows/response)");
+        println!("query {name:<28} over {} instances: p50 {p50:.2} ms, p99 {p99:.2} ms ({rows} rows/response)", instances());
     }
+}
+
+/// A page of `sort` (one key) starting after instance `at`, wherever it is in the order.
+fn sorted(list: &str, sort: &str, at: u64) -> String {
+    let cursor = spiced::db::read::sort::encode_cursor(sort, &[json!(at % 1000)], &format!("b:main:C:{}", id(at)));
+    let cursor = url::form_urlencoded::byte_serialize(cursor.as_bytes()).collect::<String>();
+    format!("{list}?limit=100&sort={sort}&cursor={cursor}")
 }
 
 async fn pages(base: &str, filter: &str, requests: usize) -> (f64, f64, usize) {
@@ -154,7 +172,7 @@ async fn pages(base: &str, filter: &str, requests: usize) -> (f64, f64, usize) {
     let mut rows = 0;
     for i in 0..requests {
         // Start anywhere in the key range: a deep page costs what the first does.
-        let cursor = format!("b:main:C:i{:06}", (i as u64 * 7919) % INSTANCES);
+        let cursor = format!("b:main:C:{}", id((i as u64 * 7919) % instances()));
         let url = format!("{base}/databases/b/classes/C/instances?limit=100&where={filter}&cursor={cursor}");
         let started = Instant::now();
         let r = http.get(&url).send().await.unwrap();
@@ -182,10 +200,10 @@ async fn main() {
     let head = fill(&config, &db, log).await;
     println!(
         "projection: log of {} outcome events in {head} segments, written in {:.1}s",
-        INSTANCES + 2,
+        instances() + 2,
         started.elapsed().as_secs_f64()
     );
-    let events = (INSTANCES + 2) as f64;
+    let events = (instances() + 2) as f64;
     let secs = live(&config, &db, head).await;
     println!("projection live (Kafka, batches of {}): {:.1}s = {:.0} events/s", config.project.batch_events, secs, events / secs);
     let options = Options { until: Until::Head, target: Some("bench_rebuild".into()), no_swap: true };
@@ -203,7 +221,19 @@ async fn main() {
     for filter in ["s%3Dv42", "n%3E%3D500,s%3Dv7", "n%3C10", "b%3Dtrue,n%3Din:(1%7C2%7C3)"] {
         let (p50, p99, rows) = pages(&base, filter, 500).await;
         let shown = url::form_urlencoded::parse(format!("w={filter}").as_bytes()).next().unwrap().1.into_owned();
-        println!("query where={shown:<24} limit=100 over {INSTANCES} instances: p50 {p50:.2} ms, p99 {p99:.2} ms ({rows} rows/page)");
+        println!("query where={shown:<24} limit=100 over {} instances: p50 {p50:.2} ms, p99 {p99:.2} ms ({rows} rows/page)", instances());
     }
     queries(&base).await;
+    index_use(&config).await;
+}
+
+/// How often each read-model index served a scan (since the set-up): which plans the
+/// queries above got.
+async fn index_use(config: &Config) {
+    let (client, conn) = tokio_postgres::connect(config.database.url.expose(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let sql = "SELECT indexrelname::text, idx_scan FROM pg_stat_user_indexes WHERE schemaname = 'spiced_read' AND relname = 'read_models' ORDER BY 1";
+    for row in client.query(sql, &[]).await.unwrap() {
+        println!("index {:<28} scans {}", row.get::<_, String>(0), row.get::<_, i64>(1));
+    }
 }

@@ -49,7 +49,7 @@ impl Server {
     }
 
     async fn wait_ready(&mut self) {
-        let http = reqwest::Client::new();
+        let http = common::http();
         for _ in 0..400 {
             if let Ok(r) = http.get(format!("{}/readyz", self.base)).send().await {
                 if r.status() == 200 {
@@ -63,7 +63,7 @@ impl Server {
     }
 
     async fn create_database(&self, key: Uuid, name: &str) -> reqwest::Result<reqwest::Response> {
-        reqwest::Client::new()
+        common::http()
             .post(format!("{}/api/v1/databases", self.base))
             .header("Idempotency-Key", key.to_string())
             .json(&json!({"name": name}))
@@ -82,7 +82,7 @@ async fn crash_at(backend: Backend, point: &str) {
     assert!(!status.success(), "aborted writer exit status: {status}");
 
     let server = Server::start(&config, dir.path(), &[]).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     // Recovery at start already knows what the crashed writer put in the log.
     let version: serde_json::Value = http
         .get(format!("{}/api/v1/aggregates/Database/crashy", server.base))

@@ -35,7 +35,7 @@ async fn every_role_restarted_under_load_loses_and_duplicates_nothing() {
     let mut worker_b = start("worker");
     let mut project = start("project");
 
-    let http = reqwest::Client::new();
+    let http = common::http();
     create_shop(&http, &base).await;
     // Load: 4 clients, each creating instances and updating them, until told to stop.
     let load = Load::start(&http, &base, 4, Duration::ZERO);

@@ -151,7 +151,7 @@ async fn every_role_catches_up_after_each_dependency_stalls() {
     let _relays = [stack.spawn(&["relay"], &[]), stack.spawn(&["relay"], &[])];
     let _workers = [stack.spawn(&["worker"], &[]), stack.spawn(&["worker"], &[])];
     let _project = stack.spawn(&["project"], &[]);
-    let http = reqwest::Client::new();
+    let http = common::http();
     create_shop(&http, &base).await;
     let db = Database::open(&stack.direct.database).await.unwrap();
     // Longer than kafka.message_timeout_ms (1 s here), the S3 request timeout (2 s), the
@@ -175,7 +175,7 @@ async fn a_lone_relay_recovers_from_a_broker_stall() {
     let _relay = stack.spawn(&["relay"], &[("SPICED_METRICS__RELAY_LISTEN", ops.trim_start_matches("http://").to_string())]);
     let _worker = stack.spawn(&["worker"], &[]);
     let _project = stack.spawn(&["project"], &[]);
-    let http = reqwest::Client::new();
+    let http = common::http();
     create_shop(&http, &base).await;
     wait_ready(&ops).await;
     let db = Database::open(&stack.direct.database).await.unwrap();
@@ -301,7 +301,7 @@ async fn a_stalled_projection_starves_the_watchdog_and_recovers() {
     ]);
     let ops = format!("http://{ops}");
     wait_ready(&ops).await;
-    let http = reqwest::Client::new();
+    let http = common::http();
     create_shop(&http, &base).await;
     // The projection must be applying before its database freezes: one still joining its
     // consumer group has no work yet, so nothing of it could stall.

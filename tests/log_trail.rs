@@ -45,7 +45,7 @@ async fn a_command_can_be_followed_through_every_roles_log() {
     let _worker = spawn("worker", vec![debug.clone()]);
     let _project = spawn("project", vec![debug.clone()]);
 
-    let http = reqwest::Client::new();
+    let http = common::http();
     let base = format!("{root}/api/v1");
     let answer: Value = http.post(format!("{base}/databases")).json(&json!({"name": "traced"})).send().await.unwrap().json().await.unwrap();
     let id = answer["command_id"].as_str().unwrap().to_string();

@@ -59,7 +59,7 @@ async fn serve_answers_metrics_without_a_token_on_its_operations_listener() {
     config.serve.ops_listen = ops_addr.to_string();
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(spiced::serve::run_with_ops(config, api, Some(ops), shutdown.clone()));
-    let http = reqwest::Client::new();
+    let http = common::http();
 
     get_ok(&http, &format!("http://{ops_addr}/readyz")).await;
     get_ok(&http, &format!("http://{ops_addr}/healthz")).await;

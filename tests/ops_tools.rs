@@ -27,7 +27,7 @@ async fn tools_work_on_a_dev_data_directory() {
         .env("SPICED_LOG", "warn")
         .spawn()
         .unwrap();
-    let http = reqwest::Client::new();
+    let http = common::http();
     let base = format!("http://127.0.0.1:{port}/api/v1");
     let mut ready = false;
     for _ in 0..200 {

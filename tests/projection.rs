@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 backend_tests! {
     read_models_follow_the_log,
     filters_select_exactly_what_they_say,
+    filters_on_indexed_properties_select_the_same,
     reads_wait_for_their_own_writes,
     a_rebuild_swaps_in_under_the_live_projection,
     sorted_pages_are_stable_under_concurrent_inserts,
@@ -116,17 +117,37 @@ async fn pages(app: &TestApp, first: &str) -> Vec<Value> {
 /// Every `where=` operator, OR groups and quoted values against a model of the data, through
 /// keyset pages of 3; `count=true` gives the same number, exact up to `serve.max_count`.
 async fn filters_select_exactly_what_they_say(backend: Backend) {
+    filters_against_a_model(backend, false).await
+}
+
+/// The same, with the scalar properties declared `indexed` (inherited by the class listed):
+/// on PostgreSQL the projection builds a btree index for each and the filters are spelled
+/// for it; the rows are the same.
+async fn filters_on_indexed_properties_select_the_same(backend: Backend) {
+    filters_against_a_model(backend, true).await
+}
+
+async fn filters_against_a_model(backend: Backend, indexed: bool) {
     let (mut config, dir) = isolated_config(backend).await;
     config.serve.max_count = 10;
-    let app = common::spawn_role_dev(config, dir).await;
+    let app = common::spawn_role_dev(config.clone(), dir).await;
     done(&app, app.post("/databases", json!({"name": "f"})).await).await;
-    let props = json!([
+    let mut props = json!([
         {"name": "n", "type": "integer"}, {"name": "x", "type": "number"}, {"name": "s", "type": "string"},
         {"name": "b", "type": "boolean"}, {"name": "j", "type": "json"}, {"name": "at", "type": "datetime"}
     ]);
+    for p in props.as_array_mut().unwrap().iter_mut().filter(|p| indexed && p["type"] != "json") {
+        p["indexed"] = json!(true);
+    }
     done(&app, app.post("/databases/f/classes", json!({"id": "Base", "properties": props})).await).await;
     let child = json!({"id": "T", "parent_class": "Base", "properties": [{"name": "extra", "type": "string"}]});
     done(&app, app.post("/databases/f/classes", child).await).await;
+    if backend == Backend::S3Postgres {
+        let sql = "SELECT indexname FROM pg_indexes WHERE schemaname = 'spiced_read' AND indexname LIKE 'read_models_ix_%' ORDER BY 1";
+        let names: Vec<String> = common::readmodel::pg(&config).await.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+        let want = if indexed { vec!["read_models_ix_b_b", "read_models_ix_n_n", "read_models_ix_n_x", "read_models_ix_t_at", "read_models_ix_t_s"] } else { vec![] };
+        assert_eq!(names, want, "an index per indexed property, none otherwise");
+    }
     // 24 instances; every third lacks n, every fourth lacks s.
     let data = |i: i64| {
         let mut d = json!({"x": i as f64 / 2.0, "b": i % 2 == 0, "at": format!("2026-01-{:02}T00:00:00Z", i + 1)});

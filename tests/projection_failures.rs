@@ -272,7 +272,7 @@ async fn the_kafka_projection_sets_a_refused_event_aside_and_goes_on() {
     assert!(failures[0].error.contains("22P05"), "{failures:?}");
 
     // The projection's own metrics: the counter at once, the gauge within its export period.
-    let http = reqwest::Client::new();
+    let http = common::http();
     let deadline = Instant::now() + WAIT;
     loop {
         let text = http.get(format!("http://{ops}/metrics")).send().await.unwrap().text().await.unwrap();

@@ -198,5 +198,5 @@ async fn sighup_without_tls_leaves_serve_running() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(serve.is_running(), "serve still runs after SIGHUP");
-    assert!(healthy(&reqwest::Client::new(), &url).await);
+    assert!(healthy(&common::http(), &url).await);
 }

@@ -231,7 +231,7 @@ async fn sigterm_abandons_a_stuck_effect_after_the_grace_period() {
         ("SPICED_METRICS__WORKER_LISTEN", format!("127.0.0.1:{ops}")),
     ];
     let mut stuck = Spiced::spawn(&["worker", "--role", "ontology"], &s.app.config, s.dir.path(), &env);
-    let http = reqwest::Client::new();
+    let http = common::http();
     let deadline = std::time::Instant::now() + WAIT;
     while !http.get(format!("http://127.0.0.1:{ops}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
         assert!(std::time::Instant::now() < deadline, "worker not ready");

@@ -471,7 +471,7 @@ async fn labels_may_be_translated_and_reads_pick_the_language(backend: Backend) 
     let read = |path: &'static str, language: &'static str| {
         let url = app.url(path);
         async move {
-            let r = reqwest::Client::new().get(url).header("accept-language", language).send().await.unwrap();
+            let r = common::http().get(url).header("accept-language", language).send().await.unwrap();
             common::status_json(r).await
         }
     };

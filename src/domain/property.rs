@@ -65,6 +65,11 @@ pub struct PropertyDef {
     /// class hold the same value (checked by the worker as of the command's place in the log).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unique: bool,
+    /// A top-level scalar (not `json`), `enum` or single `ref` property only: PostgreSQL keeps
+    /// an index of the property's values, so filters, sorts and `like:` prefixes on it are
+    /// index scans (a hint to the read store; the outcome of no command depends on it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub indexed: bool,
     /// A top-level `ref:<ClassId>` property only: what deleting an instance it names does.
     /// `restrict` (the default): the delete fails `instance_in_use`. `nullify`: the delete
     /// goes ahead and the reference gives way (the property is removed, or the id is taken

@@ -82,8 +82,8 @@ fn validate_property(p: &PropertyDef, depth: usize) -> Result<(), Invalid> {
     validate_default(p)
 }
 
-/// `unique` compares one value per instance: a top-level scalar (not `json`), `enum` or single
-/// `ref`.
+/// `unique` and `indexed` are about one value per instance: a top-level scalar (not `json`),
+/// `enum` or single `ref`.
 fn validate_unique(p: &PropertyDef, kind: Kind<'_>, depth: usize) -> Result<(), Invalid> {
     let one_value = match kind {
         Kind::Scalar(t) => t != "json",
@@ -91,11 +91,14 @@ fn validate_unique(p: &PropertyDef, kind: Kind<'_>, depth: usize) -> Result<(), 
         Kind::Ref(_) => !p.is_many(),
         Kind::Object | Kind::Array(_) => false,
     };
-    match (p.unique, one_value, depth) {
-        (false, _, _) | (true, true, 1) => Ok(()),
-        (true, false, _) => Err(bad(format!("property {:?}: `unique` is for scalar (not json), enum and single ref properties", p.name))),
-        (true, true, _) => Err(bad(format!("property {:?}: `unique` is for top-level properties, not inside an object", p.name))),
+    for (flag, set) in [("unique", p.unique), ("indexed", p.indexed)] {
+        match (set, one_value, depth) {
+            (false, _, _) | (true, true, 1) => {}
+            (true, false, _) => return Err(bad(format!("property {:?}: `{flag}` is for scalar (not json), enum and single ref properties", p.name))),
+            (true, true, _) => return Err(bad(format!("property {:?}: `{flag}` is for top-level properties, not inside an object", p.name))),
+        }
     }
+    Ok(())
 }
 
 /// `on_delete` belongs to a top-level `ref`; a reference that gives way must be one a valid
@@ -209,6 +212,7 @@ mod tests {
             {"name": "from", "type": "date", "min": "2000-01-01"},
             {"name": "email", "type": "email", "unique": true},
             {"name": "owner", "type": "ref:Person", "unique": true},
+            {"name": "rank", "type": "integer", "indexed": true},
             {"name": "code", "type": "string", "min_length": 2, "max_length": 8, "pattern": "[A-Z]{2}[0-9]*"},
             {"name": "address", "type": "object", "properties": [
                 {"name": "city", "type": "string", "required": true},
@@ -245,6 +249,9 @@ mod tests {
             (json!({"name": "n", "type": "array<string>", "unique": true}), "`unique` is for scalar"),
             (json!({"name": "n", "type": "ref:C", "cardinality": "many", "unique": true}), "`unique` is for scalar"),
             (json!({"name": "o", "type": "object", "properties": [{"name": "n", "type": "string", "unique": true}]}), "top-level"),
+            (json!({"name": "n", "type": "json", "indexed": true}), "`indexed` is for scalar"),
+            (json!({"name": "n", "type": "ref:C", "cardinality": "many", "indexed": true}), "`indexed` is for scalar"),
+            (json!({"name": "o", "type": "object", "properties": [{"name": "n", "type": "string", "indexed": true}]}), "`indexed` is for top-level"),
         ];
         for (def, expected) in cases {
             let err = validate_properties(&props(json!([def.clone()]))).unwrap_err().to_string();

@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use utoipa::IntoParams;
 
@@ -268,6 +268,12 @@ async fn wait_for_version(state: &AppState, kind: ReadKind, key: &str, wanted: u
 
 /// The properties of a class and its ancestors, name -> declared type, from the read model.
 pub(super) async fn class_properties(state: &AppState, class_key_prefix: &str, class_id: &str) -> Result<HashMap<String, String>, ApiError> {
+    Ok(class_fields(state, class_key_prefix, class_id).await?.0)
+}
+
+/// [`class_properties`], and the names of those the class or an ancestor declares `indexed`.
+async fn class_fields(state: &AppState, class_key_prefix: &str, class_id: &str) -> Result<(HashMap<String, String>, HashSet<String>), ApiError> {
+    let mut indexed = HashSet::new();
     let mut properties = HashMap::new();
     let mut next = Some(class_id.to_string());
     let mut seen = 0;
@@ -287,12 +293,15 @@ pub(super) async fn class_properties(state: &AppState, class_key_prefix: &str, c
                 };
                 let ty = ty.as_str();
                 properties.entry(name.to_string()).or_insert_with(|| ty.to_string());
+                if p["indexed"] == true {
+                    indexed.insert(name.to_string());
+                }
             }
         }
         // Ancestry is checked when classes are written; the bound guards against a cycle.
         next = class["parent_class"].as_str().filter(|_| seen < 64).map(str::to_string);
     }
-    Ok(properties)
+    Ok((properties, indexed))
 }
 
 #[utoipa::path(
@@ -404,17 +413,20 @@ pub async fn list_instances(
     validate_name("db", &db)?;
     validate_name("class_id", &class_id)?;
     let classes = format!("{db}:{}", branch_of(&q.branch)?);
-    let properties = match q.filter.is_some() || q.sort.is_some() {
-        true => class_properties(&state, &classes, &class_id).await?,
-        false => HashMap::new(),
+    let (properties, indexed) = match q.filter.is_some() || q.sort.is_some() {
+        true => class_fields(&state, &classes, &class_id).await?,
+        false => Default::default(),
     };
     let mut conditions = match &q.filter {
         Some(text) => filter::parse(text, &properties)?,
         None => Vec::new(),
     };
+    for c in conditions.iter_mut().flatten() {
+        c.indexed = indexed.contains(&c.property);
+    }
     let search = q.q.as_deref().map(|text| Search::parse(text, state.config.database.text_search_for(&db))).transpose()?;
     if let Some(search) = &search {
-        conditions.push(vec![filter::Condition { property: String::new(), ty: filter::ValueType::Text, test: filter::Test::Search(search.clone()) }]);
+        conditions.push(vec![filter::Condition { property: String::new(), ty: filter::ValueType::Text, test: filter::Test::Search(search.clone()), indexed: false }]);
     }
     // A search is in relevance order unless `sort=` says otherwise.
     let sort = match (&q.sort, search) {

@@ -37,7 +37,7 @@ pub async fn send(http: &reqwest::Client, base: &str, method: &str, path: &str, 
 
 /// Polls `{root}/readyz` until it answers 200 (bounded).
 pub async fn wait_ready(root: &str) {
-    let http = reqwest::Client::new();
+    let http = super::http();
     let deadline = Instant::now() + DECIDE;
     while !http.get(format!("{root}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
         assert!(Instant::now() < deadline, "{root} not ready");

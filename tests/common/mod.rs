@@ -94,6 +94,13 @@ pub struct TestApp {
     _dir: tempfile::TempDir,
 }
 
+/// The tests' HTTP client: it lets an idle pooled connection go after 5 s, before the
+/// server's idle keep-alive limit (`serve.header_read_timeout_ms`, 10 s) closes it; reusing
+/// one the server is closing at that instant fails the request (`IncompleteMessage`).
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().pool_idle_timeout(std::time::Duration::from_secs(5)).build().expect("an HTTP client")
+}
+
 pub async fn spawn_app(backend: Backend) -> TestApp {
     let (config, dir) = isolated_config(backend).await;
     spawn_with(config, dir).await
@@ -137,7 +144,7 @@ async fn spawn_role(config: Config, dir: tempfile::TempDir, dev: bool) -> TestAp
     };
     let app = TestApp {
         base: format!("http://{addr}/api/v1"),
-        http: reqwest::Client::new(),
+        http: http(),
         config,
         shutdown,
         handle,

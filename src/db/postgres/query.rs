@@ -4,7 +4,7 @@
 
 use super::{table, Pg};
 use crate::db::read::filter::{like_pattern, render, render_into, Binder, CmpOp, Condition, Param, Test, ValueType};
-use crate::db::read::sort::{self, SortKey};
+use crate::db::read::sort::{self, SortKey, Start};
 use crate::db::read::query::{kind_of, COLUMNS};
 use crate::db::read::search::{valid_config_name, Search, Term};
 use crate::db::read::{Page, ReadKind, ReadRow, ReadSchema, Reference, Snapshot};
@@ -86,16 +86,36 @@ async fn sorted_page(pg: &Pg, page: &Page<'_>) -> Result<Snapshot, DbError> {
     let mut b = Binder::new(4, '$');
     let filter = render_into(page.filter, &mut b, clause);
     let exprs: Vec<String> = page.sort.keys.iter().map(|k| sort_expr(k, &mut b)).collect();
-    let after = match page.after {
-        Some(key) => format!(" AND {}", sort::after(page.sort, &exprs, page.after_values, key, &DIALECT, &mut b)),
-        None => String::new(),
+    let (after, start) = match page.after {
+        Some(key) => (
+            format!(" AND {}", sort::after(page.sort, &exprs, page.after_values, key, &DIALECT, &mut b)),
+            sort::start(page.sort, &exprs, page.after_values, &DIALECT, &mut b),
+        ),
+        None => (String::new(), Start::Anywhere),
     };
     let selected: String = exprs.iter().enumerate().map(|(i, e)| format!(", {e} AS s{i}")).collect();
-    let rows = format!(
-        "SELECT {COLUMNS}{selected} FROM {} WHERE kind = $1 AND parent = $2 AND NOT deleted{after}{filter} ORDER BY {} LIMIT $3",
-        table(&schema, "read_models"),
-        sort::order_by(page.sort, &exprs, "key"),
-    );
+    let part = |bound: &str| {
+        format!(
+            "SELECT {COLUMNS}{selected} FROM {} WHERE kind = $1 AND parent = $2 AND NOT deleted{bound}{after}{filter} ORDER BY {} LIMIT $3",
+            table(&schema, "read_models"),
+            sort::order_by(page.sort, &exprs, "key"),
+        )
+    };
+    // With a bound on the first key, an index of its expression starts the scan at the cursor
+    // (a deep page costs what the first does); split, each range is one such scan.
+    let rows = match start {
+        Start::Anywhere => part(""),
+        Start::At(bound) => part(&format!(" AND {bound}")),
+        Start::Split { values, nulls } => {
+            let names: Vec<String> = (0..exprs.len()).map(|i| format!("u.s{i}")).collect();
+            format!(
+                "SELECT * FROM (({}) UNION ALL ({})) u ORDER BY {} LIMIT $3",
+                part(&format!(" AND {values}")),
+                part(&format!(" AND {nulls}")),
+                sort::order_by(page.sort, &names, "u.key"),
+            )
+        }
+    };
     let outer: Vec<String> = (0..exprs.len()).map(|i| format!("r.s{i}")).collect();
     let sql = format!(
         "SELECT p.position, r.* FROM {} p LEFT JOIN LATERAL ({rows}) r ON true WHERE p.id = 1 ORDER BY {}",
@@ -114,25 +134,39 @@ const DIALECT: sort::Dialect = sort::Dialect { value: sort_value, same: "IS NOT 
 /// A sort key's typed value over the data: null when missing or of another type. The name is
 /// an identifier ([`sort::Sort::parse`] checks), spelled inline so a plan can use an index.
 fn sort_expr(k: &SortKey, b: &mut Binder) -> String {
-    if let Some(search) = &k.rank {
-        return rank(search, b);
+    match &k.rank {
+        Some(search) => rank(search, b),
+        None => typed(&k.property, k.ty),
     }
-    let x = format!("(state -> 'data' -> '{}')", k.property);
-    let (json_type, cast) = match k.ty {
+}
+
+/// A property's value as SQL of its type (numeric, text in byte order, boolean), null when
+/// missing or of another type: the expression of sorts, of filters on `indexed` properties
+/// and of their indexes (`read::ensure_indexes`), spelled the same in all three so the planner
+/// matches them. `property` must be an identifier (class definitions and [`sort::Sort::parse`]
+/// check).
+pub(super) fn typed(property: &str, ty: ValueType) -> String {
+    let x = format!("(state -> 'data' -> '{property}')");
+    let (json_type, cast) = match ty {
         ValueType::Number => ("number", "::numeric"),
         ValueType::Bool => ("boolean", "::boolean"),
         ValueType::Text | ValueType::Json => ("string", ""),
     };
-    let collate = if k.ty == ValueType::Text { " COLLATE \"C\"" } else { "" };
+    let collate = if ty == ValueType::Text { " COLLATE \"C\"" } else { "" };
     format!("(CASE WHEN jsonb_typeof({x}) = '{json_type}' THEN ({x} #>> '{{}}'){cast} END){collate}")
 }
 
 fn sort_value(k: &SortKey, v: &Value, b: &mut Binder) -> String {
+    typed_value(k.ty, v, b)
+}
+
+/// A bound value as SQL of type `ty`, to compare with [`typed`].
+fn typed_value(ty: ValueType, v: &Value, b: &mut Binder) -> String {
     let text = match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    let cast = match k.ty {
+    let cast = match ty {
         ValueType::Number => "numeric",
         ValueType::Bool => "boolean",
         ValueType::Text | ValueType::Json => "text",
@@ -247,6 +281,11 @@ fn clause(c: &Condition, b: &mut Binder) -> String {
     if let Test::Search(s) = &c.test {
         return search(s, b);
     }
+    if c.indexed {
+        if let Some(sql) = indexed_clause(c, b) {
+            return sql;
+        }
+    }
     // Containment, so the GIN index on the data serves equality and `in`.
     let doc = |v: &Value| json!({ c.property.clone(): v });
     match &c.test {
@@ -283,6 +322,24 @@ fn clause(c: &Condition, b: &mut Binder) -> String {
     }
 }
 
+/// A condition on an `indexed` property as a test of its typed expression, which the
+/// property's btree index serves (comparisons, `in`, `not_in` and `like` prefixes); the same
+/// rows as the other spelling, since both match only values of the property's type. `None`
+/// for the tests the index cannot serve.
+fn indexed_clause(c: &Condition, b: &mut Binder) -> Option<String> {
+    let e = typed(&c.property, c.ty);
+    let list = |values: &[Value], b: &mut Binder| values.iter().map(|v| typed_value(c.ty, v, b)).collect::<Vec<_>>().join(", ");
+    Some(match &c.test {
+        Test::Cmp(op, v) => format!("{e} {} {}", op.sql(), typed_value(c.ty, v, b)),
+        Test::In(values) => format!("{e} IN ({})", list(values, b)),
+        Test::NotIn(values) => format!("{e} NOT IN ({})", list(values, b)),
+        Test::Like { pattern, case_insensitive: false } => {
+            format!("{e} LIKE {}::text ESCAPE '\\'", b.bind(Param::Text(like_pattern(pattern))))
+        }
+        Test::Like { case_insensitive: true, .. } | Test::Exists(_) | Test::Search(_) => return None,
+    })
+}
+
 /// One containment per value, OR-ed: each is a GIN index scan (`@> ANY(…)` is not).
 fn any_of(values: &[Value], doc: &dyn Fn(&Value) -> Value, b: &mut Binder) -> String {
     let any: Vec<String> = values
@@ -305,5 +362,17 @@ mod tests {
         assert!(sql.contains("$5::text") && sql.contains("> $6::jsonb") && sql.contains("@> $7::jsonb OR (state -> 'data') @> $8::jsonb)"), "{sql}");
         assert!(sql.starts_with(" AND ((jsonb_typeof"), "each group is parenthesised: {sql}");
         assert_eq!(params.len(), 4);
+    }
+
+    #[test]
+    fn filters_on_indexed_properties_test_the_index_expression() {
+        let props: HashMap<String, String> = [("age", "integer"), ("name", "string")].map(|(k, v)| (k.to_string(), v.to_string())).into();
+        let mut groups = parse("age=in:(1|2),name=like:ab*,name=ilike:x", &props).unwrap();
+        groups.iter_mut().flatten().for_each(|c| c.indexed = true);
+        let (sql, _) = render(&groups, 1, '$', clause);
+        let (age, name) = (typed("age", ValueType::Number), typed("name", ValueType::Text));
+        assert!(sql.contains(&format!("{age} IN (($1::text)::numeric, ($2::text)::numeric)")), "{sql}");
+        assert!(sql.contains(&format!("{name} LIKE $3::text")), "{sql}");
+        assert!(sql.contains("ILIKE"), "ilike is no btree range and keeps its spelling: {sql}");
     }
 }

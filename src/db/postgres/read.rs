@@ -5,6 +5,7 @@
 use super::{table, Pg};
 use crate::db::read::batch::{cascade_position, is_database, one_by_one, refuse, rounds, unapplied, Tried};
 use crate::db::read::failures::exchange;
+use crate::db::read::filter::ValueType;
 use crate::db::read::search::valid_config_name;
 use crate::db::read::{release, spliced};
 use crate::db::read::{Applied, CatchUp, Change, Page, Progress, ProjectionFailure, ReadBatch, ReadKind, ReadSchema, ReadStore, Reference, Refused, Snapshot, HANDLER};
@@ -249,7 +250,8 @@ async fn apply_change(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema,
     if c.cascade {
         tx.execute(&sql(CASCADE, schema), &[&c.row.key, &(c.row.position as i64)]).await?;
     }
-    apply_releases(tx, schema, &[c]).await
+    apply_releases(tx, schema, &[c]).await?;
+    ensure_indexes(tx, schema, &[c]).await
 }
 
 /// The rule of `db::read::release`, from both ends, for changes already applied.
@@ -298,7 +300,55 @@ async fn apply_batch(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, 
         upsert(tx, schema, &round).await?;
     }
     apply_releases(tx, schema, &claimed).await?;
+    ensure_indexes(tx, schema, &claimed).await?;
     progress(tx, schema, &batch.progress).await
+}
+
+/// The btree index of each property the classes in `changes` declare `indexed`: one per
+/// property name and type, over every class's instances, by class, the property's typed value
+/// ([`super::query::typed`], the expression filters on the property and sorts use), then the
+/// id, so a class's filter, sort or keyset page on it is a range of the index. Built in the
+/// batch's transaction, so on a large table the projection waits for the build (reads do not).
+/// An index stays when the flag is taken away (dropping it is the operator's call).
+async fn ensure_indexes(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, changes: &[&Change]) -> Result<(), DbError> {
+    for c in changes.iter().filter(|c| c.row.kind == ReadKind::Class) {
+        let properties = c.row.state.as_ref().and_then(|s| s["properties"].as_array());
+        for p in properties.into_iter().flatten().filter(|p| p["indexed"] == true) {
+            let (Some(name), Some(ty)) = (p["name"].as_str(), p["type"].as_str()) else { continue };
+            // Checked when the class was submitted; a log written otherwise gets no index.
+            let identifier = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            let ty = ValueType::of_property(ty);
+            if identifier && ty != ValueType::Json {
+                tx.batch_execute(&index_ddl(schema, name, ty)).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn index_ddl(schema: &ReadSchema, property: &str, ty: ValueType) -> String {
+    let kind = match ty {
+        ValueType::Number => "n",
+        ValueType::Bool => "b",
+        ValueType::Text | ValueType::Json => "t",
+    };
+    // PostgreSQL cuts names at 63 bytes: a long property name is shortened and told apart by
+    // a hash of it, so two never share an index name.
+    let short = match property.len() {
+        0..=40 => property.to_string(),
+        _ => format!("{}_{:016x}", &property[..24], fnv1a(property)),
+    };
+    format!(
+        "CREATE INDEX IF NOT EXISTS read_models_ix_{kind}_{short} ON \"{}\".read_models (parent, {}, key) \
+         WHERE kind = 'instance' AND NOT deleted",
+        schema.name(),
+        super::query::typed(property, ty)
+    )
+}
+
+/// FNV-1a: a hash that is the same in every build, for names that must not change.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The events of the batch not applied before; records them done.

@@ -115,6 +115,9 @@ pub struct Condition {
     pub property: String,
     pub ty: ValueType,
     pub test: Test,
+    /// The class declares the property `indexed`: a read store with an index of its values
+    /// spells the condition so the index serves it.
+    pub indexed: bool,
 }
 
 /// Alternatives: a row matches when any of its conditions holds.
@@ -215,7 +218,7 @@ impl Parser<'_> {
             self.at = value_at;
             return Err(self.error(format!("{property}: decimal properties take =, !=, in, not_in and exists, not order comparisons")));
         }
-        Ok(Condition { property: property.to_string(), ty, test })
+        Ok(Condition { property: property.to_string(), ty, test, indexed: false })
     }
 
     fn operator(&mut self) -> Result<CmpOp, InvalidFilter> {

@@ -162,6 +162,33 @@ pub fn after(sort: &Sort, exprs: &[String], values: &[Value], key: &str, dialect
     format!("({})", alternatives.join(" OR "))
 }
 
+/// Where the rows after the cursor start in the first key's order, as conditions an index of
+/// the first key's expression can start a scan at. Each is implied by [`after`] (so adding it
+/// changes no result); [`after`] itself, an OR, is no index condition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Start {
+    /// No such bound (a descending key after a null: every row may follow).
+    Anywhere,
+    /// One condition.
+    At(String),
+    /// Two disjoint ranges whose union holds every row after the cursor: non-null values from
+    /// the cursor's on, then the nulls (which sort last ascending).
+    Split { values: String, nulls: String },
+}
+
+pub fn start(sort: &Sort, exprs: &[String], values: &[Value], dialect: &Dialect, b: &mut Binder) -> Start {
+    let (Some(k), Some(e), Some(v)) = (sort.keys.first(), exprs.first(), values.first()) else { return Start::Anywhere };
+    if k.rank.is_some() {
+        return Start::Anywhere;
+    }
+    match (k.descending, v.is_null()) {
+        (true, true) => Start::Anywhere,
+        (true, false) => Start::At(format!("{e} <= {}", (dialect.value)(k, v, b))),
+        (false, true) => Start::At(format!("{e} IS NULL")),
+        (false, false) => Start::Split { values: format!("{e} >= {}", (dialect.value)(k, v, b)), nulls: format!("{e} IS NULL") },
+    }
+}
+
 fn conjunction(equal: &[String], last: &str) -> String {
     let mut all = equal.to_vec();
     all.push(last.to_string());
