@@ -98,6 +98,7 @@ pub async fn run(config: &Config, options: Options) -> anyhow::Result<Report> {
     };
     let mut meter = Meter::new(end);
     let (position, events, mut refused) = fill(&db, &tail, &target, options.until, end, &mut meter).await?;
+    db.read.complete(&target).await?;
     let swap = options.until == Until::Head && !options.no_swap;
     // The swap applies what was written since `end` (a few segments) under its lock.
     let position = if swap {

@@ -44,21 +44,11 @@ const LIST_FAILURES: &str = "SELECT schema_name, event_id, position, aggregate_i
      FROM projection_failures WHERE schema_name = $1 ORDER BY position, event_id";
 const DELETE_FAILURE: &str = "DELETE FROM projection_failures WHERE schema_name = $1 AND event_id = $2";
 
-/// DDL creating the schema's tables if they do not exist (PostgreSQL).
+/// DDL creating the schema's tables if they do not exist (PostgreSQL), with the indexes of
+/// queries for the live schema ([`search_ddl`]; a rebuild target gets them when complete).
 pub(super) fn ddl(schema: &ReadSchema, text_search: &[String]) -> String {
     let s = schema.name();
-    // One GIN index per text search configuration in use, over the expression `q=` filters
-    // with (`query::search_document`), so a search is an index scan.
-    let search: String = text_search
-        .iter()
-        .filter(|c| valid_config_name(c))
-        .map(|c| {
-            format!(
-                "CREATE INDEX IF NOT EXISTS read_models_search_{c} ON \"{s}\".read_models USING gin ({}) WHERE kind = 'instance';\n",
-                super::query::search_document(c)
-            )
-        })
-        .collect();
+    let search = if schema.is_live() { search_ddl(schema, text_search) } else { String::new() };
     let tables = format!(
         "CREATE SCHEMA IF NOT EXISTS \"{s}\";
          CREATE TABLE IF NOT EXISTS \"{s}\".read_models (
@@ -86,6 +76,36 @@ pub(super) fn ddl(schema: &ReadSchema, text_search: &[String]) -> String {
              PRIMARY KEY (topic, partition));"
     );
     format!("{tables}\n{search}")
+}
+
+/// One GIN index per text search configuration in use, over the expression `q=` filters with
+/// (`query::search_document`), so a search is an index scan.
+fn search_ddl(schema: &ReadSchema, text_search: &[String]) -> String {
+    let s = schema.name();
+    text_search
+        .iter()
+        .filter(|c| valid_config_name(c))
+        .map(|c| {
+            format!(
+                "CREATE INDEX IF NOT EXISTS read_models_search_{c} ON \"{s}\".read_models USING gin ({}) WHERE kind = 'instance';\n",
+                super::query::search_document(c)
+            )
+        })
+        .collect()
+}
+
+/// Every index of queries `schema` lacks: the search indexes and those of the `indexed`
+/// properties its live classes declare.
+async fn complete_indexes(client: &impl tokio_postgres::GenericClient, schema: &ReadSchema, text_search: &[String]) -> Result<(), DbError> {
+    client.batch_execute(&search_ddl(schema, text_search)).await?;
+    let classes = format!("SELECT state FROM {} WHERE kind = 'class' AND NOT deleted", table(schema, "read_models"));
+    for row in client.query(&classes, &[]).await? {
+        let state: Option<serde_json::Value> = row.get(0);
+        for (name, ty) in indexed_properties(state.as_ref()) {
+            client.batch_execute(&index_ddl(schema, name, ty)).await?;
+        }
+    }
+    Ok(())
 }
 
 fn sql(template: &str, schema: &ReadSchema) -> String {
@@ -155,6 +175,11 @@ impl ReadStore for Pg {
         Ok(())
     }
 
+    async fn complete(&self, schema: &ReadSchema) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        complete_indexes(&**client, schema, &self.text_search).await
+    }
+
     async fn schema_exists(&self, schema: &ReadSchema) -> Result<bool, DbError> {
         let client = self.pool.get().await?;
         let row = client.query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema.name()]).await?;
@@ -171,6 +196,8 @@ impl ReadStore for Pg {
         let head = tx.query_one("SELECT position FROM log_head WHERE id = 1", &[]).await?.get::<_, i64>(0) as u64;
         let from = position(&tx, target, false).await? + 1;
         let applied = apply_all(&tx, target, &catch_up(from, head).await?).await?;
+        // Those the catch-up's classes need (the rest were built when the target completed).
+        complete_indexes(&*tx, target, &self.text_search).await?;
         tx.batch_execute(&swap_names(&live, target)).await?;
         tx.commit().await?;
         Ok(applied)
@@ -309,21 +336,29 @@ async fn apply_batch(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, 
 /// ([`super::query::typed`], the expression filters on the property and sorts use), then the
 /// id, so a class's filter, sort or keyset page on it is a range of the index. Built in the
 /// batch's transaction, so on a large table the projection waits for the build (reads do not).
-/// An index stays when the flag is taken away (dropping it is the operator's call).
+/// A rebuild target gets its indexes when complete. An index stays when the flag is taken
+/// away (dropping it is the operator's call).
 async fn ensure_indexes(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, changes: &[&Change]) -> Result<(), DbError> {
+    if !schema.is_live() {
+        return Ok(());
+    }
     for c in changes.iter().filter(|c| c.row.kind == ReadKind::Class) {
-        let properties = c.row.state.as_ref().and_then(|s| s["properties"].as_array());
-        for p in properties.into_iter().flatten().filter(|p| p["indexed"] == true) {
-            let (Some(name), Some(ty)) = (p["name"].as_str(), p["type"].as_str()) else { continue };
-            // Checked when the class was submitted; a log written otherwise gets no index.
-            let identifier = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            let ty = ValueType::of_property(ty);
-            if identifier && ty != ValueType::Json {
-                tx.batch_execute(&index_ddl(schema, name, ty)).await?;
-            }
+        for (name, ty) in indexed_properties(c.row.state.as_ref()) {
+            tx.batch_execute(&index_ddl(schema, name, ty)).await?;
         }
     }
     Ok(())
+}
+
+/// The properties a class state declares `indexed`, with their filter types.
+fn indexed_properties(class: Option<&serde_json::Value>) -> impl Iterator<Item = (&str, ValueType)> {
+    let properties = class.and_then(|s| s["properties"].as_array());
+    properties.into_iter().flatten().filter(|p| p["indexed"] == true).filter_map(|p| {
+        let (name, ty) = (p["name"].as_str()?, ValueType::of_property(p["type"].as_str()?));
+        // Checked when the class was submitted; a log written otherwise gets no index.
+        let identifier = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        (identifier && ty != ValueType::Json).then_some((name, ty))
+    })
 }
 
 fn index_ddl(schema: &ReadSchema, property: &str, ty: ValueType) -> String {

@@ -101,6 +101,11 @@ impl ReadSchema {
     pub fn name(&self) -> &str {
         &self.0
     }
+
+    /// The schema queries read (any other is a rebuild's, until it is swapped in).
+    pub fn is_live(&self) -> bool {
+        self.0 == LIVE_SCHEMA
+    }
 }
 
 /// `template` with its table placeholders (`{rm}` read models, `{proj}` projection, `{parts}`
@@ -153,8 +158,14 @@ pub trait ReadStore: Send + Sync + 'static {
     /// wins. `None` when it applied (its failure row is deleted), else the new refusal (its row
     /// keeps it, one attempt more).
     async fn reapply(&self, schema: &ReadSchema, change: &Change) -> Result<Option<Refused>, DbError>;
-    /// Creates the schema's tables where missing.
+    /// Creates the schema's tables where missing; a rebuild target's without the indexes only
+    /// queries use, which [`ReadStore::complete`] builds.
     async fn create_tables(&self, schema: &ReadSchema) -> Result<(), DbError>;
+    /// Builds the indexes only queries use on a rebuild target, once it is filled: one bulk
+    /// build each instead of one insert per row (the swap builds any a late class needs).
+    async fn complete(&self, _schema: &ReadSchema) -> Result<(), DbError> {
+        Ok(())
+    }
     async fn schema_exists(&self, schema: &ReadSchema) -> Result<bool, DbError>;
     /// Exchanges `target` and the live schema (the old live tables end up under the target's
     /// name), after catching the target up to the log head, in one transaction: it blocks the
