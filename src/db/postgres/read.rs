@@ -332,7 +332,7 @@ async fn apply_batch(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, 
 }
 
 /// The btree index of each property the classes in `changes` declare `indexed`: one per
-/// property name and type, over every class's instances, by class, the property's typed value
+/// property name and type, over every row (instances of every class), by class, the property's typed value
 /// ([`super::query::typed`], the expression filters on the property and sorts use), then the
 /// id, so a class's filter, sort or keyset page on it is a range of the index. Built in the
 /// batch's transaction, so on a large table the projection waits for the build (reads do not).
@@ -373,9 +373,12 @@ fn index_ddl(schema: &ReadSchema, property: &str, ty: ValueType) -> String {
         0..=40 => property.to_string(),
         _ => format!("{}_{:016x}", &property[..24], fnv1a(property)),
     };
+    // Not partial: PostgreSQL keeps statistics of an index's expressions only for an index
+    // without a predicate, and without them it guesses every condition on the expression at
+    // 0.5 % (seen: a `like` prefix matching 11 % planned as a value range and a sort, 110 ms
+    // where the key walk takes 3). The few rows that are not live instances cost little.
     format!(
-        "CREATE INDEX IF NOT EXISTS read_models_ix_{kind}_{short} ON \"{}\".read_models (parent, {}, key) \
-         WHERE kind = 'instance' AND NOT deleted",
+        "CREATE INDEX IF NOT EXISTS read_models_ix_{kind}_{short} ON \"{}\".read_models (parent, {}, key)",
         schema.name(),
         super::query::typed(property, ty)
     )
