@@ -332,7 +332,7 @@ async fn apply_batch(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchema, 
 }
 
 /// The btree index of each property the classes in `changes` declare `indexed`: one per
-/// property name and type, over every row (instances of every class), by class, the property's typed value
+/// property name and type, over the rows of every class, by class, the property's typed value
 /// ([`super::query::typed`], the expression filters on the property and sorts use), then the
 /// id, so a class's filter, sort or keyset page on it is a range of the index. Built in the
 /// batch's transaction, so on a large table the projection waits for the build (reads do not).
