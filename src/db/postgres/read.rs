@@ -7,6 +7,7 @@ use crate::db::read::batch::{cascade_position, is_database, one_by_one, refuse, 
 use crate::db::read::failures::exchange;
 use crate::db::read::filter::ValueType;
 use crate::db::read::search::valid_config_name;
+use crate::db::read::sort::is_identifier;
 use crate::db::read::{release, spliced};
 use crate::db::read::{Applied, CatchUp, Change, Page, Progress, ProjectionFailure, ReadBatch, ReadKind, ReadSchema, ReadStore, Reference, Refused, Snapshot, HANDLER};
 use crate::db::{storable, DbError};
@@ -42,6 +43,7 @@ const RECORD: &str = "INSERT INTO projection_failures (schema_name, event_id, po
      SET attempts = projection_failures.attempts + 1, error = EXCLUDED.error, last_seen_at = now()";
 const LIST_FAILURES: &str = "SELECT schema_name, event_id, position, aggregate_id, error, attempts, first_seen_at, last_seen_at \
      FROM projection_failures WHERE schema_name = $1 ORDER BY position, event_id";
+const EXISTING_INDEXES: &str = "SELECT indexname::text FROM pg_indexes WHERE schemaname = $1 AND indexname = ANY($2)";
 const DELETE_FAILURE: &str = "DELETE FROM projection_failures WHERE schema_name = $1 AND event_id = $2";
 
 /// DDL creating the schema's tables if they do not exist (PostgreSQL), with the indexes of
@@ -342,8 +344,19 @@ async fn ensure_indexes(tx: &tokio_postgres::Transaction<'_>, schema: &ReadSchem
     if !schema.is_live() {
         return Ok(());
     }
-    for c in changes.iter().filter(|c| c.row.kind == ReadKind::Class) {
-        for (name, ty) in indexed_properties(c.row.state.as_ref()) {
+    let wanted: Vec<(&str, ValueType)> =
+        changes.iter().filter(|c| c.row.kind == ReadKind::Class).flat_map(|c| indexed_properties(c.row.state.as_ref())).collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    // Only the missing ones: `CREATE INDEX IF NOT EXISTS` takes a SHARE lock on the table even
+    // when the index is there, and would hold back every other projection process's writes
+    // until this batch commits, on every update of a class with an indexed property.
+    let names: Vec<String> = wanted.iter().map(|(name, ty)| index_name(name, *ty)).collect();
+    let present: HashSet<String> =
+        tx.query(EXISTING_INDEXES, &[&schema.name(), &names]).await?.iter().map(|r| r.get(0)).collect();
+    for ((name, ty), index) in wanted.into_iter().zip(&names) {
+        if !present.contains(index) {
             tx.batch_execute(&index_ddl(schema, name, ty)).await?;
         }
     }
@@ -356,12 +369,12 @@ fn indexed_properties(class: Option<&serde_json::Value>) -> impl Iterator<Item =
     properties.into_iter().flatten().filter(|p| p["indexed"] == true).filter_map(|p| {
         let (name, ty) = (p["name"].as_str()?, ValueType::of_property(p["type"].as_str()?));
         // Checked when the class was submitted; a log written otherwise gets no index.
-        let identifier = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        (identifier && ty != ValueType::Json).then_some((name, ty))
+        (is_identifier(name) && ty != ValueType::Json).then_some((name, ty))
     })
 }
 
-fn index_ddl(schema: &ReadSchema, property: &str, ty: ValueType) -> String {
+/// The index of `property` as type `ty`: `read_models_ix_<n|t|b>_<name>`.
+fn index_name(property: &str, ty: ValueType) -> String {
     let kind = match ty {
         ValueType::Number => "n",
         ValueType::Bool => "b",
@@ -373,12 +386,17 @@ fn index_ddl(schema: &ReadSchema, property: &str, ty: ValueType) -> String {
         0..=40 => property.to_string(),
         _ => format!("{}_{:016x}", &property[..24], fnv1a(property)),
     };
+    format!("read_models_ix_{kind}_{short}")
+}
+
+fn index_ddl(schema: &ReadSchema, property: &str, ty: ValueType) -> String {
     // Not partial: PostgreSQL keeps statistics of an index's expressions only for an index
     // without a predicate, and without them it guesses every condition on the expression at
     // 0.5 % (seen: a `like` prefix matching 11 % planned as a value range and a sort, 110 ms
     // where the key walk takes 3). The few rows that are not live instances cost little.
     format!(
-        "CREATE INDEX IF NOT EXISTS read_models_ix_{kind}_{short} ON \"{}\".read_models (parent, {}, key)",
+        "CREATE INDEX IF NOT EXISTS {} ON \"{}\".read_models (parent, {}, key)",
+        index_name(property, ty),
         schema.name(),
         super::query::typed(property, ty)
     )

@@ -52,7 +52,7 @@ impl Sort {
                 Some(name) => (true, name),
                 None => (false, *part),
             };
-            if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            if !is_identifier(name) {
                 // Property names are identifiers; the sort expressions spell them inline.
                 return Err(InvalidSort(format!("{name:?} is not a property of this class (sort takes prop, -prop and id)")));
             }
@@ -121,6 +121,12 @@ impl Sort {
             })
             .collect()
     }
+}
+
+/// Letters, digits and `_` only: a property name the read stores may spell inline in SQL (the
+/// typed expressions of sorts and indexes, which a plan matches only when written out).
+pub fn is_identifier(name: &str) -> bool {
+    name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// How a backend spells the values of a sorted keyset query (each backend spells the sort
