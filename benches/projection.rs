@@ -148,14 +148,18 @@ async fn queries(base: &str) {
         ("count=true, where=s=v42", Box::new(|_| format!("{list}?limit=100&count=true&where={}", enc("s=v42")))),
         ("count=true (over the bound)", Box::new(|_| format!("{list}?limit=100&count=true"))),
         ("links?direction=in", Box::new(|i| format!("{list}/{}/links?direction=in", id(spread(i) / 10 * 10)))),
-        // 1,000 matches, in relevance order; then 11,000 (v4, v40..v49) by prefix.
+        // A word matching 1 % of the instances, in relevance order and in id order; a prefix
+        // matching 0.1 % (the `r` values i0000000..i0000990 and so on); one matching 11 %
+        // (v4, v40..v49), in both orders.
         ("q=v42 (search)", Box::new(|i| format!("{list}?limit=100&q=v{}", 40 + i % 10))),
-        ("q=v4* (prefix search)", Box::new(|i| format!("{list}?limit=100&q={}", enc(&format!("v{}*", i % 10))))),
         ("q=v42&sort=id (search, id order)", Box::new(|i| format!("{list}?limit=100&q=v{}&sort=id", 40 + i % 10))),
+        ("q=i0004* (prefix, 0.1 %)", Box::new(|i| format!("{list}?limit=100&q={}", enc(&format!("i000{}*", i % 10))))),
+        ("q=v4* (prefix, 11 %)", Box::new(|i| format!("{list}?limit=100&q={}", enc(&format!("v{}*", i % 10))))),
+        ("q=v4*&sort=id (prefix, 11 %, id order)", Box::new(|i| format!("{list}?limit=100&q={}&sort=id", enc(&format!("v{}*", i % 10))))),
     ];
     for (name, url) in cases {
         let (p50, p99, rows) = timed((0..200).map(&url).collect()).await;
-        println!("query {name:<28} over {} instances: p50 {p50:.2} ms, p99 {p99:.2} ms ({rows} rows/response)", instances());
+        println!("query {name:<38} over {} instances: p50 {p50:.2} ms, p99 {p99:.2} ms ({rows} rows/response)", instances());
     }
 }
 

@@ -289,3 +289,54 @@ async fn a_swap_catches_the_target_up_and_exchanges_the_names(backend: Backend) 
     assert_eq!(keys(store, &page("d:main:C", None, 10, &[])).await, ["d:main:C:late", "d:main:C:new"]);
     assert_eq!(store.position(&target).await.unwrap(), 2, "the old live schema, under the target's name");
 }
+
+/// PostgreSQL keeps one stored search column (and its GIN index) per text search
+/// configuration the config file names: `spiced migrate` adds a new one, filling it for the
+/// rows already there, drops one no longer named, and drops the expression index that
+/// served searches before the columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_columns_follow_the_configured_configurations() {
+    let (mut config, _dir) = isolated_config(Backend::S3Postgres).await;
+    let db = Database::open(&config.database).await.unwrap();
+    db.migrate().await.unwrap();
+    let mut row = change("shop:main:C:a", 1, 2, 1, false);
+    row.row.state = Some(serde_json::json!({"instance_id": "a", "data": {"s": "running shoes"}}));
+    db.read.apply(&ReadSchema::live(), &log_batch(vec![change("shop", 1, 1, 0, false), row], 2)).await.unwrap();
+    let (client, conn) = tokio_postgres::connect(config.database.url.expose(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // As an install from before the search columns had it.
+    client
+        .batch_execute(
+            "CREATE INDEX read_models_search_simple ON spiced_read.read_models \
+             USING gin (jsonb_to_tsvector('simple'::regconfig, state -> 'data', '[\"string\"]')) WHERE kind = 'instance'",
+        )
+        .await
+        .unwrap();
+    let names = |sql: &'static str| {
+        let client = &client;
+        async move { client.query(sql, &[]).await.unwrap().iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>() }
+    };
+    let columns = "SELECT attname::text FROM pg_attribute WHERE attrelid = 'spiced_read.read_models'::regclass \
+                   AND attname LIKE 'search%' AND NOT attisdropped ORDER BY 1";
+    let indexes = "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'spiced_read' \
+                   AND indexname LIKE 'read_models_%' AND indexname NOT IN ('read_models_page', 'read_models_db', 'read_models_data', 'read_models_pkey') ORDER BY 1";
+
+    config.database.text_search_by_db.insert("shop".into(), "english".into());
+    let both = Database::open(&config.database).await.unwrap();
+    both.migrate().await.unwrap();
+    assert_eq!(names(columns).await, ["search_english", "search_simple"]);
+    assert_eq!(names(indexes).await, ["read_models_text_english", "read_models_text_simple"], "the expression index is gone");
+    let stemmed: String = client
+        .query_one("SELECT search_english::text FROM spiced_read.read_models WHERE key = 'shop:main:C:a'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stemmed, "'run':1 'shoe':2", "the row already there got its english document");
+
+    config.database.text_search = "english".into();
+    config.database.text_search_by_db.clear();
+    let english = Database::open(&config.database).await.unwrap();
+    english.migrate().await.unwrap();
+    assert_eq!(names(columns).await, ["search_english"]);
+    assert_eq!(names(indexes).await, ["read_models_text_english"]);
+}

@@ -116,7 +116,7 @@ impl DatabaseConfig {
             .chain(self.text_search_by_db.iter().map(|(db, c)| (format!("database.text_search_by_db.{db}"), c)));
         for (key, name) in named {
             if !crate::db::read::search::valid_config_name(name) {
-                return Err(invalid(&key, format!("{name:?} is not a text search configuration name (lowercase letters, digits, _)")));
+                return Err(invalid(&key, format!("{name:?} is not a text search configuration name (at most 40 lowercase letters, digits and _)")));
             }
         }
         Ok(())

@@ -237,11 +237,10 @@ fn pg_type(ty: ValueType) -> &'static str {
     }
 }
 
-/// The data's strings as a text search document in configuration `config`: the expression of
-/// the GIN index `read::ddl` creates, spelled with the configuration inline so the planner
-/// matches it. (`jsonb_to_tsvector` with a configuration is immutable, so it can be indexed.)
+/// The data's strings as a text search document in configuration `config`: the stored column
+/// `read::ddl` adds (`jsonb_to_tsvector` of the data) and the GIN index over it.
 pub(super) fn search_document(config: &str) -> String {
-    format!("jsonb_to_tsvector('{config}'::regconfig, state -> 'data', '[\"string\"]')")
+    format!("search_{config}")
 }
 
 /// `q=` as a `tsquery`: every term, each parsed by the configuration as PostgreSQL parses a

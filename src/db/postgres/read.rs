@@ -46,8 +46,9 @@ const LIST_FAILURES: &str = "SELECT schema_name, event_id, position, aggregate_i
 const EXISTING_INDEXES: &str = "SELECT indexname::text FROM pg_indexes WHERE schemaname = $1 AND indexname = ANY($2)";
 const DELETE_FAILURE: &str = "DELETE FROM projection_failures WHERE schema_name = $1 AND event_id = $2";
 
-/// DDL creating the schema's tables if they do not exist (PostgreSQL), with the indexes of
-/// queries for the live schema ([`search_ddl`]; a rebuild target gets them when complete).
+/// DDL creating the schema's tables if they do not exist (PostgreSQL), with a search column
+/// per text search configuration in use ([`search_columns`]) and, for the live schema, the
+/// indexes of queries ([`search_ddl`]; a rebuild target gets them when complete).
 pub(super) fn ddl(schema: &ReadSchema, text_search: &[String]) -> String {
     let s = schema.name();
     let search = if schema.is_live() { search_ddl(schema, text_search) } else { String::new() };
@@ -77,11 +78,42 @@ pub(super) fn ddl(schema: &ReadSchema, text_search: &[String]) -> String {
              topic text NOT NULL, partition int NOT NULL, position bigint NOT NULL,
              PRIMARY KEY (topic, partition));"
     );
-    format!("{tables}\n{search}")
+    format!("{tables}\n{}{search}", search_columns(schema, text_search))
 }
 
-/// One GIN index per text search configuration in use, over the expression `q=` filters with
-/// (`query::search_document`), so a search is an index scan.
+/// One stored `tsvector` column per text search configuration in use (`search_<config>`,
+/// `query::search_document`), and none for a configuration no longer in use. Stored, so that
+/// ranking a match reads its document instead of recomputing it from the data, and so that
+/// PostgreSQL keeps statistics of its words (an estimate of how many rows a word matches
+/// lets the planner pick between the GIN index and a walk in id order). Adding one to a
+/// filled table rewrites the table once (`spiced migrate`); dropping one does not.
+fn search_columns(schema: &ReadSchema, text_search: &[String]) -> String {
+    let s = schema.name();
+    let configs: Vec<&String> = text_search.iter().filter(|c| valid_config_name(c)).collect();
+    let added: String = configs
+        .iter()
+        .map(|c| {
+            format!(
+                "ALTER TABLE \"{s}\".read_models ADD COLUMN IF NOT EXISTS search_{c} tsvector GENERATED ALWAYS AS \
+                 (CASE WHEN kind = 'instance' THEN jsonb_to_tsvector('{c}'::regconfig, state -> 'data', '[\"string\"]') END) STORED;\n"
+            )
+        })
+        .collect();
+    let kept: Vec<String> = configs.iter().map(|c| format!("'search_{c}'")).collect();
+    format!(
+        "{added}DO $$ DECLARE c text; BEGIN
+             FOR c IN SELECT attname FROM pg_attribute WHERE attrelid = '\"{s}\".read_models'::regclass
+                 AND attname LIKE 'search\\_%' AND NOT attisdropped AND attname <> ALL (ARRAY[{}]::text[]) LOOP
+                 EXECUTE format('ALTER TABLE \"{s}\".read_models DROP COLUMN %I', c);
+             END LOOP;
+         END $$;\n",
+        kept.join(", ")
+    )
+}
+
+/// One GIN index per text search configuration in use, over its search column, so a search
+/// is an index scan. (Before the stored columns, `read_models_search_<config>` indexed the
+/// expression; it is dropped.)
 fn search_ddl(schema: &ReadSchema, text_search: &[String]) -> String {
     let s = schema.name();
     text_search
@@ -89,7 +121,8 @@ fn search_ddl(schema: &ReadSchema, text_search: &[String]) -> String {
         .filter(|c| valid_config_name(c))
         .map(|c| {
             format!(
-                "CREATE INDEX IF NOT EXISTS read_models_search_{c} ON \"{s}\".read_models USING gin ({}) WHERE kind = 'instance';\n",
+                "DROP INDEX IF EXISTS \"{s}\".read_models_search_{c};
+                 CREATE INDEX IF NOT EXISTS read_models_text_{c} ON \"{s}\".read_models USING gin ({});\n",
                 super::query::search_document(c)
             )
         })

@@ -83,9 +83,11 @@ impl Term {
     }
 }
 
-/// Whether `name` can be a text search configuration name spliced into SQL.
+/// Whether `name` can be a text search configuration name spliced into SQL. At most 40
+/// bytes, so the names of its column and index (`read_models_text_<name>`) stay within
+/// PostgreSQL's 63, which would otherwise cut them short and could make two the same.
 pub fn valid_config_name(name: &str) -> bool {
-    (1..=63).contains(&name.len())
+    (1..=40).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
@@ -116,7 +118,7 @@ mod tests {
     #[test]
     fn config_names_are_identifiers() {
         assert!(valid_config_name("simple") && valid_config_name("english") && valid_config_name("pg_catalog_x1"));
-        for bad in ["", "English", "a-b", "a'b", "1a", "pg_catalog.english"] {
+        for bad in ["", "English", "a-b", "a'b", "1a", "pg_catalog.english", &"a".repeat(41)] {
             assert!(!valid_config_name(bad), "{bad}");
         }
     }
