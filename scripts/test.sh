@@ -3,7 +3,8 @@
 #
 # Starts PostgreSQL, an S3-compatible server (moto) and a Kafka-protocol broker (tansu) on
 # 127.0.0.1 if they are not already running (scripts/services.sh), runs every test with
-# `cargo test`, then (for the whole suite only) checks that the benchmarks compile and runs
+# `cargo test`, then (for the whole suite only) checks the Prometheus rules with promtool
+# (scripts/promtool.sh), checks that the benchmarks compile and runs
 # scripts/fuzz-api.sh: schemathesis against a real
 # `spiced serve`. Stops whatever it started, pass or fail. Extra arguments go to cargo test and
 # skip the fuzzing, e.g. `scripts/test.sh --test write_path`.
@@ -24,6 +25,12 @@ echo "test: cargo test" >&2
 cargo test --locked "$@"
 
 if [[ $# -eq 0 ]]; then
+    # The alert rules and the scrape configuration of deploy/prometheus: syntax, then the
+    # rules' unit tests on synthetic series.
+    echo "test: promtool (deploy/prometheus)" >&2
+    promtool="$(scripts/promtool.sh)"
+    "$promtool" check config deploy/prometheus/prometheus.yml
+    (cd deploy/prometheus && "$promtool" test rules alerts.test.yml)
     # The benchmarks are not run here (scripts/bench.sh does), but they must keep compiling.
     echo "test: cargo check --benches" >&2
     cargo check --locked --benches

@@ -7,7 +7,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -19,12 +19,78 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// The process's metrics recorder, installed on first use.
 pub fn metrics() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
-        PrometheusBuilder::new()
-            .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
-            .expect("bucket list is not empty")
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full("spiced_http_request_duration_seconds".into()), SECONDS_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full("spiced_group_commit_batch_size".into()), BATCH_BUCKETS))
+            .expect("bucket lists are not empty")
             .install_recorder()
-            .expect("spiced installs the only metrics recorder")
+            .expect("spiced installs the only metrics recorder");
+        describe();
+        handle
     })
+}
+
+/// Request latencies: 1 ms to 10 s.
+const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Events per segment: one command alone up to `writer.max_batch_events` (2,000 by default).
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0];
+
+/// Every metric spiced exports, with its `# HELP` line (a scrape shows a metric once it has
+/// a value). `tests/metrics.rs` holds each exported name to this list.
+pub const METRICS: &[(&str, &str)] = &[
+    ("spiced_http_requests_total", "HTTP requests answered, by route, method and status"),
+    ("spiced_http_request_duration_seconds", "HTTP request latency in seconds, by route and method"),
+    ("spiced_http_connections_refused_total", "connections refused with 503 past serve.max_connections"),
+    ("spiced_http_request_timeouts_total", "requests cut off with 503 by serve.request_timeout_ms"),
+    ("spiced_tls_reload_failures_total", "SIGHUP reloads of serve.tls that failed (the old certificate stays)"),
+    ("spiced_log_segments_total", "log segments this process wrote"),
+    ("spiced_log_appends_total", "events this process appended to the log"),
+    ("spiced_group_commit_batch_size", "events per log segment (group-commit batch)"),
+    ("spiced_log_head_position", "highest log position this process committed"),
+    ("spiced_log_repairs_total", "log index rows repaired from a segment a crashed writer left"),
+    ("spiced_s3_requests_total", "requests to the log store, by kind (put, get, list)"),
+    ("spiced_s3_errors_total", "failed requests to the log store, by kind (put, get, list)"),
+    ("spiced_database_errors_total", "errors returned by the database or its pool, by backend, retried or not"),
+    ("spiced_kafka_producers_replaced_total", "Kafka producers replaced after a stall or fatal error"),
+    ("spiced_consumer_lag_messages", "messages the consumer group has not committed yet, by handler"),
+    ("spiced_relay_published_position", "highest log position the relay published to Kafka"),
+    ("spiced_relay_log_head_position", "log head as the relay last read it"),
+    ("spiced_relay_lag_positions", "log positions written but not yet published"),
+    ("spiced_relay_lag_seconds", "age in seconds of the oldest unpublished segment"),
+    ("spiced_relay_lag_events", "events written but not yet published"),
+    ("spiced_relay_events_published_total", "events the relay published to Kafka"),
+    ("spiced_relay_dead_letters_total", "envelopes the relay sent to its dead-letter topic"),
+    ("spiced_relay_produce_errors_total", "Kafka produce attempts that failed (retried)"),
+    ("spiced_relay_step_downs_total", "times the relay gave up its lease because it could not progress"),
+    ("spiced_worker_processed_position", "highest log position of a command this handler finished"),
+    ("spiced_worker_claims_total", "claims of a command in processed_events, by handler and outcome"),
+    ("spiced_worker_leases_lost_total", "commands whose lease another worker took over, by handler"),
+    ("spiced_worker_retries_total", "failed attempts that will be retried, by handler"),
+    ("spiced_worker_dead_letters_total", "commands that failed for good (dead letters), by handler"),
+    ("spiced_worker_gap_waits_total", "waits for the outcome of an aggregate's previous sequence, by handler"),
+    ("spiced_projection_position", "highest log position applied to the read models"),
+    ("spiced_projection_events_total", "events the projection consumed"),
+    ("spiced_projection_failures_total", "events the read store refused for their content"),
+    ("spiced_projection_failures", "projection failures recorded now, waiting for an operator"),
+    ("spiced_projection_skipped_total", "messages skipped: not an EventEnvelope, or not in the log"),
+    ("spiced_stage_seconds_since_progress", "seconds since the stage last made progress, by stage"),
+    ("spiced_stage_work_waiting", "1 when the stage has work waiting, by stage"),
+    ("spiced_stage_stalled", "1 when the stage has work waiting and made no progress within its bound, by stage"),
+];
+
+fn describe() {
+    for &(name, help) in METRICS {
+        if name.ends_with("_total") {
+            metrics::describe_counter!(name, help);
+        } else if name == "spiced_http_request_duration_seconds" {
+            metrics::describe_histogram!(name, metrics::Unit::Seconds, help);
+        } else if name == "spiced_group_commit_batch_size" {
+            metrics::describe_histogram!(name, help);
+        } else {
+            metrics::describe_gauge!(name, help);
+        }
+    }
 }
 
 /// `GET /metrics` of every role: the Prometheus text.
@@ -46,9 +112,11 @@ pub async fn track_http(request: Request, next: Next) -> Response {
     let span = tracing::info_span!("request", method = %method, route = %route);
     let response = tracing::Instrument::instrument(next.run(request), span).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("spiced_http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
+    metrics::counter!("spiced_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
         .increment(1);
-    metrics::histogram!("spiced_http_request_duration_seconds", "route" => route)
+    // By method too: a command (POST, PUT, DELETE) waits for its segment to be durable, a
+    // read does not, and the dashboards show the two apart.
+    metrics::histogram!("spiced_http_request_duration_seconds", "route" => route, "method" => method)
         .record(started.elapsed().as_secs_f64());
     response
 }

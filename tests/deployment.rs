@@ -102,3 +102,84 @@ async fn serve_tells_systemd_it_is_ready() {
     let status = child.wait().unwrap();
     assert!(status.success(), "SIGTERM exits 0: {status}");
 }
+
+/// The metric names a PromQL text uses, without the histogram series' suffixes.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for (at, _) in expr.match_indices("spiced_") {
+        if at > 0 && expr.as_bytes()[at - 1].is_ascii_alphanumeric() {
+            continue;
+        }
+        let name: String = expr[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(&name);
+        names.push(base.to_string());
+    }
+    names
+}
+
+fn described(name: &str) -> bool {
+    spiced::telemetry::METRICS.iter().any(|(n, _)| *n == name)
+}
+
+/// The Grafana dashboard: one row per role, panels laid out without overlap, and every
+/// query over metrics spiced exports (a renamed metric fails here, not on an operator's
+/// screen).
+#[test]
+fn grafana_dashboard_has_a_row_per_role_over_exported_metrics() {
+    let text = std::fs::read_to_string(repo().join("deploy/grafana/spiced.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    let rows: Vec<&str> = panels.iter().filter(|p| p["type"] == "row").map(|p| p["title"].as_str().unwrap()).collect();
+    for role in ["serve", "relay", "workers", "projection", "stages"] {
+        assert!(rows.iter().any(|r| r.starts_with(role)), "no row for {role}: {rows:?}");
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    let mut cells = std::collections::BTreeSet::new();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in panels {
+        assert!(ids.insert(panel["id"].as_u64().unwrap()), "duplicate panel id in {panel}");
+        let g = &panel["gridPos"];
+        let (x, y, w, h) = (g["x"].as_u64().unwrap(), g["y"].as_u64().unwrap(), g["w"].as_u64().unwrap(), g["h"].as_u64().unwrap());
+        assert!(x + w <= 24, "panel {} is wider than the grid", panel["title"]);
+        for cell in (x..x + w).flat_map(|cx| (y..y + h).map(move |cy| (cx, cy))) {
+            assert!(cells.insert(cell), "panel {} overlaps another at {cell:?}", panel["title"]);
+        }
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            let names = metric_names(expr);
+            assert!(!names.is_empty(), "panel {} queries no spiced metric: {expr}", panel["title"]);
+            for name in names {
+                assert!(described(&name), "panel {} queries {name}, which spiced does not export", panel["title"]);
+                queried.insert(name);
+            }
+        }
+    }
+    for wanted in [
+        "spiced_http_request_duration_seconds",
+        "spiced_group_commit_batch_size",
+        "spiced_relay_lag_positions",
+        "spiced_consumer_lag_messages",
+        "spiced_projection_position",
+        "spiced_worker_dead_letters_total",
+        "spiced_s3_errors_total",
+        "spiced_database_errors_total",
+    ] {
+        assert!(queried.contains(wanted), "the dashboard does not show {wanted}");
+    }
+}
+
+/// The alert rules only use metrics spiced exports, and each has a runbook line. (`promtool`
+/// checks their syntax and runs `alerts.test.yml` in scripts/test.sh.)
+#[test]
+fn alert_rules_use_exported_metrics_and_carry_a_runbook() {
+    let text = std::fs::read_to_string(repo().join("deploy/prometheus/alerts.yml")).unwrap();
+    let alerts = text.lines().filter(|l| l.trim_start().starts_with("- alert:")).count();
+    let runbooks = text.lines().filter(|l| l.trim_start().starts_with("runbook:")).count();
+    assert!(alerts >= 10, "{alerts} alerts");
+    assert_eq!(alerts, runbooks, "every alert has one runbook annotation");
+    for line in text.lines().filter_map(|l| l.trim_start().strip_prefix("expr:")) {
+        for name in metric_names(line) {
+            assert!(described(&name), "an alert uses {name}, which spiced does not export: {line}");
+        }
+    }
+}

@@ -375,3 +375,40 @@ fn absolute(module: &str, path: &[String]) -> Option<Vec<String>> {
     here.extend(rest.iter().cloned());
     Some(here)
 }
+
+/// Every metric the source records is in `telemetry::METRICS` (so it has a `# HELP` line),
+/// and every entry there is still recorded somewhere.
+#[test]
+fn every_recorded_metric_is_described() {
+    let mut recorded = std::collections::BTreeSet::new();
+    let names = recorded_names();
+    for file in rust_files(Path::new("src")) {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for name in names(&text) {
+            recorded.insert(name);
+        }
+    }
+    let described: std::collections::BTreeSet<String> =
+        spiced::telemetry::METRICS.iter().map(|(name, _)| name.to_string()).collect();
+    assert!(recorded.len() > 30, "the scan found the metrics: {recorded:?}");
+    let undescribed: Vec<_> = recorded.difference(&described).collect();
+    let stale: Vec<_> = described.difference(&recorded).collect();
+    assert!(undescribed.is_empty(), "recorded without a description in telemetry::METRICS: {undescribed:?}");
+    assert!(stale.is_empty(), "described but never recorded: {stale:?}");
+}
+
+/// The names in `metrics::counter!("…"`, `gauge!` and `histogram!` calls of a source text.
+fn recorded_names() -> impl Fn(&str) -> Vec<String> {
+    |text| {
+        let mut names = Vec::new();
+        for macro_name in ["metrics::counter!(", "metrics::gauge!(", "metrics::histogram!("] {
+            for (at, _) in text.match_indices(macro_name) {
+                let rest = text[at + macro_name.len()..].trim_start();
+                if let Some(quoted) = rest.strip_prefix('"') {
+                    names.push(quoted[..quoted.find('"').unwrap()].to_string());
+                }
+            }
+        }
+        names
+    }
+}

@@ -190,3 +190,27 @@ async fn workers_export_the_log_position_they_have_processed() {
     workers.await.unwrap().unwrap();
     app.stop().await;
 }
+
+/// A scrape of a serve that committed a few commands: every metric has `# HELP` and
+/// `# TYPE`, and the group-commit batch size lands in count buckets, not in `+Inf`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scrape_describes_every_metric_and_buckets_batch_sizes() {
+    let (config, dir) = isolated_config(Backend::LocalSqlite).await;
+    let app = spawn_with(config, dir).await;
+    for name in ["h1", "h2"] {
+        let (s, b) = app.post("/databases", json!({"name": name})).await;
+        assert_eq!(s, 202, "{b}");
+    }
+    let text = spiced::telemetry::metrics().render();
+    let typed: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+    assert!(typed.contains(&"spiced_group_commit_batch_size"), "{text}");
+    for name in &typed {
+        assert!(text.contains(&format!("# HELP {name} ")), "{name} has no # HELP line:\n{text}");
+    }
+    // One command per segment here (each post waits for its 202): both land in the first
+    // bucket. Other tests of this process may add theirs.
+    assert!(sample("spiced_group_commit_batch_size_bucket{le=\"1\"}").is_some_and(|n| n >= 2.0), "{text}");
+    assert!(text.contains("spiced_group_commit_batch_size_bucket{le=\"2000\"}"), "{text}");
+    assert!(text.contains("spiced_http_request_duration_seconds_bucket{route=\"/api/v1/databases\",method=\"POST\",le=\"0.001\"}"), "{text}");
+    app.stop().await;
+}

@@ -32,15 +32,42 @@ use std::sync::Arc;
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("postgres: {}", postgres_detail(.0))]
-    Postgres(#[from] tokio_postgres::Error),
+    Postgres(tokio_postgres::Error),
     #[error("postgres pool: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
+    Pool(deadpool_postgres::PoolError),
     #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     #[error("database setup: {0}")]
     Setup(String),
     #[error("index is inconsistent: {0}")]
     Inconsistent(String),
+}
+
+// Every driver error becomes a `DbError` through these, so they count it once for the
+// dashboards (`spiced_database_errors_total`), whatever the caller then does with it.
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        counted("postgres");
+        DbError::Postgres(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        counted("postgres");
+        DbError::Pool(e)
+    }
+}
+
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> Self {
+        counted("sqlite");
+        DbError::Sqlite(e)
+    }
+}
+
+fn counted(backend: &'static str) {
+    metrics::counter!("spiced_database_errors_total", "backend" => backend).increment(1);
 }
 
 impl DbError {

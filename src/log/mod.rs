@@ -161,6 +161,13 @@ impl EventLog {
         metrics::counter!("spiced_s3_requests_total", "kind" => kind).increment(1);
     }
 
+    /// Counts a failed request (not an absent object, nor the put-if-absent fence: the
+    /// protocol expects those) and passes its error on.
+    fn failed(kind: &'static str, e: object_store::Error) -> LogError {
+        metrics::counter!("spiced_s3_errors_total", "kind" => kind).increment(1);
+        e.into()
+    }
+
     /// Counts this handle's requests into `counts` (shared with whoever reports them).
     pub fn with_counts(mut self, counts: Arc<RequestCounts>) -> Self {
         self.counts = counts;
@@ -178,7 +185,7 @@ impl EventLog {
             Err(object_store::Error::AlreadyExists { .. }) => {
                 return Err(LogError::AlreadyExists(position))
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(Self::failed("put", e)),
         }
         if let Some(root) = &self.local_root {
             sync_local(root, path.as_ref()).await?;
@@ -191,9 +198,9 @@ impl EventLog {
         let path = self.segment_path(position);
         self.count("get");
         let raw = match self.store.get(&path).await {
-            Ok(result) => result.bytes().await?,
+            Ok(result) => result.bytes().await.map_err(|e| Self::failed("get", e))?,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(Self::failed("get", e)),
         };
         Ok(Some(Segment::decode(position, raw)?))
     }
@@ -208,7 +215,7 @@ impl EventLog {
         } else {
             ObjectPath::from(format!("{}/log", self.prefix))
         };
-        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await.map_err(|e| Self::failed("list", e))?;
         let mut positions: Vec<u64> = metas
             .iter()
             .filter_map(|m| m.location.filename()?.strip_suffix(".ndjson")?.parse().ok())
@@ -222,7 +229,7 @@ impl EventLog {
         self.count("get");
         match self.store.head(&self.segment_path(1)).await {
             Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(Self::failed("get", e)),
         }
     }
 }
