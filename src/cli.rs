@@ -81,8 +81,13 @@ pub enum Command {
         from_position: u64,
     },
     /// Print every stage's position and lag.
-    #[command(after_help = "Example:\n  watch -n 5 spiced status --config /etc/spiced/spiced.toml")]
-    Status,
+    #[command(after_help = "Examples:\n  watch -n 5 spiced status --config /etc/spiced/spiced.toml\n  spiced status --json | jq .stages")]
+    Status {
+        /// Print the clocks and stages as one JSON object, the body of `GET /api/v1/status`
+        /// (without the command counts of the table, which read the whole index).
+        #[arg(long)]
+        json: bool,
+    },
     /// Read the event log as NDJSON.
     #[command(after_help = "Examples:\n  spiced log get 42\n  spiced log export --from-time 2026-01-01T00:00:00Z > log.ndjson\n  spiced log tail")]
     Log {

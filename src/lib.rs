@@ -28,6 +28,7 @@ pub mod relay;
 pub mod routing;
 pub mod serve;
 pub mod shutdown;
+pub mod status;
 pub mod storage;
 pub mod systemd;
 pub mod telemetry;

@@ -28,6 +28,8 @@ pub struct Stage {
     in_flight: AtomicUsize,
     /// Why the stage last failed to move, for `/readyz`; empty once it moves again.
     last_error: Mutex<String>,
+    /// The log position the stage has reached, 0 before it has one (positions start at 1).
+    position: AtomicU64,
 }
 
 impl Stage {
@@ -40,7 +42,20 @@ impl Stage {
             waiting: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             last_error: Mutex::new(String::new()),
+            position: AtomicU64::new(0),
         }
+    }
+
+    /// The stage has reached log position `position`. The highest this process reached: lanes
+    /// finish out of order, and the relay's checkpoint (not this) is the truth when an
+    /// operator moves it back.
+    pub fn reached(&self, position: u64) {
+        self.position.fetch_max(position, Ordering::Relaxed);
+    }
+
+    /// The log position reached, if any.
+    pub fn position(&self) -> Option<u64> {
+        Some(self.position.load(Ordering::Relaxed)).filter(|p| *p > 0)
     }
 
     pub fn stage(&self) -> &str {
@@ -207,6 +222,7 @@ impl Stage {
             stalled: self.stalled(),
             last_error: self.last_error(),
             reported_at: now,
+            position: self.position(),
         }
     }
 }
@@ -267,6 +283,15 @@ fn spawn_reporter(db: crate::db::Database, stages: Vec<Arc<Stage>>, shutdown: to
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stage_reports_the_highest_position_it_reached() {
+        let p = Stage::new("t", Duration::from_secs(1));
+        assert_eq!(p.report("h-1").position, None, "no position before the first");
+        p.reached(5);
+        p.reached(3);
+        assert_eq!(p.report("h-1").position, Some(5), "a lane finishing late does not move it back");
+    }
 
     #[test]
     fn idle_is_never_stalled_and_waiting_is_after_its_bound() {

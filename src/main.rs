@@ -76,7 +76,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("verify: the log and its index hold every guarantee");
             Ok(())
         }
-        Command::Status => {
+        Command::Status { json: true } => {
+            spiced::ops::status::print_json(&spiced::ops::status::read_pipeline(&config).await?);
+            Ok(())
+        }
+        Command::Status { json: false } => {
             spiced::ops::status::print(&spiced::ops::status::read(&config).await?);
             Ok(())
         }

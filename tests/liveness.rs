@@ -216,7 +216,7 @@ async fn a_lone_relay_recovers_from_a_broker_stall() {
     let deadline = Instant::now() + RECOVERY;
     loop {
         let status = spiced::ops::status::read(&stack.direct).await.unwrap();
-        let stages: Vec<&str> = status.stages.iter().map(|r| r.stage.as_str()).collect();
+        let stages: Vec<&str> = status.pipeline.stages.iter().map(|r| r.stage.as_str()).collect();
         for stage in ["relay", "worker:ontology", "worker:instance", "projection"] {
             assert!(stages.contains(&stage), "{stage} reports its liveness: {stages:?}");
         }

@@ -185,6 +185,20 @@ async fn workers_export_the_log_position_they_have_processed() {
     let (db, _) = app.storage().await;
     let position = db.index.position_of(last.parse().unwrap()).await.unwrap().expect("in the log");
     wait_sample("spiced_worker_processed_position{handler=\"ontology-worker\"}", position as f64).await;
+    // The same clock in GET /api/v1/status, from the stage's next report (every 5 s).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (s, status) = app.get("/status").await;
+        assert_eq!(s, 200, "{status}");
+        let worker = status["stages"].as_array().unwrap().iter().find(|r| r["stage"] == "worker:ontology");
+        if let Some(w) = worker.filter(|w| w["position"]["position"].as_u64() >= Some(position)) {
+            let (at, head) = (w["position"]["position"].as_u64().unwrap(), status["log_head"].as_u64().unwrap());
+            assert_eq!(w["position"]["behind"].as_u64(), Some(head - at), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker's position never reached {position}: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     stop.cancel();
     relay.await.unwrap().unwrap();
     workers.await.unwrap().unwrap();

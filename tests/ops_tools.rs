@@ -50,8 +50,23 @@ async fn tools_work_on_a_dev_data_directory() {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    let served: serde_json::Value = http.get(format!("{base}/status")).send().await.unwrap().json().await.unwrap();
     Command::new("kill").args(["-TERM", &dev.id().to_string()]).status().unwrap();
     assert!(dev.wait().unwrap().success(), "spiced dev exits 0 on SIGTERM");
+
+    // `spiced status --json` prints what GET /api/v1/status answered, for the same log (the
+    // stages are gone: a process that stops takes its rows with it).
+    let out = spiced(dir.path(), &["status", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for clock in ["log_head", "index_head", "relay", "projection", "projection_refused"] {
+        assert_eq!(printed[clock], served[clock], "{clock}: {printed} vs {served}");
+    }
+    assert!(printed["log_head"].as_u64().unwrap() >= 2, "commands and outcomes are in the log: {printed}");
+    assert_eq!(printed["relay"], serde_json::Value::Null, "no relay under spiced dev: {printed}");
+    assert!(printed["embedded_workers"]["position"].is_u64(), "{printed}");
+    assert!(served["stages"].as_array().is_some_and(|s| !s.is_empty()), "dev's stages report while it runs: {served}");
+    assert_eq!(printed["stages"], json!([]), "{printed}");
 
     let out = spiced(dir.path(), &["log", "export"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -120,7 +120,7 @@ async fn the_log_follower_sets_a_refused_event_aside_and_goes_on(backend: Backen
     assert!(evil_failure.error.contains(why), "{evil_failure:?}");
     assert!(sample("spiced_projection_failures_total") >= counted + 3.0, "the counter counts refusals");
     let status = spiced::ops::status::read(&app.config).await.unwrap();
-    assert_eq!(status.projection_failures, Some(3));
+    assert_eq!(status.pipeline.projection_refused, Some(3));
     let report = verify::run(&app.config, 1).await.unwrap();
     assert!(report.failed(verify::PROJECTION), "{report:?}");
     assert_eq!(report.violations(), 3, "the refused events are the only findings: {report:?}");

@@ -99,6 +99,8 @@ fn report(stage: &str, instance: &str, stalled: bool) -> StageReport {
         stalled,
         last_error: stalled.then(|| "broker unreachable".to_string()),
         reported_at: now,
+        // A stalled report has a position, a live one none yet.
+        position: stalled.then_some(41),
     }
 }
 
@@ -113,6 +115,7 @@ async fn stage_reports_replace_each_other_per_stage_and_process(backend: Backend
     assert_eq!(shape, [("projection", "h-1", false), ("relay", "h-1", true), ("relay", "h-2", false)]);
     let stalled = &all[1];
     assert_eq!(stalled.last_error.as_deref(), Some("broker unreachable"));
+    assert_eq!((stalled.position, all[0].position), (Some(41), None), "positions come back as written");
     let drift = (stalled.reported_at - chrono::Utc::now()).num_seconds().abs();
     assert!(drift < 60, "times come back as written: {stalled:?}");
     stages.forget("h-1").await.unwrap();

@@ -16,6 +16,9 @@ pub struct StageReport {
     pub stalled: bool,
     pub last_error: Option<String>,
     pub reported_at: DateTime<Utc>,
+    /// The log position the stage has reached (relay: published; worker role: the last
+    /// command it finished; projection: applied); `None` before it has one.
+    pub position: Option<u64>,
 }
 
 #[async_trait]

@@ -185,6 +185,7 @@ async fn apply_until_done(db: &Database, schema: &ReadSchema, batch: &ReadBatch,
         match db.read.apply(schema, batch).instrument(batch.span()).await {
             Ok(applied) => {
                 super::note_refused(&applied.refused);
+                progress.reached(applied.position);
                 metrics::gauge!("spiced_projection_position").set(applied.position as f64);
                 return true;
             }

@@ -76,6 +76,7 @@ pub async fn follow(
                 retry.reset();
                 note_refused(&applied.refused);
                 follower.done(applied.position);
+                progress.reached(applied.position);
                 metrics::gauge!("spiced_projection_position").set(applied.position as f64);
             }
             Err(e) => {

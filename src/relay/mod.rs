@@ -322,6 +322,7 @@ impl Relay {
                     backoff.reset();
                     next = last + 1;
                     self.stats.published_position.store(last, Ordering::Relaxed);
+                    self.progress.reached(last);
                     self.progress.progressed();
                     self.export_metrics();
                 }

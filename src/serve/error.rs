@@ -87,6 +87,15 @@ impl From<LogError> for ApiError {
     }
 }
 
+impl From<crate::status::StatusError> for ApiError {
+    fn from(e: crate::status::StatusError) -> Self {
+        match e {
+            crate::status::StatusError::Db(e) => e.into(),
+            crate::status::StatusError::Log(e) => e.into(),
+        }
+    }
+}
+
 impl From<crate::domain::commands::Invalid> for ApiError {
     fn from(e: crate::domain::commands::Invalid) -> Self {
         match e {

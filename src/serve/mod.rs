@@ -123,6 +123,7 @@ pub fn routes() -> Vec<Route> {
         one!(get_command).into(),
         one!(get_aggregate).into(),
         one!(get_events).into(),
+        one!(get_status).into(),
         one!(openapi::document).into(),
         one!(healthz).into(),
         one!(readyz).into(),

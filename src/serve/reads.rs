@@ -328,6 +328,18 @@ async fn read_events(
 }
 
 /// `GET /metrics`: the process's metrics, Prometheus text.
+/// The pipeline's clocks and every running stage: the same JSON as `spiced status --json`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/status",
+    tag = "reads",
+    responses((status = 200, description = "Where the pipeline stands", body = crate::status::PipelineStatus), ApiErrors),
+    security(("bearer" = ["read"]))
+)]
+pub async fn get_status(State(state): State<AppState>) -> Result<Json<crate::status::PipelineStatus>, ApiError> {
+    Ok(Json(crate::status::read(&state.config, &state.db, &state.log).await?))
+}
+
 #[utoipa::path(
     get,
     path = "/metrics",

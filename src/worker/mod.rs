@@ -238,6 +238,7 @@ impl Run<Job> for JobRunner {
         self.handler.crash_point(crate::config::WorkerCrash::BeforeCommit);
         if let Some(position) = job.position {
             self.handler.note_processed(position);
+            self.progress.reached(position);
         }
         let next = self.offsets.lock().expect("offsets mutex").finished(&job.topic, job.partition, job.offset);
         if let Some(next) = next {

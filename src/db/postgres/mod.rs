@@ -68,6 +68,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_stage_liveness",
         sql: include_str!("../../../migrations/postgres/0007_stage_liveness.sql"),
     },
+    Migration {
+        name: "0008_stage_position",
+        sql: include_str!("../../../migrations/postgres/0008_stage_position.sql"),
+    },
 ];
 /// A pooled PostgreSQL connection set.
 #[derive(Clone)]

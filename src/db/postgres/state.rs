@@ -26,11 +26,12 @@ const CHECKPOINT_ANYWHERE: &str = "UPDATE relay_state SET position = $4, updated
 const RELEASE: &str = "UPDATE relay_state SET lease_until = NULL WHERE name = $1 AND leader = $2 AND epoch = $3";
 
 const REPORT: &str = "INSERT INTO stage_liveness AS s \
-     (stage, instance, progressed_at, work_waiting, stalled, last_error, reported_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (stage, instance) DO UPDATE SET \
+     (stage, instance, progressed_at, work_waiting, stalled, last_error, reported_at, position) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (stage, instance) DO UPDATE SET \
      progressed_at = EXCLUDED.progressed_at, work_waiting = EXCLUDED.work_waiting, \
-     stalled = EXCLUDED.stalled, last_error = EXCLUDED.last_error, reported_at = EXCLUDED.reported_at";
-const REPORTS: &str = "SELECT stage, instance, progressed_at, work_waiting, stalled, last_error, reported_at \
+     stalled = EXCLUDED.stalled, last_error = EXCLUDED.last_error, reported_at = EXCLUDED.reported_at, \
+     position = EXCLUDED.position";
+const REPORTS: &str = "SELECT stage, instance, progressed_at, work_waiting, stalled, last_error, reported_at, position \
      FROM stage_liveness ORDER BY stage, instance";
 
 fn millis(d: Duration) -> i64 {
@@ -91,7 +92,7 @@ impl StageTable for Pg {
         let client = self.pool.get().await?;
         for r in reports {
             client
-                .execute(REPORT, &[&r.stage, &r.instance, &r.progressed_at, &r.work_waiting, &r.stalled, &r.last_error, &r.reported_at])
+                .execute(REPORT, &[&r.stage, &r.instance, &r.progressed_at, &r.work_waiting, &r.stalled, &r.last_error, &r.reported_at, &r.position.map(|p| p as i64)])
                 .await?;
         }
         Ok(())
@@ -116,6 +117,7 @@ impl StageTable for Pg {
                 stalled: r.get(4),
                 last_error: r.get(5),
                 reported_at: r.get(6),
+                position: r.get::<_, Option<i64>>(7).map(|p| p as u64),
             })
             .collect())
     }

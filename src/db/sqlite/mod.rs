@@ -69,6 +69,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_stage_liveness",
         sql: include_str!("../../../migrations/sqlite/0007_stage_liveness.sql"),
     },
+    Migration {
+        name: "0008_stage_position",
+        sql: include_str!("../../../migrations/sqlite/0008_stage_position.sql"),
+    },
 ];
 /// The SQLite database file.
 #[derive(Clone)]

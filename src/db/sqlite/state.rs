@@ -29,11 +29,12 @@ const CHECKPOINT_ANYWHERE: &str = "UPDATE relay_state SET position = ?4, updated
 const RELEASE: &str = "UPDATE relay_state SET lease_until = NULL WHERE name = ?1 AND leader = ?2 AND epoch = ?3";
 
 const REPORT: &str = "INSERT INTO stage_liveness \
-     (stage, instance, progressed_at, work_waiting, stalled, last_error, reported_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (stage, instance) DO UPDATE SET \
+     (stage, instance, progressed_at, work_waiting, stalled, last_error, reported_at, position) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (stage, instance) DO UPDATE SET \
      progressed_at = excluded.progressed_at, work_waiting = excluded.work_waiting, \
-     stalled = excluded.stalled, last_error = excluded.last_error, reported_at = excluded.reported_at";
-const REPORTS: &str = "SELECT stage, instance, progressed_at, work_waiting, stalled, last_error, reported_at \
+     stalled = excluded.stalled, last_error = excluded.last_error, reported_at = excluded.reported_at, \
+     position = excluded.position";
+const REPORTS: &str = "SELECT stage, instance, progressed_at, work_waiting, stalled, last_error, reported_at, position \
      FROM stage_liveness ORDER BY stage, instance";
 
 /// SQLite's date modifier for "`d` from now", to the millisecond.
@@ -106,6 +107,7 @@ impl StageTable for Lite {
                     r.stalled,
                     r.last_error,
                     r.reported_at.to_rfc3339(),
+                    r.position.map(|p| p as i64),
                 ],
             )?;
         }
@@ -130,6 +132,7 @@ impl StageTable for Lite {
                 stalled: r.get(4)?,
                 last_error: r.get(5)?,
                 reported_at: stored_time(r.get::<_, String>(6)?),
+                position: r.get::<_, Option<i64>>(7)?.map(|p| p as u64),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
