@@ -121,11 +121,12 @@ fn bearer(value: &str) -> Option<&str> {
 }
 
 /// The scope a request needs: reads need `read`, commands `write`, `/metrics` `admin`;
-/// health checks and the OpenAPI document (the same for every deployment of this build, it
-/// shows nothing of the data) need nothing.
+/// health checks, the OpenAPI document and the console page (the same for every deployment of
+/// this build, they show nothing of the data; the console's own calls carry a token) need
+/// nothing.
 fn required(method: &Method, path: &str) -> Option<Scope> {
     match path {
-        "/healthz" | "/readyz" | super::schema::OPENAPI_PATH => None,
+        "/healthz" | "/readyz" | "/console" | super::schema::OPENAPI_PATH => None,
         "/metrics" => Some(Scope::Admin),
         _ if method == Method::GET || method == Method::HEAD => Some(Scope::Read),
         _ => Some(Scope::Write),

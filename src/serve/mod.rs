@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod commands;
+pub mod console;
 pub mod error;
 pub mod extract;
 pub mod links;
@@ -125,6 +126,7 @@ pub fn routes() -> Vec<Route> {
         one!(get_events).into(),
         one!(get_status).into(),
         one!(openapi::document).into(),
+        one!(console::page).into(),
         one!(healthz).into(),
         one!(readyz).into(),
         one!(metrics).into(),

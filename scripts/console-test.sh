@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The console's browser test (tests/console/console.test.mjs): headless Chromium driven by
+# playwright-core against a real `spiced dev`. Installs Debian's chromium with apt-get if it
+# is missing, and playwright-core from the committed lock into target/console-test/. Takes the
+# binary to test as $1 (default target/debug/spiced); screenshots go to
+# target/console-screenshots/.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bin="${1:-target/debug/spiced}"
+[[ -x "$bin" ]] || { echo "console-test: $bin is not built (cargo build)" >&2; exit 1; }
+
+chromium="${CHROMIUM:-/usr/bin/chromium}"
+if [[ ! -x "$chromium" ]]; then
+    command -v apt-get >/dev/null || { echo "console-test: no $chromium and no apt-get; install Chromium" >&2; exit 1; }
+    echo "console-test: apt-get install chromium" >&2
+    apt-get install -y -qq chromium >&2 || { apt-get update -qq >&2 && apt-get install -y -qq chromium >&2; }
+fi
+command -v node >/dev/null || { echo "console-test: node is not on PATH" >&2; exit 1; }
+
+work=target/console-test
+mkdir -p "$work"
+cp tests/console/package.json tests/console/package-lock.json tests/console/console.test.mjs "$work/"
+if ! (cd "$work" && npm ci --no-audit --no-fund --silent >&2); then
+    echo "console-test: npm ci failed" >&2
+    exit 1
+fi
+
+shots=target/console-screenshots
+rm -rf "$shots"
+mkdir -p "$shots"
+SPICED_BIN="$PWD/$bin" CHROMIUM="$chromium" SCREENSHOTS="$PWD/$shots" node "$work/console.test.mjs"

@@ -1,0 +1,192 @@
+// The console in a real browser: headless Chromium (Debian's), driven by playwright-core,
+// against a real `spiced dev` with bearer tokens. Run by scripts/console-test.sh, which
+// installs both; screenshots of every page go to target/console-screenshots/.
+//
+// Environment: SPICED_BIN (the spiced binary), CHROMIUM (the browser), SCREENSHOTS (a dir).
+
+import { chromium } from "playwright-core";
+import { spawn } from "node:child_process";
+import { mkdtempSync, writeFileSync, mkdirSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import assert from "node:assert/strict";
+
+const BIN = process.env.SPICED_BIN;
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const SHOTS = process.env.SCREENSHOTS;
+const WAIT_MS = 20_000;
+const TOKENS = { read: "console-read-token-0123456789", write: "console-write-token-0123456789", admin: "console-admin-token-0123456789" };
+
+const freePort = () => new Promise((ok, fail) => {
+  const s = createServer().listen(0, "127.0.0.1", () => { const { port } = s.address(); s.close(() => ok(port)); }).on("error", fail);
+});
+
+/** Waits (bounded) until `check` returns a truthy value, and returns it. */
+async function until(what, check) {
+  const deadline = Date.now() + WAIT_MS;
+  let last;
+  for (;;) {
+    try { last = await check(); if (last) return last; } catch (e) { last = e; }
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}: ${last}`);
+    await new Promise(r => setTimeout(r, 100));
+  }
+}
+
+const dir = mkdtempSync(join(tmpdir(), "spiced-console-"));
+writeFileSync(join(dir, "tokens"), Object.entries(TOKENS).map(([scope, t]) => `${scope}-user ${scope} ${t}`).join("\n") + "\n", { mode: 0o600 });
+const port = await freePort();
+const base = `http://127.0.0.1:${port}`;
+const dev = spawn(BIN, ["dev"], {
+  cwd: dir,
+  // spiced refuses SPICED_* variables that are not config overrides: pass none of this
+  // script's own.
+  env: { ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("SPICED_"))), SPICED_SERVE__LISTEN: `127.0.0.1:${port}`, SPICED_AUTH__TOKEN_FILE: join(dir, "tokens"), SPICED_LOG: "warn" },
+  stdio: ["ignore", "inherit", "inherit"],
+});
+let running = true;
+const exited = new Promise(ok => dev.on("exit", (code, signal) => { running = false; ok({ code, signal }); }));
+let browser;
+
+async function api(method, path, token, body) {
+  const r = await fetch(base + "/api/v1" + path, {
+    method,
+    headers: { "content-type": "application/json", ...(token ? { authorization: `Bearer ${token}` } : {}) },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await r.text();
+  return { status: r.status, body: text ? JSON.parse(text) : null };
+}
+
+async function command(path, body) {
+  const r = await api("POST", path, TOKENS.write, body);
+  assert.equal(r.status, 202, JSON.stringify(r.body));
+  return r.body.command_id;
+}
+
+async function outcome(id) {
+  return until(`command ${id} to finish`, async () => {
+    const r = await api("GET", `/commands/${id}`, TOKENS.read);
+    return ["COMPLETED", "FAILED"].includes(r.body.status) && r.body;
+  });
+}
+
+async function shot(page, name) {
+  if (SHOTS) await page.screenshot({ path: join(SHOTS, `${name}.png`), fullPage: true });
+}
+
+async function load(page, hash) {
+  await page.goto(`${base}/console${hash}`);
+  await page.waitForFunction(h => document.getElementById("main").dataset.loaded && location.hash === h, hash);
+}
+
+try {
+  await until("spiced dev to be ready", async () => {
+    if (!running) throw new Error("spiced dev exited");
+    return (await fetch(base + "/readyz")).ok;
+  });
+  await outcome(await command("/databases", { name: "shop" }));
+  await outcome(await command("/databases/shop/classes", {
+    id: "Product", properties: [{ name: "name", type: "string" }, { name: "price", type: "number" }],
+  }));
+  const created = [];
+  for (const [id, price] of [["p-1", 5], ["p-2", 12], ["p-3", 30]]) {
+    created.push(await command("/databases/shop/classes/Product/instances", { id, data: { name: `shoe ${id}`, price } }));
+  }
+  // A hostile string: shown as text, never run.
+  created.push(await command("/databases/shop/classes/Product/instances", { id: "evil", data: { name: "<img src=x onerror=window.pwned=1>", price: 1 } }));
+  const failed = await command("/databases/shop/classes/Product/instances", { id: "p-bad", data: { price: "cheap" } });
+  for (const id of created) assert.equal((await outcome(id)).status, "COMPLETED");
+  assert.equal((await outcome(failed)).status, "FAILED");
+
+  browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox", "--disable-gpu"] });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  const dialogs = [];
+  page.on("dialog", d => { dialogs.push(d.message()); d.dismiss(); });
+  const errors = [];
+  page.on("pageerror", e => errors.push(String(e)));
+  // The browser logs each refused call ("Failed to load resource"); the refusals are checked
+  // on the page instead.
+  page.on("console", m => { if (m.type() === "error" && !m.text().startsWith("Failed to load resource")) errors.push(m.text()); });
+
+  // No token: the page loads, and says the API wants one.
+  await load(page, "#pipeline");
+  assert.match(await page.locator("#main .banner").innerText(), /needs a bearer token/);
+  await shot(page, "0-no-token");
+
+  // A read token, kept in session storage and never in the URL.
+  await page.fill("#token", TOKENS.read);
+  await page.click("#auth button[type=submit]");
+  await page.waitForSelector("#clocks");
+  assert.equal(await page.evaluate(() => sessionStorage.getItem("spiced.token")), TOKENS.read);
+  assert.ok(!page.url().includes(TOKENS.read));
+
+  // Pipeline: the clocks show the real positions, as GET /status gives them.
+  const status = (await api("GET", "/status", TOKENS.read)).body;
+  assert.ok(status.log_head >= 12, JSON.stringify(status));
+  const cell = (clock, col) => page.locator(`#clocks tr[data-clock=${clock}] td`).nth(col).innerText();
+  await until("the pipeline page to show the log head", async () => Number(await cell("log", 1)) === status.log_head);
+  await until("the read models to show the head", async () => Number(await cell("projection", 1)) >= status.log_head && await cell("projection", 2) === "0");
+  assert.equal(Number(await cell("workers", 1)), status.embedded_workers.position);
+  // The chart keeps a sample per refresh: a line of several points (flat at 0 when nothing
+  // is behind, which the browser does not count as visible).
+  await until("the chart to draw a line", async () =>
+    ((await page.locator(".chart polyline").first().getAttribute("points")) || "").split(" ").length >= 2);
+  // It refreshes itself: a new command moves the log head on the page.
+  await outcome(await command("/databases", { name: "more" }));
+  const moved = (await api("GET", "/status", TOKENS.read)).body.log_head;
+  assert.ok(moved > status.log_head);
+  await until("the pipeline page to refresh", async () => Number(await cell("log", 1)) === moved);
+  await shot(page, "1-pipeline");
+
+  // Commands: a failed one with its reason, a completed one with its envelope and history.
+  await load(page, `#commands/${failed}`);
+  assert.equal(await page.locator("#command-status").innerText(), "FAILED");
+  assert.match(await page.locator("#command").innerText(), /invalid_instance/);
+  await load(page, `#commands/${created[0]}`);
+  assert.equal(await page.locator("#command-status").innerText(), "COMPLETED");
+  assert.match(await page.locator("#envelope").innerText(), new RegExp(created[0]));
+  assert.equal(await page.locator("#around-outcomes tr[data-seq]").count(), 1);
+  await shot(page, "2-commands");
+  await load(page, "#commands/not-a-uuid");
+  assert.match(await page.locator("#command .banner").innerText(), /400/);
+
+  // Aggregates: commands and outcomes side by side, from the log.
+  await load(page, `#aggregates/Instance/${encodeURIComponent("shop:main:Product:p-2")}`);
+  assert.equal(await page.locator("#aggregate-commands tr[data-seq]").count(), 1);
+  assert.match(await page.locator("#aggregate-outcomes").innerText(), /INSTANCE_CREATED|"price": 12/);
+  await shot(page, "3-aggregates");
+
+  // Read models: databases, classes, instances with the query API's filter and paging.
+  await load(page, "#models/shop/Product");
+  await page.waitForSelector("#instances table");
+  assert.match(await page.locator("#databases").innerText(), /shop/);
+  assert.match(await page.locator("#classes").innerText(), /Product/);
+  assert.match(await page.locator("#instances").innerText(), /^4 matching/);
+  // The hostile string is on the page as text and ran nothing.
+  assert.match(await page.locator("#instances").innerText(), /<img src=x onerror=window.pwned=1>/);
+  assert.equal(await page.evaluate(() => window.pwned), undefined);
+  await page.fill("#where", "price>10");
+  await page.click("#filter");
+  await until("the filter to apply", async () => /^2 matching/.test(await page.locator("#instances").innerText()));
+  await shot(page, "4-read-models");
+  await page.fill("#where", "price>>");
+  await page.click("#filter");
+  await until("a bad filter to be refused", async () => /invalid_filter/.test(await page.locator("#instances").innerText()));
+
+  // A token that is not one is refused, and the page says so.
+  await page.fill("#token", "not-a-token-of-this-deployment");
+  await page.click("#auth button[type=submit]");
+  await until("the refusal", async () => /needs a bearer token/.test(await page.locator("#main").innerText()));
+
+  assert.deepEqual(dialogs, [], "no script ran from the data");
+  assert.deepEqual(errors, [], "the page logged no errors");
+  console.log(`console: ${SHOTS ? "screenshots in " + SHOTS + "; " : ""}every page checked in Chromium`);
+} finally {
+  if (browser) await browser.close();
+  if (running) dev.kill("SIGTERM");
+  const { code } = await exited;
+  rmSync(dir, { recursive: true, force: true });
+  if (code !== 0) { console.error(`spiced dev exited with ${code}`); process.exitCode = 1; }
+}
