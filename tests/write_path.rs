@@ -13,6 +13,7 @@ backend_tests! {
     idempotency_under_concurrent_repeats,
     bad_input_is_rejected_and_appends_nothing,
     accepted_commands_are_in_the_log_as_envelopes,
+    the_log_route_reads_and_follows_the_log,
     bulk_create_is_atomic,
     metrics_are_exported,
 }
@@ -265,6 +266,51 @@ async fn accepted_commands_are_in_the_log_as_envelopes(backend: Backend) {
     for (_, e) in &all {
         assert!(seen.insert((e.aggregate_id.clone(), e.sequence_number)));
         assert!(ids.insert(e.event_id));
+    }
+}
+
+/// `GET /log`: positions in order with their envelopes, filters, the last positions by
+/// default, and a long poll that answers as soon as the next position is written.
+async fn the_log_route_reads_and_follows_the_log(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for name in ["l1", "l2", "l3"] {
+        let (s, b) = app.post("/databases", json!({"name": name})).await;
+        assert_eq!(s, 202, "{b}");
+    }
+    let (s, page) = app.get("/log?from_position=1").await;
+    assert_eq!(s, 200, "{page}");
+    let names: Vec<&str> = page["events"].as_array().unwrap().iter().filter_map(|e| e["envelope"]["aggregate_id"].as_str()).collect();
+    assert_eq!(names, ["l1", "l2", "l3"], "{page}");
+    let positions: Vec<u64> = page["events"].as_array().unwrap().iter().map(|e| e["position"].as_u64().unwrap()).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "one command per segment here: {positions:?}");
+    let next = page["next_position"].as_u64().unwrap();
+    assert_eq!(next, positions[2] + 1);
+    let (_, last) = app.get("/log?limit=1").await;
+    assert_eq!(last["events"][0]["envelope"]["aggregate_id"], "l3", "without from_position: the last positions");
+    let (_, only) = app.get("/log?from_position=1&aggregate_id=l2").await;
+    assert_eq!(only["events"].as_array().unwrap().len(), 1, "{only}");
+    assert_eq!(only["next_position"], next, "a filter does not stop the reading");
+    let (_, none) = app.get("/log?from_position=1&event_type=NO_SUCH_EVENT").await;
+    assert_eq!(none["events"], json!([]));
+
+    // A long poll at the next position answers once a command lands there.
+    let waiting = {
+        let (http, url) = (app.http.clone(), app.url(&format!("/log?from_position={next}&wait_ms=10000")));
+        tokio::spawn(async move { common::status_json(http.get(url).send().await.unwrap()).await })
+    };
+    let (s, b) = app.post("/databases", json!({"name": "l4"})).await;
+    assert_eq!(s, 202, "{b}");
+    let (s, followed) = tokio::time::timeout(std::time::Duration::from_secs(10), waiting).await.expect("answered in time").unwrap();
+    assert_eq!(s, 200, "{followed}");
+    assert_eq!(followed["events"][0]["envelope"]["aggregate_id"], "l4", "{followed}");
+    // Nothing to wait for past the head: an empty page after the wait, same position.
+    let past = followed["next_position"].as_u64().unwrap();
+    let (_, empty) = app.get(&format!("/log?from_position={past}&wait_ms=300")).await;
+    assert_eq!((empty["events"].clone(), empty["next_position"].as_u64()), (json!([]), Some(past)));
+
+    for bad in ["from_position=0", "limit=0", "limit=101", "wait_ms=25001", "from_position=x", "colour=red"] {
+        let (s, b) = app.get(&format!("/log?{bad}")).await;
+        assert_eq!((s, b["error"].as_str()), (400, Some("invalid_query")), "{bad}: {b}");
     }
 }
 

@@ -6,6 +6,7 @@ pub mod console;
 pub mod error;
 pub mod extract;
 pub mod links;
+pub mod log_tail;
 pub mod named;
 pub mod openapi;
 pub mod position_watch;
@@ -125,6 +126,7 @@ pub fn routes() -> Vec<Route> {
         one!(get_aggregate).into(),
         one!(get_events).into(),
         one!(get_status).into(),
+        one!(log_tail::get_log).into(),
         one!(openapi::document).into(),
         one!(console::page).into(),
         one!(healthz).into(),

@@ -158,6 +158,19 @@ try {
   assert.match(await page.locator("#aggregate-outcomes").innerText(), /INSTANCE_CREATED|"price": 12/);
   await shot(page, "3-aggregates");
 
+  // Log: the last positions, then new ones as they are written (long polls), and a filter.
+  await load(page, "#log");
+  await until("the log page to list positions", async () => await page.locator("#log-rows tr").count() > 0);
+  await outcome(await command("/databases", { name: "live" }));
+  await until("the log page to follow the log", async () => /\blive\b/.test(await page.locator("#log-rows").innerText()));
+  await page.fill("#log-aggregate", "live");
+  await page.click("#log-filter");
+  await until("the filter to show the command and its outcome only", async () => {
+    const aggregates = await page.locator("#log-rows tr td:nth-child(4)").allInnerTexts();
+    return aggregates.length === 2 && aggregates.every(a => a === "live");
+  });
+  await shot(page, "4-log");
+
   // Read models: databases, classes, instances with the query API's filter and paging.
   await load(page, "#models/shop/Product");
   await page.waitForSelector("#instances table");
@@ -170,7 +183,7 @@ try {
   await page.fill("#where", "price>10");
   await page.click("#filter");
   await until("the filter to apply", async () => /^2 matching/.test(await page.locator("#instances").innerText()));
-  await shot(page, "4-read-models");
+  await shot(page, "5-read-models");
   await page.fill("#where", "price>>");
   await page.click("#filter");
   await until("a bad filter to be refused", async () => /invalid_filter/.test(await page.locator("#instances").innerText()));
