@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The console's browser test (tests/console/console.test.mjs): headless Chromium driven by
-# playwright-core against a real `spiced dev`. Installs Debian's chromium with apt-get if it
-# is missing, and playwright-core from the committed lock into target/console-test/. Takes the
-# binary to test as $1 (default target/debug/spiced); screenshots go to
-# target/console-screenshots/.
+# The console's browser tests (tests/console/): headless Chromium driven by playwright-core,
+# against a real `spiced dev` (console.test.mjs) and against serve, relay and worker processes
+# on the test services (redrive.test.mjs: needs the environment of scripts/services.sh, as
+# scripts/test.sh gives it, or `source target/services/env`). Installs Debian's chromium with
+# apt-get if it is missing, and playwright-core from the committed lock into
+# target/console-test/. Takes the binary to test as $1 (default target/debug/spiced);
+# screenshots go to target/console-screenshots/.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,7 +23,7 @@ command -v node >/dev/null || { echo "console-test: node is not on PATH" >&2; ex
 
 work=target/console-test
 mkdir -p "$work"
-cp tests/console/package.json tests/console/package-lock.json tests/console/console.test.mjs "$work/"
+cp tests/console/package.json tests/console/package-lock.json tests/console/*.mjs "$work/"
 if ! (cd "$work" && npm ci --no-audit --no-fund --silent >&2); then
     echo "console-test: npm ci failed" >&2
     exit 1
@@ -30,4 +32,7 @@ fi
 shots=target/console-screenshots
 rm -rf "$shots"
 mkdir -p "$shots"
-SPICED_BIN="$PWD/$bin" CHROMIUM="$chromium" SCREENSHOTS="$PWD/$shots" node "$work/console.test.mjs"
+for test in console redrive; do
+    echo "console-test: $test.test.mjs" >&2
+    SPICED_BIN="$PWD/$bin" CHROMIUM="$chromium" SCREENSHOTS="$PWD/$shots" node "$work/$test.test.mjs"
+done

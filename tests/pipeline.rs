@@ -165,7 +165,23 @@ async fn failed_commands_stay_failed_until_redriven() {
     assert!(again["error"].as_str().unwrap().contains("sent again on redelivery"), "{again}");
     assert_eq!(again["envelope"]["event_id"], letter["envelope"]["event_id"]);
 
-    spiced::ops::dlq::redrive(&config, spiced::worker::Role::Ontology, delete_id.parse().unwrap()).await.unwrap();
+    // Over HTTP: listed for its role (not the other's), shown with its envelope, re-driven.
+    let (s, listed) = app.get("/dead-letters/ontology").await;
+    assert_eq!(s, 200, "{listed}");
+    let letter = listed["items"].as_array().unwrap().iter().find(|l| l["event_id"] == delete_id).cloned().expect("listed");
+    assert_eq!((letter["aggregate_id"].as_str(), letter["sequence_number"].as_u64()), (Some("r"), Some(2)), "{letter}");
+    assert!(letter["error"].as_str().unwrap().contains("out of order"), "{letter}");
+    let (_, other) = app.get("/dead-letters/instance").await;
+    assert!(other["items"].as_array().unwrap().iter().all(|l| l["event_id"] != delete_id), "{other}");
+    let (s, shown) = app.get(&format!("/dead-letters/ontology/{delete_id}")).await;
+    assert_eq!(s, 200, "{shown}");
+    assert_eq!(shown["envelope"]["event_id"], delete_id);
+    assert_eq!(shown["envelope"]["event_type"], "DELETE_DATABASE_REQUESTED");
+    let (s, missing) = app.get(&format!("/dead-letters/instance/{delete_id}")).await;
+    assert_eq!(s, 404, "another role's: {missing}");
+    let (s, redriven) = app.post(&format!("/dead-letters/ontology/{delete_id}/redrive"), json!({})).await;
+    assert_eq!(s, 200, "{redriven}");
+    assert_eq!((redriven["reset"].as_bool(), redriven["topic"].as_str()), (Some(true), Some(config.topics.ontology_commands.as_str())));
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let (_, status) = app.get(&format!("/commands/{delete_id}")).await;
@@ -178,4 +194,9 @@ async fn failed_commands_stay_failed_until_redriven() {
     let (_, outcomes) = app.get("/aggregates/Database/r/events?kind=domain").await;
     let types: Vec<&str> = outcomes["events"].as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap()).collect();
     assert_eq!(types, ["DATABASE_CREATED", "DATABASE_DELETED"]);
+    // Done now: no longer a dead letter, and a second re-drive finds nothing to do.
+    let (_, listed) = app.get("/dead-letters/ontology").await;
+    assert!(listed["items"].as_array().unwrap().iter().all(|l| l["event_id"] != delete_id), "{listed}");
+    let (s, again) = app.post(&format!("/dead-letters/ontology/{delete_id}/redrive"), json!({})).await;
+    assert_eq!(s, 404, "{again}");
 }

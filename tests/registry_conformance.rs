@@ -13,6 +13,7 @@ backend_tests! {
     claim_lifecycle,
     leases_expire_and_fence_the_old_owner,
     stale_failed_and_redrive,
+    dead_letters_are_listed_by_event_id_per_handler,
     concurrent_claims_have_one_winner,
 }
 
@@ -75,6 +76,34 @@ async fn stale_failed_and_redrive(backend: Backend) {
     assert_eq!(r.claim(&work(six, 6, "b"), LEASE).await.unwrap(), Claim::Claimed { attempt: 1 });
     assert!(r.mark_done(&work(six, 6, "b")).await.unwrap());
     assert_eq!(r.claim(&work(Uuid::new_v4(), 6, "c"), LEASE).await.unwrap(), Claim::Stale);
+}
+
+async fn dead_letters_are_listed_by_event_id_per_handler(backend: Backend) {
+    let (r, _dir) = open(backend).await;
+    let mut failed: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for (i, id) in failed.iter().enumerate() {
+        let w = Work { aggregate_id: "dl", ..work(*id, i as u64 + 1, "a") };
+        assert!(matches!(r.claim(&w, LEASE).await.unwrap(), Claim::Claimed { .. }));
+        assert!(r.mark_failed(&w, &format!("poison {i}")).await.unwrap());
+    }
+    // Not dead letters: one done, one of another handler.
+    let done = Uuid::new_v4();
+    assert!(matches!(r.claim(&work(done, 9, "a"), LEASE).await.unwrap(), Claim::Claimed { .. }));
+    assert!(r.mark_done(&work(done, 9, "a")).await.unwrap());
+    let other = Work { handler: "other", ..work(Uuid::new_v4(), 1, "a") };
+    assert!(matches!(r.claim(&other, LEASE).await.unwrap(), Claim::Claimed { .. }));
+    assert!(r.mark_failed(&other, "elsewhere").await.unwrap());
+
+    failed.sort();
+    let all = r.failed("h", None, 10).await.unwrap();
+    assert_eq!(all.iter().map(|f| f.event_id).collect::<Vec<_>>(), failed, "by event id, this handler's only");
+    assert!(all.iter().all(|f| f.aggregate_id == "dl" && f.attempt_count == 1 && f.failed_at.is_some()), "{all:?}");
+    assert!(all[0].last_error.as_deref().is_some_and(|e| e.starts_with("poison")));
+    let page = r.failed("h", Some(failed[0]), 1).await.unwrap();
+    assert_eq!(page.iter().map(|f| f.event_id).collect::<Vec<_>>(), [failed[1]], "keyset after the first");
+    assert!(r.redrive("h", failed[1]).await.unwrap());
+    let left = r.failed("h", None, 10).await.unwrap();
+    assert_eq!(left.iter().map(|f| f.event_id).collect::<Vec<_>>(), [failed[0], failed[2]], "a re-driven one is no dead letter");
 }
 
 async fn concurrent_claims_have_one_winner(backend: Backend) {

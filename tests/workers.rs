@@ -730,4 +730,25 @@ async fn a_command_the_database_refuses_is_dead_lettered_at_once() {
     // attempts a retried refusal would run to.
     assert_eq!(rows[0].status.as_str(), "failed", "{rows:?}");
     assert!(rows[0].attempt_count <= 3, "dead-lettered, not retried: {rows:?}");
+
+    // Under dev, listed over HTTP and re-driven to the embedded workers, which run it again
+    // (the log is followed past it): it fails again, later, as the database still refuses it.
+    let id = poison.event_id.to_string();
+    let (s, listed) = app.get("/dead-letters/ontology").await;
+    assert_eq!(s, 200, "{listed}");
+    let letter = listed["items"].as_array().unwrap().iter().find(|l| l["event_id"] == id.as_str()).cloned().expect("listed");
+    let (s, redriven) = app.post(&format!("/dead-letters/ontology/{id}/redrive"), json!({})).await;
+    assert_eq!(s, 200, "{redriven}");
+    assert_eq!((redriven["reset"].as_bool(), redriven["topic"].as_str()), (Some(true), None), "{redriven}");
+    let deadline = std::time::Instant::now() + WAIT;
+    let again = loop {
+        let (_, shown) = app.get(&format!("/dead-letters/ontology/{id}")).await;
+        if shown["failed_at"].is_string() && shown["failed_at"] != letter["failed_at"] {
+            break shown;
+        }
+        assert!(std::time::Instant::now() < deadline, "the re-driven command did not run again: {shown}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(again["error"].as_str().unwrap_or_default().contains("22021"), "{again}");
+    assert_eq!(again["envelope"]["event_id"], id.as_str());
 }

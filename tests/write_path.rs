@@ -308,7 +308,7 @@ async fn the_log_route_reads_and_follows_the_log(backend: Backend) {
     let (_, empty) = app.get(&format!("/log?from_position={past}&wait_ms=300")).await;
     assert_eq!((empty["events"].clone(), empty["next_position"].as_u64()), (json!([]), Some(past)));
 
-    for bad in ["from_position=0", "limit=0", "limit=101", "wait_ms=25001", "from_position=x", "colour=red"] {
+    for bad in ["from_position=0", "from_position=9223372036854775808", "limit=0", "limit=101", "wait_ms=25001", "from_position=x", "colour=red"] {
         let (s, b) = app.get(&format!("/log?{bad}")).await;
         assert_eq!((s, b["error"].as_str()), (400, Some("invalid_query")), "{bad}: {b}");
     }

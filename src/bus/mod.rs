@@ -2,3 +2,4 @@
 //! bundled librdkafka.
 
 pub mod kafka;
+pub mod redrive;

@@ -46,6 +46,17 @@ pub struct Processed {
     pub heartbeat_at: Option<DateTime<Utc>>,
 }
 
+/// An event a handler gave up on after its last attempt: a dead letter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failed {
+    pub event_id: Uuid,
+    pub aggregate_id: String,
+    pub seq: u64,
+    pub attempt_count: u32,
+    pub last_error: Option<String>,
+    pub failed_at: Option<DateTime<Utc>>,
+}
+
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
     async fn claim(&self, work: &Work<'_>, lease: Duration) -> Result<Claim, DbError>;
@@ -62,6 +73,8 @@ pub trait Registry: Send + Sync + 'static {
     async fn release(&self, work: &Work<'_>) -> Result<bool, DbError>;
     /// Every handler's row for an event.
     async fn rows(&self, event_id: Uuid) -> Result<Vec<Processed>, DbError>;
+    /// A handler's dead letters by event id, after `after`, at most `limit`.
+    async fn failed(&self, handler: &str, after: Option<Uuid>, limit: usize) -> Result<Vec<Failed>, DbError>;
     /// Makes a failed event claimable again (operator re-drive). `true` if it was failed.
     async fn redrive(&self, handler: &str, event_id: Uuid) -> Result<bool, DbError>;
 }

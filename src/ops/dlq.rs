@@ -1,13 +1,13 @@
 //! `spiced dlq list|show|redrive`: inspect dead letters and send them back.
 //!
 //! A re-drive resets the command's registry row from `failed` to `retrying` (so the next claim
-//! runs it) and publishes the stored envelope to its original topic again.
+//! runs it) and publishes its envelope, from the log, to its topic again (`bus::redrive`).
 
-use crate::bus::kafka::{base_config, producer, with_properties};
+use crate::bus::kafka::{base_config, with_properties};
+use crate::bus::redrive::Via;
 use crate::config::Config;
 use crate::routing::Role;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::FutureRecord;
 use rdkafka::Message;
 use serde_json::Value;
 use std::time::Duration;
@@ -87,27 +87,16 @@ async fn find(config: &Config, role: Role, event_id: Uuid) -> anyhow::Result<Let
         .ok_or_else(|| anyhow::anyhow!("no dead letter for event {event_id} on {}", role.dead_letter_topic(config)))
 }
 
-/// Resets the command's registry row and publishes its envelope to the original topic.
+/// Re-drives the command (`bus::redrive`, the same as `POST /api/v1/dead-letters/{role}/{id}/redrive`):
+/// its registry row is reset and its envelope, read from the log, published to its topic.
 pub async fn redrive(config: &Config, role: Role, event_id: Uuid) -> anyhow::Result<()> {
-    let letter = find(config, role, event_id).await?;
-    let topic = letter.body["original_topic"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("the dead letter names no original topic"))?
-        .to_string();
-    let envelope = &letter.body["envelope"];
-    let key = envelope["aggregate_id"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("the dead letter holds no EventEnvelope; nothing to re-drive"))?;
-    let db = crate::db::Database::open(&config.database).await?;
-    let reset = db.registry.redrive(role.handler(), event_id).await?;
-    let payload = serde_json::to_vec(envelope)?;
-    producer(&config.kafka)?
-        .send(FutureRecord::to(&topic).key(key).payload(&payload), Duration::from_secs(30))
-        .await
-        .map_err(|(e, _)| e)?;
+    let (db, log) = crate::storage::open(config).await?;
+    let done = crate::bus::redrive::redrive(&db, &log, role, event_id, Via::Kafka(&config.kafka)).await?;
     println!(
-        "re-drove event {event_id} to {topic}{}",
-        if reset { " (registry row reset from failed)" } else { " (no failed registry row: it runs if not done)" }
+        "re-drove event {event_id} (log position {}) to {}{}",
+        done.position,
+        done.topic.unwrap_or_default(),
+        if done.reset { " (registry row reset from failed)" } else { " (already reset by an earlier re-drive: published again)" }
     );
     Ok(())
 }

@@ -120,7 +120,8 @@ fn bearer(value: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
-/// The scope a request needs: reads need `read`, commands `write`, `/metrics` `admin`;
+/// The scope a request needs: reads need `read`, commands `write`, `/metrics` and a dead
+/// letter's re-drive `admin`;
 /// health checks, the OpenAPI document and the console page (the same for every deployment of
 /// this build, they show nothing of the data; the console's own calls carry a token) need
 /// nothing.
@@ -128,6 +129,8 @@ fn required(method: &Method, path: &str) -> Option<Scope> {
     match path {
         "/healthz" | "/readyz" | "/console" | super::schema::OPENAPI_PATH => None,
         "/metrics" => Some(Scope::Admin),
+        // Re-driving runs a command again: an operator's act, not a client's.
+        _ if path.ends_with("/redrive") => Some(Scope::Admin),
         _ if method == Method::GET || method == Method::HEAD => Some(Scope::Read),
         _ => Some(Scope::Write),
     }

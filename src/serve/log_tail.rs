@@ -23,6 +23,7 @@ const MAX_BYTES: usize = 4 * 1024 * 1024;
 /// The longest wait, and at most half of `serve.request_timeout_ms`, so the answer comes
 /// before the request is cut off.
 const MAX_WAIT_MS: u64 = 25_000;
+const MAX_POSITION: u64 = i64::MAX as u64;
 const POLL: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -30,6 +31,7 @@ const POLL: Duration = Duration::from_millis(200);
 #[serde(deny_unknown_fields)]
 pub struct LogQuery {
     /// First position to read (at least 1); absent: the last `limit` positions.
+    #[param(minimum = 1, maximum = 9223372036854775807_i64)]
     from_position: Option<u64>,
     /// Most positions to read, 1 to 100; 20 when absent. A call also ends after 4 MiB of
     /// segments.
@@ -79,7 +81,10 @@ pub async fn get_log(State(state): State<AppState>, q: Result<Query<LogQuery>, Q
         return Err(ApiError::bad_request("invalid_query", format!("wait_ms must be at most {max_wait}")));
     }
     let from = match q.from_position {
-        Some(0) => return Err(ApiError::bad_request("invalid_query", "from_position starts at 1")),
+        // Positions are 63-bit in the index; the bound also keeps `from + limit` from overflowing.
+        Some(p) if !(1..=MAX_POSITION).contains(&p) => {
+            return Err(ApiError::bad_request("invalid_query", format!("from_position must be 1 to {MAX_POSITION}")))
+        }
         Some(p) => p,
         None => (head(&state).await? + 1).saturating_sub(limit).max(1),
     };

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod commands;
 pub mod console;
+pub mod dead_letters;
 pub mod error;
 pub mod extract;
 pub mod links;
@@ -42,6 +43,9 @@ pub struct AppState {
     pub positions: Arc<position_watch::PositionWatch>,
     /// Databases and classes known to be named in the log.
     pub named: Arc<named::Named>,
+    /// `spiced dev`: the workers run in this process from the log, with no Kafka; a dead
+    /// letter's re-drive goes to them through this queue.
+    pub embedded_redrive: Option<tokio::sync::mpsc::Sender<crate::bus::redrive::Redrive>>,
 }
 
 impl AppState {
@@ -50,7 +54,7 @@ impl AppState {
         let auth = auth::Auth::from_config(&config.auth)?;
         auth::check_exposure(&auth, config.serve.listen, config.auth.insecure_no_auth)?;
         let positions = position_watch::PositionWatch::start(db.clone(), config.serve.max_version_waiters);
-        Ok(AppState { config: Arc::new(config), auth, db, log, writer, positions, named: Default::default() })
+        Ok(AppState { config: Arc::new(config), auth, db, log, writer, positions, named: Default::default(), embedded_redrive: None })
     }
 
     pub fn index(&self) -> &dyn LogIndex {
@@ -127,6 +131,9 @@ pub fn routes() -> Vec<Route> {
         one!(get_events).into(),
         one!(get_status).into(),
         one!(log_tail::get_log).into(),
+        one!(dead_letters::list_dead_letters).into(),
+        one!(dead_letters::get_dead_letter).into(),
+        one!(dead_letters::redrive_dead_letter).into(),
         one!(openapi::document).into(),
         one!(console::page).into(),
         one!(healthz).into(),

@@ -4,24 +4,40 @@
 //! order; the checkpoint moves once the whole segment is done.
 //!
 //! There is no dead-letter topic here: a dead letter is logged, and its registry row (status
-//! `failed`, with the error) is what `GET /commands/{id}` reports.
+//! `failed`, with the error) is what `GET /commands/{id}` and `GET /api/v1/dead-letters/{role}`
+//! report. The log is followed past it, so a re-drive (`bus::redrive`, which resets the row)
+//! hands its envelope to the queue that [`run`] also serves.
 
-use super::handler::{Disposition, Interrupted};
+use super::handler::{CommandHandler, Disposition, Interrupted};
 use super::lanes::Slot;
 use super::{Role, Shared};
 use crate::domain::CommandType;
 use crate::envelope::Kind;
 use crate::log::tail::{Follower, Tail};
+use crate::bus::redrive::Redrive;
 use crate::log::Segment;
+use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::BTreeMap;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::EMBEDDED_WORKERS_CHECKPOINT as CHECKPOINT;
 
-pub async fn run(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let tail = Tail::new(shared.log.clone(), shared.state.index().clone());
+/// How many re-drives may wait for the embedded workers; more is a 503.
+pub const REDRIVE_QUEUE: usize = 64;
+
+/// Follows the log from the checkpoint, and runs the re-driven commands from `redrives`.
+pub async fn run(shared: &Shared, shutdown: &CancellationToken, redrives: mpsc::Receiver<Redrive>) -> anyhow::Result<()> {
     let handlers = [shared.handler(Role::Ontology), shared.handler(Role::Instance)];
+    let graceful = crate::shutdown::Graceful::new(shutdown.clone(), Duration::from_millis(shared.config.worker.shutdown_grace_ms));
+    let (followed, ()) = tokio::join!(follow(shared, &handlers, &graceful), serve_redrives(&handlers, redrives, &graceful));
+    followed
+}
+
+async fn follow(shared: &Shared, handlers: &[CommandHandler; 2], graceful: &crate::shutdown::Graceful) -> anyhow::Result<()> {
+    let shutdown = &graceful.stop;
+    let tail = Tail::new(shared.log.clone(), shared.state.index().clone());
     let mut retry = crate::backoff::STORAGE;
     let from = loop {
         match shared.db.checkpoints.position(CHECKPOINT).await {
@@ -36,12 +52,11 @@ pub async fn run(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Resul
         }
     };
     tracing::info!(from, "embedded workers following the log");
-    let graceful = crate::shutdown::Graceful::new(shutdown.clone(), Duration::from_millis(shared.config.worker.shutdown_grace_ms));
     let poll = Duration::from_millis(shared.config.worker.poll_interval_ms);
     let mut follower = Follower::new(tail, from, 16, poll);
     while let Some(segments) = follower.next(shutdown).await {
         for segment in &segments {
-            if process(segment, &handlers, &graceful).await.is_err() {
+            if process(segment, handlers, graceful).await.is_err() {
                 return Ok(());
             }
             // The segment's commands are done; a checkpoint that cannot be written now is
@@ -58,7 +73,7 @@ pub async fn run(shared: &Shared, shutdown: &CancellationToken) -> anyhow::Resul
 /// Runs a segment's commands: one task per aggregate, each in sequence order.
 async fn process(
     segment: &Segment,
-    handlers: &[super::handler::CommandHandler; 2],
+    handlers: &[CommandHandler; 2],
     shutdown: &crate::shutdown::Graceful,
 ) -> Result<(), Interrupted> {
     let mut by_aggregate: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
@@ -85,4 +100,32 @@ async fn process(
         Ok::<(), Interrupted>(())
     });
     futures::future::join_all(runs).await.into_iter().collect()
+}
+
+/// Runs each re-driven command, concurrently with the log and with each other, until shutdown.
+/// One interrupted by shutdown keeps its claimable registry row: re-drive it again.
+async fn serve_redrives(handlers: &[CommandHandler; 2], mut queue: mpsc::Receiver<Redrive>, shutdown: &crate::shutdown::Graceful) {
+    let mut running = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            next = queue.recv() => match next {
+                Some(redrive) => running.push(run_redriven(handlers, redrive, shutdown)),
+                None => break,
+            },
+            Some(()) = running.next(), if !running.is_empty() => {}
+            () = shutdown.stop.cancelled() => break,
+        }
+    }
+    while running.next().await.is_some() {}
+}
+
+async fn run_redriven(handlers: &[CommandHandler; 2], redrive: Redrive, shutdown: &crate::shutdown::Graceful) {
+    let handler = &handlers[(redrive.role == Role::Instance) as usize];
+    match handler.handle(&redrive.raw, &Slot::free(), shutdown).await {
+        Ok(Disposition::DeadLetter { reason, attempts }) => {
+            tracing::error!(event_id = %redrive.event_id, attempts, reason, "re-driven command dead-lettered again");
+        }
+        Ok(_) => tracing::info!(event_id = %redrive.event_id, "re-driven command finished"),
+        Err(Interrupted) => tracing::warn!(event_id = %redrive.event_id, "re-driven command interrupted by shutdown; re-drive it again"),
+    }
 }

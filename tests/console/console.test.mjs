@@ -7,7 +7,7 @@
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
 import { mkdtempSync, writeFileSync, mkdirSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
+import { freePort, until as waitUntil } from "./wait.mjs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import assert from "node:assert/strict";
@@ -18,20 +18,7 @@ const SHOTS = process.env.SCREENSHOTS;
 const WAIT_MS = 20_000;
 const TOKENS = { read: "console-read-token-0123456789", write: "console-write-token-0123456789", admin: "console-admin-token-0123456789" };
 
-const freePort = () => new Promise((ok, fail) => {
-  const s = createServer().listen(0, "127.0.0.1", () => { const { port } = s.address(); s.close(() => ok(port)); }).on("error", fail);
-});
-
-/** Waits (bounded) until `check` returns a truthy value, and returns it. */
-async function until(what, check) {
-  const deadline = Date.now() + WAIT_MS;
-  let last;
-  for (;;) {
-    try { last = await check(); if (last) return last; } catch (e) { last = e; }
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}: ${last}`);
-    await new Promise(r => setTimeout(r, 100));
-  }
-}
+const until = (what, check) => waitUntil(what, check, WAIT_MS);
 
 const dir = mkdtempSync(join(tmpdir(), "spiced-console-"));
 writeFileSync(join(dir, "tokens"), Object.entries(TOKENS).map(([scope, t]) => `${scope}-user ${scope} ${t}`).join("\n") + "\n", { mode: 0o600 });

@@ -72,6 +72,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0008_stage_position",
         sql: include_str!("../../../migrations/postgres/0008_stage_position.sql"),
     },
+    Migration {
+        name: "0009_failed_events",
+        sql: include_str!("../../../migrations/postgres/0009_failed_events.sql"),
+    },
 ];
 /// A pooled PostgreSQL connection set.
 #[derive(Clone)]

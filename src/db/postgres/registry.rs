@@ -1,6 +1,6 @@
 //! The `processed_events` registry on PostgreSQL: a claim is one statement.
 
-use crate::db::registry::{Claim, Processed, Registry, Work};
+use crate::db::registry::{Claim, Failed, Processed, Registry, Work};
 use crate::db::DbError;
 use async_trait::async_trait;
 use std::time::Duration;
@@ -42,6 +42,9 @@ const RELEASE: &str = "UPDATE processed_events SET status = 'retrying', attempt_
     WHERE handler = $1 AND event_id = $2 AND owner = $3 AND status = 'processing'";
 const ROWS: &str = "SELECT handler, status, attempt_count, last_error, heartbeat_at \
     FROM processed_events WHERE event_id = $1 ORDER BY handler";
+const FAILED: &str = "SELECT event_id, aggregate_id, sequence_number, attempt_count, last_error, processed_at \
+    FROM processed_events WHERE handler = $1 AND status = 'failed' AND event_id > $2 \
+    ORDER BY event_id LIMIT $3";
 const REDRIVE: &str = "UPDATE processed_events SET status = 'retrying', attempt_count = 0 \
     WHERE handler = $1 AND event_id = $2 AND status = 'failed'";
 
@@ -108,6 +111,22 @@ impl Registry for PgRegistry {
                 attempt_count: r.get::<_, i32>(2) as u32,
                 last_error: r.get(3),
                 heartbeat_at: r.get(4),
+            })
+            .collect())
+    }
+
+    async fn failed(&self, handler: &str, after: Option<Uuid>, limit: usize) -> Result<Vec<Failed>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client.query(FAILED, &[&handler, &after.unwrap_or(Uuid::nil()), &(limit as i64)]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| Failed {
+                event_id: r.get(0),
+                aggregate_id: r.get(1),
+                seq: r.get::<_, i64>(2) as u64,
+                attempt_count: r.get::<_, i32>(3) as u32,
+                last_error: r.get(4),
+                failed_at: r.get(5),
             })
             .collect())
     }

@@ -73,6 +73,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0008_stage_position",
         sql: include_str!("../../../migrations/sqlite/0008_stage_position.sql"),
     },
+    Migration {
+        name: "0009_failed_events",
+        sql: include_str!("../../../migrations/sqlite/0009_failed_events.sql"),
+    },
 ];
 /// The SQLite database file.
 #[derive(Clone)]

@@ -1,7 +1,7 @@
 //! The `processed_events` registry on SQLite: a claim is one `BEGIN IMMEDIATE` transaction
 //! on the file's one connection.
 
-use crate::db::registry::{Claim, Processed, Registry, Work};
+use crate::db::registry::{Claim, Failed, Processed, Registry, Work};
 use crate::db::DbError;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -134,6 +134,33 @@ impl Registry for LiteRegistry {
                     heartbeat_at: r
                         .get::<_, String>(4)
                         .ok()
+                        .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
+                        .map(|t| t.with_timezone(&Utc)),
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    async fn failed(&self, handler: &str, after: Option<Uuid>, limit: usize) -> Result<Vec<Failed>, DbError> {
+        let conn = self.conn.lock().await;
+        let mut stmt = conn.prepare_cached(
+            "SELECT event_id, aggregate_id, sequence_number, attempt_count, last_error, processed_at \
+             FROM processed_events WHERE handler = ?1 AND status = 'failed' AND event_id > ?2 \
+             ORDER BY event_id LIMIT ?3",
+        )?;
+        // Event ids are stored as hyphenated lowercase text, which sorts as the UUIDs do.
+        let after = after.unwrap_or(Uuid::nil()).to_string();
+        let rows = stmt
+            .query_map(params![handler, after, limit as i64], |r| {
+                Ok(Failed {
+                    event_id: r.get::<_, String>(0)?.parse().unwrap_or_default(),
+                    aggregate_id: r.get(1)?,
+                    seq: r.get::<_, i64>(2)? as u64,
+                    attempt_count: r.get::<_, i64>(3)? as u32,
+                    last_error: r.get(4)?,
+                    failed_at: r
+                        .get::<_, Option<String>>(5)?
                         .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
                         .map(|t| t.with_timezone(&Utc)),
                 })
