@@ -4,7 +4,7 @@
 # Starts PostgreSQL, an S3-compatible server (moto) and a Kafka-protocol broker (tansu) on
 # 127.0.0.1 if they are not already running (scripts/services.sh), runs every test with
 # `cargo test`, then (for the whole suite only) checks the Prometheus rules with promtool
-# (scripts/promtool.sh), runs the console's browser test (scripts/console-test.sh: Chromium,
+# (scripts/promtool.sh), runs the console's browser tests (scripts/console-test.sh: Chromium,
 # screenshots in target/console-screenshots/), checks that the benchmarks compile and runs
 # scripts/fuzz-api.sh: schemathesis against a real
 # `spiced serve`. Stops whatever it started, pass or fail. Extra arguments go to cargo test and
@@ -32,7 +32,8 @@ if [[ $# -eq 0 ]]; then
     promtool="$(scripts/promtool.sh)"
     "$promtool" check config deploy/prometheus/prometheus.yml
     (cd deploy/prometheus && "$promtool" test rules alerts.test.yml)
-    # The console in a real browser (Chromium, installed if missing) against spiced dev.
+    # The console in a real browser (Chromium, installed if missing): every page against
+    # spiced dev, and a dead letter's re-drive against serve, relay and worker processes.
     echo "test: scripts/console-test.sh" >&2
     scripts/console-test.sh target/debug/spiced
     # The benchmarks are not run here (scripts/bench.sh does), but they must keep compiling.

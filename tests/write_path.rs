@@ -14,6 +14,7 @@ backend_tests! {
     bad_input_is_rejected_and_appends_nothing,
     accepted_commands_are_in_the_log_as_envelopes,
     the_log_route_reads_and_follows_the_log,
+    dead_letter_routes_refuse_bad_input,
     bulk_create_is_atomic,
     metrics_are_exported,
 }
@@ -312,6 +313,29 @@ async fn the_log_route_reads_and_follows_the_log(backend: Backend) {
         let (s, b) = app.get(&format!("/log?{bad}")).await;
         assert_eq!((s, b["error"].as_str()), (400, Some("invalid_query")), "{bad}: {b}");
     }
+}
+
+/// The dead-letter routes with nothing failed: an empty page, and bad input refused.
+async fn dead_letter_routes_refuse_bad_input(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (s, b) = app.get("/dead-letters/instance?limit=1000").await;
+    assert_eq!((s, b), (200, json!({"items": [], "next_after": null})));
+    for (bad, error) in [
+        ("/dead-letters/relay", "invalid_path"),
+        ("/dead-letters/ontology/not-a-uuid", "invalid_path"),
+        ("/dead-letters/ontology?limit=0", "invalid_query"),
+        ("/dead-letters/ontology?limit=1001", "invalid_query"),
+        ("/dead-letters/ontology?after=x", "invalid_query"),
+        ("/dead-letters/ontology?colour=red", "invalid_query"),
+    ] {
+        let (s, b) = app.get(bad).await;
+        assert_eq!((s, b["error"].as_str()), (400, Some(error)), "{bad}: {b}");
+    }
+    let unknown = Uuid::new_v4();
+    let (s, b) = app.get(&format!("/dead-letters/ontology/{unknown}")).await;
+    assert_eq!((s, b["error"].as_str()), (404, Some("not_found")), "{b}");
+    let (s, b) = app.post(&format!("/dead-letters/ontology/{unknown}/redrive"), json!({})).await;
+    assert_eq!((s, b["error"].as_str()), (404, Some("not_found")), "{b}");
 }
 
 async fn futures_status(r: reqwest::Response) -> (u16, Value) {

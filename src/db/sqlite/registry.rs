@@ -154,7 +154,10 @@ impl Registry for LiteRegistry {
         let rows = stmt
             .query_map(params![handler, after, limit as i64], |r| {
                 Ok(Failed {
-                    event_id: r.get::<_, String>(0)?.parse().unwrap_or_default(),
+                    event_id: r
+                        .get::<_, String>(0)?
+                        .parse()
+                        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))?,
                     aggregate_id: r.get(1)?,
                     seq: r.get::<_, i64>(2)? as u64,
                     attempt_count: r.get::<_, i64>(3)? as u32,
