@@ -60,10 +60,13 @@ ontology_events = "${t}_ontology_events"
 instance_events = "${t}_instance_events"
 [kafka]
 brokers = "${process.env.SPICED_TEST_KAFKA_BROKERS}"
-message_timeout_ms = 1000
+# A re-drive makes a new producer whose first delivery also fetches the topic's metadata:
+# 1 s was seen to run out on a loaded machine (a 503, the row left claimable). The relay's
+# lease must be above twice this; one relay runs here, so its length costs nothing.
+message_timeout_ms = 10000
 [relay]
 poll_interval_ms = 50
-lease_ms = 3000
+lease_ms = 25000
 dead_letter_topic = "${t}_relay_dead_letters"
 [worker]
 group_prefix = "${t}"
