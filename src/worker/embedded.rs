@@ -11,10 +11,10 @@
 use super::handler::{CommandHandler, Disposition, Interrupted};
 use super::lanes::Slot;
 use super::{Role, Shared};
+use crate::bus::redrive::Redrive;
 use crate::domain::CommandType;
 use crate::envelope::Kind;
 use crate::log::tail::{Follower, Tail};
-use crate::bus::redrive::Redrive;
 use crate::log::Segment;
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::BTreeMap;
@@ -70,6 +70,11 @@ async fn follow(shared: &Shared, handlers: &[CommandHandler; 2], graceful: &crat
     Ok(())
 }
 
+/// The handler of `role` among the two that [`run`] makes (ontology, then instance).
+fn for_role(handlers: &[CommandHandler; 2], role: Role) -> &CommandHandler {
+    &handlers[(role == Role::Instance) as usize]
+}
+
 /// Runs a segment's commands: one task per aggregate, each in sequence order.
 async fn process(
     segment: &Segment,
@@ -92,7 +97,7 @@ async fn process(
                 .and_then(CommandType::parse)
                 .map(Role::for_command)
                 .unwrap_or(Role::Ontology);
-            let handler = &handlers[(role == Role::Instance) as usize];
+            let handler = for_role(handlers, role);
             if let Disposition::DeadLetter { reason, attempts } = handler.handle(&segment.raw_event(i), &Slot::free(), shutdown).await? {
                 tracing::error!(event_id = %envelope.event_id, attempts, reason, "command dead-lettered (embedded: no dead-letter topic)");
             }
@@ -120,7 +125,7 @@ async fn serve_redrives(handlers: &[CommandHandler; 2], mut queue: mpsc::Receive
 }
 
 async fn run_redriven(handlers: &[CommandHandler; 2], redrive: Redrive, shutdown: &crate::shutdown::Graceful) {
-    let handler = &handlers[(redrive.role == Role::Instance) as usize];
+    let handler = for_role(handlers, redrive.role);
     match handler.handle(&redrive.raw, &Slot::free(), shutdown).await {
         Ok(Disposition::DeadLetter { reason, attempts }) => {
             tracing::error!(event_id = %redrive.event_id, attempts, reason, "re-driven command dead-lettered again");
