@@ -19,6 +19,12 @@ if [[ ! -x "$chromium" ]]; then
     echo "console-test: apt-get install chromium" >&2
     apt-get install -y -qq chromium >&2 || { apt-get update -qq >&2 && apt-get install -y -qq chromium >&2; }
 fi
+# console.test.mjs adds a trigger to dev's SQLite database with the sqlite3 shell.
+if ! command -v sqlite3 >/dev/null; then
+    command -v apt-get >/dev/null || { echo "console-test: no sqlite3 and no apt-get; install the sqlite3 shell" >&2; exit 1; }
+    echo "console-test: apt-get install sqlite3" >&2
+    apt-get install -y -qq sqlite3 >&2 || { apt-get update -qq >&2 && apt-get install -y -qq sqlite3 >&2; }
+fi
 command -v node >/dev/null || { echo "console-test: node is not on PATH" >&2; exit 1; }
 
 work=target/console-test

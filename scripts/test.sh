@@ -33,7 +33,8 @@ if [[ $# -eq 0 ]]; then
     "$promtool" check config deploy/prometheus/prometheus.yml
     (cd deploy/prometheus && "$promtool" test rules alerts.test.yml)
     # The console in a real browser (Chromium, installed if missing): every page against
-    # spiced dev, and a dead letter's re-drive against serve, relay and worker processes.
+    # spiced dev (a dead letter's re-drive included), and the re-drive through Kafka against
+    # serve, relay and worker processes.
     echo "test: scripts/console-test.sh" >&2
     scripts/console-test.sh target/debug/spiced
     # The benchmarks are not run here (scripts/bench.sh does), but they must keep compiling.

@@ -1,11 +1,17 @@
 // The console in a real browser: headless Chromium (Debian's), driven by playwright-core,
 // against a real `spiced dev` with bearer tokens. Run by scripts/console-test.sh, which
-// installs both; screenshots of every page go to target/console-screenshots/.
+// installs both (and the sqlite3 shell); screenshots of every page go to
+// target/console-screenshots/.
+//
+// The dead letter is made the way an operator's database could make one: a trigger (added
+// with the sqlite3 shell to dev's database) refuses the worker's registry updates for one
+// aggregate, so its command is dead-lettered at its first attempt. Dropping the trigger is
+// the fix; the re-drive from the page then completes the command.
 //
 // Environment: SPICED_BIN (the spiced binary), CHROMIUM (the browser), SCREENSHOTS (a dir).
 
 import { chromium } from "playwright-core";
-import { spawn } from "node:child_process";
+import { spawn, execFileSync } from "node:child_process";
 import { mkdtempSync, writeFileSync, mkdirSync, rmSync } from "node:fs";
 import { freePort, until as waitUntil } from "./wait.mjs";
 import { tmpdir } from "node:os";
@@ -174,6 +180,40 @@ try {
   await page.fill("#where", "price>>");
   await page.click("#filter");
   await until("a bad filter to be refused", async () => /invalid_filter/.test(await page.locator("#instances").innerText()));
+
+  // Dead letters: a command the database refuses is listed; read scope cannot re-drive it;
+  // after the fix, admin scope re-drives it (to the embedded workers) and it completes.
+  const sqlite = sql => execFileSync("sqlite3", ["-bail", "-cmd", ".timeout 10000", join(dir, "data", "spiced.db"), sql], { stdio: ["ignore", "ignore", "inherit"] });
+  sqlite(`CREATE TRIGGER refuse_stuck BEFORE UPDATE OF heartbeat_at ON processed_events
+          WHEN NEW.aggregate_id = 'stuck' AND OLD.status = 'processing' AND NEW.status = 'processing'
+          BEGIN SELECT RAISE(ABORT, 'refused by the operator trigger'); END`);
+  const stuck = await command("/databases", { name: "stuck" });
+  const letter = await outcome(stuck);
+  assert.equal(letter.status, "FAILED", JSON.stringify(letter));
+  assert.match(JSON.stringify(letter.error), /refused by the operator trigger/);
+  await load(page, "#dead-letters/ontology");
+  const row = page.locator(`#dead-letters tr[data-event="${stuck}"]`);
+  assert.equal(await row.count(), 1, "the dead letter is listed");
+  assert.match(await row.innerText(), /refused by the operator trigger/);
+  await page.click(`#dead-letters a[href$="${stuck}"]`);
+  await until("the dead letter to be shown", async () => /CREATE_DATABASE_REQUESTED/.test(await page.locator("#dead-letter-envelope").innerText()));
+  page.removeAllListeners("dialog");
+  const confirms = [];
+  page.on("dialog", d => { confirms.push(d.message()); d.accept(); });
+  await page.click("#redrive");
+  await until("the refusal to read scope", async () => /admin/.test(await page.locator("#redrive-outcome").innerText()));
+  assert.equal((await api("GET", `/commands/${stuck}`, TOKENS.read)).body.status, "FAILED", "a refused re-drive changes nothing");
+  await shot(page, "6-dead-letters");
+  sqlite("DROP TRIGGER refuse_stuck");
+  await page.fill("#token", TOKENS.admin);
+  await page.click("#auth button[type=submit]");
+  await page.waitForSelector("#redrive");
+  await page.click("#redrive");
+  await until("the re-drive", async () => /Re-driven to the embedded workers/.test(await page.locator("#redrive-outcome").innerText()));
+  assert.equal(confirms.length, 2, "each re-drive asked first: " + confirms);
+  assert.equal((await outcome(stuck)).status, "COMPLETED");
+  await load(page, "#dead-letters/ontology");
+  assert.equal(await page.locator("#dead-letters-empty").count(), 1, "the list lost it");
 
   // A token that is not one is refused, and the page says so.
   await page.fill("#token", "not-a-token-of-this-deployment");

@@ -146,7 +146,7 @@ try {
   await page.click("#redrive");
   await until("the refusal", async () => /admin/.test(await page.locator("#redrive-outcome").innerText()));
   assert.equal((await status(deleteId)).status, "FAILED", "a refused re-drive changes nothing");
-  if (SHOTS) await page.screenshot({ path: join(SHOTS, "6-dead-letters.png"), fullPage: true });
+  if (SHOTS) await page.screenshot({ path: join(SHOTS, "7-dead-letters-production.png"), fullPage: true });
 
   // Admin scope re-drives it, after confirming; it leaves the list and completes.
   await page.fill("#token", TOKENS.admin);
