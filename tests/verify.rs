@@ -12,6 +12,7 @@ use std::time::Duration;
 backend_tests! {
     a_healthy_log_verifies,
     finds_every_planted_corruption,
+    an_empty_segment_is_passed_over,
 }
 
 /// A log with a few completed commands, written by `spiced dev`, which is then stopped so
@@ -111,6 +112,43 @@ async fn finds_every_planted_corruption(backend: Backend) {
     let (db, _) = storage(&app).await;
     db.checkpoints.advance(&app.config.relay.name, 10_000).await.unwrap();
     assert!(report(&app).await.failed(verify::RELAY));
+}
+
+/// A position written with no envelopes (how the pipelined commit of docs/design.md fills a
+/// position whose writer gave up) is one position like any other: the next write records it,
+/// the embedded workers and the projection move past it, the log API lists what follows it,
+/// the relay's `--from-time` search looks past it, and `verify` finds nothing wrong.
+async fn an_empty_segment_is_passed_over(backend: Backend) {
+    const WAIT: Duration = Duration::from_secs(30);
+    let app = spawn_dev(backend).await;
+    let (_, b) = app.post("/databases", json!({"name": "v"})).await;
+    app.wait_command(b["command_id"].as_str().unwrap(), WAIT).await;
+    let empty = common::plant::segment(&app, &[]).await;
+    let after_empty = chrono::Utc::now();
+    let (_, b) = app.post("/databases/v/classes", json!({"id": "C"})).await;
+    let status = app.wait_command(b["command_id"].as_str().unwrap(), WAIT).await;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+    let (s, listed) = app.get(&format!("/log?from_position={empty}")).await;
+    assert_eq!(s, 200, "{listed}");
+    let positions: Vec<u64> = listed["events"].as_array().unwrap().iter().map(|e| e["position"].as_u64().unwrap()).collect();
+    assert_eq!(positions.first(), Some(&(empty + 1)), "the class command follows the empty position: {listed}");
+    let deadline = std::time::Instant::now() + WAIT;
+    while app.get("/databases/v/classes/C").await.0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "the projection did not pass the empty position");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (db, log) = app.storage().await;
+    let head = db.index.head().await.unwrap();
+    assert!(head > empty + 1, "head {head}");
+    let tail = spiced::log::tail::Tail::new(log, db.index.clone());
+    // An empty segment has no time: it takes the next one's, whichever side of it `t` is.
+    assert_eq!(tail.first_position_at(after_empty).await.unwrap(), empty);
+    assert_eq!(tail.first_position_at(chrono::Utc::now()).await.unwrap(), head + 1);
+    assert_eq!(tail.first_position_at(chrono::DateTime::UNIX_EPOCH).await.unwrap(), 1);
+    let config = app.config.clone();
+    let _dir = app.stop().await;
+    let r = verify::run(&config, 1).await.unwrap();
+    assert_eq!(r.violations(), 0, "{r:?}");
 }
 
 /// `spiced verify` as a script sees it: 0 when the log holds, 2 for violations, 1 for any

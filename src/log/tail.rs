@@ -10,6 +10,7 @@ use futures::{StreamExt, TryStreamExt};
 use std::sync::Arc;
 use std::time::Duration;
 use crate::backoff::{pause, Backoff};
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 /// Segments fetched concurrently when catching up.
@@ -65,6 +66,33 @@ impl Tail {
         // only if the index is ahead of the log, which `spiced verify` reports).
         segments.extend(rest.into_iter().map_while(|s| s));
         Ok(segments)
+    }
+
+    /// The first position whose first envelope occurred at or after `t` (the head + 1 if
+    /// none did), by binary search over segments. An empty segment (a position written with
+    /// no envelopes) has no time of its own and takes that of the next segment with one.
+    pub async fn first_position_at(&self, t: DateTime<Utc>) -> anyhow::Result<u64> {
+        let end = self.head().await? + 1;
+        let (mut lo, mut hi) = (1u64, end);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.first_time_from(mid, end).await? {
+                Some(at) if at < t => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        Ok(lo)
+    }
+
+    /// When the first envelope at a position in `from..end` occurred.
+    async fn first_time_from(&self, from: u64, end: u64) -> Result<Option<DateTime<Utc>>, LogError> {
+        for position in from..end {
+            let Some(segment) = self.log.get_segment(position).await? else { break };
+            if let Some(first) = segment.events.first() {
+                return Ok(Some(first.occurred_at));
+            }
+        }
+        Ok(None)
     }
 }
 

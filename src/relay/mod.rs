@@ -230,25 +230,9 @@ impl Relay {
             return Ok(Some(p - 1));
         }
         match options.from_time {
-            Some(t) => Ok(Some(self.first_position_at(t).await?.saturating_sub(1))),
+            Some(t) => Ok(Some(self.tail.first_position_at(t).await?.saturating_sub(1))),
             None => Ok(None),
         }
-    }
-
-    /// Binary search for the first segment whose first envelope occurred at or after `t`.
-    async fn first_position_at(&self, t: DateTime<Utc>) -> anyhow::Result<u64> {
-        let head = self.tail.head().await?;
-        let (mut lo, mut hi) = (1u64, head + 1);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let seg = self.tail.log().get_segment(mid).await?;
-            let at = seg.and_then(|s| s.events.first().map(|e| e.occurred_at));
-            match at {
-                Some(at) if at < t => lo = mid + 1,
-                _ => hi = mid,
-            }
-        }
-        Ok(lo)
     }
 
     /// Waits for the lease; `None` on shutdown. Failures to reach the lease table are retried.
