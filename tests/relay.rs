@@ -229,6 +229,29 @@ async fn unroutable_envelopes_go_to_the_dead_letter_topic() {
     relay.stop().await;
 }
 
+/// An empty segment (a void, docs/design.md "Pipelined commit") publishes nothing, and the
+/// relay moves past it to what follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_empty_segment_is_passed_over() {
+    let app = app_with_topics().await;
+    let (db, log) = app.storage().await;
+    let (s, first) = app.post("/databases", json!({"name": "before"})).await;
+    assert_eq!(s, 202);
+    let empty = db.index.head().await.unwrap() + 1;
+    log.put_segment(empty, spiced::log::Segment::encode(&[])).await.unwrap();
+    let (s, second) = app.post("/databases", json!({"name": "after"})).await; // records `empty` first
+    assert_eq!(s, 202);
+    assert_eq!(db.index.head().await.unwrap(), empty + 1);
+    let relay = start_relay(&app.config);
+    relay.wait_published(empty + 1, Duration::from_secs(30)).await;
+    assert_eq!(relay.stats.events_published.load(Ordering::Relaxed), 2, "one envelope per command, none for the empty position");
+    let topic = app.config.topics.ontology_commands.clone();
+    let received = consume_until(&app.config, &[&topic], Duration::from_secs(30), |r| r.len() >= 2).await;
+    let sent: HashSet<Uuid> = [first, second].iter().map(|b| b["command_id"].as_str().unwrap().parse().unwrap()).collect();
+    assert_eq!(ids_of(&received), sent);
+    relay.stop().await;
+}
+
 /// With 100,000 events already published, an idle poll costs at most one GET and never a LIST.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_polls_cost_one_get_and_no_list() {

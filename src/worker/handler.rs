@@ -404,7 +404,7 @@ impl CommandHandler {
 
     fn outcome_envelope(&self, p: &Parsed, decision: Decision, facts: Facts) -> EventEnvelope {
         let topic = self.role.events_topic(&self.config);
-        let routing = OutcomeRouting { kafka_topic: &topic, service: self.role.handler(), worker: &self.owner };
+        let routing = OutcomeRouting { kafka_topic: topic, service: self.role.handler(), worker: &self.owner };
         outcome_envelope(&p.envelope, p.command_type, p.seq, decision, facts, &routing)
     }
 
