@@ -84,7 +84,8 @@ impl Tail {
         Ok(lo)
     }
 
-    /// When the first envelope at a position in `from..end` occurred.
+    /// When the first envelope of the first non-empty segment in `from..end` occurred; `None`
+    /// if there is none (or a position there is not written).
     async fn first_time_from(&self, from: u64, end: u64) -> Result<Option<DateTime<Utc>>, LogError> {
         for position in from..end {
             let Some(segment) = self.log.get_segment(position).await? else { break };
