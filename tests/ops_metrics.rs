@@ -93,6 +93,9 @@ async fn serve_fails_at_start_when_its_operations_address_is_taken() {
 async fn consumer_lag_counts_the_messages_not_yet_consumed() {
     let (mut config, _dir) = isolated_config(Backend::LocalSqlite).await;
     isolate_topics(&mut config);
+    // No relay here, so no lease to stay under: a fresh producer's first delivery to a new
+    // topic also waits for its metadata, and 1 s was seen to run out on a loaded machine.
+    config.kafka.message_timeout_ms = 10_000;
     let topic = config.topics.instance_events.clone();
     spiced::bus::kafka::ensure_topics(&config.kafka, &[topic.clone()]).await.unwrap();
     let producer = spiced::bus::kafka::producer(&config.kafka).unwrap();
