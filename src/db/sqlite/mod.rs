@@ -1,5 +1,5 @@
 //! The SQLite backend, for the embedded single-node default: every store of [`crate::db`] in
-//! one file, over one connection behind an async mutex.
+//! one file, over one connection per process behind an async mutex.
 //!
 //! Calls are made on the async thread: they are local and sub-millisecond in WAL mode. A write
 //! transaction is `BEGIN IMMEDIATE`, SQLite's write lock, which also serialises other processes
@@ -15,6 +15,8 @@ use super::read::ReadSchema;
 use super::{Database, DbError, Migration, Schema};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -78,6 +80,20 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/sqlite/0009_failed_events.sql"),
     },
 ];
+/// The connections this process has open, by file.
+static OPEN: std::sync::Mutex<BTreeMap<PathBuf, std::sync::Weak<Mutex<Connection>>>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// The file `path` names, however it is spelled (its directory exists by now).
+fn file_key(path: &str) -> PathBuf {
+    let path = Path::new(path);
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    match path.file_name() {
+        Some(name) => dir.join(name),
+        None => path.to_path_buf(),
+    }
+}
+
 /// The SQLite database file.
 #[derive(Clone)]
 pub struct Lite {
@@ -92,12 +108,25 @@ impl Lite {
                     .map_err(|e| DbError::Setup(format!("cannot create {}: {e}", dir.display())))?;
             }
         }
+        // One connection per file in a process, whatever number of roles open it: SQLite's
+        // busy wait blocks the thread it runs on, so two connections of one process, one
+        // holding the write lock across an await (the writer's segment PUT), could fill every
+        // runtime thread with waits for a lock whose holder then cannot run (seen: a 10 s
+        // stall, the busy timeout). The async mutex makes such waits cost no thread.
+        let mut open = OPEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let key = file_key(path);
+        if let Some(conn) = open.get(&key).and_then(std::sync::Weak::upgrade) {
+            return Ok(Lite { conn });
+        }
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: a committed batch survives power loss, like the fsynced log segment it indexes.
         conn.pragma_update(None, "synchronous", "FULL")?;
-        Ok(Lite { conn: Arc::new(Mutex::new(conn)) })
+        let conn = Arc::new(Mutex::new(conn));
+        open.retain(|_, c| c.strong_count() > 0);
+        open.insert(key, Arc::downgrade(&conn));
+        Ok(Lite { conn })
     }
 
     pub async fn migrate(&self) -> Result<Vec<String>, DbError> {
@@ -153,4 +182,25 @@ fn table(schema: &ReadSchema, table: &str) -> String {
 fn position(tx: &Connection, schema: &ReadSchema) -> Result<u64, DbError> {
     let sql = format!("SELECT position FROM {} WHERE id = 1", table(schema, "projection"));
     Ok(tx.query_row(&sql, [], |r| r.get::<_, i64>(0))? as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_file_is_one_connection_in_a_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spiced.db");
+        let a = Lite::open(path.to_str().unwrap()).unwrap();
+        let spelled_otherwise = dir.path().join(".").join("spiced.db");
+        let b = Lite::open(spelled_otherwise.to_str().unwrap()).unwrap();
+        assert!(Arc::ptr_eq(&a.conn, &b.conn));
+        let other = Lite::open(dir.path().join("other.db").to_str().unwrap()).unwrap();
+        assert!(!Arc::ptr_eq(&a.conn, &other.conn));
+        // Closed when the last user lets go; the next open is a new connection.
+        let weak = Arc::downgrade(&a.conn);
+        drop((a, b));
+        assert!(weak.upgrade().is_none());
+    }
 }
