@@ -234,11 +234,10 @@ async fn unroutable_envelopes_go_to_the_dead_letter_topic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_empty_segment_is_passed_over() {
     let app = app_with_topics().await;
-    let (db, log) = app.storage().await;
+    let (db, _) = app.storage().await;
     let (s, first) = app.post("/databases", json!({"name": "before"})).await;
     assert_eq!(s, 202);
-    let empty = db.index.head().await.unwrap() + 1;
-    log.put_segment(empty, spiced::log::Segment::encode(&[])).await.unwrap();
+    let empty = common::plant::segment(&app, &[]).await;
     let (s, second) = app.post("/databases", json!({"name": "after"})).await; // records `empty` first
     assert_eq!(s, 202);
     assert_eq!(db.index.head().await.unwrap(), empty + 1);

@@ -4,8 +4,8 @@
 // target/console-screenshots/.
 //
 // The dead letter is made the way an operator's database could make one: a trigger (added
-// with the sqlite3 shell to dev's database) refuses the worker's registry updates for one
-// aggregate, so its command is dead-lettered at its first attempt. Dropping the trigger is
+// with the sqlite3 shell to dev's database) refuses the worker's heartbeat, a registry
+// update, for one aggregate, so its command is dead-lettered at its first attempt. Dropping the trigger is
 // the fix; the re-drive from the page then completes the command.
 //
 // Environment: SPICED_BIN (the spiced binary), CHROMIUM (the browser), SCREENSHOTS (a dir).
