@@ -19,6 +19,7 @@ backend_tests! {
     sorts_order_by_type_with_missing_values_last,
     links_follow_references_both_ways_and_stop_at_cycles,
     search_finds_words_prefixes_and_phrases,
+    relevance_ranks_at_most_max_ranked_matches,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -294,6 +295,38 @@ async fn search_finds_words_prefixes_and_phrases(backend: Backend) {
         let (s, b) = app.get(path).await;
         assert_eq!((s, b["error"].as_str()), (400, Some(code)), "{path}: {b}");
     }
+}
+
+/// With more matches than `serve.max_ranked`, relevance pages are the best of the first
+/// `max_ranked` found, in rank order, each row once, and say `rank_is_partial`; with fewer,
+/// every match, and they say it is not; `sort=id` walks every match and says nothing of ranks.
+async fn relevance_ranks_at_most_max_ranked_matches(backend: Backend) {
+    let (mut config, dir) = isolated_config(backend).await;
+    config.serve.max_ranked = 3;
+    let app = &common::spawn_role_dev(config, dir).await;
+    done(app, app.post("/databases", json!({"name": "r"})).await).await;
+    let class = json!({"id": "P", "properties": [{"name": "name", "type": "string"}]});
+    done(app, app.post("/databases/r/classes", class).await).await;
+    // w<n> says "wool" n times, so its rank grows with n on both backends; the three "silk"
+    // rows are as many as may be ranked.
+    let mut rows: Vec<Value> = (1..=6).map(|n| json!({"id": format!("w{n}"), "data": {"name": vec!["wool"; n].join(" ")}})).collect();
+    rows.extend((1..=3).map(|n| json!({"id": format!("s{n}"), "data": {"name": vec!["silk"; n].join(" ")}})));
+    done(app, app.post("/databases/r/classes/P/instances/bulk", json!({"instances": rows})).await).await;
+    caught_up(app).await;
+    let ids = |items: &[Value]| items.iter().map(|i| i["instance_id"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let (_, first) = app.get("/databases/r/classes/P/instances?q=wool&limit=2").await;
+    assert_eq!(first["rank_is_partial"], json!(true), "{first}");
+    let paged = ids(&pages(app, "/databases/r/classes/P/instances?q=wool&limit=2").await);
+    assert_eq!(paged.len(), 3, "the first three matches are ranked: {paged:?}");
+    let times = |id: &String| id[1..].parse::<u32>().unwrap();
+    assert!(paged.windows(2).all(|w| times(&w[0]) > times(&w[1])), "in rank order, each once: {paged:?}");
+    let (_, b) = app.get("/databases/r/classes/P/instances?q=silk").await;
+    assert_eq!((ids(b["items"].as_array().unwrap()), &b["rank_is_partial"]), (vec!["s3".into(), "s2".into(), "s1".into()], &json!(false)), "{b}");
+    let (_, b) = app.get("/databases/r/classes/P/instances?q=wool&sort=id").await;
+    assert_eq!(ids(b["items"].as_array().unwrap()), ["w1", "w2", "w3", "w4", "w5", "w6"], "{b}");
+    assert!(b.get("rank_is_partial").is_none(), "{b}");
+    let (_, b) = app.get("/databases/r/classes/P/instances?q=nothing").await;
+    assert_eq!((b["items"].as_array().unwrap().len(), &b["rank_is_partial"]), (0, &json!(false)), "{b}");
 }
 
 fn urlencode(s: &str) -> String {

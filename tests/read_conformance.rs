@@ -37,7 +37,7 @@ fn log_batch(changes: Vec<Change>, to: u64) -> ReadBatch {
 }
 
 fn page<'a>(parent: &'a str, after: Option<&'a str>, limit: usize, filter: &'a [filter::Group]) -> Page<'a> {
-    Page { kind: ReadKind::Instance, parent, after, limit, filter, sort: &BY_ID, after_values: &[] }
+    Page { kind: ReadKind::Instance, parent, after, limit, filter, sort: &BY_ID, after_values: &[], max_ranked: u64::MAX }
 }
 
 async fn keys(store: &dyn ReadStore, page: &Page<'_>) -> Vec<String> {
@@ -164,7 +164,7 @@ async fn sorted_pages_resume_after_the_cursor_row(backend: Backend) {
         loop {
             let (key, values) = after.clone().unzip();
             let values = values.unwrap_or_default();
-            let page = Page { kind: ReadKind::Instance, parent: "d:main:C", after: key.as_deref(), limit: 4, filter: &[], sort: &sort, after_values: &values };
+            let page = Page { kind: ReadKind::Instance, parent: "d:main:C", after: key.as_deref(), limit: 4, filter: &[], sort: &sort, after_values: &values, max_ranked: u64::MAX };
             let rows = store.page(&page).await.unwrap().rows;
             seen.extend(rows.iter().map(|r| r.key.rsplit(':').next().unwrap().to_string()));
             match rows.last().filter(|_| rows.len() == 4) {

@@ -62,6 +62,9 @@ pub struct ServeConfig {
     /// `count=true` on a list counts exactly up to this many rows, then answers
     /// `total_is_lower_bound: true`.
     pub max_count: u64,
+    /// Relevance order (`q=` without `sort=`) ranks at most this many matches, the first the
+    /// read store finds; past it a page answers `rank_is_partial: true`.
+    pub max_ranked: u64,
     /// Written into `metadata.service` of every command envelope.
     pub service_name: String,
     /// Seconds a 503 response asks the client to wait (`Retry-After`).
@@ -132,6 +135,7 @@ impl ServeConfig {
         }
         at_least_one("serve.max_bulk_instances", self.max_bulk_instances as u64)?;
         at_least_one("serve.max_count", self.max_count)?;
+        at_least_one("serve.max_ranked", self.max_ranked)?;
         at_least_one("serve.header_read_timeout_ms", self.header_read_timeout_ms)?;
         at_least_one("serve.max_connections", self.max_connections as u64)?;
         if self.request_timeout_ms <= self.min_version_wait_ms {

@@ -276,7 +276,7 @@ impl<'a> Walk<'a> {
         let mut refs = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let page = Page { kind: ReadKind::Class, parent: &self.classes, after: after.as_deref(), limit: MAX_LIMIT, filter: &[], sort: &BY_ID, after_values: &[] };
+            let page = Page { kind: ReadKind::Class, parent: &self.classes, after: after.as_deref(), limit: MAX_LIMIT, filter: &[], sort: &BY_ID, after_values: &[], max_ranked: u64::MAX };
             let rows = self.state.db.read.page(&page).await?.rows;
             for row in &rows {
                 let Some(id) = row.key.rsplit(':').next() else { continue };

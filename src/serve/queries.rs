@@ -71,7 +71,9 @@ pub struct PageQuery {
     /// shoe" nik*`. PostgreSQL matches in the database's text search configuration
     /// (`database.text_search`), SQLite with FTS5's `unicode61` tokenizer. At most 256
     /// characters and 16 terms; anything else is `400 invalid_search`. Without `sort=`, the
-    /// best match comes first (ties by id), and `next_cursor` is for the same `q=` only.
+    /// best match comes first (ties by id), and `next_cursor` is for the same `q=` only; the
+    /// ranking is over the first `serve.max_ranked` matches found (`rank_is_partial` says
+    /// when there were more).
     q: Option<String>,
 }
 
@@ -177,8 +179,9 @@ async fn page(state: &AppState, q: &PageQuery, list: List<'_>) -> Result<Respons
         filter: list.filter,
         sort: list.sort,
         after_values: &after_values,
+        max_ranked: state.config.serve.max_ranked,
     };
-    let Snapshot { position, rows, ranks } = state.db.read.page(&page).await?;
+    let Snapshot { position, rows, ranks, rank_is_partial } = state.db.read.page(&page).await?;
     let last = rows.last().filter(|_| rows.len() == limit);
     let next = last.map(|r| match list.sort.is_by_id() {
         true => r.key.clone(),
@@ -192,6 +195,9 @@ async fn page(state: &AppState, q: &PageQuery, list: List<'_>) -> Result<Respons
     });
     let items: Vec<Value> = rows.iter().map(|r| item(r, list.kind, list.languages)).collect();
     let mut body = json!({"items": items, "next_cursor": next});
+    if list.sort.rank_key().is_some() {
+        body["rank_is_partial"] = json!(rank_is_partial);
+    }
     if q.count == Some(true) {
         let bound = state.config.serve.max_count;
         let counted = state.db.read.count(&page, bound).await?;

@@ -178,6 +178,10 @@ pub struct Page {
     pub total: Option<u64>,
     /// With `count=true`: true when there are more than `total`.
     pub total_is_lower_bound: Option<bool>,
+    /// In relevance order (`q=` without `sort=`): true when more rows matched than
+    /// `serve.max_ranked`, so the pages are the best of the first that many found (in storage
+    /// order), not of every match; `sort=id` walks every match.
+    pub rank_is_partial: Option<bool>,
 }
 
 /// An aggregate's current version in the log.

@@ -20,6 +20,9 @@ pub struct Snapshot {
     /// For a page in relevance order, each row's rank (as [`super::sort::Sort::rank_key`]
     /// orders by it); empty otherwise.
     pub ranks: Vec<f64>,
+    /// For a page in relevance order: more rows matched than [`Page::max_ranked`], so the
+    /// order is the best of the first that many found, not of every match.
+    pub rank_is_partial: bool,
 }
 
 /// A keyset page: rows under `parent` after the row `after` (its key, and its sort values
@@ -34,6 +37,9 @@ pub struct Page<'a> {
     pub sort: &'a Sort,
     /// The sort values of the row `after` names, one per sort key.
     pub after_values: &'a [serde_json::Value],
+    /// In relevance order, the most matches ranked (the first the read store finds): ranking
+    /// reads each one, so a broad word would cost a read of most of the class.
+    pub max_ranked: u64,
 }
 
 /// A property of a class (`parent` is the class's key, the parent of its instances) that may

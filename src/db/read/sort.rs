@@ -8,7 +8,7 @@
 //! and the next page starts strictly after them, so a deep page costs what the first does and
 //! a row inserted meanwhile never makes another appear twice or vanish.
 
-use super::filter::{Binder, Param, ValueType};
+use super::filter::{render_into, Binder, Condition, Param, ValueType};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
@@ -127,6 +127,40 @@ impl Sort {
 /// typed expressions of sorts and indexes, which a plan matches only when written out).
 pub fn is_identifier(name: &str) -> bool {
     name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// The pieces of a relevance page's statement, over its candidates' rank column `s0`.
+pub struct Ranked {
+    /// The page's filter (each condition `AND`-ed, with a leading ` AND `).
+    pub filter: String,
+    /// The rank of a row.
+    pub rank: String,
+    /// The rows after the cursor (with a leading ` AND `), or nothing on a first page.
+    pub after: String,
+    /// Best first, ties by id: over `s0` and `key`, and over the outer row `r`.
+    pub order: String,
+    pub outer: String,
+}
+
+/// [`Ranked`] for `page` (whose sort is a relevance sort), bound in `b` with a backend's
+/// condition and sort-expression spelling.
+pub fn ranked(
+    page: &super::Page<'_>,
+    b: &mut Binder,
+    clause: fn(&Condition, &mut Binder) -> String,
+    expr: fn(&SortKey, &mut Binder) -> String,
+    dialect: &Dialect,
+) -> Ranked {
+    let filter = render_into(page.filter, b, clause);
+    let rank = expr(&page.sort.keys[0], b);
+    let s0 = ["s0".to_string()];
+    let after = match page.after {
+        Some(key) => format!(" AND {}", after(page.sort, &s0, page.after_values, key, dialect, b)),
+        None => String::new(),
+    };
+    let order = order_by(page.sort, &s0, "key");
+    let outer = order_by(page.sort, &["r.s0".to_string()], "r.key");
+    Ranked { filter, rank, after, order, outer }
 }
 
 /// How a backend spells the values of a sorted keyset query (each backend spells the sort

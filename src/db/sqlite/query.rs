@@ -17,6 +17,9 @@ pub(super) async fn one(lite: &Lite, kind: ReadKind, key: &str) -> Result<Snapsh
 }
 
 pub(super) async fn page(lite: &Lite, page: &Page<'_>) -> Result<Snapshot, DbError> {
+    if page.sort.rank_key().is_some() {
+        return ranked_page(lite, page).await;
+    }
     if !page.sort.is_by_id() {
         return sorted_page(lite, page).await;
     }
@@ -69,15 +72,50 @@ async fn sorted_page(lite: &Lite, page: &Page<'_>) -> Result<Snapshot, DbError> 
         None => String::new(),
     };
     let sql = format!(
-        "SELECT {COLUMNS}{rank} FROM {} WHERE kind = ?1 AND parent = ?2 AND deleted = 0{after}{filter} ORDER BY {} LIMIT ?3",
+        "SELECT {COLUMNS} FROM {} WHERE kind = ?1 AND parent = ?2 AND deleted = 0{after}{filter} ORDER BY {} LIMIT ?3",
         table(&ReadSchema::live(), "read_models"),
         sort::order_by(page.sort, &exprs, "key"),
-        rank = page.sort.rank_key().map(|i| format!(", {}", exprs[i])).unwrap_or_default(),
     );
     let mut bound: Vec<rusqlite::types::Value> =
         vec![page.kind.as_str().to_string().into(), page.parent.to_string().into(), (page.limit as i64).into()];
     bound.extend(b.into_params().into_iter().map(param));
-    rows_ranked(lite, sql, bound, page.sort.rank_key().is_some()).await
+    rows_at(lite, sql, bound).await
+}
+
+/// A page in relevance order: the best, after the cursor, of the first `max_ranked` matches
+/// (one more is read only to tell whether there are more), as on PostgreSQL.
+async fn ranked_page(lite: &Lite, page: &Page<'_>) -> Result<Snapshot, DbError> {
+    let mut b = Binder::new(5, '?');
+    let sort::Ranked { filter, rank, after, order, outer } = sort::ranked(page, &mut b, clause, sort_expr, &DIALECT);
+    // One row even when the page is empty (the count's), so `partial` is always read.
+    let sql = format!(
+        "WITH c AS MATERIALIZED (SELECT {COLUMNS}, {rank} AS s0, row_number() OVER () AS nth FROM {} \
+         WHERE kind = ?1 AND parent = ?2 AND deleted = 0{filter} LIMIT ?4 + 1) \
+         SELECT r.*, n.matched > ?4 FROM (SELECT count(*) AS matched FROM c) n LEFT JOIN \
+         (SELECT * FROM c WHERE nth <= ?4{after} ORDER BY {order} LIMIT ?3) r ON 1 ORDER BY {outer}",
+        table(&ReadSchema::live(), "read_models"),
+    );
+    let mut bound: Vec<rusqlite::types::Value> = vec![
+        page.kind.as_str().to_string().into(),
+        page.parent.to_string().into(),
+        (page.limit as i64).into(),
+        (page.max_ranked.min(i64::MAX as u64 - 1) as i64).into(),
+    ];
+    bound.extend(b.into_params().into_iter().map(param));
+    let conn = lite.conn.lock().await;
+    let position = position(&conn, &ReadSchema::live())?;
+    let mut stmt = conn.prepare(&sql)?;
+    let (mut rows, mut ranks, mut partial) = (Vec::new(), Vec::new(), false);
+    let mut found = stmt.query(rusqlite::params_from_iter(bound))?;
+    // The columns: the row's, s0, nth, then partial.
+    while let Some(r) = found.next()? {
+        partial = r.get(12)?;
+        if r.get::<_, Option<String>>(0)?.is_some() {
+            rows.push(row(r)?);
+            ranks.push(r.get::<_, Option<f64>>(10)?.unwrap_or(0.0));
+        }
+    }
+    Ok(Snapshot { position, rows, ranks, rank_is_partial: partial })
 }
 
 const DIALECT: sort::Dialect = sort::Dialect { value: sort_value, same: "IS" };
@@ -122,18 +160,11 @@ pub(super) async fn count(lite: &Lite, page: &Page<'_>, bound: u64) -> Result<u6
 
 /// The position and the rows under one hold of the connection, so no write comes between.
 async fn rows_at(lite: &Lite, sql: String, params: Vec<rusqlite::types::Value>) -> Result<Snapshot, DbError> {
-    rows_ranked(lite, sql, params, false).await
-}
-
-/// [`rows_at`], with each row's rank read from the column after the row's when `ranked`.
-async fn rows_ranked(lite: &Lite, sql: String, params: Vec<rusqlite::types::Value>, ranked: bool) -> Result<Snapshot, DbError> {
     let conn = lite.conn.lock().await;
     let position = position(&conn, &ReadSchema::live())?;
     let mut stmt = conn.prepare(&sql)?;
-    let read = |r: &rusqlite::Row<'_>| Ok((row(r)?, if ranked { r.get::<_, Option<f64>>(10)?.unwrap_or(0.0) } else { 0.0 }));
-    let found = stmt.query_map(rusqlite::params_from_iter(params), read)?.collect::<Result<Vec<_>, _>>()?;
-    let ranks = if ranked { found.iter().map(|(_, rank)| *rank).collect() } else { Vec::new() };
-    Ok(Snapshot { position, rows: found.into_iter().map(|(r, _)| r).collect(), ranks })
+    let rows = stmt.query_map(rusqlite::params_from_iter(params), |r| row(r))?.collect::<Result<Vec<_>, _>>()?;
+    Ok(Snapshot { position, rows, ranks: Vec::new(), rank_is_partial: false })
 }
 
 fn param(p: Param) -> rusqlite::types::Value {
