@@ -16,6 +16,7 @@ backend_tests! {
     rows_are_unique_per_event_and_per_sequence,
     lookup_returns_commands_and_versions,
     recording_the_wrong_position_is_refused,
+    the_writers_combined_steps_do_what_the_separate_ones_do,
     events_after_counts_the_envelopes_past_a_position,
 }
 
@@ -160,6 +161,30 @@ async fn recording_the_wrong_position_is_refused(backend: Backend) {
     let mut tx = db.index.begin().await.unwrap();
     let err = tx.record(5, &[row("a", 1, 5)]).await.unwrap_err();
     assert!(matches!(err, DbError::Inconsistent(_)), "{err}");
+}
+
+/// `begin_lookup` and `record_and_commit` (one round trip each on PostgreSQL): the same
+/// answers as the separate steps; a failing write (a wrong position, a taken sequence) records
+/// nothing and leaves the head lock free.
+async fn the_writers_combined_steps_do_what_the_separate_ones_do(backend: Backend) {
+    let (db, _dir) = open(backend).await;
+    let a1 = row("a", 1, 1);
+    let (tx, found) = db.index.begin_lookup(&LookupRequest { command_ids: vec![a1.command_id], ..Default::default() }).await.unwrap();
+    assert_eq!((tx.next_position(), found.rows.len()), (1, 0));
+    tx.record_and_commit(1, &[a1.clone()]).await.unwrap();
+    let key = AggregateKey::database("a");
+    let request = LookupRequest { command_ids: vec![a1.command_id], command_keys: vec![key.clone()], ..Default::default() };
+    let (tx, found) = db.index.begin_lookup(&request).await.unwrap();
+    assert_eq!((tx.next_position(), found.rows, found.versions.get(&key)), (2, vec![a1.clone()], Some(&1)));
+    let err = tx.record_and_commit(5, &[row("b", 1, 5)]).await.unwrap_err();
+    assert!(err.to_string().contains("not at position 5 - 1"), "{err}");
+    let (tx, _) = db.index.begin_lookup(&LookupRequest::default()).await.unwrap();
+    assert!(tx.record_and_commit(2, &[row("a", 1, 2)]).await.is_err(), "(aggregate, kind, seq) taken twice");
+    assert_eq!(db.index.head().await.unwrap(), 1, "nothing recorded by the failed batches");
+    assert_eq!(db.index.all_rows().await.unwrap(), vec![a1]);
+    let (tx, _) = db.index.begin_lookup(&LookupRequest::default()).await.unwrap();
+    tx.record_and_commit(2, &[row("a", 2, 2)]).await.unwrap();
+    assert_eq!(db.index.version(&key).await.unwrap(), 2);
 }
 
 /// The relay's lag in events: envelopes, not segments, after the position.

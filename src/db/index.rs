@@ -17,6 +17,13 @@ pub trait LogIndex: Send + Sync + 'static {
     /// Starts a batch: takes the log-head lock (serialising every writer of every process) and
     /// reads the next free position.
     async fn begin(&self) -> Result<Box<dyn IndexTx>, DbError>;
+    /// [`LogIndex::begin`] and [`IndexTx::lookup`] together: a batch's first step, which a
+    /// backend with round trips sends as one.
+    async fn begin_lookup(&self, request: &LookupRequest) -> Result<(Box<dyn IndexTx>, Lookup), DbError> {
+        let mut tx = self.begin().await?;
+        let lookup = tx.lookup(request).await?;
+        Ok((tx, lookup))
+    }
     /// The last position recorded in the index.
     async fn head(&self) -> Result<u64, DbError>;
     /// An aggregate's sequence: its count of accepted commands (0 if none).
@@ -67,6 +74,12 @@ pub trait IndexTx: Send {
     /// Records a written segment: head = `position`, index rows inserted, versions raised.
     async fn record(&mut self, position: u64, rows: &[IndexRow]) -> Result<(), DbError>;
     async fn commit(self: Box<Self>) -> Result<(), DbError>;
+    /// [`IndexTx::record`] and [`IndexTx::commit`] together: a batch's last step, which a
+    /// backend with round trips sends as one. On error nothing is recorded.
+    async fn record_and_commit(mut self: Box<Self>, position: u64, rows: &[IndexRow]) -> Result<(), DbError> {
+        self.record(position, rows).await?;
+        self.commit().await
+    }
     async fn rollback(self: Box<Self>) -> Result<(), DbError>;
 }
 

@@ -249,9 +249,8 @@ impl Writer {
     }
 
     async fn try_commit(&self, commands: &[AppendCommand], check_all_ids: bool) -> Result<Step, AppendError> {
-        let mut tx = self.index.begin().await?;
+        let (tx, state) = self.index.begin_lookup(&lookup_request(commands, check_all_ids)).await?;
         let position = tx.next_position();
-        let state = tx.lookup(&lookup_request(commands, check_all_ids)).await?;
         let plan = plan(position, commands, &state);
         if plan.envelopes.is_empty() {
             tx.rollback().await?;
@@ -281,7 +280,7 @@ impl Writer {
         // The segment is durable: the commands are accepted whatever the index does next. If
         // the commit fails, the next batch finds position `p` taken and repairs the index.
         let span = tracing::info_span!("commit", position, events = plan.envelopes.len(), commands = commands.len());
-        let committed = tracing::Instrument::instrument(record_and_commit(tx, position, &plan.rows), span.clone()).await;
+        let committed = tracing::Instrument::instrument(tx.record_and_commit(position, &plan.rows), span.clone()).await;
         span.in_scope(|| match committed {
             Ok(()) => tracing::debug!("segment written and indexed"),
             Err(e) => {
@@ -300,7 +299,7 @@ impl Writer {
                 "position {position} reported as written but cannot be read"
             ))
         })?;
-        record_and_commit(tx, position, &rows_of_segment(&segment)).await?;
+        tx.record_and_commit(position, &rows_of_segment(&segment)).await?;
         self.stats.repairs.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("spiced_log_repairs_total").increment(1);
         tracing::info!(position, events = segment.len(), "repaired the log index from a segment written by a crashed writer");
@@ -329,15 +328,6 @@ impl Writer {
             std::process::abort();
         }
     }
-}
-
-async fn record_and_commit(
-    mut tx: Box<dyn IndexTx>,
-    position: u64,
-    rows: &[crate::db::IndexRow],
-) -> Result<(), DbError> {
-    tx.record(position, rows).await?;
-    tx.commit().await
 }
 
 /// The bytes the command's envelopes take in a segment (a line each), for the queue budget

@@ -1,8 +1,8 @@
 //! The log index on PostgreSQL.
 //!
-//! A batch is one transaction on one pooled connection: `BEGIN` and the `FOR UPDATE` read of
-//! the head are pipelined (one round trip), the two look-ups are pipelined (one), and the three
-//! writes of `record` plus `COMMIT` take two. That is per segment, not per command.
+//! A batch is one transaction on one pooled connection, in two round trips: `BEGIN`, the
+//! `FOR UPDATE` read of the head and the look-ups are pipelined (`begin_lookup`), and so are
+//! the three writes and `COMMIT` (`record_and_commit`). That is per segment, not per command.
 
 use super::Pg;
 use crate::db::{prefix_range, DbError, IndexRow, IndexTx, LogIndex, Lookup, LookupRequest};
@@ -50,6 +50,15 @@ const SELECT_POSITIONS: &str = "SELECT seq, position FROM log_index \
      ORDER BY seq";
 const ADVANCE_HEAD: &str =
     "UPDATE log_head SET position = $1::int8 WHERE id = 1 AND position = $1::int8 - 1";
+// The same move, failing when the head is elsewhere, so that it can be sent with the `COMMIT`
+// in one round trip: the error aborts the transaction and the `COMMIT` then rolls it back.
+// The cast is how plain SQL raises an error with a message; it reads the head's column so
+// that the planner cannot fold it into a constant, and fail, before the move has been tried.
+const ADVANCE_HEAD_OR_FAIL: &str = "WITH moved AS (UPDATE log_head SET position = $1::int8 \
+     WHERE id = 1 AND position = $1::int8 - 1 RETURNING position) \
+     SELECT CASE WHEN EXISTS (SELECT 1 FROM moved) THEN 0 \
+     ELSE (SELECT ('spiced: log head is at ' || position || ', not at position ' || $1::int8 || ' - 1 inside its own lock')::int \
+     FROM log_head WHERE id = 1) END";
 const INSERT_ROWS: &str = "INSERT INTO log_index (event_id, command_id, fingerprint, \
      aggregate_type, aggregate_id, kind, seq, position) \
      SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
@@ -108,6 +117,19 @@ impl LogIndex for Pg {
         let (_, row) = tokio::try_join!(client.batch_execute("BEGIN"), client.query_one(&lock, &[]))?;
         tx.next = row.get::<_, i64>(0) as u64 + 1;
         Ok(Box::new(tx))
+    }
+
+    /// `BEGIN`, the lock and the look-ups in one round trip: the look-ups run after the lock
+    /// is granted (the server runs them in order), so they read what every earlier batch
+    /// committed.
+    async fn begin_lookup(&self, request: &LookupRequest) -> Result<(Box<dyn IndexTx>, Lookup), DbError> {
+        let client = self.pool.get().await?;
+        let mut tx = PgTx { client: Some(client), next: 0 };
+        let client = tx.client();
+        let lock = client.prepare_cached(LOCK_HEAD).await?;
+        let (_, row, lookup) = tokio::try_join!(client.batch_execute("BEGIN"), client.query_one(&lock, &[]), lookup(client, request))?;
+        tx.next = row.get::<_, i64>(0) as u64 + 1;
+        Ok((Box::new(tx), to_lookup(lookup)?))
     }
 
     async fn head(&self) -> Result<u64, DbError> {
@@ -242,6 +264,87 @@ impl LogIndex for Pg {
     }
 }
 
+/// A batch's look-ups, pipelined: only the statements with something to ask are sent. The
+/// rows are [`to_lookup`]'s to read.
+async fn lookup(client: &Object, request: &LookupRequest) -> Result<[Vec<Row>; 4], tokio_postgres::Error> {
+    let (commands_stmt, events_stmt, versions_stmt, outcomes_stmt) = tokio::try_join!(
+        client.prepare_cached(SELECT_COMMAND_ROWS),
+        client.prepare_cached(SELECT_EVENT_ROWS),
+        client.prepare_cached(SELECT_VERSIONS),
+        client.prepare_cached(SELECT_OUTCOME_HEADS),
+    )?;
+    let (v_types, v_ids) = key_arrays(&request.command_keys);
+    let (o_types, o_ids) = key_arrays(&request.outcome_keys);
+    let command_params: [&(dyn ToSql + Sync); 1] = [&request.command_ids];
+    let event_params: [&(dyn ToSql + Sync); 1] = [&request.event_ids];
+    let version_params: [&(dyn ToSql + Sync); 2] = [&v_types, &v_ids];
+    let outcome_params: [&(dyn ToSql + Sync); 2] = [&o_types, &o_ids];
+    let ask = |stmt, params, needed: bool| async move {
+        if needed { client.query(stmt, params).await } else { Ok(Vec::new()) }
+    };
+    let (commands, events, versions, outcomes) = tokio::try_join!(
+        ask(&commands_stmt, &command_params[..], !request.command_ids.is_empty()),
+        ask(&events_stmt, &event_params[..], !request.event_ids.is_empty()),
+        ask(&versions_stmt, &version_params[..], !request.command_keys.is_empty()),
+        ask(&outcomes_stmt, &outcome_params[..], !request.outcome_keys.is_empty()),
+    )?;
+    Ok([commands, events, versions, outcomes])
+}
+
+fn to_lookup([commands, events, versions, outcomes]: [Vec<Row>; 4]) -> Result<Lookup, DbError> {
+    let mut rows = commands.iter().chain(&events).map(row_to_index).collect::<Result<Vec<_>, _>>()?;
+    rows.dedup_by_key(|r| r.event_id);
+    Ok(Lookup { rows, versions: key_map(&versions), outcomes: key_map(&outcomes) })
+}
+
+/// The parameters of a segment's three writes (head, index rows, versions), as arrays.
+struct Writes<'a> {
+    position: i64,
+    event_ids: Vec<Uuid>,
+    command_ids: Vec<Uuid>,
+    fingerprints: Vec<&'a str>,
+    types: Vec<&'a str>,
+    ids: Vec<&'a str>,
+    kinds: Vec<&'a str>,
+    seqs: Vec<i64>,
+    positions: Vec<i64>,
+    command_types: Vec<&'a str>,
+    command_ids_of_keys: Vec<&'a str>,
+    command_seqs: Vec<i64>,
+}
+
+impl<'a> Writes<'a> {
+    fn of(position: u64, rows: &'a [IndexRow]) -> Writes<'a> {
+        let commands: Vec<&IndexRow> = rows.iter().filter(|r| r.kind == Kind::Command).collect();
+        Writes {
+            position: to_i64(position),
+            event_ids: rows.iter().map(|r| r.event_id).collect(),
+            command_ids: rows.iter().map(|r| r.command_id).collect(),
+            fingerprints: rows.iter().map(|r| r.fingerprint.as_str()).collect(),
+            types: rows.iter().map(|r| r.key.aggregate_type.as_str()).collect(),
+            ids: rows.iter().map(|r| r.key.aggregate_id.as_str()).collect(),
+            kinds: rows.iter().map(|r| r.kind.as_str()).collect(),
+            seqs: rows.iter().map(|r| to_i64(r.seq)).collect(),
+            positions: rows.iter().map(|r| to_i64(r.position)).collect(),
+            command_types: commands.iter().map(|r| r.key.aggregate_type.as_str()).collect(),
+            command_ids_of_keys: commands.iter().map(|r| r.key.aggregate_id.as_str()).collect(),
+            command_seqs: commands.iter().map(|r| to_i64(r.seq)).collect(),
+        }
+    }
+
+    fn head(&self) -> [&(dyn ToSql + Sync); 1] {
+        [&self.position]
+    }
+
+    fn rows(&self) -> [&(dyn ToSql + Sync); 8] {
+        [&self.event_ids, &self.command_ids, &self.fingerprints, &self.types, &self.ids, &self.kinds, &self.seqs, &self.positions]
+    }
+
+    fn versions(&self) -> [&(dyn ToSql + Sync); 3] {
+        [&self.command_types, &self.command_ids_of_keys, &self.command_seqs]
+    }
+}
+
 /// A batch transaction. The connection is only returned to the pool after `COMMIT` or
 /// `ROLLBACK`; if the batch is dropped half-way, the connection is closed instead, which makes
 /// the server roll back and release the head lock.
@@ -280,32 +383,7 @@ impl IndexTx for PgTx {
     }
 
     async fn lookup(&mut self, request: &LookupRequest) -> Result<Lookup, DbError> {
-        let client = self.client();
-        let (commands_stmt, events_stmt, versions_stmt, outcomes_stmt) = tokio::try_join!(
-            client.prepare_cached(SELECT_COMMAND_ROWS),
-            client.prepare_cached(SELECT_EVENT_ROWS),
-            client.prepare_cached(SELECT_VERSIONS),
-            client.prepare_cached(SELECT_OUTCOME_HEADS),
-        )?;
-        let (v_types, v_ids) = key_arrays(&request.command_keys);
-        let (o_types, o_ids) = key_arrays(&request.outcome_keys);
-        let command_params: [&(dyn ToSql + Sync); 1] = [&request.command_ids];
-        let event_params: [&(dyn ToSql + Sync); 1] = [&request.event_ids];
-        let version_params: [&(dyn ToSql + Sync); 2] = [&v_types, &v_ids];
-        let outcome_params: [&(dyn ToSql + Sync); 2] = [&o_types, &o_ids];
-        // Only the statements with something to ask are sent, all in one pipelined round trip.
-        let ask = |stmt, params, needed: bool| async move {
-            if needed { client.query(stmt, params).await } else { Ok(Vec::new()) }
-        };
-        let (commands, events, versions, outcomes) = tokio::try_join!(
-            ask(&commands_stmt, &command_params[..], !request.command_ids.is_empty()),
-            ask(&events_stmt, &event_params[..], !request.event_ids.is_empty()),
-            ask(&versions_stmt, &version_params[..], !request.command_keys.is_empty()),
-            ask(&outcomes_stmt, &outcome_params[..], !request.outcome_keys.is_empty()),
-        )?;
-        let mut rows = commands.iter().chain(&events).map(row_to_index).collect::<Result<Vec<_>, _>>()?;
-        rows.dedup_by_key(|r| r.event_id);
-        Ok(Lookup { rows, versions: key_map(&versions), outcomes: key_map(&outcomes) })
+        to_lookup(lookup(self.client(), request).await?)
     }
 
     async fn record(&mut self, position: u64, rows: &[IndexRow]) -> Result<(), DbError> {
@@ -315,27 +393,12 @@ impl IndexTx for PgTx {
             client.prepare_cached(INSERT_ROWS),
             client.prepare_cached(RAISE_VERSIONS)
         )?;
-        let event_ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
-        let command_ids: Vec<Uuid> = rows.iter().map(|r| r.command_id).collect();
-        let fingerprints: Vec<&str> = rows.iter().map(|r| r.fingerprint.as_str()).collect();
-        let types: Vec<&str> = rows.iter().map(|r| r.key.aggregate_type.as_str()).collect();
-        let ids: Vec<&str> = rows.iter().map(|r| r.key.aggregate_id.as_str()).collect();
-        let kinds: Vec<&str> = rows.iter().map(|r| r.kind.as_str()).collect();
-        let seqs: Vec<i64> = rows.iter().map(|r| to_i64(r.seq)).collect();
-        let positions: Vec<i64> = rows.iter().map(|r| to_i64(r.position)).collect();
-        let commands: Vec<&IndexRow> = rows.iter().filter(|r| r.kind == Kind::Command).collect();
-        let c_types: Vec<&str> = commands.iter().map(|r| r.key.aggregate_type.as_str()).collect();
-        let c_ids: Vec<&str> = commands.iter().map(|r| r.key.aggregate_id.as_str()).collect();
-        let c_seqs: Vec<i64> = commands.iter().map(|r| to_i64(r.seq)).collect();
-        let position = to_i64(position);
-        let head_params: [&(dyn ToSql + Sync); 1] = [&position];
-        let row_params: [&(dyn ToSql + Sync); 8] =
-            [&event_ids, &command_ids, &fingerprints, &types, &ids, &kinds, &seqs, &positions];
-        let version_params: [&(dyn ToSql + Sync); 3] = [&c_types, &c_ids, &c_seqs];
+        let w = Writes::of(position, rows);
+        let (head, rows, versions) = (w.head(), w.rows(), w.versions());
         let (moved, _, _) = tokio::try_join!(
-            client.execute(&head_stmt, &head_params),
-            client.execute(&rows_stmt, &row_params),
-            client.execute(&versions_stmt, &version_params)
+            client.execute(&head_stmt, &head),
+            client.execute(&rows_stmt, &rows),
+            client.execute(&versions_stmt, &versions)
         )?;
         if moved != 1 {
             return Err(DbError::Inconsistent(format!(
@@ -343,6 +406,30 @@ impl IndexTx for PgTx {
                 position
             )));
         }
+        Ok(())
+    }
+
+    /// The three writes and `COMMIT` in one round trip; the head's move checks itself in SQL
+    /// ([`ADVANCE_HEAD_OR_FAIL`]), since its row count comes back only with the `COMMIT`'s.
+    async fn record_and_commit(mut self: Box<Self>, position: u64, rows: &[IndexRow]) -> Result<(), DbError> {
+        {
+            let client = self.client();
+            let (head_stmt, rows_stmt, versions_stmt) = tokio::try_join!(
+                client.prepare_cached(ADVANCE_HEAD_OR_FAIL),
+                client.prepare_cached(INSERT_ROWS),
+                client.prepare_cached(RAISE_VERSIONS)
+            )?;
+            let w = Writes::of(position, rows);
+            let (head, rows, versions) = (w.head(), w.rows(), w.versions());
+            tokio::try_join!(
+                client.query_one(&head_stmt, &head),
+                client.execute(&rows_stmt, &rows),
+                client.execute(&versions_stmt, &versions),
+                client.batch_execute("COMMIT")
+            )?;
+        }
+        // Back to the pool only in a clean state (on error, `Drop` closes the connection).
+        drop(self.client.take());
         Ok(())
     }
 
