@@ -202,6 +202,10 @@ async fn filters_against_a_model(backend: Backend, indexed: bool) {
         ("s=ilike:*RR*", |d| d["s"].as_str().is_some_and(|s| s.contains("rr"))),
         ("s=like:a_ple", |d| d["s"] == "a_ple"),
         ("(n=4|s=cherry)", |d| d["n"] == 4 || d["s"] == "cherry"),
+        // Equalities on indexed properties: on PostgreSQL one index scan per alternative,
+        // merged; a row matching both (i02, i14) is listed once.
+        ("(s=cherry|b=true),n>3", |d| (d["s"] == "cherry" || d["b"] == true) && d["n"].as_i64().is_some_and(|n| n > 3)),
+        ("(s=cherry|b=true|n=9)", |d| d["s"] == "cherry" || d["b"] == true || d["n"] == 9),
         ("(n<2|n>22),b=true", |d| d["n"].as_i64().is_some_and(|n| !(2..=22).contains(&n)) && d["b"] == true),
         (r#"s=in:("apple"|"x,y|z")"#, |d| d["s"] == "apple"),
         (r#"(s="Banana"|extra="yes")"#, |d| d["s"] == "Banana" || d["extra"] == "yes"),

@@ -3,7 +3,7 @@
 //! GIN index serves them.
 
 use super::{table, Pg};
-use crate::db::read::filter::{like_pattern, render, render_into, Binder, CmpOp, Condition, Param, Test, ValueType};
+use crate::db::read::filter::{like_pattern, render, render_into, Binder, CmpOp, Condition, Group, Param, Test, ValueType};
 use crate::db::read::sort::{self, SortKey, Start};
 use crate::db::read::query::{kind_of, COLUMNS};
 use crate::db::read::search::{valid_config_name, Search, Term};
@@ -27,15 +27,37 @@ pub(super) async fn page(pg: &Pg, page: &Page<'_>) -> Result<Snapshot, DbError> 
     }
     let schema = ReadSchema::live();
     let after = page.after.unwrap_or("").to_string();
-    let (filter, params) = render(page.filter, 5, '$', clause);
-    let rows = format!(
-        "SELECT {COLUMNS} FROM {} WHERE kind = $1 AND parent = $2 AND NOT deleted AND key > $3{filter} ORDER BY key LIMIT $4",
-        table(&schema, "read_models")
-    );
+    let mut b = Binder::new(5, '$');
+    let part = |groups: &[Group], b: &mut Binder| {
+        format!(
+            "SELECT {COLUMNS} FROM {} WHERE kind = $1 AND parent = $2 AND NOT deleted AND key > $3{} ORDER BY key LIMIT $4",
+            table(&schema, "read_models"),
+            render_into(groups, b, clause)
+        )
+    };
+    let rows = match split_or(page.filter) {
+        None => part(page.filter, &mut b),
+        Some(branches) => {
+            let parts: Vec<String> = branches.iter().map(|groups| format!("({})", part(groups, &mut b))).collect();
+            format!("SELECT DISTINCT ON (key) * FROM ({}) u ORDER BY key LIMIT $4", parts.join(" UNION ALL "))
+        }
+    };
     let mut bound: Vec<Box<dyn ToSql + Sync + Send>> =
         vec![Box::new(page.kind.as_str()), Box::new(page.parent.to_string()), Box::new(after), Box::new(page.limit as i64)];
-    bound.extend(params.into_iter().map(param));
+    bound.extend(b.into_params().into_iter().map(param));
     rows_at(pg, &with_position(&schema, &rows), bound).await
+}
+
+/// An OR group of equalities on `indexed` properties, as one filter per alternative (with
+/// the other groups): each is a range of its property's `(parent, value, key)` index, read
+/// in key order from the cursor, so the page is a merge of a few short scans. As one query
+/// the OR is a bitmap of every match, all sorted before the page is cut (at a million rows,
+/// `(s=v7|n=5)` p99 21 ms). `None` when no group is such an OR.
+fn split_or(groups: &[Group]) -> Option<Vec<Vec<Group>>> {
+    let ordered = |c: &Condition| c.indexed && matches!(c.test, Test::Cmp(CmpOp::Eq, _));
+    let i = groups.iter().position(|g| g.len() > 1 && g.iter().all(ordered))?;
+    let others = groups.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, g)| g.clone());
+    Some(groups[i].iter().map(|c| others.clone().chain([vec![c.clone()]]).collect()).collect())
 }
 
 pub(super) async fn count(pg: &Pg, page: &Page<'_>, bound: u64) -> Result<u64, DbError> {
@@ -389,6 +411,19 @@ mod tests {
     use super::*;
     use crate::db::read::filter::parse;
     use std::collections::HashMap;
+
+    #[test]
+    fn an_or_of_indexed_equalities_is_split_into_one_filter_per_alternative() {
+        let props: HashMap<String, String> = [("age", "integer"), ("name", "string")].map(|(k, v)| (k.to_string(), v.to_string())).into();
+        let mut groups = parse("(age=1|name=a),age>3", &props).unwrap();
+        assert!(split_or(&groups).is_none(), "not indexed: one query");
+        groups.iter_mut().flatten().for_each(|c| c.indexed = true);
+        let branches = split_or(&groups).unwrap();
+        let names: Vec<Vec<(&str, usize)>> = branches.iter().map(|b| b.iter().map(|g| (g[0].property.as_str(), g.len())).collect()).collect();
+        assert_eq!(names, [vec![("age", 1), ("age", 1)], vec![("age", 1), ("name", 1)]], "each keeps the other group");
+        let ranges = parse("(age>1|name=a)", &props).unwrap().into_iter().map(|g| g.into_iter().map(|c| Condition { indexed: true, ..c }).collect()).collect::<Vec<Group>>();
+        assert!(split_or(&ranges).is_none(), "a range is not read in key order");
+    }
 
     #[test]
     fn filters_render_as_containment_with_numbered_parameters() {
