@@ -163,7 +163,7 @@ async fn rows_at(lite: &Lite, sql: String, params: Vec<rusqlite::types::Value>) 
     let conn = lite.conn.lock().await;
     let position = position(&conn, &ReadSchema::live())?;
     let mut stmt = conn.prepare(&sql)?;
-    let rows = stmt.query_map(rusqlite::params_from_iter(params), |r| row(r))?.collect::<Result<Vec<_>, _>>()?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(params), row)?.collect::<Result<Vec<_>, _>>()?;
     Ok(Snapshot { position, rows, ranks: Vec::new(), rank_is_partial: false })
 }
 
