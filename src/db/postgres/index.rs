@@ -345,6 +345,26 @@ impl<'a> Writes<'a> {
     }
 }
 
+/// A segment's three writes, pipelined (`head` moves the head; `COMMIT` follows them in the
+/// same round trip when `commit`). Returns the head statement's row count.
+async fn write(client: &Object, head: &str, position: u64, rows: &[IndexRow], commit: bool) -> Result<u64, tokio_postgres::Error> {
+    let (head_stmt, rows_stmt, versions_stmt) = tokio::try_join!(
+        client.prepare_cached(head),
+        client.prepare_cached(INSERT_ROWS),
+        client.prepare_cached(RAISE_VERSIONS)
+    )?;
+    let w = Writes::of(position, rows);
+    let (head, rows, versions) = (w.head(), w.rows(), w.versions());
+    let commit = async { if commit { client.batch_execute("COMMIT").await } else { Ok(()) } };
+    let (moved, _, _, _) = tokio::try_join!(
+        client.execute(&head_stmt, &head),
+        client.execute(&rows_stmt, &rows),
+        client.execute(&versions_stmt, &versions),
+        commit
+    )?;
+    Ok(moved)
+}
+
 /// A batch transaction. The connection is only returned to the pool after `COMMIT` or
 /// `ROLLBACK`; if the batch is dropped half-way, the connection is closed instead, which makes
 /// the server roll back and release the head lock.
@@ -387,19 +407,7 @@ impl IndexTx for PgTx {
     }
 
     async fn record(&mut self, position: u64, rows: &[IndexRow]) -> Result<(), DbError> {
-        let client = self.client();
-        let (head_stmt, rows_stmt, versions_stmt) = tokio::try_join!(
-            client.prepare_cached(ADVANCE_HEAD),
-            client.prepare_cached(INSERT_ROWS),
-            client.prepare_cached(RAISE_VERSIONS)
-        )?;
-        let w = Writes::of(position, rows);
-        let (head, rows, versions) = (w.head(), w.rows(), w.versions());
-        let (moved, _, _) = tokio::try_join!(
-            client.execute(&head_stmt, &head),
-            client.execute(&rows_stmt, &rows),
-            client.execute(&versions_stmt, &versions)
-        )?;
+        let moved = write(self.client(), ADVANCE_HEAD, position, rows, false).await?;
         if moved != 1 {
             return Err(DbError::Inconsistent(format!(
                 "log head is not at position {} - 1 inside its own lock",
@@ -412,22 +420,7 @@ impl IndexTx for PgTx {
     /// The three writes and `COMMIT` in one round trip; the head's move checks itself in SQL
     /// ([`ADVANCE_HEAD_OR_FAIL`]), since its row count comes back only with the `COMMIT`'s.
     async fn record_and_commit(mut self: Box<Self>, position: u64, rows: &[IndexRow]) -> Result<(), DbError> {
-        {
-            let client = self.client();
-            let (head_stmt, rows_stmt, versions_stmt) = tokio::try_join!(
-                client.prepare_cached(ADVANCE_HEAD_OR_FAIL),
-                client.prepare_cached(INSERT_ROWS),
-                client.prepare_cached(RAISE_VERSIONS)
-            )?;
-            let w = Writes::of(position, rows);
-            let (head, rows, versions) = (w.head(), w.rows(), w.versions());
-            tokio::try_join!(
-                client.query_one(&head_stmt, &head),
-                client.execute(&rows_stmt, &rows),
-                client.execute(&versions_stmt, &versions),
-                client.batch_execute("COMMIT")
-            )?;
-        }
+        write(self.client(), ADVANCE_HEAD_OR_FAIL, position, rows, true).await?;
         // Back to the pool only in a clean state (on error, `Drop` closes the connection).
         drop(self.client.take());
         Ok(())

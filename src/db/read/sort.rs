@@ -218,9 +218,6 @@ pub enum Start {
 
 pub fn start(sort: &Sort, exprs: &[String], values: &[Value], dialect: &Dialect, b: &mut Binder) -> Start {
     let (Some(k), Some(e), Some(v)) = (sort.keys.first(), exprs.first(), values.first()) else { return Start::Anywhere };
-    if k.rank.is_some() {
-        return Start::Anywhere;
-    }
     match (k.descending, v.is_null()) {
         (true, true) => Start::Anywhere,
         (true, false) => Start::At(format!("{e} <= {}", (dialect.value)(k, v, b))),
