@@ -114,8 +114,9 @@ impl LogIndex for Pg {
         let mut tx = PgTx { client: Some(client), next: 0 };
         let client = tx.client();
         let lock = client.prepare_cached(LOCK_HEAD).await?;
-        let (_, row) = tokio::try_join!(client.batch_execute("BEGIN"), client.query_one(&lock, &[]))?;
-        tx.next = row.get::<_, i64>(0) as u64 + 1;
+        let (begin, row) = tokio::join!(client.batch_execute("BEGIN"), client.query_one(&lock, &[]));
+        begin?;
+        tx.next = row?.get::<_, i64>(0) as u64 + 1;
         Ok(Box::new(tx))
     }
 
@@ -127,9 +128,10 @@ impl LogIndex for Pg {
         let mut tx = PgTx { client: Some(client), next: 0 };
         let client = tx.client();
         let lock = client.prepare_cached(LOCK_HEAD).await?;
-        let (_, row, lookup) = tokio::try_join!(client.batch_execute("BEGIN"), client.query_one(&lock, &[]), lookup(client, request))?;
-        tx.next = row.get::<_, i64>(0) as u64 + 1;
-        Ok((Box::new(tx), to_lookup(lookup)?))
+        let (begin, row, lookup) = tokio::join!(client.batch_execute("BEGIN"), client.query_one(&lock, &[]), lookup(client, request));
+        begin?;
+        tx.next = row?.get::<_, i64>(0) as u64 + 1;
+        Ok((Box::new(tx), to_lookup(lookup?)?))
     }
 
     async fn head(&self) -> Result<u64, DbError> {
@@ -282,13 +284,13 @@ async fn lookup(client: &Object, request: &LookupRequest) -> Result<[Vec<Row>; 4
     let ask = |stmt, params, needed: bool| async move {
         if needed { client.query(stmt, params).await } else { Ok(Vec::new()) }
     };
-    let (commands, events, versions, outcomes) = tokio::try_join!(
+    let (commands, events, versions, outcomes) = tokio::join!(
         ask(&commands_stmt, &command_params[..], !request.command_ids.is_empty()),
         ask(&events_stmt, &event_params[..], !request.event_ids.is_empty()),
         ask(&versions_stmt, &version_params[..], !request.command_keys.is_empty()),
         ask(&outcomes_stmt, &outcome_params[..], !request.outcome_keys.is_empty()),
-    )?;
-    Ok([commands, events, versions, outcomes])
+    );
+    Ok([commands?, events?, versions?, outcomes?])
 }
 
 fn to_lookup([commands, events, versions, outcomes]: [Vec<Row>; 4]) -> Result<Lookup, DbError> {
@@ -347,6 +349,11 @@ impl<'a> Writes<'a> {
 
 /// A segment's three writes, pipelined (`head` moves the head; `COMMIT` follows them in the
 /// same round trip when `commit`). Returns the head statement's row count.
+///
+/// Every pipeline here is `join!`ed and its results read in statement order, never
+/// `try_join!`ed: once a statement fails, the server answers each later one with 25P02
+/// (transaction aborted), and `try_join!` returns whichever error it polls first, which can
+/// be a 25P02 that hides the cause.
 async fn write(client: &Object, head: &str, position: u64, rows: &[IndexRow], commit: bool) -> Result<u64, tokio_postgres::Error> {
     let (head_stmt, rows_stmt, versions_stmt) = tokio::try_join!(
         client.prepare_cached(head),
@@ -356,12 +363,16 @@ async fn write(client: &Object, head: &str, position: u64, rows: &[IndexRow], co
     let w = Writes::of(position, rows);
     let (head, rows, versions) = (w.head(), w.rows(), w.versions());
     let commit = async { if commit { client.batch_execute("COMMIT").await } else { Ok(()) } };
-    let (moved, _, _, _) = tokio::try_join!(
+    let (moved, rows, versions, commit) = tokio::join!(
         client.execute(&head_stmt, &head),
         client.execute(&rows_stmt, &rows),
         client.execute(&versions_stmt, &versions),
         commit
-    )?;
+    );
+    let moved = moved?;
+    rows?;
+    versions?;
+    commit?;
     Ok(moved)
 }
 
