@@ -244,3 +244,72 @@ async fn version_lookup_uses_the_index_on_a_grown_table() {
     assert!(plan.contains("aggregate_versions_pkey"), "the look-up uses the primary key:\n{plan}");
     assert_eq!(client.query(execute, &[]).await.unwrap().len(), 3);
 }
+
+/// The pipelined commit's steps (PostgreSQL; SQLite writes one batch at a time): positions
+/// are handed out past every reservation, a reservation is visible with what it holds until
+/// its publish, and publishes take effect only in position order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_are_published_in_position_order() {
+    use spiced::db::Published;
+    let (db, _dir) = open(Backend::S3Postgres).await;
+    let steps = db.index.reservations().expect("PostgreSQL has the pipelined commit");
+    let (a, b) = (AggregateKey::database("a"), AggregateKey::database("b"));
+    let (first, second) = (row("a", 1, 1), row("b", 1, 2));
+    let lease = Duration::from_secs(60);
+    let (tx, found, open) = steps.begin_reserve(&LookupRequest { command_keys: vec![a.clone()], ..Default::default() }).await.unwrap();
+    assert_eq!((tx.position(), found.versions.get(&a), open.len()), (1, None, 0));
+    tx.reserve("writer-1", lease, &[first.command_id], &[a.clone()]).await.unwrap();
+    let (tx, _, open) = steps.begin_reserve(&LookupRequest::default()).await.unwrap();
+    assert_eq!(tx.position(), 2, "past the reservation, not the head");
+    assert_eq!(open.len(), 1);
+    assert_eq!((open[0].position, open[0].owner.as_str(), open[0].expired), (1, "writer-1", false));
+    assert_eq!((open[0].command_ids.clone(), open[0].keys.clone()), (vec![first.command_id], vec![a.clone()]));
+    tx.reserve("writer-2", lease, &[second.command_id], &[b.clone()]).await.unwrap();
+    // A rolled-back reservation hands out nothing.
+    let (tx, _, _) = steps.begin_reserve(&LookupRequest::default()).await.unwrap();
+    assert_eq!(tx.position(), 3);
+    tx.rollback().await.unwrap();
+
+    assert_eq!(steps.publish(2, &[second.clone()]).await.unwrap(), Published::HeadAt(0), "2 waits for 1");
+    assert_eq!((db.index.head().await.unwrap(), db.index.version(&b).await.unwrap()), (0, 0), "nothing changed");
+    assert_eq!(steps.publish(1, &[first.clone()]).await.unwrap(), Published::Now);
+    assert_eq!((db.index.head().await.unwrap(), db.index.version(&a).await.unwrap()), (1, 1));
+    let open = steps.open_reservations().await.unwrap();
+    assert_eq!(open.iter().map(|r| r.position).collect::<Vec<_>>(), vec![2], "a publish deletes its reservation");
+    assert_eq!(steps.publish(2, &[second.clone()]).await.unwrap(), Published::Now);
+    assert_eq!(steps.publish(2, &[second.clone()]).await.unwrap(), Published::HeadAt(2), "published once");
+    assert_eq!(db.index.all_rows().await.unwrap(), vec![first, second]);
+    assert!(steps.open_reservations().await.unwrap().is_empty());
+    let (tx, _, _) = steps.begin_reserve(&LookupRequest::default()).await.unwrap();
+    assert_eq!(tx.position(), 3);
+    drop(tx);
+    // The serial steps still work beside them, and the next reservation is past their head.
+    let mut tx = db.index.begin().await.unwrap();
+    tx.record(3, &[row("c", 1, 3)]).await.unwrap();
+    tx.commit().await.unwrap();
+    let (tx, _, _) = steps.begin_reserve(&LookupRequest::default()).await.unwrap();
+    assert_eq!(tx.position(), 4);
+}
+
+/// A void segment publishes with no rows: the head moves alone and the reservation's ids and
+/// aggregates are free. A publish that would take a sequence twice records nothing. A lease
+/// passes by the server's clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_void_moves_the_head_alone_and_a_bad_publish_changes_nothing() {
+    use spiced::db::Published;
+    let (db, _dir) = open(Backend::S3Postgres).await;
+    let steps = db.index.reservations().unwrap();
+    let a = AggregateKey::database("a");
+    let (tx, _, _) = steps.begin_reserve(&LookupRequest::default()).await.unwrap();
+    tx.reserve("gone", Duration::ZERO, &[Uuid::new_v4()], &[a.clone()]).await.unwrap();
+    let open = steps.open_reservations().await.unwrap();
+    assert!(open[0].expired, "a lease of zero has passed by the next statement");
+    assert_eq!(steps.publish(1, &[]).await.unwrap(), Published::Now);
+    assert_eq!((db.index.head().await.unwrap(), db.index.version(&a).await.unwrap()), (1, 0));
+    assert!(steps.open_reservations().await.unwrap().is_empty());
+    assert_eq!(steps.publish(2, &[row("a", 1, 2)]).await.unwrap(), Published::Now);
+    let err = steps.publish(3, &[row("b", 1, 3), row("a", 1, 3)]).await.unwrap_err();
+    assert!(err.to_string().contains("duplicate key"), "{err}");
+    assert_eq!(db.index.head().await.unwrap(), 2);
+    assert_eq!(db.index.version(&AggregateKey::database("b")).await.unwrap(), 0);
+}

@@ -61,6 +61,61 @@ pub trait LogIndex: Send + Sync + 'static {
     async fn all_rows(&self) -> Result<Vec<IndexRow>, DbError>;
     /// Every aggregate's version (for `spiced verify`).
     async fn all_versions(&self) -> Result<HashMap<AggregateKey, u64>, DbError>;
+    /// The steps of the pipelined commit, on a backend that has them (`None`: batches are
+    /// written one at a time under the head lock, through [`IndexTx`]).
+    fn reservations(&self) -> Option<&dyn Reservations> {
+        None
+    }
+}
+
+/// The pipelined commit (`docs/design.md`, "Pipelined commit"): a batch *reserves* its
+/// position under a short lock, its segment is written outside any lock, and it is
+/// *published* (head, index rows, versions) strictly in position order. Readers see only what
+/// publishing changes.
+#[async_trait]
+pub trait Reservations: Send + Sync {
+    /// A reservation's first step, under the reservation lock: the next free position, the
+    /// open reservations, then the batch's look-ups. A command whose id or aggregate is in an
+    /// open reservation must be deferred, not planned: the look-ups read published state only.
+    async fn begin_reserve(&self, request: &LookupRequest) -> Result<(Box<dyn ReserveTx>, Lookup, Vec<Reservation>), DbError>;
+    /// Publishes the segment at `position`: if the head is at `position - 1`, moves it, records
+    /// the rows, raises the versions and deletes the position's reservation, all at once. A
+    /// void segment publishes with no rows. Otherwise nothing changes and the answer says
+    /// where the head was.
+    async fn publish(&self, position: u64, rows: &[IndexRow]) -> Result<Published, DbError>;
+    /// The open reservations, in position order.
+    async fn open_reservations(&self) -> Result<Vec<Reservation>, DbError>;
+}
+
+/// A reservation in progress, holding the reservation lock until `reserve` or `rollback`.
+#[async_trait]
+pub trait ReserveTx: Send {
+    /// The position this batch will write: one past every position reserved or published.
+    fn position(&self) -> u64;
+    /// Reserves the position for `lease` (server time) with what the batch holds, and commits.
+    async fn reserve(self: Box<Self>, owner: &str, lease: std::time::Duration, command_ids: &[Uuid], keys: &[AggregateKey]) -> Result<(), DbError>;
+    async fn rollback(self: Box<Self>) -> Result<(), DbError>;
+}
+
+/// What [`Reservations::publish`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// The head moved to the position.
+    Now,
+    /// The head was not at the position before it; nothing changed. At or past the position,
+    /// someone published that segment already; one short, an earlier position is unpublished.
+    HeadAt(u64),
+}
+
+/// A position reserved and not published yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub position: u64,
+    pub owner: String,
+    /// Whether its lease has passed (by the server's clock): anyone may void the position.
+    pub expired: bool,
+    pub command_ids: Vec<Uuid>,
+    pub keys: Vec<AggregateKey>,
 }
 
 /// A batch in progress, holding the log-head lock until commit or rollback. Dropping it

@@ -17,7 +17,7 @@ pub mod sqlite;
 pub mod stages;
 
 pub use checkpoints::{Checkpoints, EMBEDDED_WORKERS_CHECKPOINT};
-pub use index::{prefix_range, IndexRow, IndexTx, LogIndex, Lookup, LookupRequest};
+pub use index::{prefix_range, IndexRow, IndexTx, LogIndex, Lookup, LookupRequest, Published, Reservation, Reservations, ReserveTx};
 pub use lease::{Holder, LeaseTable};
 pub use read::ReadStore;
 pub use registry::Registry;

@@ -69,12 +69,12 @@ const RAISE_VERSIONS: &str = "INSERT INTO aggregate_versions (aggregate_type, ag
      ON CONFLICT (aggregate_type, aggregate_id) \
      DO UPDATE SET last_seq = GREATEST(aggregate_versions.last_seq, EXCLUDED.last_seq)";
 
-fn key_arrays(keys: &[AggregateKey]) -> (Vec<&str>, Vec<&str>) {
+pub(super) fn key_arrays(keys: &[AggregateKey]) -> (Vec<&str>, Vec<&str>) {
     keys.iter().map(|k| (k.aggregate_type.as_str(), k.aggregate_id.as_str())).unzip()
 }
 
 /// Rows of (aggregate_type, aggregate_id, number) as a map.
-fn key_map(rows: &[Row]) -> HashMap<AggregateKey, u64> {
+pub(super) fn key_map(rows: &[Row]) -> HashMap<AggregateKey, u64> {
     rows.iter()
         .filter_map(|r| {
             let ty = AggregateType::parse(r.get::<_, &str>(0))?;
@@ -84,7 +84,7 @@ fn key_map(rows: &[Row]) -> HashMap<AggregateKey, u64> {
 }
 
 
-fn to_i64(v: u64) -> i64 {
+pub(super) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).expect("positions and sequences stay below 2^63")
 }
 
@@ -264,11 +264,15 @@ impl LogIndex for Pg {
             .await?;
         Ok(key_map(&rows))
     }
+
+    fn reservations(&self) -> Option<&dyn crate::db::Reservations> {
+        Some(self)
+    }
 }
 
 /// A batch's look-ups, pipelined: only the statements with something to ask are sent. The
 /// rows are [`to_lookup`]'s to read.
-async fn lookup(client: &Object, request: &LookupRequest) -> Result<[Vec<Row>; 4], tokio_postgres::Error> {
+pub(super) async fn lookup(client: &Object, request: &LookupRequest) -> Result<[Vec<Row>; 4], tokio_postgres::Error> {
     let (commands_stmt, events_stmt, versions_stmt, outcomes_stmt) = tokio::try_join!(
         client.prepare_cached(SELECT_COMMAND_ROWS),
         client.prepare_cached(SELECT_EVENT_ROWS),
@@ -293,14 +297,14 @@ async fn lookup(client: &Object, request: &LookupRequest) -> Result<[Vec<Row>; 4
     Ok([commands?, events?, versions?, outcomes?])
 }
 
-fn to_lookup([commands, events, versions, outcomes]: [Vec<Row>; 4]) -> Result<Lookup, DbError> {
+pub(super) fn to_lookup([commands, events, versions, outcomes]: [Vec<Row>; 4]) -> Result<Lookup, DbError> {
     let mut rows = commands.iter().chain(&events).map(row_to_index).collect::<Result<Vec<_>, _>>()?;
     rows.dedup_by_key(|r| r.event_id);
     Ok(Lookup { rows, versions: key_map(&versions), outcomes: key_map(&outcomes) })
 }
 
 /// The parameters of a segment's three writes (head, index rows, versions), as arrays.
-struct Writes<'a> {
+pub(super) struct Writes<'a> {
     position: i64,
     event_ids: Vec<Uuid>,
     command_ids: Vec<Uuid>,
@@ -316,7 +320,7 @@ struct Writes<'a> {
 }
 
 impl<'a> Writes<'a> {
-    fn of(position: u64, rows: &'a [IndexRow]) -> Writes<'a> {
+    pub(super) fn of(position: u64, rows: &'a [IndexRow]) -> Writes<'a> {
         let commands: Vec<&IndexRow> = rows.iter().filter(|r| r.kind == Kind::Command).collect();
         Writes {
             position: to_i64(position),
@@ -344,6 +348,12 @@ impl<'a> Writes<'a> {
 
     fn versions(&self) -> [&(dyn ToSql + Sync); 3] {
         [&self.command_types, &self.command_ids_of_keys, &self.command_seqs]
+    }
+
+    /// The three writes' parameters in one list, for the single-statement publish.
+    pub(super) fn all(&self) -> [&(dyn ToSql + Sync); 12] {
+        let ([head], [e, c, f, t, i, k, s, p], [vt, vi, vs]) = (self.head(), self.rows(), self.versions());
+        [head, e, c, f, t, i, k, s, p, vt, vi, vs]
     }
 }
 
@@ -379,17 +389,17 @@ async fn write(client: &Object, head: &str, position: u64, rows: &[IndexRow], co
 /// A batch transaction. The connection is only returned to the pool after `COMMIT` or
 /// `ROLLBACK`; if the batch is dropped half-way, the connection is closed instead, which makes
 /// the server roll back and release the head lock.
-struct PgTx {
-    client: Option<Object>,
-    next: u64,
+pub(super) struct PgTx {
+    pub(super) client: Option<Object>,
+    pub(super) next: u64,
 }
 
 impl PgTx {
-    fn client(&self) -> &Object {
+    pub(super) fn client(&self) -> &Object {
         self.client.as_ref().expect("client is present until commit or rollback")
     }
 
-    async fn finish(mut self: Box<Self>, sql: &str) -> Result<(), DbError> {
+    pub(super) async fn finish(mut self: Box<Self>, sql: &str) -> Result<(), DbError> {
         let result = self.client().batch_execute(sql).await;
         if result.is_ok() {
             // Back to the pool only in a clean state.

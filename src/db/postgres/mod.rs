@@ -5,6 +5,7 @@
 //! statement, never process memory.
 
 mod index;
+mod reservations;
 mod query;
 mod read;
 mod registry;
@@ -75,6 +76,10 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         name: "0009_failed_events",
         sql: include_str!("../../../migrations/postgres/0009_failed_events.sql"),
+    },
+    Migration {
+        name: "0010_log_reservations",
+        sql: include_str!("../../../migrations/postgres/0010_log_reservations.sql"),
     },
 ];
 /// A pooled PostgreSQL connection set.
