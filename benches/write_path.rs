@@ -166,7 +166,7 @@ fn report(backend: &str, workload: &str, mut run: Run, puts: u64, gets: u64, s3_
     run.latencies.sort();
     let rate = run.accepted as f64 / run.elapsed.as_secs_f64();
     let mut line = format!(
-        "{backend:<15} {workload:<9} accepted/s {rate:>8.0}  p50 {:>6.2} ms  p99 {:>6.2} ms  \
+        "{backend:<17} {workload:<9} accepted/s {rate:>8.0}  p50 {:>6.2} ms  p99 {:>6.2} ms  \
          409s {:>6}  PUT/cmd {:.3}  GET/cmd {:.3}",
         percentile(&run.latencies, 0.50),
         percentile(&run.latencies, 0.99),
@@ -189,9 +189,17 @@ async fn main() {
         .unwrap_or_else(|_| "local+postgres,s3+postgres,local+sqlite".into());
     let s3_pid = std::env::var("SPICED_BENCH_S3_PID").ok();
     println!("write path: {CLIENTS} concurrent HTTP clients, {secs} s per run");
-    for backend in backends.split(',') {
+    // Writer protocols to compare side by side: 1 is the serial commit, above 1 the pipelined
+    // commit with that many batches in flight (PostgreSQL only).
+    let windows = std::env::var("SPICED_BENCH_MAX_IN_FLIGHT").unwrap_or_else(|_| "1".into());
+    let runs = backends.split(',').flat_map(|b| windows.split(',').map(move |w| (b, w.parse::<usize>().expect("SPICED_BENCH_MAX_IN_FLIGHT: numbers"))));
+    for (backend, window) in runs.filter(|(b, w)| *w == 1 || b.ends_with("postgres")).collect::<Vec<_>>() {
         let dir = tempfile::tempdir().unwrap();
-        let server = start(config_for(backend, dir.path()).await).await;
+        let mut config = config_for(backend, dir.path()).await;
+        config.writer.max_in_flight = window;
+        let label = if window == 1 { backend.to_string() } else { format!("{backend}/{window}") };
+        let backend = label.as_str();
+        let server = start(config).await;
         let http = reqwest::Client::builder().pool_max_idle_per_host(CLIENTS).build().unwrap();
         distinct(&server, &http, 1).await; // warm-up: connections, prepared statements
         for workload in ["distinct", "instances", "hot"] {

@@ -3,7 +3,9 @@
 #
 # Starts the services like scripts/test.sh (and stops what it started), then runs
 # `cargo bench`. Tune with SPICED_BENCH_SECS (default 10 s per run) and
-# SPICED_BENCH_BACKENDS (default local+postgres,s3+postgres,local+sqlite).
+# SPICED_BENCH_BACKENDS (default local+postgres,s3+postgres,local+sqlite); the write-path
+# bench compares writer protocols side by side with SPICED_BENCH_MAX_IN_FLIGHT (default 1, the
+# serial commit; e.g. 1,4 adds the pipelined commit with 4 batches in flight on PostgreSQL).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{isolated_config, read_whole_log, Backend};
+use common::proxy::Proxy;
+use common::{isolated_config, read_whole_log, spawn_with, Backend};
+use std::collections::HashMap;
 use serde_json::json;
 use spiced::config::Config;
 use common::process::{free_port, Spiced};
@@ -17,16 +19,38 @@ backend_tests! {
     log_ahead_of_index_is_repaired_by_the_next_write,
 }
 
+const SERIAL: &[(&str, &str)] = &[];
+/// The pipelined commit (PostgreSQL), with a short lease: the position a crashed writer
+/// reserved is filled within it.
+const PIPELINED: &[(&str, &str)] = &[("SPICED_WRITER__MAX_IN_FLIGHT", "4"), ("SPICED_WRITER__RESERVATION_MS", "500")];
+
 async fn crash_before_put(backend: Backend) {
-    crash_at(backend, "before_put").await
+    crash_at(backend, "before_put", SERIAL).await
 }
 
 async fn crash_after_put(backend: Backend) {
-    crash_at(backend, "after_put").await
+    crash_at(backend, "after_put", SERIAL).await
 }
 
 async fn crash_after_commit(backend: Backend) {
-    crash_at(backend, "after_commit").await
+    crash_at(backend, "after_commit", SERIAL).await
+}
+
+/// Reserved, nothing written: the position is voided once the lease passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_crash_before_put() {
+    crash_at(Backend::S3Postgres, "before_put", PIPELINED).await
+}
+
+/// Written, not published: published by the next writer's start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_crash_after_put() {
+    crash_at(Backend::S3Postgres, "after_put", PIPELINED).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_crash_after_commit() {
+    crash_at(Backend::S3Postgres, "after_commit", PIPELINED).await
 }
 
 /// A `spiced serve` process.
@@ -72,16 +96,17 @@ impl Server {
     }
 }
 
-async fn crash_at(backend: Backend, point: &str) {
+async fn crash_at(backend: Backend, point: &str, protocol: &[(&str, &str)]) {
     let (config, dir) = isolated_config(backend).await;
     let key = Uuid::new_v4();
-    let mut doomed = Server::start(&config, dir.path(), &[("SPICED_WRITER__CRASH_AT", point)]).await;
+    let doomed_env: Vec<(&str, &str)> = protocol.iter().copied().chain([("SPICED_WRITER__CRASH_AT", point)]).collect();
+    let mut doomed = Server::start(&config, dir.path(), &doomed_env).await;
     let answer = doomed.create_database(key, "crashy").await;
     assert!(answer.is_err(), "the writer should have died before answering: {answer:?}");
     let status = doomed.process.wait_exit(Duration::from_secs(10)).await;
     assert!(!status.success(), "aborted writer exit status: {status}");
 
-    let server = Server::start(&config, dir.path(), &[]).await;
+    let server = Server::start(&config, dir.path(), protocol).await;
     let http = common::http();
     // Recovery at start already knows what the crashed writer put in the log.
     let version: serde_json::Value = http
@@ -145,4 +170,127 @@ async fn log_ahead_of_index_is_repaired_by_the_next_write(backend: Backend) {
     assert_eq!((s, b["aggregate_id"].as_str()), (200, Some("orphan")), "{b}");
     let (s, b) = app.post("/databases", json!({"name": "orphan"})).await;
     assert_eq!((s, b["actual_seq"].as_u64()), (409, Some(1)), "the orphan's sequence is taken: {b}");
+}
+
+/// Keys, each a database create, answered by one client per key at once.
+async fn create_all(base: &str, keys: &[Uuid]) -> HashMap<Uuid, Option<u16>> {
+    let http = common::http();
+    let answers = keys.iter().map(|&key| {
+        let http = http.clone();
+        let url = format!("{base}/api/v1/databases");
+        async move {
+            let answer = http.post(url).header("Idempotency-Key", key.to_string()).json(&json!({"name": format!("d{}", key.simple())})).send().await;
+            (key, answer.ok().map(|r| r.status().as_u16()))
+        }
+    });
+    futures::future::join_all(answers).await.into_iter().collect()
+}
+
+/// After a writer's death or a failing store: each key retried gets one command at sequence
+/// 1 (the first answer's, if it was acknowledged), the log holds each key once and nothing
+/// else, without a gap, and the index agrees with it.
+async fn every_key_once(base: &str, config: &Config, first: &HashMap<Uuid, Option<u16>>) {
+    let keys: Vec<Uuid> = first.keys().copied().collect();
+    let log = spiced::log::EventLog::open(&config.log).unwrap();
+    let before: Vec<Uuid> = read_whole_log(&log).await.into_iter().map(|(_, e)| e.event_id).collect();
+    for key in first.iter().filter(|(_, s)| **s == Some(202)).map(|(k, _)| k) {
+        assert!(before.contains(key), "acknowledged command {key} is not in the log");
+    }
+    let http = common::http();
+    for &key in &keys {
+        let retry = http
+            .post(format!("{base}/api/v1/databases"))
+            .header("Idempotency-Key", key.to_string())
+            .json(&json!({"name": format!("d{}", key.simple())}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(retry.status(), 202, "retry of {key}");
+        let body: serde_json::Value = retry.json().await.unwrap();
+        assert_eq!((body["command_id"].as_str(), body["sequence_number"].as_u64()), (Some(&*key.to_string()), Some(1)), "{body}");
+    }
+    let events = read_whole_log(&log).await;
+    let mut in_log: Vec<Uuid> = events.iter().map(|(_, e)| e.event_id).collect();
+    in_log.sort();
+    let mut expected = keys.clone();
+    expected.sort();
+    assert_eq!(in_log, expected, "each key once in the log, nothing else");
+    let db = spiced::db::Database::open(&config.database).await.unwrap();
+    assert_eq!(db.index.head().await.unwrap(), events.iter().map(|(p, _)| *p).max().unwrap(), "index head = last segment");
+    assert_eq!(db.index.all_rows().await.unwrap().len(), keys.len(), "one index row per command");
+}
+
+/// The writer killed while every batch the window allows is in flight (reserved, some
+/// written, none published): each position is settled on its own, published if written,
+/// voided once its lease passed if not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_writer_killed_with_several_segments_in_flight_loses_and_doubles_nothing() {
+    let (config, dir) = isolated_config(Backend::S3Postgres).await;
+    // Small batches, so that the 96 commands take many and the window fills.
+    let small = ("SPICED_WRITER__MAX_BATCH_EVENTS", "2");
+    let env: Vec<(&str, &str)> = PIPELINED.iter().copied().chain([("SPICED_WRITER__CRASH_AT", "window_full"), small]).collect();
+    let mut doomed = Server::start(&config, dir.path(), &env).await;
+    let keys: Vec<Uuid> = (0..96).map(|_| Uuid::new_v4()).collect();
+    let first = create_all(&doomed.base, &keys).await;
+    let status = doomed.process.wait_exit(Duration::from_secs(10)).await;
+    assert!(!status.success(), "the writer should have died with a full window: {status}");
+    let db = spiced::db::Database::open(&config.database).await.unwrap();
+    let open = db.index.reservations().unwrap().open_reservations().await.unwrap();
+    assert!(open.len() >= 2, "several batches in flight at the kill: {open:?}");
+
+    let server = Server::start(&config, dir.path(), PIPELINED).await;
+    every_key_once(&server.base, &config, &first).await;
+}
+
+/// The object store failing while batches are in flight: every command is acknowledged or
+/// refused (503), a refused one was not appended, and the log carries on past the failed
+/// writes' positions when the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_failing_in_the_middle_of_the_window_loses_and_doubles_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let (mut config, dir) = isolated_config(Backend::S3Postgres).await;
+    let proxy = Proxy::before_s3(&mut config).await;
+    config.writer.max_in_flight = 4;
+    let app = spawn_with(config.clone(), dir).await;
+    let base = app.base.trim_end_matches("/api/v1").to_string();
+    // Sixteen clients send new commands until told to stop.
+    let answers: Arc<Mutex<HashMap<Uuid, Option<u16>>>> = Default::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let (base, answers, stop) = (base.clone(), answers.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let answer = create_all(&base, &[Uuid::new_v4()]).await;
+                    answers.lock().unwrap().extend(answer);
+                }
+            })
+        })
+        .collect();
+    let count = |status: u16| answers.lock().unwrap().values().filter(|s| **s == Some(status)).count();
+    until("commands are acknowledged", || count(202) >= 64).await;
+    proxy.down().await;
+    until("commands fail while the store is down", || count(503) >= 8).await;
+    proxy.up().await;
+    let acknowledged = count(202);
+    let back = std::time::Instant::now();
+    until("commands are acknowledged again", || count(202) >= acknowledged + 64).await;
+    eprintln!("64 more commands acknowledged {:?} after the store came back", back.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let answers = answers.lock().unwrap().clone();
+    assert!(answers.values().all(|s| matches!(s, Some(202 | 503))), "{answers:?}");
+    every_key_once(&base, &config, &answers).await;
+}
+
+/// Waits, at most 30 s (a loaded machine), until `done`.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

@@ -37,17 +37,14 @@ async fn recovers(app: &TestApp) {
     let events = read_whole_log(&log).await;
     let names: Vec<&str> = events.iter().map(|(_, e)| e.aggregate_id.as_str()).collect();
     assert_eq!(names, vec!["before", "after"], "nothing of the failed attempts is in the log");
-    assert_eq!(db.index.head().await.unwrap(), 2);
+    // A failed write's position may hold a void segment (no events) before "after".
+    assert_eq!(db.index.head().await.unwrap(), events.last().unwrap().0, "the head is at the last segment");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn s3_down_gives_503_and_nothing_half_written() {
     let (mut config, dir) = isolated_config(Backend::S3Postgres).await;
-    let upstream = config.log.s3.endpoint.trim_start_matches("http://").to_string();
-    let proxy = Proxy::start(&upstream).await;
-    config.log.s3.endpoint = format!("http://{}", proxy.addr);
-    config.log.s3.max_retries = 1;
-    config.log.s3.retry_timeout_ms = 1000;
+    let proxy = Proxy::before_s3(&mut config).await;
     let app = spawn_with(config, dir).await;
     assert_eq!(post_db(&app, Uuid::new_v4(), "before").await.status(), 202);
     proxy.down().await;

@@ -258,13 +258,13 @@ async fn reservations_are_published_in_position_order() {
     let lease = Duration::from_secs(60);
     let (tx, found, open) = steps.begin_reserve(&LookupRequest { command_keys: vec![a.clone()], ..Default::default() }).await.unwrap();
     assert_eq!((tx.position(), found.versions.get(&a), open.len()), (1, None, 0));
-    tx.reserve("writer-1", lease, &[first.command_id], &[a.clone()]).await.unwrap();
+    tx.reserve("writer-1", lease, &[first.command_id], std::slice::from_ref(&a)).await.unwrap();
     let (tx, _, open) = steps.begin_reserve(&LookupRequest::default()).await.unwrap();
     assert_eq!(tx.position(), 2, "past the reservation, not the head");
     assert_eq!(open.len(), 1);
     assert_eq!((open[0].position, open[0].owner.as_str(), open[0].expired), (1, "writer-1", false));
     assert_eq!((open[0].command_ids.clone(), open[0].keys.clone()), (vec![first.command_id], vec![a.clone()]));
-    tx.reserve("writer-2", lease, &[second.command_id], &[b.clone()]).await.unwrap();
+    tx.reserve("writer-2", lease, &[second.command_id], std::slice::from_ref(&b)).await.unwrap();
     // A rolled-back reservation hands out nothing.
     let (tx, _, _) = steps.begin_reserve(&LookupRequest::default()).await.unwrap();
     assert_eq!(tx.position(), 3);
@@ -283,12 +283,17 @@ async fn reservations_are_published_in_position_order() {
     let (tx, _, _) = steps.begin_reserve(&LookupRequest::default()).await.unwrap();
     assert_eq!(tx.position(), 3);
     drop(tx);
-    // The serial steps still work beside them, and the next reservation is past their head.
+    // The serial steps work once nothing is reserved, and the next reservation is past their
+    // head; while a position is reserved, a serial batch is refused (it would not defer).
     let mut tx = db.index.begin().await.unwrap();
     tx.record(3, &[row("c", 1, 3)]).await.unwrap();
     tx.commit().await.unwrap();
     let (tx, _, _) = steps.begin_reserve(&LookupRequest::default()).await.unwrap();
     assert_eq!(tx.position(), 4);
+    tx.reserve("writer-3", lease, &[], &[]).await.unwrap();
+    let refused = db.index.begin().await.err().expect("a serial batch while 4 is reserved");
+    assert!(refused.to_string().contains("writer.max_in_flight"), "{refused}");
+    assert!(db.index.begin_lookup(&LookupRequest::default()).await.is_err());
 }
 
 /// A void segment publishes with no rows: the head moves alone and the reservation's ids and

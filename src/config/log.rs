@@ -61,8 +61,18 @@ pub struct WriterConfig {
     /// Most bytes of commands queued or being written; past it a command gets 503 with
     /// `Retry-After` (one command alone always fits). At least `serve.max_body_bytes`.
     pub queue_bytes: usize,
+    /// 1: the serial protocol, one batch at a time under the head lock across the segment
+    /// write. Above 1 (PostgreSQL only): the pipelined commit, this many batches of the process
+    /// between their reserved position and its publish at once. Every `serve` process on one
+    /// database must use the same protocol. On a CPU-bound host the serial one is faster
+    /// (its batches are larger); see `docs/design.md`.
+    pub max_in_flight: usize,
+    /// Milliseconds a reserved position is its writer's (server time); past it, anyone may
+    /// fill it with a void segment so that the log does not wait for a dead writer. Above
+    /// the time a segment write may take (`log.s3.retry_timeout_ms`).
+    pub reservation_ms: u64,
     /// Testing only: abort the process at this point of the commit protocol
-    /// (`before_put`, `after_put`, `after_commit`). Empty in production.
+    /// (`before_put`, `after_put`, `after_commit`, `window_full`). Empty in production.
     pub crash_at: WriterCrash,
 }
 
@@ -76,6 +86,9 @@ pub enum WriterCrash {
     BeforePut,
     AfterPut,
     AfterCommit,
+    /// After a segment write while every batch the window allows is in flight
+    /// (`writer.max_in_flight`; the pipelined commit only).
+    WindowFull,
 }
 
 /// Where the log lives, parsed from `log.url`.
@@ -132,6 +145,8 @@ impl WriterConfig {
     pub(super) fn validate(&self, max_body_bytes: usize) -> Result<(), ConfigError> {
         at_least_one("writer.max_batch_events", self.max_batch_events as u64)?;
         at_least_one("writer.queue_depth", self.queue_depth as u64)?;
+        at_least_one("writer.max_in_flight", self.max_in_flight as u64)?;
+        at_least_one("writer.reservation_ms", self.reservation_ms)?;
         if self.max_batch_bytes < max_body_bytes {
             return Err(invalid(
                 "writer.max_batch_bytes",

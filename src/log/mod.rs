@@ -6,6 +6,7 @@
 //! event exactly once, in commit order, at the cost of one GET per poll. The same code serves S3
 //! and local disk through `object_store`.
 
+mod pipeline;
 pub mod plan;
 pub mod segment;
 pub mod tail;

@@ -55,11 +55,14 @@ pub struct WriterStats {
     pub repairs: AtomicU64,
 }
 
-struct Job {
+pub(super) struct Job {
     /// The command's encoded size, reserved from the queue's byte budget until it is answered.
-    bytes: usize,
-    command: AppendCommand,
-    reply: oneshot::Sender<Result<AppendOutcome, AppendError>>,
+    pub(super) bytes: usize,
+    pub(super) command: AppendCommand,
+    pub(super) reply: oneshot::Sender<Result<AppendOutcome, AppendError>>,
+    /// Handed back after its batch's position was taken: its id is looked up even if the
+    /// server made it (that position may hold it).
+    pub(super) recheck: bool,
 }
 
 /// Handle for appending commands; cheap to clone. The writer task stops when every handle is
@@ -74,7 +77,7 @@ pub struct LogWriter {
 /// Bytes of commands queued or being written, against `writer.queue_bytes`: the queue is
 /// bounded in memory, not only in commands (10,000 commands of 1 MiB would be 10 GiB).
 #[derive(Debug)]
-struct QueueBudget {
+pub(super) struct QueueBudget {
     used: std::sync::atomic::AtomicUsize,
     limit: usize,
 }
@@ -95,7 +98,7 @@ impl QueueBudget {
         }
     }
 
-    fn release(&self, bytes: usize) {
+    pub(super) fn release(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
     }
 }
@@ -109,11 +112,16 @@ impl LogWriter {
         tasks: &TaskTracker,
     ) -> Result<LogWriter, AppendError> {
         let stats = Arc::new(WriterStats::default());
-        let writer = Writer { log, index, config, stats: stats.clone(), behind: Default::default() };
+        let owner = format!("pid {} ({})", std::process::id(), uuid::Uuid::new_v4());
+        let writer = Writer { log, index, config, stats: stats.clone(), behind: Default::default(), owner };
         writer.recover().await?;
         let (jobs, rx) = mpsc::channel(writer.config.queue_depth);
         let budget = Arc::new(QueueBudget { used: Default::default(), limit: writer.config.queue_bytes });
-        tasks.spawn(writer.run(rx, budget.clone()));
+        if writer.index.reservations().is_some() && writer.config.max_in_flight > 1 {
+            tasks.spawn(Arc::new(writer).run_pipelined(rx, budget.clone(), tasks.clone()));
+        } else {
+            tasks.spawn(writer.run(rx, budget.clone()));
+        }
         Ok(LogWriter { jobs, stats, budget })
     }
 
@@ -124,7 +132,7 @@ impl LogWriter {
         if !self.budget.reserve(bytes) {
             return Err(AppendError::Overloaded);
         }
-        self.jobs.try_send(Job { bytes, command, reply }).map_err(|e| {
+        self.jobs.try_send(Job { bytes, command, reply, recheck: false }).map_err(|e| {
             self.budget.release(bytes);
             match e {
                 mpsc::error::TrySendError::Full(_) => AppendError::Overloaded,
@@ -139,14 +147,16 @@ impl LogWriter {
     }
 }
 
-struct Writer {
-    log: EventLog,
-    index: Arc<dyn LogIndex>,
-    config: WriterConfig,
-    stats: Arc<WriterStats>,
+pub(super) struct Writer {
+    pub(super) log: EventLog,
+    pub(super) index: Arc<dyn LogIndex>,
+    pub(super) config: WriterConfig,
+    pub(super) stats: Arc<WriterStats>,
     /// Set when a segment was written but its index commit failed: the index must catch up
     /// before readers that rely on it (workers, the relay's hint) see the segment's commands.
-    behind: std::sync::atomic::AtomicBool,
+    pub(super) behind: std::sync::atomic::AtomicBool,
+    /// Names this process's reservations, for the operator who finds one voided.
+    pub(super) owner: String,
 }
 
 /// How often one batch may find its position taken before giving up; each time means another
@@ -173,24 +183,26 @@ impl Writer {
             carried = overflow;
             let commands: Vec<AppendCommand> = batch.iter().map(|j| j.command.clone()).collect();
             let result = self.commit_batch(&commands).await;
-            for (i, job) in batch.into_iter().enumerate() {
-                let answer = match &result {
-                    Ok(outcomes) => Ok(outcomes[i].clone()),
-                    Err(e) => Err(e.clone()),
-                };
-                // The client may have gone away; its command's fate is in the log either way.
-                budget.release(job.bytes);
-                let _ = job.reply.send(answer);
+            if result.is_err() && self.index.reservations().is_some() {
+                // Positions that a dead pipelined writer reserved refuse serial batches until
+                // they are settled (published, or voided once their lease passes).
+                self.behind.store(true, Ordering::Relaxed);
             }
+            answer(batch, result, &budget);
             self.catch_up().await;
         }
     }
 
     /// Records, without waiting for the next append, segments whose index commit failed.
-    async fn catch_up(&self) {
+    pub(super) async fn catch_up(&self) {
         let mut retry = crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while self.behind.load(Ordering::Relaxed) {
-            match self.recover().await {
+            // With reservations, positions still in a live writer's hands are theirs to publish.
+            let caught_up = match self.index.reservations() {
+                Some(_) => self.advance().await.map(drop),
+                None => self.recover().await,
+            };
+            match caught_up {
                 Ok(_) => self.behind.store(false, Ordering::Relaxed),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot bring the index up to the log yet; retrying");
@@ -271,12 +283,7 @@ impl Writer {
             }
         }
         self.crash_point(WriterCrash::AfterPut);
-        self.stats.segments.fetch_add(1, Ordering::Relaxed);
-        self.stats.events.fetch_add(plan.envelopes.len() as u64, Ordering::Relaxed);
-        metrics::counter!("spiced_log_segments_total").increment(1);
-        metrics::counter!("spiced_log_appends_total").increment(plan.envelopes.len() as u64);
-        metrics::histogram!("spiced_group_commit_batch_size").record(plan.envelopes.len() as f64);
-        metrics::gauge!("spiced_log_head_position").set(position as f64);
+        self.count_segment(position, plan.envelopes.len());
         // The segment is durable: the commands are accepted whatever the index does next. If
         // the commit fails, the next batch finds position `p` taken and repairs the index.
         let span = tracing::info_span!("commit", position, events = plan.envelopes.len(), commands = commands.len());
@@ -307,26 +314,50 @@ impl Writer {
     }
 
     /// At start: records every segment written past the index head (a writer crashed between
-    /// log write and index commit while nothing else was writing).
-    async fn recover(&self) -> Result<u64, AppendError> {
-        let mut repaired = 0;
+    /// log write and index commit while nothing else was writing). With reservations, settles
+    /// every position reserved before the start ([`Writer::settle_reserved`]).
+    async fn recover(&self) -> Result<(), AppendError> {
+        if self.index.reservations().is_some() {
+            return self.settle_reserved().await;
+        }
         loop {
             let tx = self.index.begin().await?;
             let position = tx.next_position();
             if self.log.get_segment(position).await?.is_none() {
-                tx.rollback().await?;
-                return Ok(repaired);
+                return Ok(tx.rollback().await?);
             }
             self.repair(tx, position).await?;
-            repaired += 1;
         }
     }
 
-    fn crash_point(&self, point: WriterCrash) {
+    /// A durable segment of `events` envelopes at `position`, for the stats and metrics.
+    pub(super) fn count_segment(&self, position: u64, events: usize) {
+        self.stats.segments.fetch_add(1, Ordering::Relaxed);
+        self.stats.events.fetch_add(events as u64, Ordering::Relaxed);
+        metrics::counter!("spiced_log_segments_total").increment(1);
+        metrics::counter!("spiced_log_appends_total").increment(events as u64);
+        metrics::histogram!("spiced_group_commit_batch_size").record(events as f64);
+        metrics::gauge!("spiced_log_head_position").set(position as f64);
+    }
+
+    pub(super) fn crash_point(&self, point: WriterCrash) {
         if self.config.crash_at == point {
             eprintln!("spiced: writer.crash_at = {point:?}: aborting as configured (testing only)");
             std::process::abort();
         }
+    }
+}
+
+/// Answers each command of a batch with its outcome, in order, or all with the batch's error.
+pub(super) fn answer(batch: Vec<Job>, result: Result<Vec<AppendOutcome>, AppendError>, budget: &QueueBudget) {
+    for (i, job) in batch.into_iter().enumerate() {
+        let answer = match &result {
+            Ok(outcomes) => Ok(outcomes[i].clone()),
+            Err(e) => Err(e.clone()),
+        };
+        // The client may have gone away; its command's fate is in the log either way.
+        budget.release(job.bytes);
+        let _ = job.reply.send(answer);
     }
 }
 

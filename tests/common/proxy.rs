@@ -18,6 +18,17 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// A proxy in front of the config's S3 server, which the config then uses, with one quick
+    /// retry so that a failure reaches the writer within about a second.
+    pub async fn before_s3(config: &mut spiced::config::Config) -> Proxy {
+        let upstream = config.log.s3.endpoint.trim_start_matches("http://").to_string();
+        let proxy = Proxy::start(&upstream).await;
+        config.log.s3.endpoint = format!("http://{}", proxy.addr);
+        config.log.s3.max_retries = 1;
+        config.log.s3.retry_timeout_ms = 1000;
+        proxy
+    }
+
     pub async fn start(upstream: &str) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

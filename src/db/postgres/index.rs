@@ -15,7 +15,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-const LOCK_HEAD: &str = "SELECT position FROM log_head WHERE id = 1 FOR UPDATE";
+// Both rows: while a batch of the serial protocol holds them, no position can be reserved.
+const LOCK_HEAD: &str = "SELECT h.position, r.position FROM log_head h, log_reserved r \
+     WHERE h.id = 1 AND r.id = 1 FOR UPDATE";
 const SELECT_HEAD: &str = "SELECT position FROM log_head WHERE id = 1";
 const SELECT_COMMAND_ROWS: &str = "SELECT event_id, command_id, fingerprint, aggregate_type, \
      aggregate_id, kind, seq, position FROM log_index \
@@ -74,6 +76,21 @@ pub(super) fn key_arrays(keys: &[AggregateKey]) -> (Vec<&str>, Vec<&str>) {
 }
 
 /// Rows of (aggregate_type, aggregate_id, number) as a map.
+/// The serial protocol's next position, refused while positions are reserved: a writer of the
+/// pipelined commit (`writer.max_in_flight` above 1) is at work on this database, and the
+/// serial protocol does not defer the commands its batches hold.
+fn next_serial_position(row: &Row) -> Result<u64, DbError> {
+    let (head, reserved) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
+    if reserved > head {
+        return Err(DbError::Inconsistent(format!(
+            "log positions {}..={reserved} are reserved by a pipelined writer: every serve process on one \
+             database must run the same writer protocol (writer.max_in_flight 1, or above 1 on each)",
+            head + 1
+        )));
+    }
+    Ok(head + 1)
+}
+
 pub(super) fn key_map(rows: &[Row]) -> HashMap<AggregateKey, u64> {
     rows.iter()
         .filter_map(|r| {
@@ -116,7 +133,7 @@ impl LogIndex for Pg {
         let lock = client.prepare_cached(LOCK_HEAD).await?;
         let (begin, row) = tokio::join!(client.batch_execute("BEGIN"), client.query_one(&lock, &[]));
         begin?;
-        tx.next = row?.get::<_, i64>(0) as u64 + 1;
+        tx.next = next_serial_position(&row?)?;
         Ok(Box::new(tx))
     }
 
@@ -130,7 +147,7 @@ impl LogIndex for Pg {
         let lock = client.prepare_cached(LOCK_HEAD).await?;
         let (begin, row, lookup) = tokio::join!(client.batch_execute("BEGIN"), client.query_one(&lock, &[]), lookup(client, request));
         begin?;
-        tx.next = row?.get::<_, i64>(0) as u64 + 1;
+        tx.next = next_serial_position(&row?)?;
         Ok((Box::new(tx), to_lookup(lookup?)?))
     }
 

@@ -14,7 +14,8 @@ use uuid::Uuid;
 const LOCK_RESERVED: &str = "SELECT GREATEST(r.position, h.position) FROM log_reserved r, log_head h \
      WHERE r.id = 1 AND h.id = 1 FOR UPDATE OF r";
 const SELECT_OPEN: &str = "SELECT position, owner, expires_at < now(), command_ids, \
-     aggregate_types, aggregate_ids FROM log_reservations ORDER BY position";
+     aggregate_types, aggregate_ids FROM log_reservations \
+     WHERE position > (SELECT position FROM log_head WHERE id = 1) ORDER BY position";
 const INSERT_RESERVATION: &str = "INSERT INTO log_reservations \
      (position, owner, expires_at, command_ids, aggregate_types, aggregate_ids) \
      VALUES ($1, $2, now() + $3::int8 * interval '1 millisecond', $4, $5, $6)";
@@ -33,7 +34,7 @@ const PUBLISH: &str = "WITH moved AS (UPDATE log_head SET position = $1::int8 \
          GROUP BY t, i \
          ON CONFLICT (aggregate_type, aggregate_id) \
          DO UPDATE SET last_seq = GREATEST(aggregate_versions.last_seq, EXCLUDED.last_seq)), \
-     done AS (DELETE FROM log_reservations r USING moved WHERE r.position = moved.position) \
+     done AS (DELETE FROM log_reservations r USING moved WHERE r.position <= moved.position) \
      SELECT EXISTS (SELECT 1 FROM moved), (SELECT position FROM log_head WHERE id = 1)";
 
 #[async_trait]
