@@ -139,7 +139,7 @@ impl Writer {
     }
 
     /// The next batch: waiting commands that no batch in flight touches, then new ones, up to
-    /// the batch limits. `None` once the queue is closed and nothing is waiting or in flight.
+    /// the batch limits. `None` once the queue is closed and nothing is waiting.
     async fn next_batch(
         &self,
         window: &Window,
@@ -160,8 +160,9 @@ impl Writer {
             if !batch.is_empty() {
                 return Some(self.linger(batch, window, rx, waiting).await);
             }
-            let idle = window.slots.available_permits() == self.config.max_in_flight;
-            if closed && waiting.is_empty() && idle {
+            // Batches still in flight are waited for by the caller; a command one of them
+            // hands back now gets "stopped" (nothing of it was acknowledged).
+            if closed && waiting.is_empty() {
                 return None;
             }
             tokio::select! {

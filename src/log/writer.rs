@@ -12,6 +12,9 @@
 //!
 //! Sequences are only ever handed out inside the transaction that writes their segment, so a
 //! failed write leaves no hole, and the head lock makes log order equal sequence order.
+//!
+//! That is the serial protocol. With `writer.max_in_flight` above 1 on PostgreSQL, the
+//! pipelined commit ([`super::pipeline`]) runs instead.
 
 use super::plan::{lookup_request, plan, rows_of_segment, AppendCommand, AppendOutcome};
 use super::{EventLog, LogError, Segment};

@@ -75,7 +75,6 @@ pub(super) fn key_arrays(keys: &[AggregateKey]) -> (Vec<&str>, Vec<&str>) {
     keys.iter().map(|k| (k.aggregate_type.as_str(), k.aggregate_id.as_str())).unzip()
 }
 
-/// Rows of (aggregate_type, aggregate_id, number) as a map.
 /// The serial protocol's next position, refused while positions are reserved: a writer of the
 /// pipelined commit (`writer.max_in_flight` above 1) is at work on this database, and the
 /// serial protocol does not defer the commands its batches hold.
@@ -91,6 +90,7 @@ fn next_serial_position(row: &Row) -> Result<u64, DbError> {
     Ok(head + 1)
 }
 
+/// Rows of (aggregate_type, aggregate_id, number) as a map.
 pub(super) fn key_map(rows: &[Row]) -> HashMap<AggregateKey, u64> {
     rows.iter()
         .filter_map(|r| {
