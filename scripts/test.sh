@@ -3,7 +3,8 @@
 #
 # Starts PostgreSQL, an S3-compatible server (moto) and a Kafka-protocol broker (tansu) on
 # 127.0.0.1 if they are not already running (scripts/services.sh), runs every test with
-# `cargo test`, then (for the whole suite only) checks the Prometheus rules with promtool
+# `cargo test`, then (for the whole suite only) runs the write-side suites again with the
+# pipelined commit, checks the Prometheus rules with promtool
 # (scripts/promtool.sh), runs the console's browser tests (scripts/console-test.sh: Chromium,
 # screenshots in target/console-screenshots/), checks that the benchmarks compile and runs
 # scripts/fuzz-api.sh: schemathesis against a real
@@ -26,6 +27,12 @@ echo "test: cargo test" >&2
 cargo test --locked "$@"
 
 if [[ $# -eq 0 ]]; then
+    # The write side again with the pipelined commit (writer.max_in_flight above 1; serial is
+    # the default): the same guarantees, checked by the same suites (PostgreSQL; SQLite always
+    # writes serially).
+    echo "test: write-side suites with the pipelined commit" >&2
+    SPICED_TEST_MAX_IN_FLIGHT=4 cargo test --locked --test write_path --test log_order --test verify \
+        --test full_pipeline --test workers
     # The alert rules and the scrape configuration of deploy/prometheus: syntax, then the
     # rules' unit tests on synthetic series.
     echo "test: promtool (deploy/prometheus)" >&2

@@ -49,6 +49,10 @@ pub async fn isolated_config(backend: Backend) -> (Config, tempfile::TempDir) {
     config.metrics.relay_listen = "127.0.0.1:0".into();
     config.metrics.worker_listen = "127.0.0.1:0".into();
     config.metrics.project_listen = "127.0.0.1:0".into();
+    // scripts/test.sh runs the write-side suites a second time with the pipelined commit.
+    if let Ok(window) = std::env::var("SPICED_TEST_MAX_IN_FLIGHT") {
+        config.writer.max_in_flight = window.parse().expect("SPICED_TEST_MAX_IN_FLIGHT: a number");
+    }
     match backend {
         Backend::LocalSqlite => {
             config.log.url = dir.path().join("log").display().to_string();
