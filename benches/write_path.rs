@@ -162,7 +162,56 @@ async fn hot(server: &Server, http: &reqwest::Client, secs: u64) -> Run {
     Run { accepted: latencies.len() as u64, conflicts, latencies, elapsed: start.elapsed() }
 }
 
-fn report(backend: &str, workload: &str, mut run: Run, puts: u64, gets: u64, s3_cpu: Option<f64>) {
+/// The baseline, in this process beside spiced's runs: 32 connections doing what
+/// `../shared/bench/raw_cas_insert.sql` does under pgbench, a compare-and-set of an
+/// aggregate's sequence and an event insert in one statement, on a fresh database.
+async fn cas_baseline(secs: u64) -> Run {
+    const SETUP: &str = "CREATE TABLE agg (id bigint PRIMARY KEY, seq bigint NOT NULL);
+        INSERT INTO agg SELECT g, 0 FROM generate_series(1, 100000) g;
+        CREATE TABLE ev (id bigserial PRIMARY KEY, agg_id bigint NOT NULL, seq bigint NOT NULL, data jsonb NOT NULL);";
+    const CAS: &str = "WITH s AS (UPDATE agg SET seq = seq + 1 WHERE id = $1 AND seq = (SELECT seq FROM agg WHERE id = $1) \
+        RETURNING id, seq) INSERT INTO ev (agg_id, seq, data) SELECT id, seq, $2::jsonb FROM s";
+    let url = fresh_pg().await;
+    let connect = || async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+    };
+    let admin = connect().await;
+    admin.batch_execute(SETUP).await.unwrap();
+    // Alone: VACUUM cannot run inside the implicit transaction of a multi-statement batch.
+    admin.batch_execute("VACUUM ANALYZE agg").await.unwrap();
+    let data = json!({"type": "Appended", "amount": 1, "note": "x".repeat(454)});
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (client, data) = (connect().await, data.clone());
+        tasks.push(tokio::spawn(async move {
+            let cas = client.prepare(CAS).await.unwrap();
+            let (mut lat, mut lost) = (Vec::new(), 0);
+            while Instant::now() < stop {
+                let t = Instant::now();
+                let id = (Uuid::new_v4().as_u128() % 100_000) as i64 + 1;
+                match client.execute(&cas, &[&id, &data]).await.unwrap() {
+                    1 => lat.push(t.elapsed()),
+                    _ => lost += 1,
+                }
+            }
+            (lat, lost)
+        }));
+    }
+    let (mut latencies, mut conflicts) = (Vec::new(), 0);
+    for t in tasks {
+        let (lat, lost) = t.await.unwrap();
+        latencies.extend(lat);
+        conflicts += lost;
+    }
+    Run { accepted: latencies.len() as u64, conflicts, latencies, elapsed: start.elapsed() }
+}
+
+/// Prints a run; returns its accepted commands per second.
+fn report(backend: &str, workload: &str, mut run: Run, puts: u64, gets: u64, s3_cpu: Option<f64>) -> f64 {
     run.latencies.sort();
     let rate = run.accepted as f64 / run.elapsed.as_secs_f64();
     let mut line = format!(
@@ -180,6 +229,7 @@ fn report(backend: &str, workload: &str, mut run: Run, puts: u64, gets: u64, s3_
     let own = cpu_seconds("self").unwrap_or(0.0);
     line.push_str(&format!("  (bench process CPU so far {own:.1} s)"));
     println!("{line}");
+    rate
 }
 
 #[tokio::main]
@@ -189,6 +239,12 @@ async fn main() {
         .unwrap_or_else(|_| "local+postgres,s3+postgres,local+sqlite".into());
     let s3_pid = std::env::var("SPICED_BENCH_S3_PID").ok();
     println!("write path: {CLIENTS} concurrent HTTP clients, {secs} s per run");
+    let baseline = if backends.contains("postgres") {
+        Some(report("postgres CAS", "baseline", cas_baseline(secs).await, 0, 0, None))
+    } else {
+        None
+    };
+    let mut ratios = Vec::new();
     // Writer protocols to compare side by side: 1 is the serial commit, above 1 the pipelined
     // commit with that many batches in flight (PostgreSQL only).
     let windows = std::env::var("SPICED_BENCH_MAX_IN_FLIGHT").unwrap_or_else(|_| "1".into());
@@ -216,7 +272,11 @@ async fn main() {
             } else {
                 None
             };
-            report(backend, workload, run, p1 - p0, g1 - g0, s3_cpu);
+            let rate = report(backend, workload, run, p1 - p0, g1 - g0, s3_cpu);
+            ratios.extend(baseline.map(|b| format!("{backend} {workload} {:.2}x", rate / b)));
         }
+    }
+    if !ratios.is_empty() {
+        println!("accepted/s against the CAS baseline of this run: {}", ratios.join(", "));
     }
 }
