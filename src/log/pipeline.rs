@@ -53,17 +53,17 @@ struct Window {
 }
 
 impl Window {
-    fn take(&self, commands: &[&AppendCommand]) {
+    fn take(&self, jobs: &[Job]) {
         let mut busy = self.busy.lock().expect("busy set");
-        for c in commands {
+        for c in jobs.iter().map(|j| &j.command) {
             busy.ids.insert(c.command_id);
             busy.keys.extend(c.events.iter().map(|e| e.key.clone()));
         }
     }
 
-    fn release(&self, commands: &[&AppendCommand]) {
+    fn release(&self, jobs: &[Job]) {
         let mut busy = self.busy.lock().expect("busy set");
-        for c in commands {
+        for c in jobs.iter().map(|j| &j.command) {
             busy.ids.remove(&c.command_id);
             for e in &c.events {
                 busy.keys.remove(&e.key);
@@ -117,7 +117,7 @@ impl Writer {
                 Reserve::Flying { position, jobs, plan, deferred } => {
                     remote_wait = REMOTE_WAIT;
                     requeue(&mut waiting, deferred);
-                    window.take(&jobs.iter().map(|j| &j.command).collect::<Vec<_>>());
+                    window.take(&jobs);
                     let (done, next) = oneshot::channel();
                     let flight = Flight { position, jobs, plan, previous: previous.replace(next), done, _slot: slot };
                     tasks.spawn(self.clone().fly(flight, window.clone(), budget.clone()));
@@ -183,20 +183,12 @@ impl Writer {
         let mut batch = Batch::default();
         let mut kept = VecDeque::new();
         while let Some(job) = waiting.pop_front() {
-            if busy.touches(&job.command) || !batch.fits(&job, &self.config) {
-                kept.push_back(job);
-            } else {
-                batch.push(job);
-            }
+            batch.offer(job, &busy, &self.config, &mut kept);
         }
         *waiting = kept;
         while batch.has_room(&self.config) {
             let Ok(job) = rx.try_recv() else { break };
-            if busy.touches(&job.command) || !batch.fits(&job, &self.config) {
-                waiting.push_back(job);
-            } else {
-                batch.push(job);
-            }
+            batch.offer(job, &busy, &self.config, waiting);
         }
         batch.jobs
     }
@@ -211,12 +203,7 @@ impl Writer {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.linger_ms);
         while batch.has_room(&self.config) {
             let Ok(Some(job)) = tokio::time::timeout_at(deadline, rx.recv()).await else { break };
-            let busy = window.busy.lock().expect("busy set").touches(&job.command);
-            if busy || !batch.fits(&job, &self.config) {
-                waiting.push_back(job);
-            } else {
-                batch.push(job);
-            }
+            batch.offer(job, &window.busy.lock().expect("busy set"), &self.config, waiting);
         }
         batch.jobs
     }
@@ -226,9 +213,9 @@ impl Writer {
     /// conflicts) are answered when nothing else is written.
     async fn reserve(&self, batch: Vec<Job>, budget: &QueueBudget) -> Reserve {
         let recheck = batch.iter().any(|j| j.recheck);
-        let commands: Vec<AppendCommand> = batch.iter().map(|j| j.command.clone()).collect();
+        let request = lookup_request(batch.iter().map(|j| &j.command), recheck);
         let steps = self.steps();
-        let (tx, state, open) = match steps.begin_reserve(&lookup_request(&commands, recheck)).await {
+        let (tx, state, open) = match steps.begin_reserve(&request).await {
             Ok(begun) => begun,
             Err(e) => {
                 answer(batch, Err(e.into()), budget);
@@ -283,7 +270,7 @@ impl Writer {
             Ok(Written::Taken) => None,
             Err(e) => Some(Err(e)),
         };
-        window.release(&jobs.iter().map(|j| &j.command).collect::<Vec<_>>());
+        window.release(&jobs);
         match result {
             Some(result) => answer(jobs, result, &budget),
             None => {
@@ -465,6 +452,16 @@ impl Batch {
     fn fits(&self, job: &Job, config: &crate::config::WriterConfig) -> bool {
         self.jobs.is_empty()
             || (self.events + job.command.events.len() <= config.max_batch_events && self.bytes + job.bytes <= config.max_batch_bytes)
+    }
+
+    /// Takes `job`, or leaves it in `waiting` when a batch in flight touches it or it would
+    /// pass the limits.
+    fn offer(&mut self, job: Job, busy: &Busy, config: &crate::config::WriterConfig, waiting: &mut VecDeque<Job>) {
+        if busy.touches(&job.command) || !self.fits(&job, config) {
+            waiting.push_back(job);
+        } else {
+            self.push(job);
+        }
     }
 
     fn push(&mut self, job: Job) {

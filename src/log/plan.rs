@@ -70,7 +70,7 @@ impl AppendCommand {
 
 /// What to read from the index before planning `commands`. Server-generated command ids are
 /// new by construction and skipped unless `check_all_ids` (after a repair).
-pub fn lookup_request(commands: &[AppendCommand], check_all_ids: bool) -> crate::db::LookupRequest {
+pub fn lookup_request<'a>(commands: impl IntoIterator<Item = &'a AppendCommand>, check_all_ids: bool) -> crate::db::LookupRequest {
     use std::collections::BTreeSet;
     let (mut command_ids, mut event_ids) = (BTreeSet::new(), BTreeSet::new());
     let (mut command_keys, mut outcome_keys) = (BTreeSet::new(), BTreeSet::new());
