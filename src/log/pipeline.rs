@@ -227,17 +227,17 @@ impl Writer {
             let _ = tx.rollback().await;
             return Reserve::AllDeferred(deferred);
         }
-        let commands: Vec<AppendCommand> = jobs.iter().map(|j| j.command.clone()).collect();
+        let commands = || jobs.iter().map(|j| &j.command);
         let position = tx.position();
-        let plan = plan(position, &commands, &state);
+        let plan = plan(position, commands(), &state);
         if plan.envelopes.is_empty() {
             let _ = tx.rollback().await;
             answer(jobs, Ok(plan.outcomes), budget);
             return Reserve::Answered { deferred };
         }
-        let ids: Vec<Uuid> = commands.iter().map(|c| c.command_id).collect();
+        let ids: Vec<Uuid> = commands().map(|c| c.command_id).collect();
         let keys: Vec<AggregateKey> =
-            commands.iter().flat_map(|c| c.events.iter().map(|e| e.key.clone())).collect::<HashSet<_>>().into_iter().collect();
+            commands().flat_map(|c| c.events.iter().map(|e| e.key.clone())).collect::<HashSet<_>>().into_iter().collect();
         let lease = Duration::from_millis(self.config.reservation_ms);
         if let Err(e) = tx.reserve(&self.owner, lease, &ids, &keys).await {
             answer(jobs, Err(e.into()), budget);

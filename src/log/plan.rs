@@ -132,7 +132,7 @@ pub struct Plan {
 
 /// Decides each command of a batch that will be written at `position`, given what the index
 /// already holds ([`crate::db::Lookup`]).
-pub fn plan(position: u64, commands: &[AppendCommand], state: &crate::db::Lookup) -> Plan {
+pub fn plan<'a>(position: u64, commands: impl IntoIterator<Item = &'a AppendCommand>, state: &crate::db::Lookup) -> Plan {
     let mut known: HashMap<Uuid, (String, AppendOutcome)> = HashMap::new();
     for (command_id, rows) in group_by_command(&state.rows) {
         let outcome = AppendOutcome::Accepted {
