@@ -56,11 +56,29 @@ fn cpu_seconds(pid: &str) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// CPU seconds used so far by this process (spiced's API and writer, and the HTTP clients) and
+/// by the PostgreSQL backends connected to the run's own database (found by pid in
+/// `pg_stat_activity`; the server runs on this machine). The server's shared processes (WAL
+/// writer, checkpointer) are not counted, for spiced or the baseline.
+async fn cpu_now(database_url: &str) -> (f64, f64) {
+    if !database_url.starts_with("postgres") {
+        return (cpu_seconds("self").unwrap_or(0.0), 0.0);
+    }
+    let (client, conn) = tokio_postgres::connect(database_url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let sql = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    let pids: Vec<i32> = client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    let postgres = pids.iter().filter_map(|pid| cpu_seconds(&pid.to_string())).sum();
+    (cpu_seconds("self").unwrap_or(0.0), postgres)
+}
+
 struct Run {
     accepted: u64,
     conflicts: u64,
     latencies: Vec<Duration>,
     elapsed: Duration,
+    /// CPU seconds of (this process, the database's backends) during the run.
+    cpu: (f64, f64),
 }
 
 /// 32 clients, each creating databases with fresh names, for `secs` seconds.
@@ -104,7 +122,7 @@ async fn creates(http: &reqwest::Client, url: String, secs: u64, body: fn(&str) 
     for t in tasks {
         latencies.extend(t.await.unwrap());
     }
-    Run { accepted: latencies.len() as u64, conflicts: 0, latencies, elapsed: start.elapsed() }
+    Run { accepted: latencies.len() as u64, conflicts: 0, latencies, elapsed: start.elapsed(), cpu: (0.0, 0.0) }
 }
 
 /// 32 clients updating one class: read the version, send it as expected_seq.
@@ -159,7 +177,7 @@ async fn hot(server: &Server, http: &reqwest::Client, secs: u64) -> Run {
         latencies.extend(l);
         conflicts += c;
     }
-    Run { accepted: latencies.len() as u64, conflicts, latencies, elapsed: start.elapsed() }
+    Run { accepted: latencies.len() as u64, conflicts, latencies, elapsed: start.elapsed(), cpu: (0.0, 0.0) }
 }
 
 /// The baseline, in this process beside spiced's runs: 32 connections doing what
@@ -179,6 +197,7 @@ async fn cas_baseline(secs: u64) -> Run {
     };
     let admin = connect().await;
     admin.batch_execute(SETUP).await.unwrap();
+    let cpu0 = cpu_now(&url).await;
     // Alone: VACUUM cannot run inside the implicit transaction of a multi-statement batch.
     admin.batch_execute("VACUUM ANALYZE agg").await.unwrap();
     let data = json!({"type": "Appended", "amount": 1, "note": "x".repeat(454)});
@@ -198,16 +217,19 @@ async fn cas_baseline(secs: u64) -> Run {
                     _ => lost += 1,
                 }
             }
-            (lat, lost)
+            (lat, lost, client)
         }));
     }
-    let (mut latencies, mut conflicts) = (Vec::new(), 0);
+    let (mut latencies, mut conflicts, mut clients) = (Vec::new(), 0, Vec::new());
     for t in tasks {
-        let (lat, lost) = t.await.unwrap();
+        let (lat, lost, client) = t.await.unwrap();
         latencies.extend(lat);
         conflicts += lost;
+        clients.push(client); // open until the CPU is read: a closed backend's CPU is gone
     }
-    Run { accepted: latencies.len() as u64, conflicts, latencies, elapsed: start.elapsed() }
+    let elapsed = start.elapsed();
+    let cpu1 = cpu_now(&url).await;
+    Run { accepted: latencies.len() as u64, conflicts, latencies, elapsed, cpu: (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1) }
 }
 
 /// Prints a run; returns its accepted commands per second.
@@ -226,8 +248,12 @@ fn report(backend: &str, workload: &str, mut run: Run, puts: u64, gets: u64, s3_
     if let Some(cpu) = s3_cpu {
         line.push_str(&format!("  s3-server CPU {:.0}%", 100.0 * cpu / run.elapsed.as_secs_f64()));
     }
-    let own = cpu_seconds("self").unwrap_or(0.0);
-    line.push_str(&format!("  (bench process CPU so far {own:.1} s)"));
+    let per_command = |seconds: f64| 1000.0 * seconds / run.accepted.max(1) as f64;
+    line.push_str(&format!(
+        "  CPU ms/cmd: this process {:.3} + postgres {:.3}",
+        per_command(run.cpu.0),
+        per_command(run.cpu.1)
+    ));
     println!("{line}");
     rate
 }
@@ -255,17 +281,21 @@ async fn main() {
         config.writer.max_in_flight = window;
         let label = if window == 1 { backend.to_string() } else { format!("{backend}/{window}") };
         let backend = label.as_str();
+        let database_url = config.database.url.expose().to_string();
         let server = start(config).await;
         let http = reqwest::Client::builder().pool_max_idle_per_host(CLIENTS).build().unwrap();
         distinct(&server, &http, 1).await; // warm-up: connections, prepared statements
         for workload in ["distinct", "instances", "hot"] {
             let (p0, g0, _) = server.log.counts().snapshot();
             let cpu0 = s3_pid.as_deref().and_then(cpu_seconds);
-            let run = match workload {
+            let own0 = cpu_now(&database_url).await;
+            let mut run = match workload {
                 "distinct" => distinct(&server, &http, secs).await,
                 "instances" => instances(&server, &http, secs).await,
                 _ => hot(&server, &http, secs).await,
             };
+            let own1 = cpu_now(&database_url).await;
+            run.cpu = (own1.0 - own0.0, own1.1 - own0.1);
             let (p1, g1, _) = server.log.counts().snapshot();
             let s3_cpu = if backend.starts_with("s3") {
                 s3_pid.as_deref().and_then(cpu_seconds).zip(cpu0).map(|(a, b)| a - b)
