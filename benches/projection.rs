@@ -140,7 +140,8 @@ async fn queries(base: &str) {
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let list = format!("{base}/databases/b/classes/C/instances");
     let spread = |i: usize| (i as u64 * 7919) % instances();
-    let cases: Vec<(&str, Box<dyn Fn(usize) -> String>)> = vec![
+    type Url<'a> = Box<dyn Fn(usize) -> String + 'a>;
+    let cases: Vec<(&str, Url)> = vec![
         ("where=s=like:v4* (prefix)", Box::new(|i| format!("{list}?limit=100&where={}&cursor=b:main:C:{}", enc("s=like:v4*"), id(spread(i))))),
         ("where=(s=v7|n=5) (OR)", Box::new(|i| format!("{list}?limit=100&where={}&cursor=b:main:C:{}", enc("(s=v7|n=5)"), id(spread(i))))),
         ("sort=-n (sorted page)", Box::new(|i| sorted(&list, "-n", spread(i)))),

@@ -85,7 +85,7 @@ async fn rows_are_unique_per_event_and_per_sequence(backend: Backend) {
     let (db, _dir) = open(backend).await;
     let r = row("a", 1, 1);
     let mut tx = db.index.begin().await.unwrap();
-    tx.record(1, &[r.clone()]).await.unwrap();
+    tx.record(1, std::slice::from_ref(&r)).await.unwrap();
     tx.commit().await.unwrap();
     let mut same_seq = row("a", 1, 2);
     same_seq.event_id = Uuid::new_v4();
@@ -171,7 +171,7 @@ async fn the_writers_combined_steps_do_what_the_separate_ones_do(backend: Backen
     let a1 = row("a", 1, 1);
     let (tx, found) = db.index.begin_lookup(&LookupRequest { command_ids: vec![a1.command_id], ..Default::default() }).await.unwrap();
     assert_eq!((tx.next_position(), found.rows.len()), (1, 0));
-    tx.record_and_commit(1, &[a1.clone()]).await.unwrap();
+    tx.record_and_commit(1, std::slice::from_ref(&a1)).await.unwrap();
     let key = AggregateKey::database("a");
     let request = LookupRequest { command_ids: vec![a1.command_id], command_keys: vec![key.clone()], ..Default::default() };
     let (tx, found) = db.index.begin_lookup(&request).await.unwrap();
@@ -270,14 +270,14 @@ async fn reservations_are_published_in_position_order() {
     assert_eq!(tx.position(), 3);
     tx.rollback().await.unwrap();
 
-    assert_eq!(steps.publish(2, &[second.clone()]).await.unwrap(), Published::HeadAt(0), "2 waits for 1");
+    assert_eq!(steps.publish(2, std::slice::from_ref(&second)).await.unwrap(), Published::HeadAt(0), "2 waits for 1");
     assert_eq!((db.index.head().await.unwrap(), db.index.version(&b).await.unwrap()), (0, 0), "nothing changed");
-    assert_eq!(steps.publish(1, &[first.clone()]).await.unwrap(), Published::Now);
+    assert_eq!(steps.publish(1, std::slice::from_ref(&first)).await.unwrap(), Published::Now);
     assert_eq!((db.index.head().await.unwrap(), db.index.version(&a).await.unwrap()), (1, 1));
     let open = steps.open_reservations().await.unwrap();
     assert_eq!(open.iter().map(|r| r.position).collect::<Vec<_>>(), vec![2], "a publish deletes its reservation");
-    assert_eq!(steps.publish(2, &[second.clone()]).await.unwrap(), Published::Now);
-    assert_eq!(steps.publish(2, &[second.clone()]).await.unwrap(), Published::HeadAt(2), "published once");
+    assert_eq!(steps.publish(2, std::slice::from_ref(&second)).await.unwrap(), Published::Now);
+    assert_eq!(steps.publish(2, std::slice::from_ref(&second)).await.unwrap(), Published::HeadAt(2), "published once");
     assert_eq!(db.index.all_rows().await.unwrap(), vec![first, second]);
     assert!(steps.open_reservations().await.unwrap().is_empty());
     let (tx, _, _) = steps.begin_reserve(&LookupRequest::default()).await.unwrap();
@@ -306,7 +306,7 @@ async fn a_void_moves_the_head_alone_and_a_bad_publish_changes_nothing() {
     let steps = db.index.reservations().unwrap();
     let a = AggregateKey::database("a");
     let (tx, _, _) = steps.begin_reserve(&LookupRequest::default()).await.unwrap();
-    tx.reserve("gone", Duration::ZERO, &[Uuid::new_v4()], &[a.clone()]).await.unwrap();
+    tx.reserve("gone", Duration::ZERO, &[Uuid::new_v4()], std::slice::from_ref(&a)).await.unwrap();
     let open = steps.open_reservations().await.unwrap();
     assert!(open[0].expired, "a lease of zero has passed by the next statement");
     assert_eq!(steps.publish(1, &[]).await.unwrap(), Published::Now);

@@ -97,7 +97,7 @@ async fn consumer_lag_counts_the_messages_not_yet_consumed() {
     // topic also waits for its metadata, and 1 s was seen to run out on a loaded machine.
     config.kafka.message_timeout_ms = 10_000;
     let topic = config.topics.instance_events.clone();
-    spiced::bus::kafka::ensure_topics(&config.kafka, &[topic.clone()]).await.unwrap();
+    spiced::bus::kafka::ensure_topics(&config.kafka, std::slice::from_ref(&topic)).await.unwrap();
     let producer = spiced::bus::kafka::producer(&config.kafka).unwrap();
     for i in 0..5 {
         let key = format!("k{i}");

@@ -104,7 +104,7 @@ async fn standby_takes_over_when_the_leader_dies() {
     let app = app().await;
     let mut expected = append(&app, 4).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut relays = vec![
+    let mut relays = [
         Spiced::spawn(&["relay"], &app.config, dir.path(), &[]),
         Spiced::spawn(&["relay"], &app.config, dir.path(), &[]),
     ];

@@ -74,7 +74,8 @@ async fn first_event(app: &Stopped) -> (u64, EventEnvelope) {
 
 async fn finds_every_planted_corruption(backend: Backend) {
     // Each corruption goes into a fresh log, so each check is seen failing on its own.
-    let plant: Vec<(&str, Box<dyn Fn(u64, EventEnvelope) -> (u64, Vec<EventEnvelope>)>)> = vec![
+    type Plant = Box<dyn Fn(u64, EventEnvelope) -> (u64, Vec<EventEnvelope>)>;
+    let plant: Vec<(&str, Plant)> = vec![
         (verify::GAPLESS, Box::new(|head, e| (head + 2, vec![e]))),
         (verify::UNIQUE_SEQ, Box::new(|head, mut e| {
             e.event_id = uuid::Uuid::new_v4();

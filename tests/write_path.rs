@@ -167,7 +167,9 @@ async fn bad_input_is_rejected_and_appends_nothing(backend: Backend) {
     let head_before = db.index.head().await.unwrap();
     let big = "x".repeat(app.config.serve.max_body_bytes + 1);
     let json_ct = ("content-type", "application/json");
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, String, u16, &str)> = vec![
+    // (method, path, headers, body, status, error code)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, String, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("POST", "/databases", vec![json_ct], "{\"name\":".into(), 400, "malformed_json"),
         ("POST", "/databases", vec![json_ct], "[1,2]".into(), 400, "invalid_body"),
         ("POST", "/databases", vec![json_ct], r#"{"name": 5}"#.into(), 400, "invalid_body"),
@@ -238,7 +240,7 @@ async fn accepted_commands_are_in_the_log_as_envelopes(backend: Backend) {
         .json(&json!({"data": {"n": 2}}))
         .send()
         .await
-        .map(|r| futures_status(r))
+        .map(futures_status)
         .unwrap()
         .await;
     assert_eq!((s, updated["sequence_number"].as_u64()), (202, Some(2)), "{updated}");

@@ -241,7 +241,7 @@ impl LiteTx {
         self.conn.as_ref().expect("connection is present until commit or rollback")
     }
 
-    fn finish(mut self: Box<Self>, sql: &str) -> Result<(), DbError> {
+    fn finish(mut self, sql: &str) -> Result<(), DbError> {
         let conn = self.conn.take().expect("finished once");
         let result = conn.execute_batch(sql);
         if result.is_err() {
@@ -319,10 +319,10 @@ impl IndexTx for LiteTx {
     }
 
     async fn commit(self: Box<Self>) -> Result<(), DbError> {
-        self.finish("COMMIT")
+        (*self).finish("COMMIT")
     }
 
     async fn rollback(self: Box<Self>) -> Result<(), DbError> {
-        self.finish("ROLLBACK")
+        (*self).finish("ROLLBACK")
     }
 }
