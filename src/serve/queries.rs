@@ -50,9 +50,13 @@ pub struct PageQuery {
     /// does. Operators: `=`, `!=`, `>`, `>=`, `<`, `<=`, `=in:(a|b)`, `=not_in:(a|b)`,
     /// `=exists:true|false`, `=is_null:true|false`, `=like:pat*`, `=ilike:pat*` (`*`: any
     /// characters). Quote a value to hold `,|()"`: `name="Smith, J"` (`\"`, `\\` inside).
-    /// e.g. `age>=30,(name=bob|name=like:al*)`. An invalid filter is a 400 naming the
-    /// character it stopped at; a filter on the instances of a class the read model does not
-    /// hold is a 404.
+    /// e.g. `age>=30,(name=bob|name=like:al*)`. The grammar: `filter = group *("," group)`,
+    /// `group = condition / "(" condition *("|" condition) ")"`, `condition = property op
+    /// value`, `list = scalar *("|" scalar)`, `scalar = quoted / plain`. Numbers compare as
+    /// numbers, datetimes as instants (the value must be RFC 3339; `like` tests the text),
+    /// the other scalar types as strings in byte order. An invalid filter is
+    /// `400 invalid_filter`, whose message names the character it stopped at; a filter on the
+    /// instances of a class the read model does not hold is a 404.
     #[serde(rename = "where")]
     filter: Option<String>,
     /// Adds `total`: the rows the list (and its filter) matches, exact up to
@@ -61,9 +65,9 @@ pub struct PageQuery {
     count: Option<bool>,
     /// Instances only: `prop` ascending or `-prop` descending, several joined by `,` (at most
     /// 4), optionally ending in `id` or `-id` (the instance id always breaks ties, ascending
-    /// unless `-id`), e.g. `sort=-price,name`. Numbers sort as numbers, strings and dates in
-    /// byte order, booleans false first; a missing value (or one of another type) sorts last
-    /// ascending and first descending. `next_cursor` carries the sort values: pass it with the
+    /// unless `-id`), e.g. `sort=-price,name`. Numbers sort as numbers, datetimes as
+    /// instants, strings and dates in byte order, booleans false first; a missing value (or one
+    /// of another type) sorts last ascending and first descending. `next_cursor` carries the sort values: pass it with the
     /// same `sort=`.
     sort: Option<String>,
     /// Instances only: full-text search over the instances' string values, ANDed with

@@ -81,6 +81,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0010_log_reservations",
         sql: include_str!("../../../migrations/postgres/0010_log_reservations.sql"),
     },
+    Migration {
+        name: "0011_datetime_instants",
+        sql: include_str!("../../../migrations/postgres/0011_datetime_instants.sql"),
+    },
 ];
 /// A pooled PostgreSQL connection set.
 #[derive(Clone)]

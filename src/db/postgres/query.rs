@@ -194,7 +194,8 @@ fn sort_expr(k: &SortKey, b: &mut Binder) -> String {
     }
 }
 
-/// A property's value as SQL of its type (numeric, text in byte order, boolean), null when
+/// A property's value as SQL of its type (numeric, text in byte order, boolean, a UTC
+/// timestamp for a datetime: `spiced_instant`, migration 0011), null when
 /// missing or of another type: the expression of sorts, of filters on `indexed` properties
 /// and of their indexes (`read::ensure_indexes`), spelled the same in all three so the planner
 /// matches them. `property` must be an identifier (class definitions and [`sort::Sort::parse`]
@@ -205,6 +206,7 @@ pub(super) fn typed(property: &str, ty: ValueType) -> String {
         ValueType::Number => ("number", "::numeric"),
         ValueType::Bool => ("boolean", "::boolean"),
         ValueType::Text | ValueType::Json => ("string", ""),
+        ValueType::Instant => return format!("(CASE WHEN jsonb_typeof({x}) = 'string' THEN spiced_instant({x} #>> '{{}}') END)"),
     };
     let collate = if ty == ValueType::Text { " COLLATE \"C\"" } else { "" };
     format!("(CASE WHEN jsonb_typeof({x}) = '{json_type}' THEN ({x} #>> '{{}}'){cast} END){collate}")
@@ -224,6 +226,7 @@ fn typed_value(ty: ValueType, v: &Value, b: &mut Binder) -> String {
         ValueType::Number => "numeric",
         ValueType::Bool => "boolean",
         ValueType::Text | ValueType::Json => "text",
+        ValueType::Instant => return format!("spiced_instant({}::text)", b.bind(Param::Text(text))),
     };
     // Bound as text and cast in SQL: the client would otherwise type the parameter as the
     // cast's type, and a String does not encode as numeric.
@@ -289,7 +292,7 @@ fn row(r: &tokio_postgres::Row) -> Result<ReadRow, DbError> {
 fn pg_type(ty: ValueType) -> &'static str {
     match ty {
         ValueType::Number => "number",
-        ValueType::Text => "string",
+        ValueType::Text | ValueType::Instant => "string",
         ValueType::Bool => "boolean",
         ValueType::Json => "object",
     }
@@ -338,7 +341,8 @@ fn clause(c: &Condition, b: &mut Binder) -> String {
     if let Test::Search(s) = &c.test {
         return search(s, b);
     }
-    if c.indexed {
+    // A datetime compares as an instant, so never by its text in the GIN index.
+    if c.indexed || c.ty == ValueType::Instant {
         if let Some(sql) = indexed_clause(c, b) {
             return sql;
         }
@@ -379,10 +383,10 @@ fn clause(c: &Condition, b: &mut Binder) -> String {
     }
 }
 
-/// A condition on an `indexed` property as a test of its typed expression, which the
-/// property's btree index serves (comparisons, `in`, `not_in` and `like` prefixes); the same
-/// rows as the other spelling, since both match only values of the property's type. `None`
-/// for the tests the index cannot serve.
+/// A condition as a test of its typed expression: on an `indexed` property its btree index
+/// serves it (comparisons, `in`, `not_in` and `like` prefixes), the same rows as the other
+/// spelling, since both match only values of the property's type; a datetime is always
+/// tested so, as an instant. `None` for the tests the expression cannot serve.
 fn indexed_clause(c: &Condition, b: &mut Binder) -> Option<String> {
     let e = typed(&c.property, c.ty);
     let list = |values: &[Value], b: &mut Binder| values.iter().map(|v| typed_value(c.ty, v, b)).collect::<Vec<_>>().join(", ");
@@ -390,10 +394,11 @@ fn indexed_clause(c: &Condition, b: &mut Binder) -> Option<String> {
         Test::Cmp(op, v) => format!("{e} {} {}", op.sql(), typed_value(c.ty, v, b)),
         Test::In(values) => format!("{e} IN ({})", list(values, b)),
         Test::NotIn(values) => format!("{e} NOT IN ({})", list(values, b)),
-        Test::Like { pattern, case_insensitive: false } => {
+        Test::Like { pattern, case_insensitive: false } if c.ty == ValueType::Text => {
             format!("{e} LIKE {}::text ESCAPE '\\'", b.bind(Param::Text(like_pattern(pattern))))
         }
-        Test::Like { case_insensitive: true, .. } | Test::Exists(_) | Test::Search(_) => return None,
+        // A datetime's `like` is on its text.
+        Test::Like { .. } | Test::Exists(_) | Test::Search(_) => return None,
     })
 }
 

@@ -406,11 +406,12 @@ fn indexed_properties(class: Option<&serde_json::Value>) -> impl Iterator<Item =
     })
 }
 
-/// The index of `property` as type `ty`: `read_models_ix_<n|t|b>_<name>`.
+/// The index of `property` as type `ty`: `read_models_ix_<n|t|b|i>_<name>`.
 fn index_name(property: &str, ty: ValueType) -> String {
     let kind = match ty {
         ValueType::Number => "n",
         ValueType::Bool => "b",
+        ValueType::Instant => "i",
         ValueType::Text | ValueType::Json => "t",
     };
     // PostgreSQL cuts names at 63 bytes: a long property name is shortened and told apart by

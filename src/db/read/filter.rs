@@ -16,9 +16,10 @@
 //! ```
 //!
 //! e.g. `age>=30,(status=open|status=new),name=like:"Smith, J*"`. Numbers (`integer`,
-//! `number`) compare as numbers; `string`, `datetime`, `date`, `uuid`, `email`, `url`, `enum`
-//! and `ref:*` properties compare as strings in byte order (write datetimes in one offset, e.g.
-//! UTC `Z`, to compare them; `date` is always `YYYY-MM-DD`, so it orders as dates); `decimal`
+//! `number`) compare as numbers; `datetime` as instants (`10:00:00+02:00` equals
+//! `08:00:00Z`; see [`is_instant`]); `string`, `date`, `uuid`, `email`, `url`, `enum` and
+//! `ref:*` properties as strings in byte order (`date` is always `YYYY-MM-DD`, so it orders as
+//! dates); `decimal`
 //! takes `=`, `!=`, `in`, `not_in` and `exists` (as exact text: `1.5` is not `1.50`), not order
 //! comparisons; `boolean` takes `=`, `!=` and `exists`; `json` (and arrays, objects) only
 //! `exists`. `like:` and `ilike:` (case-insensitive) take `*` as "any characters" on string
@@ -48,6 +49,8 @@ pub const MAX_IN_VALUES: usize = 100;
 pub enum ValueType {
     Number,
     Text,
+    /// A `datetime`: compared and sorted as the instant it names.
+    Instant,
     Bool,
     Json,
 }
@@ -57,7 +60,8 @@ impl ValueType {
     pub fn of_property(ty: &str) -> ValueType {
         match ty {
             "integer" | "number" => ValueType::Number,
-            "string" | "datetime" | "date" | "decimal" | "uuid" | "email" | "url" | "enum" => ValueType::Text,
+            "datetime" => ValueType::Instant,
+            "string" | "date" | "decimal" | "uuid" | "email" | "url" | "enum" => ValueType::Text,
             t if t.starts_with("ref:") => ValueType::Text,
             "boolean" => ValueType::Bool,
             _ => ValueType::Json,
@@ -68,6 +72,7 @@ impl ValueType {
         match self {
             ValueType::Number => "a number",
             ValueType::Text => "a string",
+            ValueType::Instant => "a datetime",
             ValueType::Bool => "a boolean",
             ValueType::Json => "json",
         }
@@ -270,8 +275,8 @@ impl Parser<'_> {
     }
 
     fn list(&mut self, ty: ValueType, start: usize) -> Result<Vec<Value>, InvalidFilter> {
-        if !matches!(ty, ValueType::Number | ValueType::Text) {
-            return Err(self.error_at(start, format!("in and not_in take numbers or strings, the property is {}", ty.name())));
+        if !matches!(ty, ValueType::Number | ValueType::Text | ValueType::Instant) {
+            return Err(self.error_at(start, format!("in and not_in take numbers, strings or datetimes, the property is {}", ty.name())));
         }
         let mut values = Vec::new();
         loop {
@@ -291,7 +296,7 @@ impl Parser<'_> {
     }
 
     fn like(&mut self, ty: ValueType, case_insensitive: bool, start: usize) -> Result<Test, InvalidFilter> {
-        if ty != ValueType::Text {
+        if !matches!(ty, ValueType::Text | ValueType::Instant) {
             return Err(self.error_at(start, format!("like and ilike take string properties, the property is {}", ty.name())));
         }
         let pattern = self.scalar()?;
@@ -347,6 +352,8 @@ impl Parser<'_> {
 fn value_of(raw: &str, ty: ValueType) -> Result<Value, InvalidFilter> {
     match ty {
         ValueType::Text => Ok(json!(raw)),
+        ValueType::Instant if is_instant(raw) => Ok(json!(raw)),
+        ValueType::Instant => Err(InvalidFilter::new(format!("{raw:?} is not an RFC 3339 datetime, e.g. 2026-01-31T09:30:00Z"))),
         ValueType::Number => {
             let n: serde_json::Number = raw.parse().map_err(|_| InvalidFilter::new(format!("{raw:?} is not a number")))?;
             Ok(Value::Number(n))
@@ -359,6 +366,35 @@ fn value_of(raw: &str, ty: ValueType) -> Result<Value, InvalidFilter> {
         ValueType::Json => Err(InvalidFilter::new("json, array and object properties can only be tested with exists")),
     }
 }
+
+/// The instant a `datetime` value names, when the read stores order it as one: RFC 3339 (`T`,
+/// `t` or a space between date and time; `Z`, `z` or an offset up to ±14:59), hours 00 to 23,
+/// seconds 00 to 59 (no leap second), years 0001 to 9999. Those are the values that chrono,
+/// PostgreSQL and SQLite all read alike. Both backends' SQL orders by exactly this test: SQLite
+/// calls this function (`spiced_instant`, registered on each connection), PostgreSQL's
+/// `spiced_instant` (migration 0011) spells the same pattern, so a row's sort value in a cursor
+/// and in SQL are null together, which keeps keyset pages exact. Anything else sorts and
+/// filters as a value of another type.
+pub fn instant(s: &str) -> Option<chrono::DateTime<chrono::FixedOffset>> {
+    use chrono::Datelike;
+    if !instant_syntax().is_match(s) {
+        return None;
+    }
+    chrono::DateTime::parse_from_rfc3339(s).ok().filter(|t| t.year() >= 1)
+}
+
+pub fn is_instant(s: &str) -> bool {
+    instant(s).is_some()
+}
+
+/// The shape of an instant; migration 0011 has the same pattern.
+fn instant_syntax() -> &'static regex::Regex {
+    static SYNTAX: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    SYNTAX.get_or_init(|| regex::Regex::new(INSTANT_PATTERN).expect("a valid pattern"))
+}
+
+pub const INSTANT_PATTERN: &str =
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?([Zz]|[+-](0[0-9]|1[0-4]):[0-5][0-9])$";
 
 /// A `like:` pattern as SQL `LIKE` text: `*` becomes `%`, and `%`, `_` and `\` are escaped
 /// with `\` (the clause says `ESCAPE '\'`).
@@ -452,6 +488,12 @@ pub fn render_into(groups: &[Group], binder: &mut Binder, clause: fn(&Condition,
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_postgresql_function_tests_the_instant_pattern() {
+        let migration = include_str!("../../../migrations/postgres/0011_datetime_instants.sql");
+        assert!(migration.contains(&format!("value !~ '{INSTANT_PATTERN}'")), "migration 0011 and INSTANT_PATTERN differ");
+    }
+
     fn props() -> HashMap<String, String> {
         [("age", "integer"), ("name", "string"), ("ok", "boolean"), ("meta", "json"), ("at", "datetime")]
             .into_iter()
@@ -504,7 +546,9 @@ mod tests {
             ("=3", "at character 1 ('='): expected a property name"),
             ("ok>true", "booleans take"),
             ("meta=1", "only be tested with exists"),
-            ("ok=in:(true)", "in and not_in take numbers or strings"),
+            ("ok=in:(true)", "in and not_in take numbers, strings or datetimes"),
+            ("at>2026-01-31", "at character 4: \"2026-01-31\" is not an RFC 3339 datetime"),
+            ("at=in:(2026-01-31T09:30:00Z|2026-12-31T23:59:60Z)", "is not an RFC 3339 datetime"),
             ("age=exists:maybe", "at character 12 ('m'): expected true or false"),
             ("age!3", "expected an operator"),
             ("name=a\0b", "the value contains U+0000"),

@@ -110,6 +110,7 @@ impl Sort {
                 let fits = match k.ty {
                     ValueType::Number => v.is_number(),
                     ValueType::Text => v.is_string(),
+                    ValueType::Instant => v.as_str().is_some_and(super::filter::is_instant),
                     ValueType::Bool => v.is_boolean(),
                     ValueType::Json => false,
                 };
@@ -268,6 +269,7 @@ pub fn decode_cursor(cursor: &str, sort_text: &str, sort: &Sort) -> Result<(Vec<
             || match k.ty {
                 ValueType::Number => v.is_number(),
                 ValueType::Text => v.as_str().is_some_and(|s| !s.contains('\0')),
+                ValueType::Instant => v.as_str().is_some_and(super::filter::is_instant),
                 ValueType::Bool => v.is_boolean(),
                 ValueType::Json => false,
             }

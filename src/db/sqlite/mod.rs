@@ -100,6 +100,18 @@ pub struct Lite {
     conn: Arc<Mutex<Connection>>,
 }
 
+/// `spiced_instant(text)`: the microseconds since 1970 of the instant a datetime names, or
+/// NULL for text that is not one ([`crate::db::read::filter::instant`], the same test the
+/// cursors use), for the read queries' datetime filters and sorts.
+fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    let flags = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC | FunctionFlags::SQLITE_INNOCUOUS;
+    conn.create_scalar_function("spiced_instant", 1, flags, |ctx| {
+        let text = ctx.get_raw(0).as_str().ok();
+        Ok(text.and_then(crate::db::read::filter::instant).map(|t| t.timestamp_micros()))
+    })
+}
+
 impl Lite {
     pub fn open(path: &str) -> Result<Lite, DbError> {
         if let Some(dir) = std::path::Path::new(path).parent() {
@@ -123,6 +135,7 @@ impl Lite {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: a committed batch survives power loss, like the fsynced log segment it indexes.
         conn.pragma_update(None, "synchronous", "FULL")?;
+        register_functions(&conn)?;
         let conn = Arc::new(Mutex::new(conn));
         open.retain(|_, c| c.strong_count() > 0);
         open.insert(key, Arc::downgrade(&conn));

@@ -127,11 +127,20 @@ fn sort_expr(k: &SortKey, b: &mut Binder) -> String {
         return rank(search, b);
     }
     let path = format!("'$.data.\"{}\"'", k.property);
-    format!("(CASE WHEN json_type(state, {path}) IN {} THEN json_extract(state, {path}) END)", types(k.ty))
+    compared(k.ty, format!("(CASE WHEN json_type(state, {path}) IN {} THEN json_extract(state, {path}) END)", types(k.ty)))
 }
 
-fn sort_value(_: &SortKey, v: &Value, b: &mut Binder) -> String {
-    bind_value(v, b)
+fn sort_value(k: &SortKey, v: &Value, b: &mut Binder) -> String {
+    compared(k.ty, bind_value(v, b))
+}
+
+/// A value as a property of type `ty` compares: a datetime as its instant (`spiced_instant`,
+/// registered on the connection), the rest as they are.
+fn compared(ty: ValueType, sql: String) -> String {
+    match ty {
+        ValueType::Instant => format!("spiced_instant({sql})"),
+        _ => sql,
+    }
 }
 
 /// A filter or cursor value as SQLite compares it with `json_extract`: numbers as reals,
@@ -204,7 +213,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReadRow> {
 fn types(ty: ValueType) -> &'static str {
     match ty {
         ValueType::Number => "('integer', 'real')",
-        ValueType::Text => "('text')",
+        ValueType::Text | ValueType::Instant => "('text')",
         ValueType::Bool => "('true', 'false')",
         ValueType::Json => "('object', 'array')",
     }
@@ -253,14 +262,14 @@ fn clause(c: &Condition, b: &mut Binder) -> String {
             let op = if *present { "<>" } else { "=" };
             format!("coalesce(json_type(state, {path}), 'null') {op} 'null'")
         }
-        Test::Cmp(op, v) => format!("{typed} AND {x} {} {}", op.sql(), bind_value(v, b)),
+        Test::Cmp(op, v) => format!("{typed} AND {} {} {}", compared(c.ty, x), op.sql(), compared(c.ty, bind_value(v, b))),
         Test::In(values) => {
-            let list: Vec<String> = values.iter().map(|v| bind_value(v, b)).collect();
-            format!("{typed} AND {x} IN ({})", list.join(", "))
+            let list: Vec<String> = values.iter().map(|v| compared(c.ty, bind_value(v, b))).collect();
+            format!("{typed} AND {} IN ({})", compared(c.ty, x), list.join(", "))
         }
         Test::NotIn(values) => {
-            let list: Vec<String> = values.iter().map(|v| bind_value(v, b)).collect();
-            format!("{typed} AND {x} NOT IN ({})", list.join(", "))
+            let list: Vec<String> = values.iter().map(|v| compared(c.ty, bind_value(v, b))).collect();
+            format!("{typed} AND {} NOT IN ({})", compared(c.ty, x), list.join(", "))
         }
         // SQLite's LIKE ignores ASCII case only, and GLOB is its case-sensitive match.
         Test::Like { pattern, case_insensitive: false } => {
