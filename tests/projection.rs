@@ -23,6 +23,33 @@ backend_tests! {
     relevance_ranks_at_most_max_ranked_matches,
 }
 
+/// `database.text_search_by_db`: one database searches in `english` (stemmed), the others in
+/// the default `simple`, through the same API (PostgreSQL only: SQLite has no stemming).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_database_searches_in_its_configuration() {
+    let (mut config, dir) = isolated_config(Backend::S3Postgres).await;
+    config.database.text_search_by_db.insert("en".into(), "english".into());
+    let app = &common::spawn_role_dev(config, dir).await;
+    let class = json!({"id": "P", "properties": [{"name": "name", "type": "string"}]});
+    for db in ["en", "plain"] {
+        done(app, app.post("/databases", json!({"name": db})).await).await;
+        done(app, app.post(&format!("/databases/{db}/classes"), class.clone()).await).await;
+        let rows = json!({"instances": [{"id": "p1", "data": {"name": "running shoes"}}, {"id": "p2", "data": {"name": "the hat"}}]});
+        done(app, app.post(&format!("/databases/{db}/classes/P/instances/bulk"), rows).await).await;
+    }
+    caught_up(app).await;
+    let found = |db: &'static str, q: &'static str| async move {
+        let (s, b) = app.get(&format!("/databases/{db}/classes/P/instances?q={}", urlencode(q))).await;
+        assert_eq!(s, 200, "{db} {q}: {b}");
+        b["items"].as_array().unwrap().iter().map(|i| i["instance_id"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(found("en", "shoe run").await, ["p1"], "english stems shoes and running");
+    assert!(found("plain", "shoe run").await.is_empty(), "simple matches words as written");
+    assert_eq!(found("plain", "shoes").await, ["p1"]);
+    assert!(found("en", "the").await.is_empty(), "english drops stop words");
+    assert_eq!(found("plain", "the").await, ["p2"]);
+}
+
 /// PostgreSQL's `spiced_instant` (migration 0011) reads a datetime as the cursors do
 /// (`filter::instant`, which SQLite calls itself): null for the same texts, the same instant
 /// for the others. A text that one read and the other did not would make a sorted page skip
@@ -295,14 +322,15 @@ async fn filters_against_a_model(backend: Backend, indexed: bool) {
 async fn search_finds_words_prefixes_and_phrases(backend: Backend) {
     let app = &spawn_dev(backend).await;
     done(app, app.post("/databases", json!({"name": "s"})).await).await;
-    let class = json!({"id": "P", "properties": [{"name": "name", "type": "string"}, {"name": "desc", "type": "string"}, {"name": "n", "type": "integer"}]});
+    let class = json!({"id": "P", "properties": [{"name": "name", "type": "string"}, {"name": "desc", "type": "string"}, {"name": "n", "type": "integer"}, {"name": "tags", "type": "json"}]});
     done(app, app.post("/databases/s/classes", class).await).await;
     let products = json!({"instances": [
         {"id": "p1", "data": {"name": "Red Running Shoe", "desc": "light", "n": 1}},
         {"id": "p2", "data": {"name": "Blue shoe", "desc": "running fast", "n": 2}},
         {"id": "p3", "data": {"name": "Red hat", "n": 3}},
         {"id": "p4", "data": {"name": "Producer"}},
-        {"id": "p5", "data": {"n": 5}}]});
+        {"id": "p5", "data": {"n": 5}},
+        {"id": "p6", "data": {"tags": {"colour": ["scarlet", 7]}}}]});
     done(app, app.post("/databases/s/classes/P/instances/bulk", products).await).await;
     caught_up(app).await;
     let found = |query: &'static str| async move {
@@ -320,6 +348,8 @@ async fn search_finds_words_prefixes_and_phrases(backend: Backend) {
     assert_eq!(found("prod*").await, ["p4"]);
     assert_eq!(found("sho*").await, ["p1", "p2"]);
     assert!(found("green").await.is_empty());
+    assert_eq!(found("scarlet").await, ["p6"], "strings nested in the data are searched too");
+    assert!(found("7").await.is_empty(), "numbers are not");
     let (_, b) = app.get(&format!("/databases/s/classes/P/instances?q=red&where={}", urlencode("n>1"))).await;
     assert_eq!(b["items"].as_array().unwrap().len(), 1, "q= and where= together: {b}");
     done(app, app.delete("/databases/s/classes/P/instances/p3?expected_seq=1").await).await;
