@@ -17,11 +17,10 @@
 //!
 //! e.g. `age>=30,(status=open|status=new),name=like:"Smith, J*"`. Numbers (`integer`,
 //! `number`) compare as numbers; `datetime` as instants (`10:00:00+02:00` equals
-//! `08:00:00Z`; see [`is_instant`]); `string`, `date`, `uuid`, `email`, `url`, `enum` and
+//! `08:00:00Z`; see [`instant`]); `string`, `date`, `uuid`, `email`, `url`, `enum` and
 //! `ref:*` properties as strings in byte order (`date` is always `YYYY-MM-DD`, so it orders as
-//! dates); `decimal`
-//! takes `=`, `!=`, `in`, `not_in` and `exists` (as exact text: `1.5` is not `1.50`), not order
-//! comparisons; `boolean` takes `=`, `!=` and `exists`; `json` (and arrays, objects) only
+//! dates); `decimal` takes `=`, `!=`, `in`, `not_in` and `exists` (as exact text: `1.5` is not
+//! `1.50`), not order comparisons; `boolean` takes `=`, `!=` and `exists`; `json` (and arrays, objects) only
 //! `exists`. `like:` and `ilike:` (case-insensitive) take `*` as "any characters" on string
 //! properties. A comparison, `in`, `not_in` or `like` matches only values of the property's
 //! type, so a missing property matches nothing but `exists:false` (`is_null:true`, the same).
@@ -383,6 +382,7 @@ pub fn instant(s: &str) -> Option<chrono::DateTime<chrono::FixedOffset>> {
     chrono::DateTime::parse_from_rfc3339(s).ok().filter(|t| t.year() >= 1)
 }
 
+/// Whether [`instant`] reads `s`.
 pub fn is_instant(s: &str) -> bool {
     instant(s).is_some()
 }
