@@ -229,4 +229,5 @@ async fn main() {
     wait_outcomes(&p.config, 1, Duration::from_secs(60)).await;
     latency(&p, 500, secs).await;
     let _ = &p.dir;
+    common::drop_databases().await;
 }

@@ -230,6 +230,7 @@ async fn main() {
     }
     queries(&base).await;
     index_use(&config).await;
+    common::drop_databases().await;
 }
 
 /// How often each read-model index served a scan (since the set-up): which plans the

@@ -151,4 +151,5 @@ async fn main() {
     throughput().await;
     let secs = std::env::var("SPICED_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
     latency(500, secs).await;
+    common::drop_databases().await;
 }

@@ -309,4 +309,5 @@ async fn main() {
     if !ratios.is_empty() {
         println!("accepted/s against the CAS baseline of this run: {}", ratios.join(", "));
     }
+    common::drop_databases().await;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks spiced (release build) against real services and prints the figures.
 #
-# Starts the services like scripts/test.sh (and stops what it started), then runs
+# Starts the services like scripts/test.sh (and stops what it started; each bench drops the
+# PostgreSQL databases it created), then runs
 # `cargo bench`. Tune with SPICED_BENCH_SECS (default 10 s per run) and
 # SPICED_BENCH_BACKENDS (default local+postgres,s3+postgres,local+sqlite); the write-path
 # bench compares writer protocols side by side with SPICED_BENCH_MAX_IN_FLIGHT (default 1, the
