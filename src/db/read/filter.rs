@@ -67,6 +67,18 @@ impl ValueType {
         }
     }
 
+    /// Whether `v` is a value of this type as the read stores' typed expressions see it (the
+    /// others are null there): what a sort value may be.
+    pub fn holds(self, v: &Value) -> bool {
+        match self {
+            ValueType::Number => v.is_number(),
+            ValueType::Text => v.is_string(),
+            ValueType::Instant => v.as_str().is_some_and(is_instant),
+            ValueType::Bool => v.is_boolean(),
+            ValueType::Json => false,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             ValueType::Number => "a number",

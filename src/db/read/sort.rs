@@ -107,14 +107,7 @@ impl Sort {
                     return Value::Null;
                 }
                 let v = state.map(|s| &s["data"][&k.property]).unwrap_or(&Value::Null);
-                let fits = match k.ty {
-                    ValueType::Number => v.is_number(),
-                    ValueType::Text => v.is_string(),
-                    ValueType::Instant => v.as_str().is_some_and(super::filter::is_instant),
-                    ValueType::Bool => v.is_boolean(),
-                    ValueType::Json => false,
-                };
-                if fits {
+                if k.ty.holds(v) {
                     v.clone()
                 } else {
                     Value::Null
@@ -264,16 +257,11 @@ pub fn decode_cursor(cursor: &str, sort_text: &str, sort: &Sort) -> Result<(Vec<
     }
     let values = body["values"].as_array().filter(|v| v.len() == sort.keys.len()).ok_or_else(bad)?.clone();
     let key = body["key"].as_str().ok_or_else(bad)?.to_string();
-    let typed = values.iter().zip(&sort.keys).all(|(v, k)| {
-        v.is_null()
-            || match k.ty {
-                ValueType::Number => v.is_number(),
-                ValueType::Text => v.as_str().is_some_and(|s| !s.contains('\0')),
-                ValueType::Instant => v.as_str().is_some_and(super::filter::is_instant),
-                ValueType::Bool => v.is_boolean(),
-                ValueType::Json => false,
-            }
-    });
+    // A NUL cannot be bound (PostgreSQL): a 400 here, not a failed query.
+    let typed = values
+        .iter()
+        .zip(&sort.keys)
+        .all(|(v, k)| v.is_null() || (k.ty.holds(v) && !v.as_str().is_some_and(|s| s.contains('\0'))));
     if !typed || key.contains('\0') {
         return Err(bad());
     }
