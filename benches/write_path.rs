@@ -232,6 +232,36 @@ async fn cas_baseline(secs: u64) -> Run {
     Run { accepted: latencies.len() as u64, conflicts, latencies, elapsed, cpu: (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1) }
 }
 
+/// `spiced_log_commit_step_seconds` so far, from this process's metrics: step -> (sum, count).
+fn commit_steps() -> std::collections::BTreeMap<String, (f64, f64)> {
+    let mut steps = std::collections::BTreeMap::<String, (f64, f64)>::new();
+    for line in spiced::telemetry::metrics().render().lines() {
+        let Some(rest) = line.strip_prefix("spiced_log_commit_step_seconds_") else { continue };
+        let Some((kind, rest)) = rest.split_once("{step=\"") else { continue };
+        let Some((step, value)) = rest.split_once("\"} ") else { continue };
+        let Ok(value) = value.parse::<f64>() else { continue };
+        match kind {
+            "sum" => steps.entry(step.to_string()).or_default().0 = value,
+            "count" => steps.entry(step.to_string()).or_default().1 = value,
+            _ => {} // the buckets
+        }
+    }
+    steps
+}
+
+/// The mean time of each commit step between two `commit_steps` readings, in ms.
+fn step_means(before: &std::collections::BTreeMap<String, (f64, f64)>, after: &std::collections::BTreeMap<String, (f64, f64)>) -> String {
+    let means: Vec<String> = after
+        .iter()
+        .filter_map(|(step, (sum, count))| {
+            let (sum0, count0) = before.get(step).copied().unwrap_or_default();
+            let n = count - count0;
+            (n > 0.0).then(|| format!("{step} {:.2} ms (x{n})", 1000.0 * (sum - sum0) / n))
+        })
+        .collect();
+    means.join(", ")
+}
+
 /// Prints a run; returns its accepted commands per second.
 fn report(backend: &str, workload: &str, mut run: Run, puts: u64, gets: u64, s3_cpu: Option<f64>) -> f64 {
     run.latencies.sort();
@@ -270,29 +300,44 @@ async fn main() {
     } else {
         None
     };
+    // Which runs, for profiling one alone: distinct, instances, hot.
+    let workloads = std::env::var("SPICED_BENCH_WORKLOADS").unwrap_or_else(|_| "distinct,instances,hot".into());
     let mut ratios = Vec::new();
     // Writer protocols to compare side by side: 1 is the serial commit, above 1 the pipelined
     // commit with that many batches in flight (PostgreSQL only).
     let windows = std::env::var("SPICED_BENCH_MAX_IN_FLIGHT").unwrap_or_else(|_| "1".into());
     let runs = backends.split(',').flat_map(|b| windows.split(',').map(move |w| (b, w.parse::<usize>().expect("SPICED_BENCH_MAX_IN_FLIGHT: numbers"))));
-    for (backend, window) in runs.filter(|(b, w)| *w == 1 || b.ends_with("postgres")).collect::<Vec<_>>() {
+    // And `database.synchronous_index_commit` (false, the default; true adds a WAL flush per
+    // serial batch, shown as "+flush").
+    let flushes = std::env::var("SPICED_BENCH_SYNC_INDEX_COMMIT").unwrap_or_else(|_| "false".into());
+    let runs = runs.flat_map(|run| flushes.split(',').map(move |f| (run, f.parse::<bool>().expect("SPICED_BENCH_SYNC_INDEX_COMMIT: true/false"))));
+    // The pipelined commit always flushes, and SQLite has no such setting: one run each.
+    let wanted = |((b, w), flush): &((&str, usize), bool)| (*w == 1 || b.ends_with("postgres")) && !(*flush && (*w > 1 || !b.ends_with("postgres")));
+    for ((backend, window), flush) in runs.filter(wanted).collect::<Vec<_>>() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = config_for(backend, dir.path()).await;
         config.writer.max_in_flight = window;
-        let label = if window == 1 { backend.to_string() } else { format!("{backend}/{window}") };
+        config.database.synchronous_index_commit = flush;
+        let label = match (window, flush) {
+            (1, false) => backend.to_string(),
+            (1, true) => format!("{backend}+flush"),
+            (w, _) => format!("{backend}/{w}"),
+        };
         let backend = label.as_str();
         let database_url = config.database.url.expose().to_string();
         let server = start(config).await;
         let http = reqwest::Client::builder().pool_max_idle_per_host(CLIENTS).build().unwrap();
         distinct(&server, &http, 1).await; // warm-up: connections, prepared statements
-        for workload in ["distinct", "instances", "hot"] {
+        for workload in workloads.split(',') {
             let (p0, g0, _) = server.log.counts().snapshot();
             let cpu0 = s3_pid.as_deref().and_then(cpu_seconds);
             let own0 = cpu_now(&database_url).await;
+            let steps0 = commit_steps();
             let mut run = match workload {
                 "distinct" => distinct(&server, &http, secs).await,
                 "instances" => instances(&server, &http, secs).await,
-                _ => hot(&server, &http, secs).await,
+                "hot" => hot(&server, &http, secs).await,
+                other => panic!("SPICED_BENCH_WORKLOADS: no workload {other:?} (distinct, instances, hot)"),
             };
             let own1 = cpu_now(&database_url).await;
             run.cpu = (own1.0 - own0.0, own1.1 - own0.1);
@@ -303,6 +348,7 @@ async fn main() {
                 None
             };
             let rate = report(backend, workload, run, p1 - p0, g1 - g0, s3_cpu);
+            println!("{:<17} {workload:<9} per batch: {}", "", step_means(&steps0, &commit_steps()));
             ratios.extend(baseline.map(|b| format!("{backend} {workload} {:.2}x", rate / b)));
         }
     }

@@ -6,7 +6,10 @@
 # `cargo bench`. Tune with SPICED_BENCH_SECS (default 10 s per run) and
 # SPICED_BENCH_BACKENDS (default local+postgres,s3+postgres,local+sqlite); the write-path
 # bench compares writer protocols side by side with SPICED_BENCH_MAX_IN_FLIGHT (default 1, the
-# serial commit; e.g. 1,4 adds the pipelined commit with 4 batches in flight on PostgreSQL).
+# serial commit; e.g. 1,4 adds the pipelined commit with 4 batches in flight on PostgreSQL),
+# with SPICED_BENCH_SYNC_INDEX_COMMIT (default false; false,true adds runs whose index commits
+# wait for the WAL flush), and runs the workloads of SPICED_BENCH_WORKLOADS (default
+# distinct,instances,hot).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -27,9 +27,8 @@ pub async fn run_on(config: Config, listener: TcpListener, shutdown: Cancellatio
     let projection = crate::project::register(&config);
     let ready = crate::telemetry::readiness(shared.db.clone(), shared.log.clone(), vec![projection.clone()]);
     let _ops = crate::telemetry::start_ops_on(ops, ready);
-    let mut state = AppState::new(config, shared.db.clone(), shared.log.clone(), shared.writer.clone())?;
     let (redrive, redrives) = tokio::sync::mpsc::channel(embedded::REDRIVE_QUEUE);
-    state.embedded_redrive = Some(redrive);
+    let state = AppState::with_redrive(config, shared.db.clone(), shared.log.clone(), shared.writer.clone(), Some(redrive))?;
     let reporting = crate::liveness::Reporting::start(shared.db.clone(), vec![projection.clone()], &shutdown);
     let (api, workers, projected) = tokio::join!(
         serve_state(state, listener, shutdown.clone()),

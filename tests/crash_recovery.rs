@@ -172,6 +172,63 @@ async fn log_ahead_of_index_is_repaired_by_the_next_write(backend: Backend) {
     assert_eq!((s, b["actual_seq"].as_u64()), (409, Some(1)), "the orphan's sequence is taken: {b}");
 }
 
+/// What a PostgreSQL crash leaves when the index commits did not wait for the WAL flush
+/// (`database.synchronous_index_commit = false`): the last commits are gone, a suffix, since
+/// the WAL is replayed in order, so the index is at an earlier head with every segment after
+/// it still in the log. Forged here by removing the rows of the last 70 positions (more than
+/// one batch could repair when the bound was 64). The next command must go after the last
+/// segment; a retry of a lost one is answered as the duplicate it is, and a conflicting create
+/// gets 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn index_commits_lost_in_a_database_crash_are_repaired_from_the_log() {
+    let (mut config, dir) = isolated_config(Backend::S3Postgres).await;
+    config.writer.max_in_flight = 1; // the serial commit: the pipelined one always flushes
+    assert!(!config.database.synchronous_index_commit, "the default does not wait for the WAL flush");
+    let app = spawn_with(config, dir).await;
+    let (s, _) = app.post("/databases", json!({"name": "before"})).await;
+    assert_eq!(s, 202);
+    let (db, log) = app.storage().await;
+    let kept = db.index.head().await.unwrap();
+    let keys: Vec<Uuid> = (0..70).map(|_| Uuid::new_v4()).collect();
+    for key in &keys {
+        let r = app.http.post(app.url("/databases")).header("Idempotency-Key", key.to_string()).json(&json!({"name": format!("d{}", key.simple())})).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let written = db.index.head().await.unwrap();
+    assert!(written >= kept + 70, "one segment per command, written one after the other");
+
+    let pg = db.postgres().expect("PostgreSQL").pool().get().await.unwrap();
+    let lost = pg
+        .batch_execute(&format!(
+            "BEGIN;
+             DELETE FROM aggregate_versions WHERE (aggregate_type, aggregate_id) IN
+                 (SELECT aggregate_type, aggregate_id FROM log_index WHERE position > {kept});
+             DELETE FROM log_index WHERE position > {kept};
+             UPDATE log_head SET position = {kept};
+             COMMIT;"
+        ))
+        .await;
+    lost.unwrap();
+    assert_eq!(db.index.head().await.unwrap(), kept);
+
+    // A new command first: its batch finds every lost position taken, one after the other.
+    let (s, b) = app.post("/databases", json!({"name": "after"})).await;
+    assert_eq!(s, 202, "{b}");
+    assert_eq!(db.index.head().await.unwrap(), written + 1, "every lost position repaired, the new command after them");
+    for key in &keys {
+        let r = app.http.post(app.url("/databases")).header("Idempotency-Key", key.to_string()).json(&json!({"name": format!("d{}", key.simple())})).send().await.unwrap();
+        assert_eq!(r.status(), 202, "retry of {key}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!((body["command_id"].as_str(), body["sequence_number"].as_u64()), (Some(&*key.to_string()), Some(1)), "{body}");
+    }
+    let (s, b) = app.post("/databases", json!({"name": format!("d{}", keys[0].simple())})).await;
+    assert_eq!((s, b["actual_seq"].as_u64()), (409, Some(1)), "the lost create's sequence is taken: {b}");
+    assert_eq!(db.index.head().await.unwrap(), written + 1, "the repeats appended nothing");
+    let events = read_whole_log(&log).await;
+    assert_eq!(events.len(), 72, "each command once in the log: {events:?}");
+    assert_eq!(db.index.all_rows().await.unwrap().len(), 72, "one index row per command");
+}
+
 /// Keys, each a database create, answered by one client per key at once.
 async fn create_all(base: &str, keys: &[Uuid]) -> HashMap<Uuid, Option<u16>> {
     let http = common::http();

@@ -392,6 +392,8 @@ async fn metrics_are_exported(backend: Backend) {
         "spiced_http_request_duration_seconds_bucket",
         "spiced_log_appends_total",
         "spiced_group_commit_batch_size",
+        "spiced_log_commit_step_seconds_bucket{step=\"put\",le=\"0.0001\"}",
+        "spiced_log_commit_step_seconds_count{step=\"put\"}",
         "spiced_s3_requests_total",
         "spiced_log_head_position",
     ] {

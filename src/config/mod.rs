@@ -62,6 +62,12 @@ pub struct DatabaseConfig {
     pub pool_size: usize,
     /// Apply pending migrations when a role starts.
     pub migrate_on_start: bool,
+    /// Wait for the WAL flush at each log-index commit (PostgreSQL). Off by default: an index
+    /// row is written only after its segment is durable in the log, so a server crash that
+    /// loses the last commits loses nothing the log does not hold, and the writer's
+    /// put-if-absent fence repairs those positions before it decides anything (`docs/design.md`,
+    /// "The index commit and the WAL flush"). The pipelined commit's steps always wait.
+    pub synchronous_index_commit: bool,
     /// The PostgreSQL text search configuration `q=` searches in (`simple`: words as they
     /// are, lowercased; `english` stems and drops stop words, ...).
     pub text_search: String,

@@ -14,7 +14,7 @@
 //! Put-if-absent decides, once for every racer, which of the two occupies the position.
 
 use super::plan::{lookup_request, plan, rows_of_segment, AppendCommand, Plan};
-use super::writer::{answer, AppendError, Job, QueueBudget, Writer};
+use super::writer::{answer, timed, AppendError, Job, QueueBudget, Writer};
 use super::{LogError, Segment};
 use crate::backoff::Backoff;
 use crate::config::WriterCrash;
@@ -113,7 +113,7 @@ impl Writer {
         let mut remote_wait = REMOTE_WAIT;
         while let Some(batch) = self.next_batch(&window, &mut rx, &mut handed_back, &mut waiting).await {
             let slot = slots.clone().acquire_owned().await.expect("the window is never closed");
-            match self.reserve(batch, &budget).await {
+            match timed("reserve", self.reserve(batch, &budget)).await {
                 Reserve::Flying { position, jobs, plan, deferred } => {
                     remote_wait = REMOTE_WAIT;
                     requeue(&mut waiting, deferred);
@@ -250,7 +250,7 @@ impl Writer {
     async fn fly(self: Arc<Self>, flight: Flight, window: Arc<Window>, budget: Arc<QueueBudget>) {
         let Flight { position, jobs, plan, previous, done, _slot } = flight;
         self.crash_point(WriterCrash::BeforePut);
-        let written = self.write_reserved(position, Segment::encode(&plan.envelopes)).await;
+        let written = timed("put", self.write_reserved(position, Segment::encode(&plan.envelopes))).await;
         let (written_ours, put_failed) = (matches!(written, Ok(Written::Ours)), written.is_err());
         if written_ours {
             self.crash_point(WriterCrash::AfterPut);
@@ -334,7 +334,7 @@ impl Writer {
     /// index does next. If publishing fails, `behind` makes the writer record it later.
     async fn publish_ours(&self, position: u64, plan: &Plan) {
         let span = tracing::info_span!("publish", position, events = plan.envelopes.len());
-        match tracing::Instrument::instrument(self.publish_in_order(position, plan), span.clone()).await {
+        match tracing::Instrument::instrument(timed("publish", self.publish_in_order(position, plan)), span.clone()).await {
             Ok(()) => span.in_scope(|| tracing::debug!("segment written and published")),
             Err(e) => {
                 span.in_scope(|| tracing::warn!(error = %e, "segment written but not published; recording it from the log"));

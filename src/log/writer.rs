@@ -162,9 +162,12 @@ pub(super) struct Writer {
     pub(super) owner: String,
 }
 
-/// How often one batch may find its position taken before giving up; each time means another
-/// crashed writer's segment was repaired, so this only trips on a broken index.
-const MAX_REPAIRS_PER_BATCH: usize = 64;
+/// How often one batch may find its position taken before giving up; each time means a
+/// segment the index did not record was repaired: a crashed writer's, or one of the commits a
+/// database crash lost when they did not wait for the WAL flush (at most the last few hundred
+/// milliseconds of segments, `database.synchronous_index_commit`). So this only trips on a
+/// broken index.
+const MAX_REPAIRS_PER_BATCH: usize = 4096;
 
 enum Step {
     Done(Vec<AppendOutcome>),
@@ -262,7 +265,7 @@ impl Writer {
     async fn try_commit(&self, batch: &[Job], check_all_ids: bool) -> Result<Step, AppendError> {
         // The commands are read in place: cloning a batch's envelopes showed in serve's profile.
         let commands = || batch.iter().map(|j| &j.command);
-        let (tx, state) = self.index.begin_lookup(&lookup_request(commands(), check_all_ids)).await?;
+        let (tx, state) = timed("lookup", self.index.begin_lookup(&lookup_request(commands(), check_all_ids))).await?;
         let position = tx.next_position();
         let plan = plan(position, commands(), &state);
         if plan.envelopes.is_empty() {
@@ -270,7 +273,7 @@ impl Writer {
             return Ok(Step::Done(plan.outcomes));
         }
         self.crash_point(WriterCrash::BeforePut);
-        match self.log.put_segment(position, Segment::encode(&plan.envelopes)).await {
+        match timed("put", self.log.put_segment(position, Segment::encode(&plan.envelopes))).await {
             Ok(()) => {}
             Err(LogError::AlreadyExists(_)) => {
                 self.repair(tx, position).await?;
@@ -288,7 +291,7 @@ impl Writer {
         // The segment is durable: the commands are accepted whatever the index does next. If
         // the commit fails, the next batch finds position `p` taken and repairs the index.
         let span = tracing::info_span!("commit", position, events = plan.envelopes.len(), commands = batch.len());
-        let committed = tracing::Instrument::instrument(tx.record_and_commit(position, &plan.rows), span.clone()).await;
+        let committed = tracing::Instrument::instrument(timed("commit", tx.record_and_commit(position, &plan.rows)), span.clone()).await;
         span.in_scope(|| match committed {
             Ok(()) => tracing::debug!("segment written and indexed"),
             Err(e) => {
@@ -347,6 +350,17 @@ impl Writer {
             std::process::abort();
         }
     }
+}
+
+/// Runs one step of a batch's commit, timed into `spiced_log_commit_step_seconds{step}`: the
+/// serial commit's `lookup` (lock and look-ups), `put` and `commit`, the pipelined commit's
+/// `reserve`, `put` and `publish` (which includes its wait for the positions before it). They
+/// show where a batch's time goes when the writer, not the machine, bounds throughput.
+pub(super) async fn timed<T>(step: &'static str, work: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let done = work.await;
+    metrics::histogram!("spiced_log_commit_step_seconds", "step" => step).record(started.elapsed().as_secs_f64());
+    done
 }
 
 /// Answers each command of a batch with its outcome, in order, or all with the batch's error.

@@ -128,7 +128,7 @@ fn row_to_index(row: &Row) -> Result<IndexRow, DbError> {
 impl LogIndex for Pg {
     async fn begin(&self) -> Result<Box<dyn IndexTx>, DbError> {
         let client = self.pool.get().await?;
-        let mut tx = PgTx { client: Some(client), next: 0 };
+        let mut tx = PgTx { client: Some(client), next: 0, commit: self.index_commit };
         let client = tx.client();
         let lock = client.prepare_cached(LOCK_HEAD).await?;
         let (begin, row) = tokio::join!(client.batch_execute("BEGIN"), client.query_one(&lock, &[]));
@@ -142,7 +142,7 @@ impl LogIndex for Pg {
     /// committed.
     async fn begin_lookup(&self, request: &LookupRequest) -> Result<(Box<dyn IndexTx>, Lookup), DbError> {
         let client = self.pool.get().await?;
-        let mut tx = PgTx { client: Some(client), next: 0 };
+        let mut tx = PgTx { client: Some(client), next: 0, commit: self.index_commit };
         let client = tx.client();
         let lock = client.prepare_cached(LOCK_HEAD).await?;
         let (begin, row, lookup) = tokio::join!(client.batch_execute("BEGIN"), client.query_one(&lock, &[]), lookup(client, request));
@@ -381,7 +381,8 @@ impl<'a> Writes<'a> {
 /// `try_join!`ed: once a statement fails, the server answers each later one with 25P02
 /// (transaction aborted), and `try_join!` returns whichever error it polls first, which can
 /// be a 25P02 that hides the cause.
-async fn write(client: &Object, head: &str, position: u64, rows: &[IndexRow], commit: bool) -> Result<u64, tokio_postgres::Error> {
+/// The writes, then `commit` (its SQL) if given, in one round trip.
+async fn write(client: &Object, head: &str, position: u64, rows: &[IndexRow], commit: Option<&str>) -> Result<u64, tokio_postgres::Error> {
     let (head_stmt, rows_stmt, versions_stmt) = tokio::try_join!(
         client.prepare_cached(head),
         client.prepare_cached(INSERT_ROWS),
@@ -389,7 +390,12 @@ async fn write(client: &Object, head: &str, position: u64, rows: &[IndexRow], co
     )?;
     let w = Writes::of(position, rows);
     let (head, rows, versions) = (w.head(), w.rows(), w.versions());
-    let commit = async { if commit { client.batch_execute("COMMIT").await } else { Ok(()) } };
+    let commit = async {
+        match commit {
+            Some(sql) => client.batch_execute(sql).await,
+            None => Ok(()),
+        }
+    };
     let (moved, rows, versions, commit) = tokio::join!(
         client.execute(&head_stmt, &head),
         client.execute(&rows_stmt, &rows),
@@ -409,6 +415,8 @@ async fn write(client: &Object, head: &str, position: u64, rows: &[IndexRow], co
 pub(super) struct PgTx {
     pub(super) client: Option<Object>,
     pub(super) next: u64,
+    /// How `record_and_commit` ends the transaction ([`super::SYNCHRONOUS_COMMIT`] or not).
+    pub(super) commit: &'static str,
 }
 
 impl PgTx {
@@ -445,7 +453,7 @@ impl IndexTx for PgTx {
     }
 
     async fn record(&mut self, position: u64, rows: &[IndexRow]) -> Result<(), DbError> {
-        let moved = write(self.client(), ADVANCE_HEAD, position, rows, false).await?;
+        let moved = write(self.client(), ADVANCE_HEAD, position, rows, None).await?;
         if moved != 1 {
             return Err(DbError::Inconsistent(format!(
                 "log head is not at position {} - 1 inside its own lock",
@@ -458,7 +466,7 @@ impl IndexTx for PgTx {
     /// The three writes and `COMMIT` in one round trip; the head's move checks itself in SQL
     /// ([`ADVANCE_HEAD_OR_FAIL`]), since its row count comes back only with the `COMMIT`'s.
     async fn record_and_commit(mut self: Box<Self>, position: u64, rows: &[IndexRow]) -> Result<(), DbError> {
-        write(self.client(), ADVANCE_HEAD_OR_FAIL, position, rows, true).await?;
+        write(self.client(), ADVANCE_HEAD_OR_FAIL, position, rows, Some(self.commit)).await?;
         // Back to the pool only in a clean state (on error, `Drop` closes the connection).
         drop(self.client.take());
         Ok(())

@@ -24,8 +24,9 @@ use std::time::Duration;
 use tokio_postgres::NoTls;
 
 /// The stores over a pool for `url`.
-pub(super) fn open(url: &str, pool_size: usize, text_search: Vec<String>) -> Result<Database, DbError> {
-    let pg = Pg { text_search: Arc::new(text_search), ..Pg::connect(url, pool_size)? };
+pub(super) fn open(url: &str, pool_size: usize, text_search: Vec<String>, synchronous_index_commit: bool) -> Result<Database, DbError> {
+    let index_commit = if synchronous_index_commit { SYNCHRONOUS_COMMIT } else { ASYNCHRONOUS_COMMIT };
+    let pg = Pg { text_search: Arc::new(text_search), index_commit, ..Pg::connect(url, pool_size)? };
     let store = Arc::new(pg.clone());
     Ok(Database {
         index: store.clone(),
@@ -93,7 +94,15 @@ pub struct Pg {
     /// The text search configurations `q=` may search in, each with its index on the read
     /// models (`read::ddl`).
     text_search: Arc<Vec<String>>,
+    /// How the serial writer's batch transaction ends (`database.synchronous_index_commit`).
+    pub(super) index_commit: &'static str,
 }
+
+/// Ends a batch transaction once the WAL is flushed.
+pub(super) const SYNCHRONOUS_COMMIT: &str = "COMMIT";
+/// Ends a batch transaction without waiting for the WAL flush: the rows describe a segment
+/// already durable in the log (`docs/design.md`, "The index commit and the WAL flush").
+pub(super) const ASYNCHRONOUS_COMMIT: &str = "SET LOCAL synchronous_commit TO off; COMMIT";
 
 impl Pg {
     /// A pool for `url`, with TLS as its `sslmode` and `sslrootcert` say ([`tls`]).
@@ -123,7 +132,7 @@ impl Pg {
             .create_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| DbError::Setup(e.to_string()))?;
-        Ok(Pg { pool, text_search: Arc::new(vec!["simple".to_string()]) })
+        Ok(Pg { pool, text_search: Arc::new(vec!["simple".to_string()]), index_commit: SYNCHRONOUS_COMMIT })
     }
 
     pub fn pool(&self) -> &Pool {

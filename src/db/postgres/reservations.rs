@@ -44,7 +44,8 @@ impl Reservations for Pg {
     /// the second was published before it, so the look-ups after it see what it published.
     async fn begin_reserve(&self, request: &LookupRequest) -> Result<(Box<dyn ReserveTx>, Lookup, Vec<Reservation>), DbError> {
         let client = self.pool.get().await?;
-        let mut tx = PgTx { client: Some(client), next: 0 };
+        // Always flushed: a lost reservation could hand its position out twice (docs/design.md).
+        let mut tx = PgTx { client: Some(client), next: 0, commit: super::SYNCHRONOUS_COMMIT };
         let client = tx.client();
         let (lock, open) = tokio::try_join!(client.prepare_cached(LOCK_RESERVED), client.prepare_cached(SELECT_OPEN))?;
         let (begin, row, open, lookup) = tokio::join!(
