@@ -232,9 +232,12 @@ async fn cas_baseline(secs: u64) -> Run {
     Run { accepted: latencies.len() as u64, conflicts, latencies, elapsed, cpu: (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1) }
 }
 
-/// `spiced_log_commit_step_seconds` so far, from this process's metrics: step -> (sum, count).
-fn commit_steps() -> std::collections::BTreeMap<String, (f64, f64)> {
-    let mut steps = std::collections::BTreeMap::<String, (f64, f64)>::new();
+/// Per commit step, the (sum, count) of its `spiced_log_commit_step_seconds`.
+type Steps = std::collections::BTreeMap<String, (f64, f64)>;
+
+/// `spiced_log_commit_step_seconds` so far, from this process's metrics.
+fn commit_steps() -> Steps {
+    let mut steps = Steps::new();
     for line in spiced::telemetry::metrics().render().lines() {
         let Some(rest) = line.strip_prefix("spiced_log_commit_step_seconds_") else { continue };
         let Some((kind, rest)) = rest.split_once("{step=\"") else { continue };
@@ -250,7 +253,7 @@ fn commit_steps() -> std::collections::BTreeMap<String, (f64, f64)> {
 }
 
 /// The mean time of each commit step between two `commit_steps` readings, in ms.
-fn step_means(before: &std::collections::BTreeMap<String, (f64, f64)>, after: &std::collections::BTreeMap<String, (f64, f64)>) -> String {
+fn step_means(before: &Steps, after: &Steps) -> String {
     let means: Vec<String> = after
         .iter()
         .filter_map(|(step, (sum, count))| {
@@ -311,8 +314,12 @@ async fn main() {
     // serial batch, shown as "+flush").
     let flushes = std::env::var("SPICED_BENCH_SYNC_INDEX_COMMIT").unwrap_or_else(|_| "false".into());
     let runs = runs.flat_map(|run| flushes.split(',').map(move |f| (run, f.parse::<bool>().expect("SPICED_BENCH_SYNC_INDEX_COMMIT: true/false"))));
-    // The pipelined commit always flushes, and SQLite has no such setting: one run each.
-    let wanted = |((b, w), flush): &((&str, usize), bool)| (*w == 1 || b.ends_with("postgres")) && !(*flush && (*w > 1 || !b.ends_with("postgres")));
+    // The pipelined commit needs PostgreSQL; the flush setting is the serial commit's on
+    // PostgreSQL (the pipelined one always flushes, SQLite has none).
+    let wanted = |((b, w), flush): &((&str, usize), bool)| {
+        let serial_pg = *w == 1 && b.ends_with("postgres");
+        (*w == 1 || b.ends_with("postgres")) && (!*flush || serial_pg)
+    };
     for ((backend, window), flush) in runs.filter(wanted).collect::<Vec<_>>() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = config_for(backend, dir.path()).await;

@@ -374,14 +374,14 @@ impl<'a> Writes<'a> {
     }
 }
 
-/// A segment's three writes, pipelined (`head` moves the head; `COMMIT` follows them in the
-/// same round trip when `commit`). Returns the head statement's row count.
+/// A segment's three writes, pipelined (`head` moves the head; `commit`, the SQL that ends the
+/// transaction, follows them in the same round trip when given). Returns the head statement's
+/// row count.
 ///
 /// Every pipeline here is `join!`ed and its results read in statement order, never
 /// `try_join!`ed: once a statement fails, the server answers each later one with 25P02
 /// (transaction aborted), and `try_join!` returns whichever error it polls first, which can
 /// be a 25P02 that hides the cause.
-/// The writes, then `commit` (its SQL) if given, in one round trip.
 async fn write(client: &Object, head: &str, position: u64, rows: &[IndexRow], commit: Option<&str>) -> Result<u64, tokio_postgres::Error> {
     let (head_stmt, rows_stmt, versions_stmt) = tokio::try_join!(
         client.prepare_cached(head),
