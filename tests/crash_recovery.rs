@@ -229,6 +229,45 @@ async fn index_commits_lost_in_a_database_crash_are_repaired_from_the_log() {
     assert_eq!(db.index.all_rows().await.unwrap().len(), 72, "one index row per command");
 }
 
+/// An index commit failing after a good PUT while the next batches are queued: the writer
+/// sends a batch's opening (`BEGIN`, the head lock, its look-ups) behind the commit before it,
+/// so it must let go of it for the index to catch up from the log, and then go on. The failure
+/// is a trigger that refuses one command's index row once (a sequence, which no rollback
+/// undoes, counts the tries). 64 creates at once in batches of two put batches behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_index_commit_failing_with_the_next_batch_queued_behind_it_is_repaired() {
+    let (mut config, dir) = isolated_config(Backend::S3Postgres).await;
+    config.writer.max_in_flight = 1;
+    config.writer.max_batch_events = 2;
+    let app = spawn_with(config.clone(), dir).await;
+    let keys: Vec<Uuid> = (0..64).map(|_| Uuid::new_v4()).collect();
+    let poison = format!("d{}", keys[31].simple());
+    let (db, _) = app.storage().await;
+    let pg = db.postgres().expect("PostgreSQL").pool().get().await.unwrap();
+    pg.batch_execute(&format!(
+        "CREATE SEQUENCE index_row_tries;
+         CREATE FUNCTION refuse_once() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.aggregate_id = '{poison}' AND nextval('index_row_tries') = 1 THEN
+                 RAISE EXCEPTION 'refused once by the test';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_once BEFORE INSERT ON log_index FOR EACH ROW EXECUTE FUNCTION refuse_once();"
+    ))
+    .await
+    .unwrap();
+
+    let base = app.base.trim_end_matches("/api/v1").to_string();
+    let first = tokio::time::timeout(Duration::from_secs(60), create_all(&base, &keys))
+        .await
+        .expect("every create answered within 60 s: the writer must not wait on its own lock");
+    assert!(first.values().all(|s| *s == Some(202)), "a durable segment is acknowledged whatever its commit did: {first:?}");
+    let tries: i64 = pg.query_one("SELECT last_value FROM index_row_tries", &[]).await.unwrap().get(0);
+    assert!(tries >= 2, "the row was refused once, then recorded by the repair (tries: {tries})");
+    every_key_once(&base, &config, &first).await;
+}
+
 /// Keys, each a database create, answered by one client per key at once.
 async fn create_all(base: &str, keys: &[Uuid]) -> HashMap<Uuid, Option<u16>> {
     let http = common::http();

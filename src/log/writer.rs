@@ -8,7 +8,8 @@
 //! 3. Write segment `p` with put-if-absent. If it already exists, a writer died after its log
 //!    write and before its index commit: record that segment in the index, commit, and start
 //!    the batch again (its decisions may change).
-//! 4. Record `p` in the index and commit; answer every command.
+//! 4. Record `p` in the index and commit; answer every command. Steps 1 and 2 of the batch
+//!    queued behind are sent with this commit, and wait for it on the lock.
 //!
 //! Sequences are only ever handed out inside the transaction that writes their segment, so a
 //! failed write leaves no hole, and the head lock makes log order equal sequence order.
@@ -19,7 +20,7 @@
 use super::plan::{lookup_request, plan, rows_of_segment, AppendCommand, AppendOutcome};
 use super::{EventLog, LogError, Segment};
 use crate::config::{WriterConfig, WriterCrash};
-use crate::db::{DbError, IndexTx, LogIndex};
+use crate::db::{DbError, IndexRow, IndexTx, LogIndex, Lookup};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -170,32 +171,98 @@ pub(super) struct Writer {
 const MAX_REPAIRS_PER_BATCH: usize = 4096;
 
 enum Step {
+    /// Decided with nothing to write (duplicates, conflicts).
     Done(Vec<AppendOutcome>),
+    /// The segment is durable; its index commit is still to send.
+    Written(Written, Vec<AppendOutcome>),
     Repaired,
+}
+
+/// A batch's first step, `BEGIN` with the head lock and the look-ups, as
+/// [`LogIndex::begin_lookup`] answered it.
+type Opened = Result<(Box<dyn IndexTx>, Lookup), DbError>;
+
+/// A batch whose segment is durable, holding the head lock until its index commit.
+struct Written {
+    tx: Box<dyn IndexTx>,
+    position: u64,
+    rows: Vec<IndexRow>,
+    events: usize,
+    commands: usize,
 }
 
 impl Writer {
     async fn run(self, mut rx: mpsc::Receiver<Job>, budget: Arc<QueueBudget>) {
         let mut carried: Option<Job> = None;
+        // The next batch, already collected, and its opening if it was sent behind a commit.
+        let mut next: Option<(Vec<Job>, Option<Opened>)> = None;
         loop {
-            let first = match carried.take() {
-                Some(job) => job,
-                None => match rx.recv().await {
-                    Some(job) => job,
-                    None => return,
-                },
+            let (batch, opened) = match next.take() {
+                Some(next) => next,
+                None => {
+                    let first = match carried.take() {
+                        Some(job) => job,
+                        None => match rx.recv().await {
+                            Some(job) => job,
+                            None => return,
+                        },
+                    };
+                    let (batch, overflow) = self.collect(first, &mut rx, self.config.linger_ms).await;
+                    carried = overflow;
+                    (batch, None)
+                }
             };
-            let (batch, overflow) = self.collect(first, &mut rx).await;
-            carried = overflow;
-            let result = self.commit_batch(&batch).await;
-            if result.is_err() && self.index.reservations().is_some() {
-                // Positions that a dead pipelined writer reserved refuse serial batches until
-                // they are settled (published, or voided once their lease passes).
-                self.behind.store(true, Ordering::Relaxed);
+            match self.commit_batch(&batch, opened).await {
+                Ok((outcomes, Some(written))) => {
+                    next = self.commit_overlapped(written, batch, outcomes, &mut carried, &mut rx, &budget).await;
+                }
+                Ok((outcomes, None)) => answer(batch, Ok(outcomes), &budget),
+                Err(e) => {
+                    if self.index.reservations().is_some() {
+                        // Positions that a dead pipelined writer reserved refuse serial batches
+                        // until they are settled (published, or voided once their lease passes).
+                        self.behind.store(true, Ordering::Relaxed);
+                    }
+                    answer(batch, Err(e), &budget);
+                }
             }
-            answer(batch, result, &budget);
             self.catch_up().await;
         }
+    }
+
+    /// Sends a written batch's index commit and, with it, the opening of the batch queued
+    /// behind it (`BEGIN`, the head lock, its look-ups): the server holds that lock request
+    /// until the commit ends and then answers the look-ups at once, which saves the next batch
+    /// a round trip and a wake-up. The look-ups still read the committed state, since they run
+    /// after the lock is granted. Returns the next batch, unless nothing was queued.
+    async fn commit_overlapped(
+        &self,
+        written: Written,
+        batch: Vec<Job>,
+        outcomes: Vec<AppendOutcome>,
+        carried: &mut Option<Job>,
+        rx: &mut mpsc::Receiver<Job>,
+        budget: &QueueBudget,
+    ) -> Option<(Vec<Job>, Option<Opened>)> {
+        // The segment is durable: the commands are answered whatever the commit does.
+        let commit = async {
+            self.commit(written).await;
+            answer(batch, Ok(outcomes), budget);
+        };
+        let Some(following) = self.take_queued(carried, rx).await else {
+            commit.await;
+            return None;
+        };
+        let request = lookup_request(following.iter().map(|j| &j.command), false);
+        let ((), opened) = tokio::join!(commit, timed("lookup_behind_commit", self.index.begin_lookup(&request)));
+        if !self.behind.load(Ordering::Relaxed) {
+            return Some((following, Some(opened)));
+        }
+        // The commit failed: the head lock is needed to catch the index up, so let go of it.
+        if let Ok((tx, _)) = opened {
+            let _ = tx.rollback().await;
+        }
+        Some((following, None))
     }
 
     /// Records, without waiting for the next append, segments whose index commit failed.
@@ -217,17 +284,28 @@ impl Writer {
         }
     }
 
-    /// Takes what is queued, up to the batch limits, waiting `linger_ms` for more if set. A job
-    /// that would overflow the limits is returned separately to open the next batch.
-    async fn collect(&self, first: Job, rx: &mut mpsc::Receiver<Job>) -> (Vec<Job>, Option<Job>) {
+    /// The batch that is queued now, if any, without lingering for more.
+    async fn take_queued(&self, carried: &mut Option<Job>, rx: &mut mpsc::Receiver<Job>) -> Option<Vec<Job>> {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => rx.try_recv().ok()?,
+        };
+        let (batch, overflow) = self.collect(first, rx, 0).await;
+        *carried = overflow;
+        Some(batch)
+    }
+
+    /// Takes what is queued, up to the batch limits, waiting `linger_ms` for more if above 0. A
+    /// job that would overflow the limits is returned separately to open the next batch.
+    async fn collect(&self, first: Job, rx: &mut mpsc::Receiver<Job>, linger_ms: u64) -> (Vec<Job>, Option<Job>) {
         let mut bytes = first.bytes;
         let mut events = first.command.events.len();
         let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.linger_ms);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(linger_ms);
         while events < self.config.max_batch_events && bytes < self.config.max_batch_bytes {
             let next = match rx.try_recv() {
                 Ok(job) => job,
-                Err(_) if self.config.linger_ms == 0 => break,
+                Err(_) if linger_ms == 0 => break,
                 Err(_) => match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(job)) => job,
                     _ => break,
@@ -247,13 +325,18 @@ impl Writer {
         (batch, None)
     }
 
-    async fn commit_batch(&self, batch: &[Job]) -> Result<Vec<AppendOutcome>, AppendError> {
+    /// Decides a batch and writes its segment, repairing the index first if the position
+    /// turns out to be taken. Returns the outcomes and, if a segment was written, its index
+    /// commit, which is the caller's to send. `opened` is the batch's first opening, if it was
+    /// sent ahead ([`Writer::commit_overlapped`]).
+    async fn commit_batch(&self, batch: &[Job], mut opened: Option<Opened>) -> Result<(Vec<AppendOutcome>, Option<Written>), AppendError> {
         // After a repair, the repaired segment may hold this very batch (a PUT that succeeded
         // but whose answer was lost, then retried into `AlreadyExists`): look every id up.
         let mut check_all_ids = false;
         for _ in 0..MAX_REPAIRS_PER_BATCH {
-            match self.try_commit(batch, check_all_ids).await? {
-                Step::Done(outcomes) => return Ok(outcomes),
+            match self.try_commit(batch, check_all_ids, opened.take()).await? {
+                Step::Done(outcomes) => return Ok((outcomes, None)),
+                Step::Written(written, outcomes) => return Ok((outcomes, Some(written))),
                 Step::Repaired => check_all_ids = true,
             }
         }
@@ -262,10 +345,13 @@ impl Writer {
         )))
     }
 
-    async fn try_commit(&self, batch: &[Job], check_all_ids: bool) -> Result<Step, AppendError> {
+    async fn try_commit(&self, batch: &[Job], check_all_ids: bool, opened: Option<Opened>) -> Result<Step, AppendError> {
         // The commands are read in place: cloning a batch's envelopes showed in serve's profile.
         let commands = || batch.iter().map(|j| &j.command);
-        let (tx, state) = timed("lookup", self.index.begin_lookup(&lookup_request(commands(), check_all_ids))).await?;
+        let (tx, state) = match opened {
+            Some(opened) => opened?,
+            None => timed("lookup", self.index.begin_lookup(&lookup_request(commands(), check_all_ids))).await?,
+        };
         let position = tx.next_position();
         let plan = plan(position, commands(), &state);
         if plan.envelopes.is_empty() {
@@ -288,10 +374,17 @@ impl Writer {
         }
         self.crash_point(WriterCrash::AfterPut);
         self.count_segment(position, plan.envelopes.len());
-        // The segment is durable: the commands are accepted whatever the index does next. If
-        // the commit fails, the next batch finds position `p` taken and repairs the index.
-        let span = tracing::info_span!("commit", position, events = plan.envelopes.len(), commands = batch.len());
-        let committed = tracing::Instrument::instrument(timed("commit", tx.record_and_commit(position, &plan.rows)), span.clone()).await;
+        let written = Written { tx, position, rows: plan.rows, events: plan.envelopes.len(), commands: batch.len() };
+        Ok(Step::Written(written, plan.outcomes))
+    }
+
+    /// Records a durable segment in the index and commits. The commands are accepted whatever
+    /// happens here: if the commit fails, the next batch finds the position taken and repairs
+    /// the index from the segment.
+    async fn commit(&self, written: Written) {
+        let Written { tx, position, rows, events, commands } = written;
+        let span = tracing::info_span!("commit", position, events, commands);
+        let committed = tracing::Instrument::instrument(timed("commit", tx.record_and_commit(position, &rows)), span.clone()).await;
         span.in_scope(|| match committed {
             Ok(()) => tracing::debug!("segment written and indexed"),
             Err(e) => {
@@ -300,7 +393,6 @@ impl Writer {
             }
         });
         self.crash_point(WriterCrash::AfterCommit);
-        Ok(Step::Done(plan.outcomes))
     }
 
     /// Records an already-written segment found at the batch's position.
@@ -353,7 +445,8 @@ impl Writer {
 }
 
 /// Runs one step of a batch's commit, timed into `spiced_log_commit_step_seconds{step}`: the
-/// serial commit's `lookup` (lock and look-ups), `put` and `commit`, the pipelined commit's
+/// serial commit's `lookup` (lock and look-ups; `lookup_behind_commit` when they were sent
+/// with the commit before, whose time they include), `put` and `commit`, the pipelined commit's
 /// `reserve`, `put` and `publish` (which includes its wait for the positions before it). They
 /// show where a batch's time goes when the writer, not the machine, bounds throughput.
 pub(super) async fn timed<T>(step: &'static str, work: impl std::future::Future<Output = T>) -> T {
