@@ -51,7 +51,7 @@ pub const METRICS: &[(&str, &str)] = &[
     ("spiced_log_segments_total", "log segments this process wrote"),
     ("spiced_log_appends_total", "events this process appended to the log"),
     ("spiced_group_commit_batch_size", "events per log segment (group-commit batch)"),
-    ("spiced_log_commit_step_seconds", "seconds per step of a batch's commit (lookup or lookup_behind_commit, put, commit; pipelined: reserve, put, publish)"),
+    ("spiced_log_commit_step_seconds", "seconds per step of a batch's commit (lookup or lookup_behind_commit, put, record, commit; pipelined: reserve, put, publish)"),
     ("spiced_log_head_position", "highest log position this process committed"),
     ("spiced_log_repairs_total", "log index rows repaired from a segment a crashed writer left"),
     ("spiced_s3_requests_total", "requests to the log store, by kind (put, get, list)"),

@@ -231,11 +231,23 @@ async fn index_commits_lost_in_a_database_crash_are_repaired_from_the_log() {
 
 /// An index commit failing after a good PUT while the next batches are queued: the writer
 /// sends a batch's opening (`BEGIN`, the head lock, its look-ups) behind the commit before it,
-/// so it must let go of it for the index to catch up from the log, and then go on. The failure
-/// is a trigger that refuses one command's index row once (a sequence, which no rollback
-/// undoes, counts the tries). 64 creates at once in batches of two put batches behind it.
+/// so it must let go of it for the index to catch up from the log, and then go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_index_commit_failing_with_the_next_batch_queued_behind_it_is_repaired() {
+    index_failure_after_a_good_put("CONSTRAINT TRIGGER refuse_once AFTER INSERT ON log_index DEFERRABLE INITIALLY DEFERRED").await;
+}
+
+/// The index writes, sent while the segment is written, failing when the segment is durable:
+/// the commands are accepted and the index catches up from the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn index_writes_failing_beside_a_good_put_are_repaired() {
+    index_failure_after_a_good_put("TRIGGER refuse_once BEFORE INSERT ON log_index").await;
+}
+
+/// A trigger (`trigger`, which says when it fires) refuses one command's index row once (a
+/// sequence, which no rollback undoes, counts the tries) while 64 creates arrive at once in
+/// batches of two, so batches are queued behind the refused one.
+async fn index_failure_after_a_good_put(trigger: &str) {
     let (mut config, dir) = isolated_config(Backend::S3Postgres).await;
     config.writer.max_in_flight = 1;
     config.writer.max_batch_events = 2;
@@ -253,7 +265,7 @@ async fn an_index_commit_failing_with_the_next_batch_queued_behind_it_is_repaire
              END IF;
              RETURN NEW;
          END $$;
-         CREATE TRIGGER refuse_once BEFORE INSERT ON log_index FOR EACH ROW EXECUTE FUNCTION refuse_once();"
+         CREATE {trigger} FOR EACH ROW EXECUTE FUNCTION refuse_once();"
     ))
     .await
     .unwrap();

@@ -5,10 +5,11 @@
 //! 1. `begin`: take the log-head lock in the index, read the next position `p`.
 //! 2. Look up the batch's command ids and aggregate versions; decide each command (duplicate,
 //!    key reused, conflict, accepted) and assign sequences.
-//! 3. Write segment `p` with put-if-absent. If it already exists, a writer died after its log
-//!    write and before its index commit: record that segment in the index, commit, and start
-//!    the batch again (its decisions may change).
-//! 4. Record `p` in the index and commit; answer every command. Steps 1 and 2 of the batch
+//! 3. Write segment `p` with put-if-absent and, at the same time, the batch's index writes in
+//!    its transaction (seen by no one before the commit). If `p` already exists, a writer died
+//!    after its log write and before its index commit: roll back, record that segment in the
+//!    index, and start the batch again (its decisions may change).
+//! 4. Once the segment is durable, commit; answer every command. Steps 1 and 2 of the batch
 //!    queued behind are sent with this commit, and wait for it on the lock.
 //!
 //! Sequences are only ever handed out inside the transaction that writes their segment, so a
@@ -20,7 +21,7 @@
 use super::plan::{lookup_request, plan, rows_of_segment, AppendCommand, AppendOutcome};
 use super::{EventLog, LogError, Segment};
 use crate::config::{WriterConfig, WriterCrash};
-use crate::db::{DbError, IndexRow, IndexTx, LogIndex, Lookup};
+use crate::db::{DbError, IndexTx, LogIndex, Lookup};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -173,7 +174,7 @@ const MAX_REPAIRS_PER_BATCH: usize = 4096;
 enum Step {
     /// Decided with nothing to write (duplicates, conflicts).
     Done(Vec<AppendOutcome>),
-    /// The segment is durable; its index commit is still to send.
+    /// The segment is durable and its index writes are made; their commit is still to send.
     Written(Written, Vec<AppendOutcome>),
     Repaired,
 }
@@ -182,11 +183,11 @@ enum Step {
 /// [`LogIndex::begin_lookup`] answered it.
 type Opened = Result<(Box<dyn IndexTx>, Lookup), DbError>;
 
-/// A batch whose segment is durable, holding the head lock until its index commit.
+/// A batch whose segment is durable and whose index writes are made, holding the head lock
+/// until its commit.
 struct Written {
     tx: Box<dyn IndexTx>,
     position: u64,
-    rows: Vec<IndexRow>,
     events: usize,
     commands: usize,
 }
@@ -359,10 +360,19 @@ impl Writer {
             return Ok(Step::Done(plan.outcomes));
         }
         self.crash_point(WriterCrash::BeforePut);
-        match timed("put", self.log.put_segment(position, Segment::encode(&plan.envelopes))).await {
+        // The index writes travel while the segment is written, inside the batch's transaction:
+        // no one sees them before its commit, which is sent only once the segment is durable.
+        let mut tx = tx;
+        let (put, recorded) = tokio::join!(
+            timed("put", self.log.put_segment(position, Segment::encode(&plan.envelopes))),
+            timed("record", tx.record(position, &plan.rows)),
+        );
+        match put {
             Ok(()) => {}
             Err(LogError::AlreadyExists(_)) => {
-                self.repair(tx, position).await?;
+                // A crashed writer's segment: this plan's writes go, that segment's are recorded.
+                let _ = tx.rollback().await;
+                self.repair_taken(position).await?;
                 return Ok(Step::Repaired);
             }
             Err(e) => {
@@ -374,17 +384,35 @@ impl Writer {
         }
         self.crash_point(WriterCrash::AfterPut);
         self.count_segment(position, plan.envelopes.len());
-        let written = Written { tx, position, rows: plan.rows, events: plan.envelopes.len(), commands: batch.len() };
+        if let Err(e) = recorded {
+            // The segment is durable: the commands are accepted, and the index catches up from
+            // the log. Dropping the transaction rolls it back.
+            tracing::warn!(position, error = %e, "segment written but its index writes failed; repairing from the log");
+            self.behind.store(true, Ordering::Relaxed);
+            return Ok(Step::Done(plan.outcomes));
+        }
+        let written = Written { tx, position, events: plan.envelopes.len(), commands: batch.len() };
         Ok(Step::Written(written, plan.outcomes))
     }
 
-    /// Records a durable segment in the index and commits. The commands are accepted whatever
-    /// happens here: if the commit fails, the next batch finds the position taken and repairs
-    /// the index from the segment.
+    /// Records the segment a batch found at its position, once the batch's own transaction
+    /// (holding its plan's writes) is rolled back: in a new one, unless another writer
+    /// recorded it in between.
+    async fn repair_taken(&self, position: u64) -> Result<(), AppendError> {
+        let tx = self.index.begin().await?;
+        if tx.next_position() != position {
+            return Ok(tx.rollback().await?);
+        }
+        self.repair(tx, position).await
+    }
+
+    /// Commits a durable segment's index writes. The commands are accepted whatever happens
+    /// here: if the commit fails, the index catches up from the log at once, and a batch in
+    /// between finds the position taken and repairs it.
     async fn commit(&self, written: Written) {
-        let Written { tx, position, rows, events, commands } = written;
+        let Written { tx, position, events, commands } = written;
         let span = tracing::info_span!("commit", position, events, commands);
-        let committed = tracing::Instrument::instrument(timed("commit", tx.record_and_commit(position, &rows)), span.clone()).await;
+        let committed = tracing::Instrument::instrument(timed("commit", tx.commit()), span.clone()).await;
         span.in_scope(|| match committed {
             Ok(()) => tracing::debug!("segment written and indexed"),
             Err(e) => {
@@ -446,9 +474,10 @@ impl Writer {
 
 /// Runs one step of a batch's commit, timed into `spiced_log_commit_step_seconds{step}`: the
 /// serial commit's `lookup` (lock and look-ups; `lookup_behind_commit` when they were sent
-/// with the commit before, whose time they include), `put` and `commit`, the pipelined commit's
-/// `reserve`, `put` and `publish` (which includes its wait for the positions before it). They
-/// show where a batch's time goes when the writer, not the machine, bounds throughput.
+/// with the commit before, whose time they include), `put`, `record` (the index writes, sent
+/// beside the put) and `commit`; the pipelined commit's `reserve`, `put` and `publish` (which
+/// includes its wait for the positions before it). They show where a batch's time goes when
+/// the writer, not the machine, bounds throughput.
 pub(super) async fn timed<T>(step: &'static str, work: impl std::future::Future<Output = T>) -> T {
     let started = std::time::Instant::now();
     let done = work.await;

@@ -1,8 +1,9 @@
 //! The log index on PostgreSQL.
 //!
-//! A batch is one transaction on one pooled connection, in two round trips: `BEGIN`, the
-//! `FOR UPDATE` read of the head and the look-ups are pipelined (`begin_lookup`), and so are
-//! the three writes and `COMMIT` (`record_and_commit`). That is per segment, not per command.
+//! A batch is one transaction on one pooled connection: `BEGIN`, the `FOR UPDATE` read of the
+//! head and the look-ups are pipelined (`begin_lookup`), and so are the three writes
+//! (`record`, sent while the segment is written), then `COMMIT`; a repair sends its writes
+//! with the `COMMIT` (`record_and_commit`). That is per segment, not per command.
 
 use super::Pg;
 use crate::db::{prefix_range, DbError, IndexRow, IndexTx, LogIndex, Lookup, LookupRequest};
@@ -415,7 +416,8 @@ async fn write(client: &Object, head: &str, position: u64, rows: &[IndexRow], co
 pub(super) struct PgTx {
     pub(super) client: Option<Object>,
     pub(super) next: u64,
-    /// How `record_and_commit` ends the transaction ([`super::SYNCHRONOUS_COMMIT`] or not).
+    /// How `commit` and `record_and_commit` end the transaction ([`super::SYNCHRONOUS_COMMIT`]
+    /// or not).
     pub(super) commit: &'static str,
 }
 
@@ -473,7 +475,8 @@ impl IndexTx for PgTx {
     }
 
     async fn commit(self: Box<Self>) -> Result<(), DbError> {
-        self.finish("COMMIT").await
+        let sql = self.commit;
+        self.finish(sql).await
     }
 
     async fn rollback(self: Box<Self>) -> Result<(), DbError> {
