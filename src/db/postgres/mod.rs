@@ -28,9 +28,11 @@ pub(super) fn open(url: &str, pool_size: usize, text_search: Vec<String>, synchr
     let index_commit = if synchronous_index_commit { SYNCHRONOUS_COMMIT } else { ASYNCHRONOUS_COMMIT };
     let pg = Pg { text_search: Arc::new(text_search), index_commit, ..Pg::connect(url, pool_size)? };
     let store = Arc::new(pg.clone());
+    // The registry's own connections, planned once per statement: see `Plans::Cached`.
+    let registry = registry::PgRegistry { pool: pool(url, pool_size, Plans::Cached)? };
     Ok(Database {
         index: store.clone(),
-        registry: Arc::new(registry::PgRegistry { pool: pg.pool.clone() }),
+        registry: Arc::new(registry),
         read: store.clone(),
         checkpoints: store.clone(),
         leases: store.clone(),
@@ -104,34 +106,54 @@ pub(super) const SYNCHRONOUS_COMMIT: &str = "COMMIT";
 /// already durable in the log (`docs/design.md`, "The index commit and the WAL flush").
 pub(super) const ASYNCHRONOUS_COMMIT: &str = "SET LOCAL synchronous_commit TO off; COMMIT";
 
-impl Pg {
-    /// A pool for `url`, with TLS as its `sslmode` and `sslrootcert` say ([`tls`]).
-    pub fn connect(url: &str, pool_size: usize) -> Result<Pg, DbError> {
-        let tls = tls::PgTls::from_url(url)?;
-        let mut config = tokio_postgres::Config::from_str(&tls.url)?;
-        config.connect_timeout(Duration::from_secs(5));
-        // Plan every execution with the table as it is now. A prepared statement's generic plan
-        // is cached after a few runs; made while `aggregate_versions` was empty, the version
-        // look-up became a hash join over a full scan of the table, on every batch, for ever
-        // where autovacuum is off (2.4x fewer commands/s measured). Custom plans cost a few
-        // tens of microseconds of planning per statement.
+/// How a pool's connections plan prepared statements.
+#[derive(Clone, Copy)]
+enum Plans {
+    /// Every execution, with the table as it is now. A prepared statement's generic plan is
+    /// cached after a few runs; made while `aggregate_versions` was empty, the version look-up
+    /// became a hash join over a full scan of the table, on every batch, for ever where
+    /// autovacuum is off (2.4x fewer commands/s measured). The index's and read models'
+    /// statements (joins, `= ANY`, ranges) plan this way.
+    Fresh,
+    /// PostgreSQL's default: a generic plan once it is as cheap as the custom ones. For the
+    /// registry, whose statements each read one table by key (its primary key, or the failed
+    /// events' partial index), with no join or range whose best plan depends on the table's
+    /// size, so no generic plan of theirs can be worse; planning their CTEs on every execution
+    /// cost the workers a fifth to a quarter of their end-to-end throughput (pipeline bench).
+    Cached,
+}
+
+/// A pool for `url`, with TLS as its `sslmode` and `sslrootcert` say ([`tls`]).
+fn pool(url: &str, pool_size: usize, plans: Plans) -> Result<Pool, DbError> {
+    let tls = tls::PgTls::from_url(url)?;
+    let mut config = tokio_postgres::Config::from_str(&tls.url)?;
+    config.connect_timeout(Duration::from_secs(5));
+    if let Plans::Fresh = plans {
         let options = match config.get_options() {
             Some(o) if !o.is_empty() => format!("{o} -c plan_cache_mode=force_custom_plan"),
             _ => "-c plan_cache_mode=force_custom_plan".to_string(),
         };
         config.options(&options);
-        let recycling = || ManagerConfig { recycling_method: RecyclingMethod::Fast };
-        let manager = match tls.client_config()? {
-            None => Manager::from_config(config, NoTls, recycling()),
-            Some(rustls) => Manager::from_config(config, tokio_postgres_rustls::MakeRustlsConnect::new(rustls), recycling()),
-        };
-        let pool = Pool::builder(manager)
-            .max_size(pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(10)))
-            .create_timeout(Some(Duration::from_secs(5)))
-            .build()
-            .map_err(|e| DbError::Setup(e.to_string()))?;
+    }
+    let recycling = || ManagerConfig { recycling_method: RecyclingMethod::Fast };
+    let manager = match tls.client_config()? {
+        None => Manager::from_config(config, NoTls, recycling()),
+        Some(rustls) => Manager::from_config(config, tokio_postgres_rustls::MakeRustlsConnect::new(rustls), recycling()),
+    };
+    Pool::builder(manager)
+        .max_size(pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .map_err(|e| DbError::Setup(e.to_string()))
+}
+
+impl Pg {
+    /// A pool for `url`, with TLS as its `sslmode` and `sslrootcert` say ([`tls`]), whose
+    /// connections plan every execution afresh ([`Plans::Fresh`]).
+    pub fn connect(url: &str, pool_size: usize) -> Result<Pg, DbError> {
+        let pool = pool(url, pool_size, Plans::Fresh)?;
         Ok(Pg { pool, text_search: Arc::new(vec!["simple".to_string()]), index_commit: SYNCHRONOUS_COMMIT })
     }
 
