@@ -172,7 +172,8 @@ pub(super) struct Writer {
 const MAX_REPAIRS_PER_BATCH: usize = 4096;
 
 enum Step {
-    /// Decided with nothing to write (duplicates, conflicts).
+    /// Answered, with no commit to send: nothing to write (duplicates, conflicts), or a
+    /// segment written whose index writes failed (the index catches up from the log).
     Done(Vec<AppendOutcome>),
     /// The segment is durable and its index writes are made; their commit is still to send.
     Written(Written, Vec<AppendOutcome>),
@@ -349,7 +350,7 @@ impl Writer {
     async fn try_commit(&self, batch: &[Job], check_all_ids: bool, opened: Option<Opened>) -> Result<Step, AppendError> {
         // The commands are read in place: cloning a batch's envelopes showed in serve's profile.
         let commands = || batch.iter().map(|j| &j.command);
-        let (tx, state) = match opened {
+        let (mut tx, state) = match opened {
             Some(opened) => opened?,
             None => timed("lookup", self.index.begin_lookup(&lookup_request(commands(), check_all_ids))).await?,
         };
@@ -362,7 +363,6 @@ impl Writer {
         self.crash_point(WriterCrash::BeforePut);
         // The index writes travel while the segment is written, inside the batch's transaction:
         // no one sees them before its commit, which is sent only once the segment is durable.
-        let mut tx = tx;
         let (put, recorded) = tokio::join!(
             timed("put", self.log.put_segment(position, Segment::encode(&plan.envelopes))),
             timed("record", tx.record(position, &plan.rows)),
