@@ -118,8 +118,8 @@ enum Plans {
     /// PostgreSQL's default: a generic plan once it is as cheap as the custom ones. For the
     /// registry, whose statements each read one table by key (its primary key, or the failed
     /// events' partial index), with no join or range whose best plan depends on the table's
-    /// size, so no generic plan of theirs can be worse; planning their CTEs on every execution
-    /// cost the workers a fifth to a quarter of their end-to-end throughput (pipeline bench).
+    /// size, so no generic plan of theirs can be worse; planning them at every execution cost
+    /// 15-28 % of the end-to-end throughput (pipeline bench, `docs/design.md`).
     Cached,
 }
 
