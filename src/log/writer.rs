@@ -176,7 +176,7 @@ enum Step {
     /// segment written whose index writes failed (the index catches up from the log).
     Done(Vec<AppendOutcome>),
     /// The segment is durable and its index writes are made; their commit is still to send.
-    Written(Written, Vec<AppendOutcome>),
+    Written(Durable, Vec<AppendOutcome>),
     Repaired,
 }
 
@@ -186,7 +186,7 @@ type Opened = Result<(Box<dyn IndexTx>, Lookup), DbError>;
 
 /// A batch whose segment is durable and whose index writes are made, holding the head lock
 /// until its commit.
-struct Written {
+struct Durable {
     tx: Box<dyn IndexTx>,
     position: u64,
     events: usize,
@@ -215,8 +215,8 @@ impl Writer {
                 }
             };
             match self.commit_batch(&batch, opened).await {
-                Ok((outcomes, Some(written))) => {
-                    next = self.commit_overlapped(written, batch, outcomes, &mut carried, &mut rx, &budget).await;
+                Ok((outcomes, Some(durable))) => {
+                    next = self.commit_overlapped(durable, batch, outcomes, &mut carried, &mut rx, &budget).await;
                 }
                 Ok((outcomes, None)) => answer(batch, Ok(outcomes), &budget),
                 Err(e) => {
@@ -239,7 +239,7 @@ impl Writer {
     /// after the lock is granted. Returns the next batch, unless nothing was queued.
     async fn commit_overlapped(
         &self,
-        written: Written,
+        durable: Durable,
         batch: Vec<Job>,
         outcomes: Vec<AppendOutcome>,
         carried: &mut Option<Job>,
@@ -248,16 +248,17 @@ impl Writer {
     ) -> Option<(Vec<Job>, Option<Opened>)> {
         // The segment is durable: the commands are answered whatever the commit does.
         let commit = async {
-            self.commit(written).await;
+            let committed = self.commit(durable).await;
             answer(batch, Ok(outcomes), budget);
+            committed
         };
         let Some(following) = self.take_queued(carried, rx).await else {
             commit.await;
             return None;
         };
         let request = lookup_request(following.iter().map(|j| &j.command), false);
-        let ((), opened) = tokio::join!(commit, timed("lookup_behind_commit", self.index.begin_lookup(&request)));
-        if !self.behind.load(Ordering::Relaxed) {
+        let (committed, opened) = tokio::join!(commit, timed("lookup_behind_commit", self.index.begin_lookup(&request)));
+        if committed {
             return Some((following, Some(opened)));
         }
         // The commit failed: the head lock is needed to catch the index up, so let go of it.
@@ -331,14 +332,14 @@ impl Writer {
     /// turns out to be taken. Returns the outcomes and, if a segment was written, its index
     /// commit, which is the caller's to send. `opened` is the batch's first opening, if it was
     /// sent ahead ([`Writer::commit_overlapped`]).
-    async fn commit_batch(&self, batch: &[Job], mut opened: Option<Opened>) -> Result<(Vec<AppendOutcome>, Option<Written>), AppendError> {
+    async fn commit_batch(&self, batch: &[Job], mut opened: Option<Opened>) -> Result<(Vec<AppendOutcome>, Option<Durable>), AppendError> {
         // After a repair, the repaired segment may hold this very batch (a PUT that succeeded
         // but whose answer was lost, then retried into `AlreadyExists`): look every id up.
         let mut check_all_ids = false;
         for _ in 0..MAX_REPAIRS_PER_BATCH {
             match self.try_commit(batch, check_all_ids, opened.take()).await? {
                 Step::Done(outcomes) => return Ok((outcomes, None)),
-                Step::Written(written, outcomes) => return Ok((outcomes, Some(written))),
+                Step::Written(durable, outcomes) => return Ok((outcomes, Some(durable))),
                 Step::Repaired => check_all_ids = true,
             }
         }
@@ -391,8 +392,8 @@ impl Writer {
             self.behind.store(true, Ordering::Relaxed);
             return Ok(Step::Done(plan.outcomes));
         }
-        let written = Written { tx, position, events: plan.envelopes.len(), commands: batch.len() };
-        Ok(Step::Written(written, plan.outcomes))
+        let durable = Durable { tx, position, events: plan.envelopes.len(), commands: batch.len() };
+        Ok(Step::Written(durable, plan.outcomes))
     }
 
     /// Records the segment a batch found at its position, once the batch's own transaction
@@ -406,14 +407,14 @@ impl Writer {
         self.repair(tx, position).await
     }
 
-    /// Commits a durable segment's index writes. The commands are accepted whatever happens
-    /// here: if the commit fails, the index catches up from the log at once, and a batch in
-    /// between finds the position taken and repairs it.
-    async fn commit(&self, written: Written) {
-        let Written { tx, position, events, commands } = written;
+    /// Commits a durable segment's index writes; `false` if that failed. The commands are
+    /// accepted whatever happens here: if the commit fails, the index catches up from the log
+    /// at once, and a batch in between finds the position taken and repairs it.
+    async fn commit(&self, durable: Durable) -> bool {
+        let Durable { tx, position, events, commands } = durable;
         let span = tracing::info_span!("commit", position, events, commands);
         let committed = tracing::Instrument::instrument(timed("commit", tx.commit()), span.clone()).await;
-        span.in_scope(|| match committed {
+        span.in_scope(|| match &committed {
             Ok(()) => tracing::debug!("segment written and indexed"),
             Err(e) => {
                 tracing::warn!(error = %e, "segment written but index commit failed; repairing from the log");
@@ -421,6 +422,7 @@ impl Writer {
             }
         });
         self.crash_point(WriterCrash::AfterCommit);
+        committed.is_ok()
     }
 
     /// Records an already-written segment found at the batch's position.
