@@ -71,6 +71,7 @@ pub const METRICS: &[(&str, &str)] = &[
     ("spiced_worker_processed_position", "highest log position of a command this handler finished"),
     ("spiced_worker_claims_total", "claims of a command in processed_events, by handler and outcome"),
     ("spiced_worker_leases_lost_total", "commands whose lease another worker took over, by handler"),
+    ("spiced_worker_fences_total", "lease checks right before an outcome append, by handler and how the lease was confirmed (clock: within heartbeat_ms; registry: a heartbeat)"),
     ("spiced_worker_retries_total", "failed attempts that will be retried, by handler"),
     ("spiced_worker_dead_letters_total", "commands that failed for good (dead letters), by handler"),
     ("spiced_worker_gap_waits_total", "waits for the outcome of an aggregate's previous sequence, by handler"),

@@ -85,6 +85,60 @@ async fn duplicate_deliveries_have_one_effect() {
     assert_eq!(outcomes[1]["data"]["state"]["data"]["n"], 2);
 }
 
+/// The registry's claims, heartbeats and `done`s do not wait for the WAL flush
+/// (`database.synchronous_registry_commit = false`), so a database crash may lose the last of
+/// them. Made to look so (a claim gone, rows back at `processing` under an owner that is gone,
+/// no position moved) and delivered again, the commands run again, find their outcomes in the
+/// log and are done, with one outcome each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_writes_lost_with_the_database_make_commands_run_again_never_twice() {
+    let p = pipeline().await;
+    let app = &p.app;
+    assert!(!app.config.database.synchronous_registry_commit, "the default does not wait for the WAL flush");
+    let gone = completed(app, app.post("/databases", json!({"name": "gone"})).await).await;
+    let created = completed(app, app.post("/databases", json!({"name": "stale"})).await).await;
+    let deleted = completed(app, app.delete("/databases/stale?expected_seq=1").await).await;
+    common::readmodel::execute(
+        &app.config,
+        "DELETE FROM processed_events WHERE aggregate_id = 'gone'; \
+         UPDATE processed_events SET status = 'processing', owner = 'crashed', processed_at = NULL, \
+             heartbeat_at = now() - interval '1 hour' WHERE aggregate_id = 'stale'; \
+         DELETE FROM handler_positions",
+    )
+    .await;
+    let kafka = producer(app);
+    for name in ["gone", "stale"] {
+        let (_, commands) = app.get(&format!("/aggregates/Database/{name}/events?kind=command")).await;
+        for command in commands["events"].as_array().unwrap() {
+            let bytes = serde_json::to_vec(command).unwrap();
+            let record = FutureRecord::to(&app.config.topics.ontology_commands).key(name).payload(&bytes);
+            kafka.send(record, Duration::from_secs(5)).await.unwrap();
+        }
+    }
+    let (db, _) = app.storage().await;
+    // Run again: the lost claim is made anew, and the stale ones are taken over (a second
+    // attempt); each is done once it finds its outcome.
+    for (id, attempt) in [(&gone, 1), (&created, 2), (&deleted, 2)] {
+        let event: Uuid = id.parse().unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let rows = db.registry.rows(event).await.unwrap();
+            if rows.iter().any(|r| r.status == "done") {
+                assert_eq!((rows.len(), rows[0].attempt_count), (1, attempt), "{id}: {rows:?}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{id} is not done again: {rows:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for (name, outcomes) in [("gone", 1), ("stale", 2)] {
+        let (_, events) = app.get(&format!("/aggregates/Database/{name}/events?kind=domain")).await;
+        let events = events["events"].as_array().unwrap();
+        let seqs: Vec<u64> = events.iter().map(|e| e["sequence_number"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=outcomes).collect::<Vec<u64>>(), "one outcome per command: {events:?}");
+    }
+}
+
 /// Malformed messages go to the dead-letter topic with the reason, and the partition flows on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_messages_are_dead_lettered_and_the_partition_flows() {

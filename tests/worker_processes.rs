@@ -151,6 +151,29 @@ async fn a_frozen_worker_loses_its_claim_and_commits_nothing() {
     assert!(frozen.is_running(), "the resumed worker carries on");
 }
 
+/// A worker frozen (SIGSTOP) after its claim for longer than `heartbeat_ms` but not its lease:
+/// resumed, it finds its last confirmation old and confirms the lease with the registry
+/// before the effect (a fresh one passes on the clock alone), then completes the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_resumed_after_a_freeze_confirms_its_lease_with_the_registry() {
+    let s = setup_with(|w| w.lease_ms = 10_000).await;
+    let id = create_db(&s.app, "paused").await;
+    let log = s.dir.path().join("paused-worker.log");
+    let mut paused = Spiced::spawn_logging(&["worker"], &s.app.config, s.dir.path(), &[("SPICED_WORKER__CRASH_AT", "stop_after_claim".to_string())], &log);
+    let (db, _) = s.app.storage().await;
+    registry_row(&db, id.parse().unwrap(), "processing").await;
+    // The freeze itself is what is tested: over heartbeat_ms (1 s), well within the lease.
+    tokio::time::sleep(Duration::from_millis(2 * s.app.config.worker.heartbeat_ms)).await;
+    paused.signal("CONT");
+    exactly_one_effect(&s.app, "paused", &id).await;
+    let (_, events) = s.app.get("/aggregates/Database/paused/events?kind=domain").await;
+    let worker = events["events"][0]["metadata"]["worker"].as_str().unwrap().to_string();
+    assert!(worker.contains(&format!("-{}-", paused.pid())), "the resumed worker appended it: {worker}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("confirming it with the registry before the effect"), "{text}");
+    assert!(paused.is_running());
+}
+
 /// Waits (bounded) until `event`'s registry row has `status`; returns the row.
 async fn registry_row(db: &spiced::db::Database, event: uuid::Uuid, status: &str) -> spiced::db::registry::Processed {
     let deadline = std::time::Instant::now() + WAIT;

@@ -68,6 +68,12 @@ pub struct DatabaseConfig {
     /// put-if-absent fence repairs those positions before it decides anything (`docs/design.md`,
     /// "The index commit and the WAL flush"). The pipelined commit's steps always wait.
     pub synchronous_index_commit: bool,
+    /// Wait for the WAL flush at each claim, heartbeat and `done` of the `processed_events`
+    /// registry (PostgreSQL). Off by default: the outcome in the log is a command's effect and
+    /// its id is derived from the command, so a registry write lost with a server crash makes
+    /// a command run again, never twice in effect (`docs/design.md`, "The registry's commits").
+    /// A terminal failure and a re-drive always wait.
+    pub synchronous_registry_commit: bool,
     /// The PostgreSQL text search configuration `q=` searches in (`simple`: words as they
     /// are, lowercased; `english` stems and drops stop words, ...).
     pub text_search: String,

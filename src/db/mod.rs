@@ -160,7 +160,7 @@ impl Database {
         let url = config.url.expose();
         match url.strip_prefix("sqlite://") {
             Some(path) => sqlite::open(path),
-            None => postgres::open(url, config.pool_size, config.text_search_configs(), config.synchronous_index_commit),
+            None => postgres::open(config),
         }
     }
 

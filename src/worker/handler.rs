@@ -15,6 +15,7 @@
 
 use super::facts::{FactsError, LogState};
 use super::lanes::Slot;
+use super::lease::{self, Confirmed};
 use super::Role;
 use crate::config::{Config, WorkerCrash};
 use crate::db::registry::{Claim, Registry, Work};
@@ -178,6 +179,7 @@ impl CommandHandler {
             if shutdown.stop.is_cancelled() {
                 return Err(Interrupted);
             }
+            let sent = lease::now();
             let claim = self.registry.claim(&work, lease).await;
             if let Ok(c) = &claim {
                 metrics::counter!("spiced_worker_claims_total", "handler" => self.role.handler(), "outcome" => claim_name(c)).increment(1);
@@ -215,7 +217,7 @@ impl CommandHandler {
                 }
             };
             self.crash_point(WorkerCrash::AfterClaim);
-            match self.run_leased(parsed, &work, slot, shutdown).await {
+            match self.run_leased(parsed, &work, &Confirmed::at(sent), slot, shutdown).await {
                 Ok(()) => {
                     tracing::debug!(attempt, "outcome in the log");
                     return Ok(Disposition::Done);
@@ -301,14 +303,15 @@ impl CommandHandler {
 
     /// Runs the command while heartbeats keep the lease; stops if the lease is lost, or at
     /// shutdown (waits at once, the effect at the end of the grace period).
-    async fn run_leased(&self, parsed: &Parsed, work: &Work<'_>, slot: &Slot, shutdown: &Graceful) -> Result<(), Failure> {
+    async fn run_leased(&self, parsed: &Parsed, work: &Work<'_>, confirmed: &Confirmed, slot: &Slot, shutdown: &Graceful) -> Result<(), Failure> {
         let lost = CancellationToken::new();
         let heartbeat = async {
             let every = Duration::from_millis(self.config.worker.heartbeat_ms);
             loop {
                 tokio::time::sleep(every).await;
+                let sent = lease::now();
                 match self.registry.heartbeat(work).await {
-                    Ok(true) => {}
+                    Ok(true) => confirmed.renew(sent),
                     Ok(false) => {
                         lost.cancel();
                         return;
@@ -318,7 +321,7 @@ impl CommandHandler {
             }
         };
         tokio::select! {
-            result = self.execute(parsed, work, slot, &lost, &shutdown.stop) => result,
+            result = self.execute(parsed, work, confirmed, slot, &lost, &shutdown.stop) => result,
             _ = async { heartbeat.await; std::future::pending::<()>().await } => unreachable!(),
             // Dropping the effect mid-way is safe: the outcome's event_id is derived from the
             // command and the index stores an event_id once and one outcome per (aggregate,
@@ -332,7 +335,15 @@ impl CommandHandler {
         }
     }
 
-    async fn execute(&self, p: &Parsed, work: &Work<'_>, slot: &Slot, lost: &CancellationToken, stop: &CancellationToken) -> Result<(), Failure> {
+    async fn execute(
+        &self,
+        p: &Parsed,
+        work: &Work<'_>,
+        confirmed: &Confirmed,
+        slot: &Slot,
+        lost: &CancellationToken,
+        stop: &CancellationToken,
+    ) -> Result<(), Failure> {
         let current = match self.wait_for_predecessor(p, slot, stop).await? {
             Predecessor::Ready(state) => state,
             // The outcome is already in the log (an earlier run appended it): just record it.
@@ -346,9 +357,7 @@ impl CommandHandler {
         let facts = p.command_type.facts(&payload, current, &log).await?;
         let decision = p.command_type.decide(&payload, &facts);
         self.crash_point(WorkerCrash::AfterEffect);
-        // Fencing: confirm the lease right before the effect, so a worker that was frozen past
-        // its lease (and has not heard from its heartbeat yet) commits nothing.
-        if lost.is_cancelled() || !self.registry.heartbeat(work).await? {
+        if lost.is_cancelled() || !self.lease_holds(work, confirmed).await? {
             return Err(Failure::LeaseLost);
         }
         // A failed command keeps the state as the decision saw it: `null` for a class or
@@ -365,6 +374,27 @@ impl CommandHandler {
         }
         self.crash_point(WorkerCrash::AfterOutcome);
         self.finish(work).await
+    }
+
+    /// Fencing, right before the effect, so that a worker frozen past its lease (and not yet
+    /// told by its heartbeat) commits nothing. A confirmation sent less than `heartbeat_ms`
+    /// ago (under half the lease) leaves more than half the lease to run, as the heartbeats
+    /// themselves assume between two beats, so it needs no registry write; an older one (a
+    /// slow decision, or a process stopped or suspended meanwhile) is renewed first.
+    async fn lease_holds(&self, work: &Work<'_>, confirmed: &Confirmed) -> Result<bool, crate::db::DbError> {
+        let fresh = confirmed.age() < Duration::from_millis(self.config.worker.heartbeat_ms);
+        metrics::counter!("spiced_worker_fences_total", "handler" => self.role.handler(), "by" => if fresh { "clock" } else { "registry" })
+            .increment(1);
+        if fresh {
+            return Ok(true);
+        }
+        tracing::info!(age_ms = confirmed.age().as_millis() as u64, "lease last confirmed over heartbeat_ms ago: confirming it with the registry before the effect");
+        let sent = lease::now();
+        let holds = self.registry.heartbeat(work).await?;
+        if holds {
+            confirmed.renew(sent);
+        }
+        Ok(holds)
     }
 
     async fn finish(&self, work: &Work<'_>) -> Result<(), Failure> {

@@ -10,6 +10,7 @@ pub mod embedded;
 pub mod facts;
 pub mod handler;
 pub mod lanes;
+pub mod lease;
 pub mod offsets;
 
 pub use crate::routing::Role;

@@ -16,6 +16,7 @@ pub use index::SELECT_VERSIONS;
 
 use super::read::ReadSchema;
 use super::{Database, DbError, Migration, Schema};
+use crate::config::DatabaseConfig;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::str::FromStr;
@@ -24,12 +25,15 @@ use std::time::Duration;
 use tokio_postgres::NoTls;
 
 /// The stores over a pool for `url`.
-pub(super) fn open(url: &str, pool_size: usize, text_search: Vec<String>, synchronous_index_commit: bool) -> Result<Database, DbError> {
-    let index_commit = if synchronous_index_commit { SYNCHRONOUS_COMMIT } else { ASYNCHRONOUS_COMMIT };
-    let pg = Pg { text_search: Arc::new(text_search), index_commit, ..Pg::connect(url, pool_size)? };
+pub(super) fn open(config: &DatabaseConfig) -> Result<Database, DbError> {
+    let (url, pool_size) = (config.url.expose(), config.pool_size);
+    let index_commit = if config.synchronous_index_commit { SYNCHRONOUS_COMMIT } else { ASYNCHRONOUS_COMMIT };
+    let pg = Pg { text_search: Arc::new(config.text_search_configs()), index_commit, ..Pg::connect(url, pool_size)? };
     let store = Arc::new(pg.clone());
-    // The registry's own connections, planned once per statement: see `Plans::Cached`.
-    let registry = registry::PgRegistry { pool: pool(url, pool_size, Plans::Cached)? };
+    // The registry's own connections, planned once per statement (`Plans::Cached`), and
+    // committing without the WAL flush unless configured otherwise (`Commits`).
+    let commits = if config.synchronous_registry_commit { Commits::Flushed } else { Commits::Unflushed };
+    let registry = registry::PgRegistry { pool: pool(url, pool_size, Plans::Cached, commits)? };
     Ok(Database {
         index: store.clone(),
         registry: Arc::new(registry),
@@ -123,16 +127,32 @@ enum Plans {
     Cached,
 }
 
+/// Whether a pool's connections wait for the WAL flush when a transaction commits.
+#[derive(Clone, Copy)]
+pub(super) enum Commits {
+    /// The server's setting (`synchronous_commit`, normally on).
+    Flushed,
+    /// `synchronous_commit = off`: a commit is visible to every session at once, as usual, and
+    /// reaches the disk within a few hundred milliseconds; a server crash before then loses
+    /// it. For the registry's claims, heartbeats and `done`s, which the log makes good
+    /// (`docs/design.md`, "The registry's commits").
+    Unflushed,
+}
+
 /// A pool for `url`, with TLS as its `sslmode` and `sslrootcert` say ([`tls`]).
-fn pool(url: &str, pool_size: usize, plans: Plans) -> Result<Pool, DbError> {
+fn pool(url: &str, pool_size: usize, plans: Plans, commits: Commits) -> Result<Pool, DbError> {
     let tls = tls::PgTls::from_url(url)?;
     let mut config = tokio_postgres::Config::from_str(&tls.url)?;
     config.connect_timeout(Duration::from_secs(5));
+    let mut options: Vec<&str> = config.get_options().filter(|o| !o.is_empty()).into_iter().collect();
     if let Plans::Fresh = plans {
-        let options = match config.get_options() {
-            Some(o) if !o.is_empty() => format!("{o} -c plan_cache_mode=force_custom_plan"),
-            _ => "-c plan_cache_mode=force_custom_plan".to_string(),
-        };
+        options.push("-c plan_cache_mode=force_custom_plan");
+    }
+    if let Commits::Unflushed = commits {
+        options.push("-c synchronous_commit=off");
+    }
+    if !options.is_empty() {
+        let options = options.join(" ");
         config.options(&options);
     }
     let recycling = || ManagerConfig { recycling_method: RecyclingMethod::Fast };
@@ -153,7 +173,7 @@ impl Pg {
     /// A pool for `url`, with TLS as its `sslmode` and `sslrootcert` say ([`tls`]), whose
     /// connections plan every execution afresh ([`Plans::Fresh`]).
     pub fn connect(url: &str, pool_size: usize) -> Result<Pg, DbError> {
-        let pool = pool(url, pool_size, Plans::Fresh)?;
+        let pool = pool(url, pool_size, Plans::Fresh, Commits::Flushed)?;
         Ok(Pg { pool, text_search: Arc::new(vec!["simple".to_string()]), index_commit: SYNCHRONOUS_COMMIT })
     }
 

@@ -79,15 +79,23 @@ impl Registry for PgRegistry {
 
     async fn heartbeat(&self, w: &Work<'_>) -> Result<bool, DbError> {
         let client = self.pool.get().await?;
-        Ok(client.execute(HEARTBEAT, &[&w.handler, &w.event_id, &w.owner]).await? == 1)
+        let stmt = client.prepare_cached(HEARTBEAT).await?;
+        Ok(client.execute(&stmt, &[&w.handler, &w.event_id, &w.owner]).await? == 1)
     }
 
     async fn mark_done(&self, w: &Work<'_>) -> Result<bool, DbError> {
-        self.finish(w, "done", None).await
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(FINISH).await?;
+        let row = client.query_one(&stmt, &[&w.handler, &w.event_id, &w.owner, &"done", &None::<&str>]).await?;
+        Ok(row.get::<_, i64>(0) == 1)
     }
 
     async fn mark_failed(&self, w: &Work<'_>, error: &str) -> Result<bool, DbError> {
-        self.finish(w, "failed", Some(error)).await
+        let mut client = self.pool.get().await?;
+        let tx = flushed(&mut client).await?;
+        let row = tx.query_one(FINISH, &[&w.handler, &w.event_id, &w.owner, &"failed", &Some(error)]).await?;
+        tx.commit().await?;
+        Ok(row.get::<_, i64>(0) == 1)
     }
 
     async fn mark_retrying(&self, w: &Work<'_>, error: &str) -> Result<bool, DbError> {
@@ -132,18 +140,19 @@ impl Registry for PgRegistry {
     }
 
     async fn redrive(&self, handler: &str, event_id: Uuid) -> Result<bool, DbError> {
-        let client = self.pool.get().await?;
-        Ok(client.execute(REDRIVE, &[&handler, &event_id]).await? == 1)
+        let mut client = self.pool.get().await?;
+        let tx = flushed(&mut client).await?;
+        let redriven = tx.execute(REDRIVE, &[&handler, &event_id]).await? == 1;
+        tx.commit().await?;
+        Ok(redriven)
     }
 }
 
-impl PgRegistry {
-    async fn finish(&self, w: &Work<'_>, status: &str, error: Option<&str>) -> Result<bool, DbError> {
-        let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(FINISH).await?;
-        let row = client
-            .query_one(&stmt, &[&w.handler, &w.event_id, &w.owner, &status, &error])
-            .await?;
-        Ok(row.get::<_, i64>(0) == 1)
-    }
+/// A transaction whose commit waits for the WAL flush, whatever the pool's connections do
+/// (`Commits`): a terminal failure is not in the log, and the operator's re-drive list and the
+/// aggregate's later commands (which wait behind it) read it from the registry alone.
+async fn flushed(client: &mut deadpool_postgres::Client) -> Result<deadpool_postgres::Transaction<'_>, DbError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit TO on").await?;
+    Ok(tx)
 }
