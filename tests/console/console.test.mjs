@@ -5,8 +5,11 @@
 //
 // The dead letter is made the way an operator's database could make one: a trigger (added
 // with the sqlite3 shell to dev's database) refuses the worker's heartbeat, a registry
-// update, for one aggregate, so its command is dead-lettered at its first attempt. Dropping the trigger is
-// the fix; the re-drive from the page then completes the command.
+// update, for one aggregate, so its command is dead-lettered at its first attempt. A worker
+// confirms its lease with a heartbeat before the effect only when the last confirmation is
+// older than worker.heartbeat_ms (20 ms here), so a second trigger makes that command's claim
+// slow (a scan of two million rows). Dropping the triggers is the fix; the re-drive from the
+// page then completes the command.
 //
 // Environment: SPICED_BIN (the spiced binary), CHROMIUM (the browser), SCREENSHOTS (a dir).
 
@@ -34,7 +37,7 @@ const dev = spawn(BIN, ["dev"], {
   cwd: dir,
   // spiced refuses SPICED_* variables that are not config overrides: pass none of this
   // script's own.
-  env: { ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("SPICED_"))), SPICED_SERVE__LISTEN: `127.0.0.1:${port}`, SPICED_AUTH__TOKEN_FILE: join(dir, "tokens"), SPICED_LOG: "warn" },
+  env: { ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("SPICED_"))), SPICED_SERVE__LISTEN: `127.0.0.1:${port}`, SPICED_AUTH__TOKEN_FILE: join(dir, "tokens"), SPICED_LOG: "warn", SPICED_WORKER__HEARTBEAT_MS: "20" },
   stdio: ["ignore", "inherit", "inherit"],
 });
 let running = true;
@@ -184,7 +187,10 @@ try {
   // Dead letters: a command the database refuses is listed; read scope cannot re-drive it;
   // after the fix, admin scope re-drives it (to the embedded workers) and it completes.
   const sqlite = sql => execFileSync("sqlite3", ["-bail", "-cmd", ".timeout 10000", join(dir, "data", "spiced.db"), sql], { stdio: ["ignore", "ignore", "inherit"] });
-  sqlite(`CREATE TRIGGER refuse_stuck BEFORE UPDATE OF heartbeat_at ON processed_events
+  sqlite(`CREATE TABLE slow AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000) SELECT x FROM c;
+          CREATE TRIGGER slow_stuck AFTER INSERT ON processed_events WHEN NEW.aggregate_id = 'stuck'
+          BEGIN SELECT count(*) FROM slow WHERE x % 7 = 3; END;
+          CREATE TRIGGER refuse_stuck BEFORE UPDATE OF heartbeat_at ON processed_events
           WHEN NEW.aggregate_id = 'stuck' AND OLD.status = 'processing' AND NEW.status = 'processing'
           BEGIN SELECT RAISE(ABORT, 'refused by the operator trigger'); END`);
   const stuck = await command("/databases", { name: "stuck" });
@@ -204,7 +210,7 @@ try {
   await until("the refusal to read scope", async () => /admin/.test(await page.locator("#redrive-outcome").innerText()));
   assert.equal((await api("GET", `/commands/${stuck}`, TOKENS.read)).body.status, "FAILED", "a refused re-drive changes nothing");
   await shot(page, "6-dead-letters");
-  sqlite("DROP TRIGGER refuse_stuck");
+  sqlite("DROP TRIGGER refuse_stuck; DROP TRIGGER slow_stuck; DROP TABLE slow");
   await page.fill("#token", TOKENS.admin);
   await page.click("#auth button[type=submit]");
   await page.waitForSelector("#redrive");
