@@ -382,13 +382,14 @@ impl CommandHandler {
     /// themselves assume between two beats, so it needs no registry write; an older one (a
     /// slow decision, or a process stopped or suspended meanwhile) is renewed first.
     async fn lease_holds(&self, work: &Work<'_>, confirmed: &Confirmed) -> Result<bool, crate::db::DbError> {
-        let fresh = confirmed.age() < Duration::from_millis(self.config.worker.heartbeat_ms);
+        let age = confirmed.age();
+        let fresh = age < Duration::from_millis(self.config.worker.heartbeat_ms);
         metrics::counter!("spiced_worker_fences_total", "handler" => self.role.handler(), "by" => if fresh { "clock" } else { "registry" })
             .increment(1);
         if fresh {
             return Ok(true);
         }
-        tracing::info!(age_ms = confirmed.age().as_millis() as u64, "lease last confirmed over heartbeat_ms ago: confirming it with the registry before the effect");
+        tracing::info!(age_ms = age.as_millis() as u64, "lease last confirmed over heartbeat_ms ago: confirming it with the registry before the effect");
         let sent = lease::now();
         let holds = self.registry.heartbeat(work).await?;
         if holds {
