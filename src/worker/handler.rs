@@ -309,9 +309,8 @@ impl CommandHandler {
             let every = Duration::from_millis(self.config.worker.heartbeat_ms);
             loop {
                 tokio::time::sleep(every).await;
-                let sent = lease::now();
-                match self.registry.heartbeat(work).await {
-                    Ok(true) => confirmed.renew(sent),
+                match self.confirm(work, confirmed).await {
+                    Ok(true) => {}
                     Ok(false) => {
                         lost.cancel();
                         return;
@@ -390,6 +389,12 @@ impl CommandHandler {
             return Ok(true);
         }
         tracing::info!(age_ms = age.as_millis() as u64, "lease last confirmed over heartbeat_ms ago: confirming it with the registry before the effect");
+        self.confirm(work, confirmed).await
+    }
+
+    /// A heartbeat; when the lease is still ours, `confirmed` moves to the heartbeat's
+    /// sending (see `lease`), not its answer.
+    async fn confirm(&self, work: &Work<'_>, confirmed: &Confirmed) -> Result<bool, crate::db::DbError> {
         let sent = lease::now();
         let holds = self.registry.heartbeat(work).await?;
         if holds {

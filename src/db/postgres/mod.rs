@@ -129,7 +129,7 @@ enum Plans {
 
 /// Whether a pool's connections wait for the WAL flush when a transaction commits.
 #[derive(Clone, Copy)]
-pub(super) enum Commits {
+enum Commits {
     /// The server's setting (`synchronous_commit`, normally on).
     Flushed,
     /// `synchronous_commit = off`: a commit is visible to every session at once, as usual, and

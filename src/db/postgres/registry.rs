@@ -5,7 +5,7 @@ use crate::db::DbError;
 use async_trait::async_trait;
 use std::time::Duration;
 use uuid::Uuid;
-use deadpool_postgres::Pool;
+use deadpool_postgres::{GenericClient, Pool};
 
 const CLAIM: &str = "WITH applied AS ( \
       SELECT coalesce((SELECT last_seq FROM handler_positions \
@@ -84,18 +84,15 @@ impl Registry for PgRegistry {
     }
 
     async fn mark_done(&self, w: &Work<'_>) -> Result<bool, DbError> {
-        let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(FINISH).await?;
-        let row = client.query_one(&stmt, &[&w.handler, &w.event_id, &w.owner, &"done", &None::<&str>]).await?;
-        Ok(row.get::<_, i64>(0) == 1)
+        finish(&self.pool.get().await?, w, "done", None).await
     }
 
     async fn mark_failed(&self, w: &Work<'_>, error: &str) -> Result<bool, DbError> {
         let mut client = self.pool.get().await?;
         let tx = flushed(&mut client).await?;
-        let row = tx.query_one(FINISH, &[&w.handler, &w.event_id, &w.owner, &"failed", &Some(error)]).await?;
+        let finished = finish(&tx, w, "failed", Some(error)).await?;
         tx.commit().await?;
-        Ok(row.get::<_, i64>(0) == 1)
+        Ok(finished)
     }
 
     async fn mark_retrying(&self, w: &Work<'_>, error: &str) -> Result<bool, DbError> {
@@ -146,6 +143,13 @@ impl Registry for PgRegistry {
         tx.commit().await?;
         Ok(redriven)
     }
+}
+
+/// Ends a claim as `status`; `false` when it is not ours any more.
+async fn finish(db: &impl GenericClient, w: &Work<'_>, status: &str, error: Option<&str>) -> Result<bool, DbError> {
+    let stmt = db.prepare_cached(FINISH).await?;
+    let row = db.query_one(&stmt, &[&w.handler, &w.event_id, &w.owner, &status, &error]).await?;
+    Ok(row.get::<_, i64>(0) == 1)
 }
 
 /// A transaction whose commit waits for the WAL flush, whatever the pool's connections do
