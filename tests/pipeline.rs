@@ -120,16 +120,9 @@ async fn registry_writes_lost_with_the_database_make_commands_run_again_never_tw
     // attempt); each is done once it finds its outcome.
     for (id, attempt) in [(&gone, 1), (&created, 2), (&deleted, 2)] {
         let event: Uuid = id.parse().unwrap();
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let rows = db.registry.rows(event).await.unwrap();
-            if rows.iter().any(|r| r.status == "done") {
-                assert_eq!((rows.len(), rows[0].attempt_count), (1, attempt), "{id}: {rows:?}");
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "{id} is not done again: {rows:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let done = common::registry_row(&db, event, "done", WAIT).await;
+        let rows = db.registry.rows(event).await.unwrap();
+        assert_eq!((rows.len(), done.attempt_count), (1, attempt), "{id}: {rows:?}");
     }
     for (name, outcomes) in [("gone", 1), ("stale", 2)] {
         let (_, events) = app.get(&format!("/aggregates/Database/{name}/events?kind=domain")).await;

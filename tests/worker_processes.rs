@@ -176,14 +176,7 @@ async fn a_worker_resumed_after_a_freeze_confirms_its_lease_with_the_registry() 
 
 /// Waits (bounded) until `event`'s registry row has `status`; returns the row.
 async fn registry_row(db: &spiced::db::Database, event: uuid::Uuid, status: &str) -> spiced::db::registry::Processed {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        if let Some(row) = db.registry.rows(event).await.unwrap().into_iter().find(|r| r.status == status) {
-            return row;
-        }
-        assert!(std::time::Instant::now() < deadline, "{event} never reached {status}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::registry_row(db, event, status, WAIT).await
 }
 
 /// SIGTERM while a worker holds a claim and waits: the instance command waits for its class,

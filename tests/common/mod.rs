@@ -237,6 +237,18 @@ pub async fn status_json(r: reqwest::Response) -> (u16, serde_json::Value) {
     (status, value)
 }
 
+/// Waits (bounded by `timeout`) until `event`'s registry row has `status`; returns the row.
+pub async fn registry_row(db: &Database, event: Uuid, status: &str, timeout: std::time::Duration) -> spiced::db::registry::Processed {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(row) = db.registry.rows(event).await.unwrap().into_iter().find(|r| r.status == status) {
+            return row;
+        }
+        assert!(std::time::Instant::now() < deadline, "{event} never reached {status}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Every envelope in the log, reading segments 1, 2, ... until the first missing one, and
 /// checking that nothing exists past it (the log is gapless).
 pub async fn read_whole_log(log: &EventLog) -> Vec<(u64, spiced::envelope::EventEnvelope)> {
